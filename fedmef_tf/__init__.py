@@ -1,0 +1,1 @@
+"""FedMef in plain TensorFlow/Keras: masks, sparse layers, NSConv, SAP, models, memory model."""

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Creates (or updates) the project's virtual environment in .venv from requirements.lock.
+# Idempotent: when .venv already matches the lock, it returns in about a second.
+# Usage: scripts/install.sh [--force]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3.10 python3.9 python3; do
+    if command -v "$cand" >/dev/null 2>&1; then PY=$cand; break; fi
+  done
+fi
+if [ -z "$PY" ]; then echo "install.sh: no python3 found; fedmef-tf needs Python 3.9, 3.10 or 3.11" >&2; exit 2; fi
+ver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+case "$ver" in
+  3.9|3.10|3.11) ;;
+  *) echo "install.sh: $PY is Python $ver; fedmef-tf needs Python 3.9, 3.10 or 3.11 (TensorFlow Federated 0.87)" >&2; exit 2;;
+esac
+stamp=.venv/.lock-sha256
+want=$( (cat requirements.lock; echo "$ver") | sha256sum | cut -d' ' -f1)
+if [ "${1:-}" != "--force" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]; then
+  exit 0
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+rm -f "$stamp"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . >/dev/null
+.venv/bin/python -c "import tensorflow_federated, tensorflow_model_optimization" 2>/dev/null \
+  || { echo "install.sh: the environment in .venv does not import TensorFlow Federated; run scripts/install.sh --force" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "install.sh: environment ready in .venv (Python $ver)"

@@ -1,0 +1,1 @@
+"""TensorFlow Federated computations and programs for FedMef."""
