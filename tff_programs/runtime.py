@@ -1,0 +1,299 @@
+"""The TFF runtime of every fedmef-tf program and test: one worker, started and always ended.
+
+TensorFlow Federated's local C++ execution context runs computations in a separate process,
+`tensorflow_federated/data/worker_binary`, reached over gRPC on localhost. TFF starts that
+process lazily and only stops it when its context object is garbage-collected, which leaves it
+running after a plain exit, after SIGKILL of the parent (holding the parent's output pipes open),
+and hangs teardown when SIGINT is ignored (see ../shared/ENVIRONMENT.md).
+
+`LocalRuntime` starts the worker itself, in the main thread, and installs the execution context
+that talks to it, so that it owns the worker's PID and ends it on every exit path:
+
+* normal return and exceptions: the context manager's `__exit__` (and an `atexit` hook for
+  programs that never leave the `with` block);
+* SIGINT: the default Python handler is restored before TFF starts (`KeyboardInterrupt`);
+* SIGTERM: turned into `SystemExit(128 + SIGTERM)` so `finally` blocks and `__exit__` run;
+* SIGKILL of the parent: the worker is started with `PR_SET_PDEATHSIG = SIGKILL` (Linux), so the
+  kernel ends it when the thread that started it dies; it is started from the main thread for
+  that reason. It runs in its own session, so a Ctrl-C typed in a terminal reaches the program
+  (which decides when to stop) and not the worker directly.
+
+Only processes started here are ever signalled, by their PID.
+
+Typical use::
+
+    from tff_programs import runtime
+    runtime.configure_logging()          # before heavy TF work; quiet unless verbose
+    with runtime.LocalRuntime():
+        ...  # run TFF computations
+"""
+
+import atexit
+import ctypes
+import logging as py_logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from typing import Optional
+
+# Before TensorFlow is imported anywhere: keep its C++ INFO/WARNING lines (CPU feature notices,
+# oneDNN, TensorRT probes, grappler) out of the user's terminal unless asked for.
+_VERBOSE_ENV = 'FEDMEF_VERBOSE'
+
+
+def _wants_verbose(argv=None) -> bool:
+  argv = sys.argv if argv is None else argv
+  if os.environ.get(_VERBOSE_ENV, '') not in ('', '0'):
+    return True
+  return any(a in ('--verbose', '--verbose=true', '--verbose=1') for a in argv[1:])
+
+
+if not _wants_verbose():
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+
+_PR_SET_PDEATHSIG = 1
+_WORKER_READY_TIMEOUT_S = 60.0
+_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+_GRPC_OPTIONS = [
+    ('grpc.max_message_length', _GRPC_MAX_MESSAGE_BYTES),
+    ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
+    ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
+]
+
+
+class WorkerError(RuntimeError):
+  """The TFF worker could not be started or reached."""
+
+
+def configure_logging(verbose: Optional[bool] = None) -> None:
+  """Keeps TensorFlow's Python and C++ log noise out of the console unless `verbose`.
+
+  Args:
+    verbose: True shows TensorFlow's warnings and info lines; None reads `--verbose` from argv
+      or the FEDMEF_VERBOSE environment variable.
+  """
+  if verbose is None:
+    verbose = _wants_verbose()
+  if verbose:
+    os.environ[_VERBOSE_ENV] = '1'
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  warnings.filterwarnings('ignore', category=DeprecationWarning)
+  warnings.filterwarnings('ignore', category=UserWarning, module='tensorflow')
+  for name in ('tensorflow', 'absl', 'jax', 'jax._src.xla_bridge'):
+    py_logging.getLogger(name).setLevel(py_logging.ERROR)
+  try:
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:  # pragma: no cover
+    pass
+
+
+def _set_parent_death_signal() -> None:
+  """Runs in the child between fork and exec: die with SIGKILL when the parent dies."""
+  try:
+    libc = ctypes.CDLL('libc.so.6', use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+  except OSError:  # Not Linux: the atexit/signal paths still apply.
+    pass
+
+
+def worker_binary_path() -> str:
+  """Absolute path of the C++ worker binary shipped inside the TFF package."""
+  import tensorflow_federated  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(tensorflow_federated.__file__), 'data', 'worker_binary')
+  if not os.path.isfile(path):
+    raise WorkerError(f'TFF worker binary not found at {path}; reinstall with scripts/install.sh --force')
+  return path
+
+
+def restore_signal_handlers() -> None:
+  """SIGINT raises KeyboardInterrupt and SIGTERM raises SystemExit, in the main thread.
+
+  A program started in the background of a non-interactive shell inherits SIGINT as ignored,
+  which makes TFF's teardown hang forever; restoring the default Python handler fixes that.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum, frame):  # pylint: disable=unused-argument
+  raise SystemExit(128 + signum)
+
+
+class WorkerProcess:
+  """One TFF C++ worker service started by this process (owned by PID)."""
+
+  def __init__(self, port: Optional[int] = None, *, max_concurrent_computation_calls: int = -1,
+               log_path: Optional[str] = None, verbose: bool = False):
+    import portpicker  # pylint: disable=g-import-not-at-top
+    self.port = port or portpicker.pick_unused_port()
+    args = [worker_binary_path(), f'--port={self.port}',
+            f'--max_concurrent_computation_calls={max_concurrent_computation_calls}']
+    if verbose:
+      out = None
+      self.log_path = None
+    else:
+      if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix='tff_worker_', suffix='.log')
+        os.close(fd)
+      self.log_path = log_path
+      out = open(log_path, 'ab')  # pylint: disable=consider-using-with
+    self._out = out
+    self.process = subprocess.Popen(  # pylint: disable=consider-using-with
+        args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        preexec_fn=_set_parent_death_signal, start_new_session=True, close_fds=True)
+    self.pid = self.process.pid
+    _LIVE_WORKERS.add(self)
+
+  def alive(self) -> bool:
+    return self.process.poll() is None
+
+  def stop(self, timeout_s: float = 5.0) -> None:
+    """SIGINT, then SIGKILL after `timeout_s`; only this worker's PID is signalled."""
+    if self.alive():
+      try:
+        os.kill(self.pid, signal.SIGINT)
+        self.process.wait(timeout=timeout_s)
+      except subprocess.TimeoutExpired:
+        os.kill(self.pid, signal.SIGKILL)
+        self.process.wait()
+      except ProcessLookupError:
+        pass
+    if self._out is not None:
+      self._out.close()
+      self._out = None
+    if self.log_path and os.path.exists(self.log_path) and os.path.getsize(self.log_path) == 0:
+      os.remove(self.log_path)
+    _LIVE_WORKERS.discard(self)
+
+
+_LIVE_WORKERS: 'set[WorkerProcess]' = set()
+
+
+@atexit.register
+def _stop_all_workers() -> None:
+  for worker in list(_LIVE_WORKERS):
+    worker.stop(timeout_s=2.0)
+
+
+def _wait_ready(stub, target: str, timeout_s: float, worker: Optional[WorkerProcess] = None):
+  deadline = time.monotonic() + timeout_s
+  while not stub.is_ready:
+    if worker is not None and not worker.alive():
+      raise WorkerError(f'TFF worker at {target} exited with code {worker.process.returncode} '
+                          f'(log: {worker.log_path})')
+    if time.monotonic() > deadline:
+      raise WorkerError(f'TFF worker at {target} not reachable within {timeout_s:.0f}s')
+    time.sleep(0.05)
+
+
+def _make_stub(target: str):
+  import grpc  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub  # pylint: disable=g-import-not-at-top
+  channel = grpc.insecure_channel(target, _GRPC_OPTIONS)
+  return remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
+
+
+def _executor_factory(stub, default_num_clients: int):
+  from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.executors import remote_executor  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.types import placements  # pylint: disable=g-import-not-at-top
+
+  def stack_fn(cardinalities):
+    if cardinalities.get(placements.CLIENTS) is None:
+      cardinalities[placements.CLIENTS] = default_num_clients
+    ex = remote_executor.RemoteExecutor(stub)
+    ex.set_cardinalities(cardinalities)
+    return ex
+
+  return python_executor_stacks.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
+
+
+def _context_kwargs():
+  from tensorflow_federated.python.core.backends.native import compiler  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation  # pylint: disable=g-import-not-at-top
+  return dict(compiler_fn=compiler.desugar_and_transform_to_native,
+              transform_args=tensorflow_computation.transform_args,
+              transform_result=tensorflow_computation.transform_result)
+
+
+class LocalRuntime:
+  """Installs a TFF execution context backed by a C++ worker this process owns.
+
+  Equivalent to `tff.backends.native.set_sync_local_cpp_execution_context()`, except that the
+  worker is started eagerly, by this object, and is always ended (see the module docstring).
+
+  Args:
+    default_num_clients: cardinality of CLIENTS when a computation cannot infer it.
+    max_concurrent_computation_calls: passed to the worker; -1 is unbounded.
+    worker_log: file for the worker's stdout/stderr; a temporary file when None (deleted if
+      empty). Ignored when `verbose`, in which case the worker writes to this console.
+    verbose: show TensorFlow and worker logs.
+  """
+
+  def __init__(self, *, default_num_clients: int = 0, max_concurrent_computation_calls: int = -1,
+               worker_log: Optional[str] = None, verbose: Optional[bool] = None):
+    self._default_num_clients = default_num_clients
+    self._max_calls = max_concurrent_computation_calls
+    self._worker_log = worker_log
+    self._verbose = _wants_verbose() if verbose is None else verbose
+    self.worker: Optional[WorkerProcess] = None
+    self.context = None
+
+  def start(self) -> 'LocalRuntime':
+    """Starts the worker, waits until it serves, and installs the execution context."""
+    configure_logging(self._verbose)
+    restore_signal_handlers()
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
+    from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context  # pylint: disable=g-import-not-at-top
+    self.worker = WorkerProcess(max_concurrent_computation_calls=self._max_calls,
+                                log_path=self._worker_log, verbose=self._verbose)
+    target = f'localhost:{self.worker.port}'
+    try:
+      stub = _make_stub(target)
+      _wait_ready(stub, target, _WORKER_READY_TIMEOUT_S, self.worker)
+    except BaseException:
+      self.worker.stop()
+      raise
+    self.context = sync_execution_context.SyncExecutionContext(
+        executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs())
+    context_stack_impl.context_stack.set_default_context(self.context)
+    return self
+
+  def stop(self) -> None:
+    """Removes the execution context and ends the worker; safe to call more than once."""
+    if self.context is not None:
+      from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
+      from tensorflow_federated.python.core.impl.context_stack import runtime_error_context  # pylint: disable=g-import-not-at-top
+      context_stack_impl.context_stack.set_default_context(
+          runtime_error_context.RuntimeErrorContext())
+      self.context = None
+    if self.worker is not None:
+      self.worker.stop()
+      self.worker = None
+
+  def __enter__(self) -> 'LocalRuntime':
+    return self.start()
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
+
+
+def run_main(main_fn, argv=None):
+  """Runs `main_fn(argv)` inside a LocalRuntime and returns its exit code.
+
+  For programs: `absl.app.run(lambda argv: runtime.run_main(real_main, argv))` keeps the worker's
+  lifetime inside the program's.
+  """
+  with LocalRuntime():
+    return main_fn(argv)
