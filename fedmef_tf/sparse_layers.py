@@ -1,0 +1,570 @@
+"""Masked (prunable) Keras layers: Conv2D, DepthwiseConv2D and Dense with a sparsity mask.
+
+This module implements the masked layer contract of `docs/DESIGN.md`, on which the rest of
+fedmef-tf relies. Each `MaskedLayer` holds these variables:
+
+- `kernel` (trainable): the raw weights; entries where `mask == 0` are exactly zero at all
+  times (`set_mask` zeroes them and their gradient is exactly zero, so SGD, momentum and Adam
+  keep them, and their optimizer slots, at zero).
+- `mask` (non-trainable float32, shape of `kernel`, values 0/1): the sparsity pattern.
+- `marked` (non-trainable float32, shape of `kernel`, 0/1): the BaE marked set of the current
+  adjustment round, a subset of the mask (all zeros outside adjustment rounds).
+- `bae_lambda` (non-trainable float32 scalar): the BaE penalty weight (0 outside adjustment
+  rounds).
+- `bias` (optional, trainable, dense) and, with `normalize=True` (NSConv), `gain` (trainable,
+  one per output channel, initialised to 1), both outside the pruning budget.
+
+The effective kernel is `kernel * mask` through a `tf.custom_gradient` whose backward pass is
+
+    dL/dkernel = dL/dW_eff * mask + 2 * bae_lambda * kernel * marked,
+
+i.e. the task gradient restricted to the active entries plus the gradient of the BaE penalty
+`bae_lambda * ||kernel * marked||^2` (FedMef, Huang et al., CVPR 2024). The penalty thus acts in
+`model.fit`, custom loops and the TFLite train signature without touching the loss. (The penalty
+itself is not added to the reported loss value; only its gradient is applied.)
+
+With `normalize=True` the effective kernel is then standardised per output channel
+(`fedmef_tf.nsconv.standardize_kernel`). With `sap_gamma > 0` and `training=True` the layer's op
+is the scaled-activation-pruning op of `fedmef_tf.sap`, whose forward equals the plain op and
+whose weight gradient sees only the largest-|x| entries of the input; otherwise the plain op.
+
+`dense_kernel_gradients` gives, per layer, the unmasked task-loss gradient at every kernel
+position (active or not), the growth score of FedMef's mask adjustment.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from fedmef_tf import masks as masks_lib
+from fedmef_tf import nsconv
+from fedmef_tf import sap
+
+__all__ = [
+    "MaskedLayer",
+    "MaskedConv2D",
+    "MaskedDepthwiseConv2D",
+    "MaskedDense",
+    "masked_kernel",
+    "assign_masks",
+    "set_bae",
+    "clear_bae",
+    "dense_kernel_gradients",
+    "CUSTOM_OBJECTS",
+]
+
+
+def masked_kernel(
+    kernel: tf.Tensor, mask: tf.Tensor, marked: tf.Tensor, bae_lambda: tf.Tensor
+) -> tf.Tensor:
+    """`kernel * mask` with the FedMef masked-kernel gradient (task gradient masked, plus BaE).
+
+    Args:
+        kernel: float32 tensor, any shape (the raw weights, a read of the kernel variable).
+        mask: 0/1 float32 tensor, same shape.
+        marked: 0/1 float32 tensor, same shape (BaE marked set, subset of `mask`).
+        bae_lambda: float32 scalar, the BaE penalty weight.
+
+    Returns:
+        `kernel * mask`, same shape. Gradient with respect to `kernel`:
+        `upstream * mask + 2 * bae_lambda * kernel * marked`; no gradient for the others.
+    """
+    mask = tf.stop_gradient(tf.cast(mask, kernel.dtype))
+    marked = tf.stop_gradient(tf.cast(marked, kernel.dtype))
+    two_lambda = tf.stop_gradient(2.0 * tf.cast(bae_lambda, kernel.dtype))
+
+    @tf.custom_gradient
+    def _masked(k):
+        def grad(upstream):
+            return upstream * mask + two_lambda * k * marked
+
+        return k * mask, grad
+
+    return _masked(kernel)
+
+
+def _is_python_true(training) -> Optional[bool]:
+    """True/False when `training` is known statically, None when it is a symbolic tensor."""
+    if training is None:
+        return False
+    if isinstance(training, (bool, int, np.bool_)):
+        return bool(training)
+    value = tf.get_static_value(training)
+    if value is not None:
+        return bool(value)
+    return None
+
+
+def _normalize_tuple(value, n: int, name: str):
+    if isinstance(value, int):
+        return (int(value),) * n
+    value = tuple(int(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value}")
+    return value
+
+
+def _normalize_padding(padding: str) -> str:
+    padding = str(padding).upper()
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+    return padding
+
+
+class MaskedLayer(tf.keras.layers.Layer):
+    """Base of the prunable layers: the mask, BaE and probe machinery around one kernel.
+
+    Subclasses define `_kernel_shape(input_shape)`, `_gain_size()` (number of output channels),
+    `_depthwise` (class attribute) and `_apply_op(inputs, w, use_sap)`.
+
+    Args:
+        use_bias: add a dense bias per output channel.
+        kernel_initializer, bias_initializer: Keras initializers (names or objects).
+        normalize: NSConv, i.e. scaled weight standardisation of the kernel with a learnable
+            per-output-channel gain (init 1).
+        sap_gamma: SAP drop ratio in [0, 1]; used only when called with `training=True`.
+        activation: optional Keras activation applied to the output (None: linear). Note that a
+            plain `relu` keeps its float output for the backward pass; memory-lean models use
+            `sap.BitReLU` layers instead.
+        **kwargs: `tf.keras.layers.Layer` arguments (name, dtype, ...).
+    """
+
+    _depthwise = False
+
+    def __init__(
+        self,
+        *,
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        normalize: bool = False,
+        sap_gamma: float = 0.0,
+        activation=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(sap_gamma) <= 1.0:
+            raise ValueError(f"sap_gamma must be in [0, 1], got {sap_gamma}")
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
+        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+        self.normalize = bool(normalize)
+        self.sap_gamma = float(sap_gamma)
+        self.activation = tf.keras.activations.get(activation)
+        # Set only by `dense_kernel_gradients` for the duration of one forward pass.
+        self._probe = None
+
+    # -- subclass hooks ------------------------------------------------------------------------
+
+    def _kernel_shape(self, input_shape: tf.TensorShape) -> tuple:
+        raise NotImplementedError
+
+    def _gain_size(self) -> int:
+        raise NotImplementedError
+
+    def _apply_op(self, inputs: tf.Tensor, w: tf.Tensor, use_sap: bool) -> tf.Tensor:
+        raise NotImplementedError
+
+    # -- variables -----------------------------------------------------------------------------
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        shape = self._kernel_shape(input_shape)
+        self.kernel = self.add_weight(
+            name="kernel", shape=shape, initializer=self.kernel_initializer,
+            trainable=True, dtype=tf.float32)
+        self.mask = self.add_weight(
+            name="mask", shape=shape, initializer="ones", trainable=False, dtype=tf.float32)
+        self.marked = self.add_weight(
+            name="marked", shape=shape, initializer="zeros", trainable=False, dtype=tf.float32)
+        self.bae_lambda = self.add_weight(
+            name="bae_lambda", shape=(), initializer="zeros", trainable=False,
+            dtype=tf.float32)
+        n_out = self._gain_size()
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias", shape=(n_out,), initializer=self.bias_initializer,
+                trainable=True, dtype=tf.float32)
+        self.gain = None
+        if self.normalize:
+            self.gain = self.add_weight(
+                name="gain", shape=(n_out,), initializer="ones", trainable=True,
+                dtype=tf.float32)
+        super().build(input_shape)
+
+    # -- mask and BaE --------------------------------------------------------------------------
+
+    def set_mask(self, mask) -> None:
+        """Sets the mask and zeroes the kernel (and the marked set) where it is 0.
+
+        Args:
+            mask: 0/1 array-like with the kernel's shape.
+        """
+        mask = tf.cast(tf.convert_to_tensor(mask), tf.float32)
+        if mask.shape != self.kernel.shape:
+            raise ValueError(
+                f"{self.name}: mask shape {mask.shape} != kernel shape {self.kernel.shape}")
+        mask = tf.cast(tf.not_equal(mask, 0.0), tf.float32)
+        self.mask.assign(mask)
+        self.kernel.assign(self.kernel * mask)
+        self.marked.assign(self.marked * mask)
+
+    def set_bae(self, marked, lam: float) -> None:
+        """Sets the BaE marked set (restricted to the mask) and lambda; `marked=None` clears.
+
+        Args:
+            marked: 0/1 array-like with the kernel's shape, or None for no marked entry.
+            lam: penalty weight lambda (>= 0), unitless.
+        """
+        if marked is None:
+            self.marked.assign(tf.zeros_like(self.marked))
+            self.bae_lambda.assign(0.0)
+            return
+        marked = tf.cast(tf.convert_to_tensor(marked), tf.float32)
+        if marked.shape != self.kernel.shape:
+            raise ValueError(
+                f"{self.name}: marked shape {marked.shape} != kernel shape {self.kernel.shape}")
+        self.marked.assign(tf.cast(tf.not_equal(marked, 0.0), tf.float32) * self.mask)
+        self.bae_lambda.assign(tf.cast(lam, tf.float32))
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def effective_kernel(self) -> tf.Tensor:
+        """The kernel the op uses: `kernel * mask`, standardised (NSConv) when `normalize`.
+
+        Includes the probe of `dense_kernel_gradients` when one is set. Shape of `kernel`.
+        """
+        w = masked_kernel(
+            tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(self.mask),
+            tf.convert_to_tensor(self.marked), tf.convert_to_tensor(self.bae_lambda))
+        scale = None
+        if self.normalize:
+            w, scale = nsconv.standardize_kernel(
+                w, self.mask, self.gain, self._depthwise, return_scale=True)
+        if self._probe is not None:
+            if scale is None:
+                w = w + self._probe
+            else:
+                # First-order gradient of the raw weight were it active: dL/dW_hat * g / std.
+                w = w + self._probe * tf.stop_gradient(scale)
+        return w
+
+    def call(self, inputs, training=None):
+        w = self.effective_kernel()
+        inputs = tf.convert_to_tensor(inputs)
+        if self.sap_gamma <= 0.0:
+            y = self._apply_op(inputs, w, False)
+        else:
+            static = _is_python_true(training)
+            if static is None:
+                y = tf.__internal__.smart_cond.smart_cond(
+                    training, lambda: self._apply_op(inputs, w, True),
+                    lambda: self._apply_op(inputs, w, False))
+            else:
+                y = self._apply_op(inputs, w, static)
+        if self.bias is not None:
+            y = tf.nn.bias_add(y, self.bias)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "use_bias": self.use_bias,
+            "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
+            "normalize": self.normalize,
+            "sap_gamma": self.sap_gamma,
+            "activation": tf.keras.activations.serialize(self.activation),
+        })
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package="fedmef_tf")
+class MaskedConv2D(MaskedLayer):
+    """Prunable 2-D convolution (NHWC), optionally NSConv and SAP.
+
+    Args:
+        filters: number of output channels C_out.
+        kernel_size: int or (k_h, k_w).
+        strides: int or (s_h, s_w).
+        padding: 'same' or 'valid' (case-insensitive).
+        **kwargs: see `MaskedLayer` (use_bias, kernel_initializer, bias_initializer,
+            normalize, sap_gamma, activation, name, ...).
+
+    Input `[B, H, W, C_in]` -> output `[B, H_out, W_out, C_out]`; kernel
+    `(k_h, k_w, C_in, C_out)`.
+    """
+
+    def __init__(self, filters: int, kernel_size, strides=(1, 1), padding: str = "valid",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = _normalize_tuple(kernel_size, 2, "kernel_size")
+        self.strides = _normalize_tuple(strides, 2, "strides")
+        self.padding = _normalize_padding(padding)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4)
+
+    def _kernel_shape(self, input_shape):
+        c_in = input_shape[-1]
+        if c_in is None:
+            raise ValueError(f"{self.name}: the channel dimension of the input must be known")
+        return self.kernel_size + (int(c_in), self.filters)
+
+    def _gain_size(self):
+        return self.filters
+
+    def _apply_op(self, inputs, w, use_sap):
+        if use_sap:
+            return sap.sap_conv2d(inputs, w, self.strides, self.padding, self.sap_gamma)
+        return tf.nn.conv2d(inputs, w, (1,) + self.strides + (1,), self.padding)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        dims = []
+        for i in range(2):
+            size = input_shape[1 + i]
+            if size is None:
+                dims.append(None)
+            elif self.padding == "SAME":
+                dims.append(-(-size // self.strides[i]))
+            else:
+                dims.append(-(-(size - self.kernel_size[i] + 1) // self.strides[i]))
+        return tf.TensorShape([input_shape[0]] + dims + [self.filters])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding.lower(),
+        })
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package="fedmef_tf")
+class MaskedDepthwiseConv2D(MaskedLayer):
+    """Prunable depthwise 2-D convolution (NHWC), optionally NSConv (fan-in k_h*k_w) and SAP.
+
+    Args:
+        kernel_size: int or (k_h, k_w).
+        strides: int or (s, s) (equal strides, as `tf.nn.depthwise_conv2d` requires).
+        padding: 'same' or 'valid'.
+        depth_multiplier: output channels per input channel.
+        **kwargs: see `MaskedLayer`.
+
+    Input `[B, H, W, C]` -> output `[B, H_out, W_out, C * depth_multiplier]`; kernel
+    `(k_h, k_w, C, depth_multiplier)`; output channel c * depth_multiplier + m.
+    """
+
+    _depthwise = True
+
+    def __init__(self, kernel_size, strides=(1, 1), padding: str = "valid",
+                 depth_multiplier: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = _normalize_tuple(kernel_size, 2, "kernel_size")
+        self.strides = _normalize_tuple(strides, 2, "strides")
+        if self.strides[0] != self.strides[1]:
+            raise ValueError(f"depthwise strides must be equal, got {self.strides}")
+        self.padding = _normalize_padding(padding)
+        self.depth_multiplier = int(depth_multiplier)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4)
+
+    def _kernel_shape(self, input_shape):
+        c_in = input_shape[-1]
+        if c_in is None:
+            raise ValueError(f"{self.name}: the channel dimension of the input must be known")
+        self._channels = int(c_in)
+        return self.kernel_size + (int(c_in), self.depth_multiplier)
+
+    def _gain_size(self):
+        return self._channels * self.depth_multiplier
+
+    def _apply_op(self, inputs, w, use_sap):
+        if use_sap:
+            return sap.sap_depthwise_conv2d(
+                inputs, w, self.strides, self.padding, self.sap_gamma)
+        return tf.nn.depthwise_conv2d(inputs, w, (1,) + self.strides + (1,), self.padding)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        dims = []
+        for i in range(2):
+            size = input_shape[1 + i]
+            if size is None:
+                dims.append(None)
+            elif self.padding == "SAME":
+                dims.append(-(-size // self.strides[i]))
+            else:
+                dims.append(-(-(size - self.kernel_size[i] + 1) // self.strides[i]))
+        c = input_shape[-1]
+        return tf.TensorShape(
+            [input_shape[0]] + dims + [None if c is None else c * self.depth_multiplier])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding.lower(),
+            "depth_multiplier": self.depth_multiplier,
+        })
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package="fedmef_tf")
+class MaskedDense(MaskedLayer):
+    """Prunable fully connected layer, optionally NSConv-style standardised (fan-in d_in) and SAP.
+
+    Args:
+        units: output size d_out.
+        **kwargs: see `MaskedLayer`.
+
+    Input `[..., d_in]` -> output `[..., d_out]` (leading dims are flattened for the matmul);
+    kernel `(d_in, d_out)`.
+    """
+
+    def __init__(self, units: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2)
+
+    def _kernel_shape(self, input_shape):
+        d_in = input_shape[-1]
+        if d_in is None:
+            raise ValueError(f"{self.name}: the last dimension of the input must be known")
+        return (int(d_in), self.units)
+
+    def _gain_size(self):
+        return self.units
+
+    def _apply_op(self, inputs, w, use_sap):
+        rank = inputs.shape.rank
+        x = inputs if rank == 2 else tf.reshape(inputs, [-1, int(inputs.shape[-1])])
+        y = sap.sap_matmul(x, w, self.sap_gamma) if use_sap else tf.matmul(x, w)
+        if rank != 2:
+            y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
+        return y
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        return input_shape[:-1].concatenate([self.units])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"units": self.units})
+        return config
+
+
+#: Custom objects to pass to `tf.keras.models.load_model` / `from_config` (they are also
+#: registered under the package name "fedmef_tf").
+CUSTOM_OBJECTS = {
+    "MaskedConv2D": MaskedConv2D,
+    "MaskedDepthwiseConv2D": MaskedDepthwiseConv2D,
+    "MaskedDense": MaskedDense,
+}
+
+
+# -- model-level helpers -------------------------------------------------------------------------
+
+
+def _check_count(layers: list, values: Sequence, what: str) -> None:
+    if len(values) != len(layers):
+        raise ValueError(f"{len(values)} {what} for {len(layers)} prunable layers")
+
+
+def assign_masks(model: tf.keras.layers.Layer, masks: Sequence) -> None:
+    """Sets the mask of every prunable layer and zeroes the kernel entries where it is 0.
+
+    Args:
+        model: a built model.
+        masks: one 0/1 array per prunable layer (layer order of `masks.prunable_layers`),
+            each with its kernel's shape.
+    """
+    layers = masks_lib.prunable_layers(model)
+    _check_count(layers, masks, "masks")
+    for layer, mask in zip(layers, masks):
+        layer.set_mask(mask)
+
+
+def set_bae(model: tf.keras.layers.Layer, marked_list: Optional[Sequence], lam: float) -> None:
+    """Sets (or, with `marked_list=None`, clears) the BaE marked set and lambda of all layers.
+
+    Args:
+        model: a built model.
+        marked_list: None, or one 0/1 array (or None) per prunable layer, with its kernel's shape.
+            Entries outside the layer's mask are ignored.
+        lam: BaE penalty weight lambda (>= 0); ignored when clearing.
+    """
+    layers = masks_lib.prunable_layers(model)
+    if marked_list is None:
+        for layer in layers:
+            layer.set_bae(None, 0.0)
+        return
+    if float(lam) < 0.0:
+        raise ValueError(f"lambda must be >= 0, got {lam}")
+    _check_count(layers, marked_list, "marked sets")
+    for layer, marked in zip(layers, marked_list):
+        if marked is None:
+            layer.set_bae(None, 0.0)
+        else:
+            layer.set_bae(marked, lam)
+
+
+def clear_bae(model: tf.keras.layers.Layer) -> None:
+    """Clears the BaE marked set and lambda of every prunable layer (`set_bae(model, None, 0)`)."""
+    set_bae(model, None, 0.0)
+
+
+def dense_kernel_gradients(
+    model: tf.keras.Model,
+    x: tf.Tensor,
+    y: tf.Tensor,
+    loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    *,
+    training: bool = False,
+) -> List[tf.Tensor]:
+    """Unmasked gradient of the task loss at every kernel position, per prunable layer.
+
+    A zero probe tensor P_l is added to each layer's effective kernel for one forward pass and
+    the gradient of `loss_fn(y, model(x))` with respect to P_l is returned. For a plain masked
+    layer this is dL/dW_eff with W_eff = kernel * mask, at active and inactive positions alike
+    (the growth score of FedMef / RigL). For an NSConv layer (`normalize=True`) the probe enters
+    as `W_hat + P * g / std` (per output channel, the scale held constant), which gives
+    `dL/dW_hat * g / std`: the first-order gradient a raw weight would receive at that position
+    if it were active (the gradient with respect to `kernel * mask` itself is useless for
+    growth there, because the re-applied mask hides inactive positions from the loss).
+    The BaE penalty is not included. Usable eagerly and inside `tf.function`.
+
+    Args:
+        model: a built model with masked layers.
+        x: one input batch, e.g. `[B, H, W, C]` float32.
+        y: its labels, whatever `loss_fn` expects.
+        loss_fn: `loss_fn(y_true, y_pred)` returning a scalar (or per-example losses, which
+            are averaged).
+        training: forward mode. False (default) uses the plain ops (SAP off, exact gradients)
+            and BatchNorm inference statistics, and updates no BatchNorm moving statistics.
+
+    Returns:
+        A list of float32 tensors, one per prunable layer, each with its kernel's shape.
+    """
+    layers = masks_lib.prunable_layers(model)
+    probes = [tf.zeros(layer.kernel.shape, dtype=tf.float32) for layer in layers]
+    try:
+        for layer, probe in zip(layers, probes):
+            layer._probe = probe  # pylint: disable=protected-access
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(probes)
+            pred = model(x, training=training)
+            loss = tf.reduce_mean(loss_fn(y, pred))
+        grads = tape.gradient(loss, probes)
+    finally:
+        for layer in layers:
+            layer._probe = None  # pylint: disable=protected-access
+    return [tf.zeros_like(p) if g is None else g for g, p in zip(grads, probes)]
