@@ -1,0 +1,255 @@
+"""Mask updates of FedMef and of its dynamic-pruning baselines, on plain tensors.
+
+FedMef: Huang, Zhuang, Chen, Lyu, "FedMef: Towards Memory-efficient Federated Dynamic Pruning",
+CVPR 2024 (arXiv 2403.14737). In an adjustment round the server prunes, per prunable layer, the
+k_l active weights of smallest magnitude (the *marked set*, which clients already pushed towards
+zero with budget-aware extrusion) and grows the k_l positions with the largest aggregated gradient
+magnitude among those that were inactive before the adjustment (RigL's drop/grow step, Evci et
+al. 2020, done on the server as in FedTiny). This module also holds the aggregation of FedDST
+(Bibikar et al., AAAI 2022) and the server-side magnitude pruning used by the tfmot-style
+baseline, whose target sparsity comes from tensorflow-model-optimization's `PolynomialDecay`.
+
+Conventions:
+
+- Every function works on one layer: `kernel`, `mask`, `grad` are tensors of the same shape
+  (any rank), masks are float32 0/1. Counts `k` are int scalars (Python or tensor).
+- Ties are broken by flat (row-major) index, lower index first: `tf.math.top_k` returns the
+  lower index first among equal values, and every selection below is a `top_k` on a score.
+- Selections never pick more positions than are eligible: `k` is clipped to the eligible count.
+- Nothing here knows about TFF; everything runs eagerly or inside a `tf.function`.
+"""
+
+import tensorflow as tf
+from tensorflow_model_optimization.sparsity import keras as tfmot_sparsity
+
+
+def _select_top(score, eligible, k):
+  """0/1 float mask (shape of `score`) of the k largest `score` entries among `eligible` ones.
+
+  Args:
+    score: float tensor, any shape.
+    eligible: bool tensor, same shape.
+    k: int scalar, number of positions to select; clipped to [0, count(eligible)].
+
+  Returns:
+    A float32 tensor of the shape of `score` with exactly min(k, count(eligible)) ones.
+  """
+  flat_score = tf.reshape(tf.cast(score, tf.float32), [-1])
+  flat_eligible = tf.reshape(eligible, [-1])
+  n = tf.size(flat_score)
+  k = tf.cast(k, tf.int32)
+  k = tf.clip_by_value(k, 0, tf.reduce_sum(tf.cast(flat_eligible, tf.int32)))
+  lowest = tf.fill(tf.shape(flat_score), tf.constant(-float('inf'), tf.float32))
+  masked_score = tf.where(flat_eligible, flat_score, lowest)
+  _, indices = tf.math.top_k(masked_score, k=k, sorted=True)
+  selected = tf.scatter_nd(
+      tf.expand_dims(indices, 1), tf.ones_like(indices, dtype=tf.float32), tf.expand_dims(n, 0))
+  return tf.reshape(selected, tf.shape(score))
+
+
+def marked_set(kernel, mask, k):
+  """The BaE marked set: the k active entries of smallest |kernel|, ties by flat index.
+
+  Server and clients call this on the same broadcast weights, so they derive the same set, and
+  the server prunes exactly this set.
+
+  Args:
+    kernel: float tensor, the layer's weights.
+    mask: float32 0/1 tensor, same shape, the current sparsity mask.
+    k: int scalar, k_l (clipped to the layer's active count).
+
+  Returns:
+    A float32 0/1 tensor of the kernel's shape, a subset of `mask` with min(k, nnz) ones.
+  """
+  return _select_top(-tf.abs(kernel), mask > 0, k)
+
+
+def top_k_inactive(grad, mask, k):
+  """Per layer, the top-k positions of |grad| among inactive (mask == 0) positions.
+
+  This is what a client uploads after training in an adjustment round: (flat index, value)
+  pairs.
+
+  Args:
+    grad: float tensor, the unmasked gradient of the task loss w.r.t. the effective weights.
+    mask: float32 0/1 tensor, same shape.
+    k: int scalar, k_l (clipped to the layer's inactive count).
+
+  Returns:
+    (indices, values): int32 vector [k'] of flat indices in descending |grad| order (ties by
+    lower index) and float32 vector [k'] of the signed gradient values there, k' = min(k,
+    inactive count).
+  """
+  flat_grad = tf.reshape(tf.cast(grad, tf.float32), [-1])
+  flat_inactive = tf.reshape(mask <= 0, [-1])
+  k = tf.clip_by_value(
+      tf.cast(k, tf.int32), 0, tf.reduce_sum(tf.cast(flat_inactive, tf.int32)))
+  lowest = tf.fill(tf.shape(flat_grad), tf.constant(-float('inf'), tf.float32))
+  score = tf.where(flat_inactive, tf.abs(flat_grad), lowest)
+  _, indices = tf.math.top_k(score, k=k, sorted=True)
+  return indices, tf.gather(flat_grad, indices)
+
+
+def scatter_pairs(indices, values, shape):
+  """Dense tensor of `shape` holding `values` at flat `indices`, zero elsewhere.
+
+  The simulation sums these dense tensors across clients; on the wire only the pairs travel,
+  and that is what the traffic count charges. Missing entries are 0, as ALGORITHM.md states.
+
+  Args:
+    indices: int32 vector [k] of flat indices (distinct).
+    values: float32 vector [k].
+    shape: the layer's kernel shape.
+
+  Returns:
+    A float32 tensor of `shape`.
+  """
+  size = tf.reduce_prod(tf.cast(shape, tf.int32))
+  flat = tf.scatter_nd(tf.expand_dims(tf.cast(indices, tf.int32), 1),
+                       tf.cast(values, tf.float32), tf.expand_dims(size, 0))
+  return tf.reshape(flat, shape)
+
+
+def prune_and_grow(kernel, mask, prune, grow_score, k):
+  """One drop/grow step of a layer: prune a given set, grow by score among old inactives.
+
+  Grown positions are the k largest `grow_score` entries (|aggregated gradient| on the server)
+  among positions inactive *before* this step, so the just-pruned ones cannot be regrown;
+  k is clipped to the number of those positions. Grown weights start at exactly zero. When
+  `prune` has as many ones as are grown (the usual case: k_l <= nnz_l and k_l <= inactive),
+  nnz is unchanged.
+
+  Args:
+    kernel: float tensor, the aggregated weights.
+    mask: float32 0/1 tensor, the mask before the step.
+    prune: float32 0/1 tensor, subset of `mask`: the positions to prune (the marked set).
+    grow_score: float tensor, same shape; larger means grow first (e.g. |g|).
+    k: int scalar, number of positions to grow.
+
+  Returns:
+    (new_kernel, new_mask, grown): the kernel with pruned and grown entries zero (and the
+    inactive ones zero), the new 0/1 mask, and the 0/1 tensor of grown positions.
+  """
+  grown = _select_top(grow_score, mask <= 0, k)
+  kept = mask * (1.0 - prune)
+  new_mask = kept + grown
+  new_kernel = kernel * tf.cast(kept, kernel.dtype)
+  return new_kernel, new_mask, grown
+
+
+def server_adjust_layer(broadcast_kernel, mask, aggregated_kernel, aggregated_grad, k):
+  """FedMef's (and the RigL baseline's) server adjustment of one layer.
+
+  Prunes exactly the marked set, derived from the weights broadcast this round (the ones the
+  clients derived it from), and grows the top-k positions by |aggregated gradient| among those
+  inactive before the adjustment; grown weights are zero.
+
+  Args:
+    broadcast_kernel: float tensor, the global weights sent to the clients this round.
+    mask: float32 0/1 tensor, the mask broadcast this round.
+    aggregated_kernel: float tensor, `sum_k n_k theta_k / sum_k n_k`.
+    aggregated_grad: float tensor, `sum_k n_k g_k / sum_k n_k` (zero where nobody sent).
+    k: int scalar, k_l.
+
+  Returns:
+    (new_kernel, new_mask, pruned, grown): `pruned` is the marked set, `grown` the new positions.
+  """
+  pruned = marked_set(broadcast_kernel, mask, k)
+  new_kernel, new_mask, grown = prune_and_grow(
+      aggregated_kernel, mask, pruned, tf.abs(aggregated_grad), k)
+  return new_kernel, new_mask, pruned, grown
+
+
+def client_prune_and_regrow(kernel, mask, grad, k):
+  """FedDST's local mask readjustment of one layer on a client.
+
+  Magnitude prune of the k smallest active weights, then growth of the k inactive positions
+  (before the step) of largest |grad| (the client's own gradient), grown weights zero.
+
+  Args:
+    kernel: float tensor, the client's current weights.
+    mask: float32 0/1 tensor, the client's current mask.
+    grad: float tensor, the client's unmasked gradient on one mini-batch.
+    k: int scalar.
+
+  Returns:
+    (new_kernel, new_mask).
+  """
+  prune = marked_set(kernel, mask, k)
+  new_kernel, new_mask, _ = prune_and_grow(kernel, mask, prune, tf.abs(grad), k)
+  return new_kernel, new_mask
+
+
+def magnitude_mask(kernel, eligible_mask, nnz):
+  """0/1 mask of the `nnz` largest |kernel| entries among `eligible_mask`, ties by flat index.
+
+  Args:
+    kernel: float tensor.
+    eligible_mask: float32 0/1 tensor (e.g. the current mask, or the union of client masks).
+    nnz: int scalar, entries to keep (clipped to the eligible count).
+
+  Returns:
+    A float32 0/1 tensor of the kernel's shape.
+  """
+  return _select_top(tf.abs(kernel), eligible_mask > 0, nnz)
+
+
+def feddst_aggregate_layer(weighted_kernel_sum, weighted_mask_sum, target_nnz):
+  """FedDST's server aggregation of one layer.
+
+  Each coordinate is averaged over the clients whose mask holds it,
+  `theta = sum_k n_k m_k theta_k / sum_k n_k m_k`; the new mask is the union of the client masks
+  (coordinates with positive weight), magnitude-pruned back to `target_nnz` entries.
+
+  Args:
+    weighted_kernel_sum: `sum_k n_k * m_k * theta_k` (float tensor).
+    weighted_mask_sum: `sum_k n_k * m_k` (float tensor, same shape).
+    target_nnz: int scalar, the layer's nnz budget.
+
+  Returns:
+    (kernel, mask): the aggregated kernel with masked entries zero and the new 0/1 mask.
+  """
+  held = weighted_mask_sum > 0
+  safe = tf.where(held, weighted_mask_sum, tf.ones_like(weighted_mask_sum))
+  kernel = tf.where(held, weighted_kernel_sum / safe, tf.zeros_like(weighted_kernel_sum))
+  mask = magnitude_mask(kernel, tf.cast(held, tf.float32), target_nnz)
+  return kernel * mask, mask
+
+
+def tfmot_target_sparsity(t, *, final_sparsity, end_round, frequency):
+  """Target sparsity of round t from tfmot's `PolynomialDecay` (power 3, from sparsity 0).
+
+  Rounds play the role of tfmot's training steps: pruning starts at round 0 (dense model),
+  happens every `frequency` rounds up to `end_round`, where the final sparsity is reached.
+
+  Args:
+    t: round number (int or int tensor).
+    final_sparsity: target sparsity 1 - d, in [0, 1).
+    end_round: last pruning round (positive int).
+    frequency: rounds between pruning steps (positive int).
+
+  Returns:
+    (should_prune, sparsity): bool and float32 scalar tensors.
+  """
+  schedule = tfmot_sparsity.PolynomialDecay(
+      initial_sparsity=0.0, final_sparsity=float(final_sparsity), begin_step=0,
+      end_step=int(end_round), frequency=int(frequency))
+  should_prune, sparsity = schedule(tf.cast(t, tf.int64))
+  return tf.convert_to_tensor(should_prune), tf.cast(sparsity, tf.float32)
+
+
+def uniform_nnz(sizes, sparsity):
+  """Per-layer nnz for a uniform per-layer sparsity, `round((1 - s) * n_l)`, at least 1.
+
+  This is how tfmot's `prune_low_magnitude` distributes sparsity (the same share per layer).
+
+  Args:
+    sizes: int vector [L] of layer sizes.
+    sparsity: float scalar in [0, 1).
+
+  Returns:
+    An int32 vector [L].
+  """
+  sizes64 = tf.cast(sizes, tf.float64)
+  nnz = tf.round((1.0 - tf.cast(sparsity, tf.float64)) * sizes64)
+  return tf.cast(tf.clip_by_value(nnz, 1.0, sizes64), tf.int32)
