@@ -26,7 +26,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 rm -f "$stamp"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . >/dev/null
+# The checkout itself goes on the environment's path (like an editable install, without a build).
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+pwd > "$site/fedmef_tf_checkout.pth"
 .venv/bin/python -c "import tensorflow_federated, tensorflow_model_optimization" 2>/dev/null \
   || { echo "install.sh: the environment in .venv does not import TensorFlow Federated; run scripts/install.sh --force" >&2; exit 1; }
 echo "$want" > "$stamp"
