@@ -1,0 +1,315 @@
+"""One client's local work in a round of FedMef and of its baselines, as plain TensorFlow.
+
+FedMef: Huang, Zhuang, Chen, Lyu, "FedMef: Towards Memory-efficient Federated Dynamic Pruning",
+CVPR 2024 (arXiv 2403.14737). A sampled client k with n_k examples, in round t:
+
+1. loads the broadcast weights and mask and trains E epochs of masked SGD (batch B, learning
+   rate eta_t); masked weights stay exactly zero after every step;
+2. in adjustment rounds with budget-aware extrusion (BaE) on: derives the marked set (per layer the
+   k_l active weights of smallest |theta|, `mask_updates.marked_set`) from the broadcast weights,
+   sets it with lambda in the masked layers (whose custom kernel gradient adds
+   `2 * lambda * theta` on the marked entries), and uses at local step tau the learning rate
+   `mu = max(eta_t, beta_tau)` over the budget `T_B = E * ceil(n_k / B)`;
+3. in adjustment rounds of server-side adjusting algorithms, after training: the unmasked
+   task-loss gradient on one mini-batch (`sparse_layers.dense_kernel_gradients`) and per layer the
+   top-k_l (index, value) pairs among inactive positions;
+4. returns its weights (multiplied by its aggregation weight n_k, so that the server only sums),
+   n_k, the sparse gradients, metrics and whether its update was finite.
+
+FedDST's clients (Bibikar et al., AAAI 2022) instead readjust their own mask in adjustment
+rounds: at local step floor(T_B / 2) they magnitude-prune k_l active weights and regrow k_l
+positions by their own gradient on the current mini-batch (grown weights zero), then keep
+training, so that the grown weights are trained before upload; they upload their mask as well.
+ALGORITHM.md does not say when in the local budget FedDST readjusts; mid-budget is our choice.
+
+This module knows nothing about TFF: `client_update` is a `tf.function` on a Keras model whose
+prunable layers follow the masked layer contract of `docs/DESIGN.md`.
+"""
+
+import collections
+from typing import Callable, List, NamedTuple, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from fedmef_tf import mask_updates
+from fedmef_tf import masks as masks_lib
+from fedmef_tf import schedules
+from fedmef_tf import sparse_layers
+
+#: Bytes per weight value and per gradient value on the wire (float32), and per index (int32).
+VALUE_BYTES = 4
+INDEX_BYTES = 4
+
+
+class WeightLayout(object):
+  """Where each prunable layer's variables sit in a model's weight lists (static, Python).
+
+  The TFF state holds `model.trainable_weights` and `model.non_trainable_weights` as two lists
+  of tensors; this layout says which entries are the kernels (trainable) and the masks, marked
+  sets and BaE lambdas (non-trainable) of prunable layer l (order of
+  `masks.prunable_layers(model)`), and which non-trainable entries are other state to average
+  (BatchNorm moving statistics).
+
+  Attributes:
+    kernel_indices: list [L] of indices into the trainable list.
+    mask_indices, marked_indices, lambda_indices: lists [L] of indices into the non-trainable
+      list.
+    stat_indices: indices of the other non-trainable weights (averaged like weights).
+    kernel_shapes: list [L] of kernel shapes (tuples).
+    kernel_sizes: list [L] of kernel sizes (ints).
+    dense_param_count: number of trainable entries outside the prunable kernels plus the
+      entries of `stat_indices` (all sent densely).
+    num_trainable, num_non_trainable: list lengths.
+  """
+
+  def __init__(self, model: tf.keras.Model):
+    layers = masks_lib.prunable_layers(model)
+    if not layers:
+      raise ValueError('model has no prunable (masked) layer')
+    trainable = {v.ref(): i for i, v in enumerate(model.trainable_weights)}
+    non_trainable = {v.ref(): i for i, v in enumerate(model.non_trainable_weights)}
+    self.kernel_indices = [trainable[layer.kernel.ref()] for layer in layers]
+    self.mask_indices = [non_trainable[layer.mask.ref()] for layer in layers]
+    self.marked_indices = [non_trainable[layer.marked.ref()] for layer in layers]
+    self.lambda_indices = [non_trainable[layer.bae_lambda.ref()] for layer in layers]
+    reserved = set(self.mask_indices + self.marked_indices + self.lambda_indices)
+    self.stat_indices = [
+        i for i in range(len(model.non_trainable_weights)) if i not in reserved]
+    self.kernel_shapes = [tuple(int(d) for d in layer.kernel.shape) for layer in layers]
+    self.kernel_sizes = [int(np.prod(s)) for s in self.kernel_shapes]
+    kernel_set = set(self.kernel_indices)
+    dense = sum(int(np.prod(v.shape)) for i, v in enumerate(model.trainable_weights)
+                if i not in kernel_set)
+    dense += sum(int(np.prod(model.non_trainable_weights[i].shape)) for i in self.stat_indices)
+    self.dense_param_count = dense
+    self.num_trainable = len(model.trainable_weights)
+    self.num_non_trainable = len(model.non_trainable_weights)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.kernel_indices)
+
+  def mask_bytes(self) -> int:
+    """Bytes of all masks sent as bitmaps (1 bit per kernel entry, each layer byte-padded)."""
+    return int(sum((n + 7) // 8 for n in self.kernel_sizes))
+
+
+class RoundConfig(NamedTuple):
+  """What the server broadcasts to the clients besides the weights (one round).
+
+  Attributes:
+    round_num: int32 scalar, t (from 1).
+    learning_rate: float32 scalar, eta_t.
+    adjust: bool scalar, whether this round adjusts masks (after the schedule and alpha_t).
+    k: int32 vector [L], k_l of the round (zeros when not adjusting).
+    mask_changed: bool scalar, whether the mask differs from the previous broadcast (it is then
+      sent with the weights, which the downlink count charges).
+  """
+  round_num: tf.Tensor
+  learning_rate: tf.Tensor
+  adjust: tf.Tensor
+  k: tf.Tensor
+  mask_changed: tf.Tensor
+
+
+class ClientOutput(NamedTuple):
+  """What one client returns, already multiplied by its aggregation weight (server sums it).
+
+  `weight` is n_k for a usable client and 0 for an empty or rejected one (then every weighted
+  tensor is exactly zero, so a NaN cannot leak into the sum).
+
+  Attributes:
+    weight: float32, n_k or 0.
+    weighted_trainable: list, weight * trained trainable weights (kernels masked).
+    weighted_stats: list, weight * the non-trainable statistics (BatchNorm moving stats).
+    weighted_masks: list [L], weight * the client's mask (for the per-coordinate average).
+    weighted_grads: list [L], weight * the dense scatter of the client's top-k inactive
+      gradient pairs (zero outside server-side adjustment rounds).
+    metrics: OrderedDict of summable scalars: loss_sum, correct, num_examples (training
+      examples seen, all epochs), used, rejected, empty (int32 counts), bytes_up, bytes_down
+      (int64).
+  """
+  weight: tf.Tensor
+  weighted_trainable: List[tf.Tensor]
+  weighted_stats: List[tf.Tensor]
+  weighted_masks: List[tf.Tensor]
+  weighted_grads: List[tf.Tensor]
+  metrics: collections.OrderedDict
+
+
+def default_loss_fn(y_true, logits):
+  """Mean sparse categorical cross-entropy on logits (the models of fedmef_tf output logits)."""
+  return tf.reduce_mean(
+      tf.keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True))
+
+
+def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+  flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
+  return tf.reduce_all(tf.stack(flags))
+
+
+def build_client_update(model: tf.keras.Model,
+                        layout: WeightLayout,
+                        *,
+                        local_epochs: int,
+                        batch_size: int,
+                        eta_0: float,
+                        lambda_bae: float,
+                        use_bae: bool,
+                        server_adjust: bool,
+                        client_regrow: bool,
+                        loss_fn: Callable = default_loss_fn):
+  """Returns `client_update(dataset, trainable, non_trainable, config) -> ClientOutput`.
+
+  The returned function is a `tf.function` that loads the given weights into `model` (whose
+  variables it owns), runs one round of local work and returns a `ClientOutput`.
+
+  Args:
+    model: a built Keras model with masked layers (logits output unless `loss_fn` says
+      otherwise). Its variables are overwritten on every call.
+    layout: `WeightLayout(model)`.
+    local_epochs: E, local epochs per round (positive).
+    batch_size: B; the client batches its unbatched dataset of (x, y) examples with it.
+    eta_0: the initial client learning rate, the scale of BaE's beta_tau.
+    lambda_bae: BaE penalty weight lambda (used only with `use_bae`).
+    use_bae: whether adjustment rounds use BaE (penalty on the marked set and the
+      budget-aware learning rate).
+    server_adjust: whether adjustment rounds send top-k inactive gradient pairs (FedMef, RigL).
+    client_regrow: whether adjustment rounds readjust the client's own mask (FedDST).
+    loss_fn: `loss_fn(y_true, y_pred)` -> scalar mean loss.
+
+  Returns:
+    The client update function described above.
+  """
+  layers = masks_lib.prunable_layers(model)
+  local_epochs = int(local_epochs)
+  batch_size = int(batch_size)
+  dense_bytes = VALUE_BYTES * layout.dense_param_count
+  mask_bytes = layout.mask_bytes()
+
+  def _load(trainable, non_trainable):
+    for v, t in zip(model.trainable_weights, trainable):
+      v.assign(t)
+    for v, t in zip(model.non_trainable_weights, non_trainable):
+      v.assign(t)
+
+  def _regrow(x, y, k):
+    grads = sparse_layers.dense_kernel_gradients(model, x, y, loss_fn)
+    for l, layer in enumerate(layers):
+      new_kernel, new_mask = mask_updates.client_prune_and_regrow(
+          layer.kernel, layer.mask, grads[l], k[l])
+      layer.mask.assign(new_mask)
+      layer.kernel.assign(new_kernel)
+
+  def _bae_lr(tau, budget, eta_t):
+    low_sq = tf.add_n([tf.reduce_sum(tf.square(layer.kernel * layer.marked))
+                       for layer in layers])
+    return schedules.bae_learning_rate(tau, budget, tf.sqrt(low_sq), eta_t, eta_0)
+
+  @tf.function
+  def client_update(dataset, trainable, non_trainable, config: RoundConfig):
+    _load(trainable, non_trainable)
+    batches = dataset.batch(batch_size)
+    num_examples = batches.reduce(
+        tf.constant(0, tf.int32), lambda n, batch: n + tf.shape(batch[1])[0])
+    budget = schedules.local_step_budget(num_examples, batch_size, local_epochs)
+    nnz_before = tf.stack([tf.reduce_sum(layer.mask) for layer in layers])
+    k = tf.cast(config.k, tf.int32)
+
+    bae_on = tf.logical_and(config.adjust, tf.constant(bool(use_bae)))
+    for l, layer in enumerate(layers):
+      marked = mask_updates.marked_set(layer.kernel, layer.mask, k[l])
+      layer.marked.assign(tf.where(bae_on, marked, tf.zeros_like(marked)))
+      layer.bae_lambda.assign(tf.where(bae_on, tf.constant(lambda_bae, tf.float32), 0.0))
+
+    eta_t = tf.cast(config.learning_rate, tf.float32)
+    regrow_step = budget // 2
+    regrow_on = tf.logical_and(config.adjust, tf.constant(bool(client_regrow)))
+    tau = tf.constant(0, tf.int32)
+    loss_sum = tf.constant(0.0, tf.float32)
+    correct = tf.constant(0, tf.int32)
+    seen = tf.constant(0, tf.int32)
+    for _ in range(local_epochs):
+      for x, y in batches:
+        if client_regrow:
+          if tf.logical_and(regrow_on, tf.equal(tau, regrow_step)):
+            _regrow(x, y, k)
+        with tf.GradientTape() as tape:
+          logits = model(x, training=True)
+          loss = loss_fn(y, logits)
+        grads = tape.gradient(loss, model.trainable_weights)
+        lr = eta_t
+        if use_bae:
+          lr = tf.cond(bae_on, lambda: _bae_lr(tau, budget, eta_t), lambda: eta_t)
+        for v, g in zip(model.trainable_weights, grads):
+          if g is not None:
+            v.assign_sub(lr * tf.convert_to_tensor(g))
+        for layer in layers:
+          layer.kernel.assign(layer.kernel * layer.mask)
+        n_batch = tf.shape(y)[0]
+        loss_sum += loss * tf.cast(n_batch, tf.float32)
+        predictions = tf.cast(tf.argmax(logits, axis=-1), tf.int64)
+        correct += tf.reduce_sum(tf.cast(
+            tf.equal(predictions, tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.int32))
+        seen += n_batch
+        tau += 1
+
+    # BaE is over: clear the marked set so the uploaded state carries none.
+    for layer in layers:
+      layer.marked.assign(tf.zeros_like(layer.marked))
+      layer.bae_lambda.assign(0.0)
+
+    # Top-k inactive gradient pairs of one mini-batch (the first), scattered densely.
+    pairs_sent = tf.constant(0, tf.int32)
+    # Tuples, not lists: a loop over a dataset would stack a list into one tensor.
+    grad_dense = tuple(tf.zeros(shape, tf.float32) for shape in layout.kernel_shapes)
+    if server_adjust:
+      for x, y in batches.take(tf.cast(config.adjust, tf.int64)):
+        grads = sparse_layers.dense_kernel_gradients(model, x, y, loss_fn)
+        new_dense = []
+        count = tf.constant(0, tf.int32)
+        for l, layer in enumerate(layers):
+          indices, values = mask_updates.top_k_inactive(grads[l], layer.mask, k[l])
+          new_dense.append(
+              mask_updates.scatter_pairs(indices, values, layout.kernel_shapes[l]))
+          count += tf.size(indices)
+        grad_dense = tuple(new_dense)
+        pairs_sent = count
+
+    trained = [tf.convert_to_tensor(v) for v in model.trainable_weights]
+    stats = [tf.convert_to_tensor(model.non_trainable_weights[i]) for i in layout.stat_indices]
+    client_masks = [tf.convert_to_tensor(layer.mask) for layer in layers]
+    nonempty = num_examples > 0
+    finite = _all_finite(trained + stats + list(grad_dense) + [loss_sum])
+    usable = tf.logical_and(nonempty, finite)
+    weight = tf.where(usable, tf.cast(num_examples, tf.float32), 0.0)
+
+    def _weighted(tensors):
+      return [tf.where(usable, weight * t, tf.zeros_like(t)) for t in tensors]
+
+    nnz_after = tf.stack([tf.reduce_sum(m) for m in client_masks])
+    bytes_up = (VALUE_BYTES * tf.cast(tf.reduce_sum(nnz_after), tf.int64) + dense_bytes +
+                (VALUE_BYTES + INDEX_BYTES) * tf.cast(pairs_sent, tf.int64))
+    bytes_up += tf.where(regrow_on, tf.constant(mask_bytes, tf.int64), 0)
+    bytes_down = (VALUE_BYTES * tf.cast(tf.reduce_sum(nnz_before), tf.int64) + dense_bytes +
+                  tf.where(config.mask_changed, tf.constant(mask_bytes, tf.int64), 0))
+    metrics = collections.OrderedDict(
+        loss_sum=tf.where(usable, loss_sum, 0.0),
+        correct=tf.where(usable, correct, 0),
+        num_examples=tf.where(usable, seen, 0),
+        used=tf.cast(usable, tf.int32),
+        rejected=tf.cast(tf.logical_and(nonempty, tf.logical_not(finite)), tf.int32),
+        empty=tf.cast(tf.logical_not(nonempty), tf.int32),
+        bytes_up=tf.where(nonempty, bytes_up, tf.constant(0, tf.int64)),
+        bytes_down=tf.where(nonempty, bytes_down, tf.constant(0, tf.int64)),
+    )
+    return ClientOutput(
+        weight=weight,
+        weighted_trainable=_weighted(trained),
+        weighted_stats=_weighted(stats),
+        weighted_masks=_weighted(client_masks),
+        weighted_grads=_weighted(grad_dense),
+        metrics=metrics)
+
+  return client_update
