@@ -227,6 +227,15 @@ def _context_kwargs():
               transform_result=tensorflow_computation.transform_result)
 
 
+def _install_default_context(context):
+  """Makes `context` TFF's default (this thread) and returns the one it replaces."""
+  from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
+  stack = context_stack_impl.context_stack
+  previous = stack._stack[0]  # pylint: disable=protected-access
+  stack.set_default_context(context)
+  return previous
+
+
 class LocalRuntime:
   """Installs a TFF execution context backed by a C++ worker this process owns.
 
@@ -249,12 +258,12 @@ class LocalRuntime:
     self._verbose = _wants_verbose() if verbose is None else verbose
     self.worker: Optional[WorkerProcess] = None
     self.context = None
+    self._previous = None
 
   def start(self) -> 'LocalRuntime':
     """Starts the worker, waits until it serves, and installs the execution context."""
     configure_logging(self._verbose)
     restore_signal_handlers()
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
     from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context  # pylint: disable=g-import-not-at-top
     self.worker = WorkerProcess(max_concurrent_computation_calls=self._max_calls,
                                 log_path=self._worker_log, verbose=self._verbose)
@@ -267,16 +276,13 @@ class LocalRuntime:
       raise
     self.context = sync_execution_context.SyncExecutionContext(
         executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs())
-    context_stack_impl.context_stack.set_default_context(self.context)
+    self._previous = _install_default_context(self.context)
     return self
 
   def stop(self) -> None:
     """Removes the execution context and ends the worker; safe to call more than once."""
     if self.context is not None:
-      from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
-      from tensorflow_federated.python.core.impl.context_stack import runtime_error_context  # pylint: disable=g-import-not-at-top
-      context_stack_impl.context_stack.set_default_context(
-          runtime_error_context.RuntimeErrorContext())
+      _install_default_context(self._previous)  # the context that was there before start()
       self.context = None
     if self.worker is not None:
       self.worker.stop()
@@ -287,6 +293,82 @@ class LocalRuntime:
 
   def __exit__(self, *exc_info) -> None:
     self.stop()
+
+
+def parse_workers(spec: str) -> 'list[str]':
+  """Parses `host:port,host:port,...` into targets; raises ValueError with a one-line reason."""
+  targets = []
+  for item in (x.strip() for x in spec.split(',')):
+    if not item:
+      continue
+    host, sep, port = item.rpartition(':')
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+      raise ValueError(f"worker address '{item}' is not host:port with a port in 1..65535")
+    targets.append(f'{host}:{int(port)}')
+  if not targets:
+    raise ValueError('no worker address given')
+  if len(set(targets)) != len(targets):
+    raise ValueError(f'worker addresses repeat: {spec}')
+  return targets
+
+
+class RemoteRuntime:
+  """Installs a TFF context that divides each round's clients among remote TFF workers.
+
+  The workers are TFF C++ worker services (`python -m tff_programs.worker --port=N` on each
+  host). Computations are compiled to TFF's mergeable form
+  (`tff.backends.native.create_mergeable_comp_execution_context`): each worker runs the part of
+  the computation before the aggregation for its share of the clients, and this process merges
+  the partial aggregates and runs the rest. Nothing is started or stopped on the workers' hosts.
+
+  Args:
+    workers: targets `host:port`.
+    connect_timeout_s: how long to wait for every worker to answer before failing.
+    default_num_clients: cardinality of CLIENTS when a computation cannot infer it.
+  """
+
+  def __init__(self, workers, *, connect_timeout_s: float = 15.0, default_num_clients: int = 0,
+               verbose: Optional[bool] = None):
+    self.workers = list(workers)
+    self._timeout = connect_timeout_s
+    self._default_num_clients = default_num_clients
+    self._verbose = _wants_verbose() if verbose is None else verbose
+    self.context = None
+    self._previous = None
+
+  def start(self) -> 'RemoteRuntime':
+    """Connects to every worker (bounded wait) and installs the mergeable context."""
+    configure_logging(self._verbose)
+    restore_signal_handlers()
+    from tensorflow_federated.python.core.backends.native import execution_contexts  # pylint: disable=g-import-not-at-top
+    from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context  # pylint: disable=g-import-not-at-top
+    async_contexts = []
+    for target in self.workers:
+      stub = _make_stub(target)
+      _wait_ready(stub, target, self._timeout)
+      async_contexts.append(async_execution_context.AsyncExecutionContext(
+          executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs()))
+    self.context = execution_contexts.create_mergeable_comp_execution_context(async_contexts)
+    self._previous = _install_default_context(self.context)
+    return self
+
+  def stop(self) -> None:
+    if self.context is not None:
+      _install_default_context(self._previous)  # the context that was there before start()
+      self.context = None
+
+  def __enter__(self) -> 'RemoteRuntime':
+    return self.start()
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
+
+
+def make_runtime(workers: Optional[str] = None, **kwargs):
+  """The runtime for a program's `--workers` flag: local worker when empty, remote otherwise."""
+  if workers:
+    return RemoteRuntime(parse_workers(workers), **kwargs)
+  return LocalRuntime(**kwargs)
 
 
 def run_main(main_fn, argv=None):
