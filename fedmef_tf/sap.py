@@ -26,10 +26,12 @@ order of the bit patterns is the float order), and the k-th largest pattern is f
 histogram passes (``tf.math.bincount``), one over the high 16 bits, one over the low 16 bits of
 the entries in the selected high bin. No sort or top-k over millions of entries is done.
 
-Ties: entries with ``|x|`` strictly above the threshold are all kept; among the entries equal
-to the threshold, the ones with the smallest flat index are kept, so that exactly ``k`` entries
-are kept. (After a ReLU many entries are exactly zero; when the threshold is zero some zeros are
-"kept", which changes nothing numerically but keeps the count and the memory exact.)
+Ties: entries with ``|x|`` strictly above the threshold ``t`` (the k-th largest ``|x|``) are
+all kept. If ``t > 0``, the entries equal to ``t`` with the smallest flat indices are added so
+that exactly ``k`` entries are kept (float32 duplicates are common among millions of entries).
+If ``t == 0`` (more than ``gamma * n`` entries are exactly zero, as after a ReLU), only the
+nonzero entries are kept, fewer than ``k``: a kept zero would cost memory and change nothing
+in the weight gradient. So the kept count is ``min(k, count_nonzero(x))``, exactly.
 NaN entries sort above +inf.
 
 ReLU: a plain ``tf.nn.relu`` keeps its float output alive for its own gradient, which would
@@ -71,6 +73,13 @@ __all__ = [
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+def _shape_of(x: tf.Tensor):
+    """Static shape as a list of ints when fully known, else the dynamic int32 shape."""
+    if x.shape.is_fully_defined():
+        return x.shape.as_list()
+    return tf.shape(x, out_type=tf.int32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bit packing
 # ---------------------------------------------------------------------------------------------
@@ -80,23 +89,31 @@ def pack_bits(mask: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
     """Packs a boolean tensor into bytes, 8 elements per byte.
 
     Element ``i`` of the flattened (row-major) mask goes to bit ``i % 8`` (least significant
-    first) of byte ``i // 8``; the last byte is padded with zero bits.
+    first, as ``numpy.packbits(..., bitorder='little')``) of byte ``i // 8``; the last byte is
+    padded with zero bits.
+
+    Implementation: the mask is cast to uint8, each group of 8 bytes is bit-cast to one uint64
+    and multiplied by ``0x0102040810204080``, which gathers the eight 0/1 bytes into the top
+    byte. Transient memory: about 3 bytes per element.
 
     Args:
         mask: bool tensor of any shape, ``n`` elements.
 
     Returns:
         ``(packed, shape)``: ``packed`` is a uint8 tensor of shape ``[ceil(n / 8)]`` and
-        ``shape`` the int32 shape of ``mask`` (a 1-D tensor), for :func:`unpack_bits`.
+        ``shape`` the shape of ``mask`` for :func:`unpack_bits` (a list of ints when it is
+        statically known, else a 1-D int32 tensor).
     """
     mask = tf.convert_to_tensor(mask, dtype=tf.bool)
-    shape = tf.shape(mask, out_type=tf.int32)
-    flat = tf.reshape(mask, [-1])
-    n = tf.size(flat, out_type=tf.int32)
-    pad = (-n) % 8
-    flat = tf.pad(tf.cast(flat, tf.uint8), [[0, pad]])
-    bytes_ = tf.reshape(flat, [-1, 8]) * tf.constant(_BIT_WEIGHTS, tf.uint8)
-    packed = tf.reduce_sum(bytes_, axis=1)  # distinct powers of two: no carry, fits in uint8
+    shape = _shape_of(mask)
+    flat = tf.cast(tf.reshape(mask, [-1]), tf.uint8)
+    n_static = flat.shape[0]
+    if n_static is None or n_static % 8:
+        n = tf.size(flat, out_type=tf.int32)
+        flat = tf.pad(flat, [[0, (-n) % 8]])
+    words = tf.bitcast(tf.reshape(flat, [-1, 8]), tf.uint64)
+    gathered = words * tf.constant(0x0102040810204080, tf.uint64)
+    packed = tf.cast(tf.bitwise.right_shift(gathered, tf.constant(56, tf.uint64)), tf.uint8)
     return packed, shape
 
 
@@ -109,13 +126,18 @@ def unpack_bits(packed: tf.Tensor, shape) -> tf.Tensor:
             elements in total.
 
     Returns:
-        bool tensor of shape ``shape``.
+        bool tensor of shape ``shape``. Transient memory: about 2 bytes per element.
     """
     packed = tf.convert_to_tensor(packed, dtype=tf.uint8)
-    shape = tf.cast(tf.convert_to_tensor(shape), tf.int32)
-    n = tf.reduce_prod(shape)
     bits = tf.bitwise.bitwise_and(packed[:, None], tf.constant(_BIT_WEIGHTS, tf.uint8))
-    flat = tf.not_equal(tf.reshape(bits, [-1])[:n], 0)
+    flat = tf.cast(tf.reshape(bits, [-1]), tf.bool)
+    if isinstance(shape, (list, tuple)) and all(isinstance(d, int) for d in shape):
+        n = math.prod(shape)
+        if n != flat.shape[0]:
+            flat = flat[:n]
+        return tf.reshape(flat, shape)
+    shape = tf.cast(tf.convert_to_tensor(shape), tf.int32)
+    flat = flat[:tf.reduce_prod(shape)]
     return tf.reshape(flat, shape)
 
 
@@ -145,9 +167,17 @@ def keep_count(n, gamma: float):
 
 
 def _abs_bits(x_flat: tf.Tensor) -> tf.Tensor:
-    """int32 bit patterns of ``|x|``; their integer order is the order of ``|x|``."""
-    return tf.bitwise.bitwise_and(
-        tf.bitcast(x_flat, tf.int32), tf.constant(0x7FFFFFFF, tf.int32))
+    """int32 bit patterns of ``|x|``; their integer order is the order of ``|x|``.
+
+    ``tf.bitcast`` shares the buffer of ``tf.abs``'s output: one 4-byte-per-element tensor.
+    """
+    return tf.bitcast(tf.abs(x_flat), tf.int32)
+
+
+def _histogram(arr: tf.Tensor, size: int) -> tf.Tensor:
+    """Counts of the values ``0 .. size-1`` in the non-negative int32 ``arr``; larger values
+    are ignored (``tf.raw_ops.Bincount`` skips them, with no extra pass for a maximum)."""
+    return tf.raw_ops.Bincount(arr=arr, size=size, weights=tf.constant([], tf.int32))
 
 
 def _select_from_top(hist: tf.Tensor, need: tf.Tensor):
@@ -162,25 +192,28 @@ def _select_from_top(hist: tf.Tensor, need: tf.Tensor):
 def _threshold_bits(bits: tf.Tensor, k: tf.Tensor):
     """Bit pattern ``t`` of the k-th largest entry, ``#(bits > t)`` and ``#(bits == t)``.
 
+    Two histogram passes of 16 bits each. The second pass bins ``bits XOR (b << 16)``: entries
+    of the selected high bin ``b`` map to their low 16 bits, all others to values >= 65536,
+    which the histogram ignores. Transient memory: one int32 tensor of ``n`` entries at a time.
+
     Args:
         bits: int32 ``[n]``, non-negative.
         k: int32 scalar, ``1 <= k <= n``.
     """
-    hi = tf.bitwise.right_shift(bits, 16)  # 0 .. 32767
-    hist_hi = tf.math.bincount(hi, minlength=32768, maxlength=32768, dtype=tf.int32)
+    hist_hi = _histogram(tf.bitwise.right_shift(bits, 16), 32768)
     b, above_b = _select_from_top(hist_hi, k)
-    need = k - above_b
-    lo_in_b = tf.where(tf.equal(hi, b), tf.bitwise.bitwise_and(bits, 0xFFFF), 65536)
-    hist_lo = tf.math.bincount(lo_in_b, minlength=65536, maxlength=65536, dtype=tf.int32)
-    l, above_l = _select_from_top(hist_lo, need)
-    t = tf.bitwise.bitwise_or(tf.bitwise.left_shift(b, 16), l)
+    b_shifted = tf.bitwise.left_shift(b, 16)
+    hist_lo = _histogram(tf.bitwise.bitwise_xor(bits, b_shifted), 65536)
+    l, above_l = _select_from_top(hist_lo, k - above_b)
+    t = tf.bitwise.bitwise_or(b_shifted, l)
     return t, above_b + above_l, hist_lo[l]
 
 
 def keep_mask(x: tf.Tensor, gamma: float) -> tf.Tensor:
     """Boolean mask of the ``ceil((1 - gamma) * numel(x))`` largest-|x| entries.
 
-    Exactly that many entries are True; ties at the threshold go to the smallest flat index.
+    ``min(k, count_nonzero(x))`` entries are True, ``k = ceil((1 - gamma) * numel(x))``; ties at
+    a nonzero threshold go to the smallest flat index, zeros are never kept (module docstring).
 
     Args:
         x: float32 tensor of any shape.
@@ -197,6 +230,10 @@ def keep_mask(x: tf.Tensor, gamma: float) -> tf.Tensor:
 
 
 def _keep_mask_flat(flat: tf.Tensor, k) -> tf.Tensor:
+    """Keep mask of the ``k`` largest-|x| entries of the 1-D ``flat`` (ties: smallest index)."""
+    if isinstance(k, int) and k == 0:
+        return tf.zeros_like(flat, dtype=tf.bool)
+    static_k = isinstance(k, int)
     k = tf.convert_to_tensor(k, tf.int32)
 
     def none_kept():
@@ -205,19 +242,24 @@ def _keep_mask_flat(flat: tf.Tensor, k) -> tf.Tensor:
     def select():
         bits = _abs_bits(flat)
         t, n_gt, n_eq = _threshold_bits(bits, k)
-        ties = k - n_gt  # 1 .. n_eq entries equal to t are kept
+        ties = k - n_gt  # 1 .. n_eq entries equal to t are to be kept
+
+        def nonzero():  # t == 0: zeros carry nothing, keep only the n_gt nonzero entries
+            return tf.greater(bits, 0)
 
         def all_ties():
             return tf.greater_equal(bits, t)
 
-        def first_ties():
-            eq = tf.equal(bits, t)
-            rank = tf.cumsum(tf.cast(eq, tf.int32))  # 1-based rank among the ties
-            return tf.logical_or(tf.greater(bits, t),
-                                 tf.logical_and(eq, tf.less_equal(rank, ties)))
+        def first_ties():  # the first `ties` entries equal to t, by flat index
+            idx = tf.where(tf.equal(bits, t))[:ties]  # int64 [ties, 1]; n_eq is small here
+            return tf.tensor_scatter_nd_update(
+                tf.greater(bits, t), idx, tf.ones(tf.reshape(ties, [1]), tf.bool))
 
-        return tf.cond(tf.equal(ties, n_eq), all_ties, first_ties)
+        return tf.case([(tf.equal(t, 0), nonzero), (tf.equal(ties, n_eq), all_ties)],
+                       default=first_ties, exclusive=False)
 
+    if static_k:
+        return select()
     return tf.cond(tf.greater(k, 0), select, none_kept)
 
 
@@ -262,12 +304,18 @@ def _compress(x: tf.Tensor, gamma: float):
     return values, packed
 
 
-def _decompress(values: tf.Tensor, packed: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
-    """Dense ``x_pruned`` of shape ``shape`` from :func:`_compress`'s output."""
-    n = tf.reduce_prod(shape)
-    mask = unpack_bits(packed, tf.reshape(n, [1]))
-    idx = tf.where(mask)  # [k, 1] int64, transient
-    flat = tf.scatter_nd(idx, values, tf.cast(tf.reshape(n, [1]), tf.int64))
+def _decompress(values: tf.Tensor, packed: tf.Tensor, shape) -> tf.Tensor:
+    """Dense ``x_pruned`` of shape ``shape`` from :func:`_compress`'s output.
+
+    Transient memory besides the 4-byte output: the unpacked bool mask (plus its uint8 source,
+    2 bytes per element) and the int64 indices of the kept entries (8 bytes per kept entry).
+    """
+    mask = unpack_bits(packed, shape)
+    idx = tf.where(tf.reshape(mask, [-1]))  # [k, 1] int64
+    if isinstance(shape, list):
+        flat = tf.scatter_nd(idx, values, [math.prod(shape)])
+    else:
+        flat = tf.scatter_nd(idx, values, tf.cast(tf.reshape(tf.reduce_prod(shape), [1]), tf.int64))
     return tf.reshape(flat, shape)
 
 
@@ -303,6 +351,45 @@ def _check(gamma: float, padding: str = "SAME"):
         raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
 
 
+def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
+    """Wraps ``y = forward(x, w)`` in a custom gradient that caches the SAP-compressed ``x``.
+
+    Args:
+        x, w: float32 tensors.
+        gamma: drop ratio in ``(0, 1]``.
+        forward: ``(x, w) -> y``.
+        input_grad: ``(dy, w, x_shape) -> dx``, must not need ``x``.
+        filter_grad: ``(x_pruned, dy, w_shape) -> dw``.
+
+    Scheduling (what makes the saving real in a graph): the selection runs before the forward op
+    (so ``x`` dies with the op instead of waiting for the selection); in the backward pass the
+    dense ``x_pruned`` is rebuilt only once ``dy`` exists, the weight gradient is taken, and only
+    then is ``dx`` computed, so that no two layers hold a rebuilt input at the same time.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    w = tf.convert_to_tensor(w, tf.float32)
+
+    @tf.custom_gradient
+    def _op(x, w):
+        xs, ws = tf.stop_gradient(x), tf.stop_gradient(w)
+        x_shape, w_shape = _shape_of(xs), _shape_of(ws)
+        values, packed = _compress(xs, gamma)
+        with tf.control_dependencies([values, packed]):
+            y = forward(xs, ws)
+
+        def grad(dy):
+            with tf.control_dependencies([dy]):
+                x_pruned = _decompress(values, packed, x_shape)
+            dw = filter_grad(x_pruned, dy, w_shape)
+            with tf.control_dependencies([dw]):
+                dx = input_grad(dy, ws, x_shape)
+            return dx, dw
+
+        return y, grad
+
+    return _op(x, w)
+
+
 def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
     """2-D convolution whose weight gradient sees only the largest-|x| entries of its input.
 
@@ -322,28 +409,13 @@ def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
     s = _strides4(strides)
     if gamma == 0.0:
         return tf.nn.conv2d(x, w, s, padding)
-    x = tf.convert_to_tensor(x, tf.float32)
-    w = tf.convert_to_tensor(w, tf.float32)
-
-    @tf.custom_gradient
-    def _op(x, w):
-        xs, ws = tf.stop_gradient(x), tf.stop_gradient(w)
-        y = tf.nn.conv2d(xs, ws, s, padding)
-        x_shape = tf.shape(xs)
-        values, packed = _compress(xs, gamma)
-
-        def grad(dy):
-            dx = tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=x_shape, filter=ws, out_backprop=dy, strides=s, padding=padding)
-            x_pruned = _decompress(values, packed, x_shape)
-            dw = tf.raw_ops.Conv2DBackpropFilter(
-                input=x_pruned, filter_sizes=tf.shape(ws), out_backprop=dy, strides=s,
-                padding=padding)
-            return dx, dw
-
-        return y, grad
-
-    return _op(x, w)
+    return _sap_op(
+        x, w, gamma,
+        forward=lambda x, w: tf.nn.conv2d(x, w, s, padding),
+        input_grad=lambda dy, w, x_shape: tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
+        filter_grad=lambda xp, dy, w_shape: tf.raw_ops.Conv2DBackpropFilter(
+            input=xp, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding))
 
 
 def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
@@ -364,28 +436,13 @@ def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor
     s = _strides4(strides)
     if gamma == 0.0:
         return tf.nn.depthwise_conv2d(x, w, s, padding)
-    x = tf.convert_to_tensor(x, tf.float32)
-    w = tf.convert_to_tensor(w, tf.float32)
-
-    @tf.custom_gradient
-    def _op(x, w):
-        xs, ws = tf.stop_gradient(x), tf.stop_gradient(w)
-        y = tf.nn.depthwise_conv2d(xs, ws, s, padding)
-        x_shape = tf.shape(xs)
-        values, packed = _compress(xs, gamma)
-
-        def grad(dy):
-            dx = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-                input_sizes=x_shape, filter=ws, out_backprop=dy, strides=s, padding=padding)
-            x_pruned = _decompress(values, packed, x_shape)
-            dw = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
-                input=x_pruned, filter_sizes=tf.shape(ws), out_backprop=dy, strides=s,
-                padding=padding)
-            return dx, dw
-
-        return y, grad
-
-    return _op(x, w)
+    return _sap_op(
+        x, w, gamma,
+        forward=lambda x, w: tf.nn.depthwise_conv2d(x, w, s, padding),
+        input_grad=lambda dy, w, x_shape: tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+            input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
+        filter_grad=lambda xp, dy, w_shape: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+            input=xp, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding))
 
 
 def sap_matmul(x, w, gamma: float) -> tf.Tensor:
@@ -402,25 +459,11 @@ def sap_matmul(x, w, gamma: float) -> tf.Tensor:
     _check(gamma)
     if gamma == 0.0:
         return tf.matmul(x, w)
-    x = tf.convert_to_tensor(x, tf.float32)
-    w = tf.convert_to_tensor(w, tf.float32)
-
-    @tf.custom_gradient
-    def _op(x, w):
-        xs, ws = tf.stop_gradient(x), tf.stop_gradient(w)
-        y = tf.matmul(xs, ws)
-        x_shape = tf.shape(xs)
-        values, packed = _compress(xs, gamma)
-
-        def grad(dy):
-            dx = tf.matmul(dy, ws, transpose_b=True)
-            x_pruned = _decompress(values, packed, x_shape)
-            dw = tf.matmul(x_pruned, dy, transpose_a=True)
-            return dx, dw
-
-        return y, grad
-
-    return _op(x, w)
+    return _sap_op(
+        x, w, gamma,
+        forward=lambda x, w: tf.matmul(x, w),
+        input_grad=lambda dy, w, x_shape: tf.matmul(dy, w, transpose_b=True),
+        filter_grad=lambda xp, dy, w_shape: tf.matmul(xp, dy, transpose_a=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,16 +477,24 @@ def _bit_activation(x, max_value):
     @tf.custom_gradient
     def _op(x):
         xs = tf.stop_gradient(x)
+        # The mask is read from the output (0 < y < max_value iff 0 < x < max_value), so that
+        # x is consumed by the activation alone and can die (or be overwritten in place) there.
         if max_value is None:
             y = tf.nn.relu(xs)
-            pass_mask = tf.greater(xs, 0.0)
+            pass_mask = tf.greater(y, 0.0)
         else:
-            y = tf.minimum(tf.nn.relu(xs), max_value)
-            pass_mask = tf.logical_and(tf.greater(xs, 0.0), tf.less(xs, max_value))
+            y = tf.nn.relu6(xs) if max_value == 6.0 else tf.minimum(tf.nn.relu(xs), max_value)
+            pass_mask = tf.logical_and(tf.greater(y, 0.0), tf.less(y, max_value))
         packed, shape = pack_bits(pass_mask)
+        with tf.control_dependencies([packed]):  # consumers of y wait: no overlap of transients
+            y = tf.identity(y)
 
         def grad(dy):
-            return tf.where(unpack_bits(packed, shape), dy, tf.zeros_like(dy))
+            # Without the dependency on dy the executor would unpack every layer's mask as
+            # soon as the forward pass made it, all at once (it depends on forward tensors only).
+            with tf.control_dependencies([dy]):
+                keep = unpack_bits(packed, shape)
+            return tf.where(keep, dy, 0.0)
 
         return y, grad
 
