@@ -1,0 +1,286 @@
+r"""FedMef against its baselines on the same federated data: `python -m tff_programs.compare`.
+
+Every algorithm of `--algorithms` is one ordinary training run (`python -m tff_programs.train`)
+under `--root_dir/<algorithm>/`, with the same values of every shared flag (data, partition,
+seed, model family, density, rounds, local budget), so each one resumes like any training run
+and a rerun of the comparison only runs what is missing. The runs go one after another in child
+processes, each with its own TFF worker.
+
+From the runs' `summary.json` and `metrics.csv` it writes:
+
+* `comparison.csv` and `comparison.md`: per algorithm, final and best test accuracy, measured
+  peak memory of one client training step, analytic memory footprint, bytes down and up per
+  round, seconds per round, and ratios of memory, traffic and time to `rigl` and `tfmot`
+  (accuracy as a difference in points);
+* `comparison.png`: test accuracy against round for all algorithms, and measured client-step
+  memory against final accuracy.
+
+Example (paper scale, needs the data files and a GPU):
+
+    python -m tff_programs.compare --root_dir=runs/paper --model=resnet18 --dataset=cifar10 \
+      --data_dir=/data/cifar-10-batches-bin --num_clients=100 --clients_per_round=10 \
+      --rounds=500 --local_epochs=5 --batch_size=64 --density=0.1 --delta_t=10 --t_end=300
+"""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from absl import app
+from absl import flags
+
+from tff_programs import program_io
+from tff_programs import train  # Defines the shared flags of the training program.
+
+FLAGS = flags.FLAGS
+DEFAULT_ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'feddst', 'static',
+                      'tfmot', 'fedavg')
+REFERENCES = ('rigl', 'tfmot')
+CSV_FILE = 'comparison.csv'
+MD_FILE = 'comparison.md'
+PNG_FILE = 'comparison.png'
+
+flags.DEFINE_list('algorithms', list(DEFAULT_ALGORITHMS),
+                  'Algorithms to run and compare, comma-separated.')
+# Defaults of the shared flags that keep the 8-algorithm comparison within about 30 minutes on
+# 2 cores on the built-in dataset; every one can be set on the command line.
+_COMPARE_DEFAULTS = {'root_dir': os.path.join('runs', 'compare'), 'density': 0.1}
+
+# Flags of the training program that are not passed to the child runs as shared settings.
+_PER_RUN_FLAGS = ('algorithm', 'root_dir')
+
+COLUMNS = ('algorithm', 'final_accuracy', 'best_accuracy', 'measured_peak_bytes',
+           'analytic_bytes', 'down_bytes_per_round', 'up_bytes_per_round', 'seconds_per_round',
+           'rounds_completed', 'density')
+
+
+def _train_flag_names() -> List[str]:
+  return [f.name for f in FLAGS.get_flags_for_module(train)]
+
+
+def child_argv(algorithm: str, root_dir: str, values: Mapping[str, Any]) -> List[str]:
+  """Command line of the training run of `algorithm`, sharing every other flag's value."""
+  argv = [sys.executable, '-m', 'tff_programs.train', f'--algorithm={algorithm}',
+          f'--root_dir={os.path.join(root_dir, algorithm)}']
+  for name in _train_flag_names():
+    if name in _PER_RUN_FLAGS:
+      continue
+    value = values[name]
+    if isinstance(value, bool):
+      argv.append(f'--{name}' if value else f'--no{name}')
+    elif isinstance(value, (list, tuple)):
+      argv.append(f'--{name}={",".join(str(v) for v in value)}')
+    else:
+      argv.append(f'--{name}={value}')
+  return argv
+
+
+def _mean(xs: Sequence[float]) -> float:
+  xs = [x for x in xs if x is not None and not math.isnan(x)]
+  return sum(xs) / len(xs) if xs else float('nan')
+
+
+def run_result(run_dir: str) -> Dict[str, Any]:
+  """Reads one finished run: its summary and per-round metrics, reduced to one table row."""
+  summary = program_io.read_json(os.path.join(run_dir, program_io.SUMMARY_FILE))
+  rows = program_io.read_metrics(run_dir)
+  accs = [r['test_accuracy'] for r in rows
+          if r.get('test_accuracy') is not None and not math.isnan(r['test_accuracy'])]
+  memory = summary.get('memory', {})
+  traffic = summary.get('traffic', {})
+  return {
+      'algorithm': summary['algorithm'],
+      'final_accuracy': float(summary['final_accuracy']),
+      'best_accuracy': max(accs + [float(summary['final_accuracy'])]),
+      'measured_peak_bytes': float(memory.get('measured_peak_bytes') or float('nan')),
+      'analytic_bytes': float(memory.get('analytic_bytes') or float('nan')),
+      'down_bytes_per_round': _mean([r.get('bytes_down') for r in rows]),
+      'up_bytes_per_round': _mean([r.get('bytes_up') for r in rows]),
+      'seconds_per_round': _mean([r.get('round_seconds') for r in rows]),
+      'rounds_completed': int(summary['rounds_completed']),
+      'density': float(summary['density']),
+      'curve': [(int(r['round']), r['test_accuracy']) for r in rows
+                if r.get('test_accuracy') is not None and not math.isnan(r['test_accuracy'])],
+  }
+
+
+def _ratio(a: float, b: float) -> float:
+  if b is None or a is None or math.isnan(a) or math.isnan(b) or b == 0:
+    return float('nan')
+  return a / b
+
+
+def add_ratios(results: Sequence[Mapping[str, Any]],
+               references: Sequence[str] = REFERENCES) -> List[Dict[str, Any]]:
+  """Adds, per reference algorithm present, ratios and accuracy differences to each row.
+
+  For reference `r`: `peak_vs_r` = measured peak / r's, `analytic_vs_r`, `traffic_vs_r`
+  (down + up bytes per round), `time_vs_r` (seconds per round), and `accuracy_minus_r` (final
+  accuracy difference, in points of accuracy, i.e. fraction * 100).
+  """
+  by_name = {r['algorithm']: r for r in results}
+  out = []
+  for row in results:
+    row = dict(row)
+    for ref_name in references:
+      ref = by_name.get(ref_name)
+      if ref is None:
+        continue
+      row[f'peak_vs_{ref_name}'] = _ratio(row['measured_peak_bytes'], ref['measured_peak_bytes'])
+      row[f'analytic_vs_{ref_name}'] = _ratio(row['analytic_bytes'], ref['analytic_bytes'])
+      row[f'traffic_vs_{ref_name}'] = _ratio(
+          row['down_bytes_per_round'] + row['up_bytes_per_round'],
+          ref['down_bytes_per_round'] + ref['up_bytes_per_round'])
+      row[f'time_vs_{ref_name}'] = _ratio(row['seconds_per_round'], ref['seconds_per_round'])
+      row[f'accuracy_minus_{ref_name}'] = 100.0 * (row['final_accuracy'] - ref['final_accuracy'])
+    out.append(row)
+  return out
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+  extra = []
+  for row in rows:
+    for k in row:
+      if k not in COLUMNS and k != 'curve' and k not in extra:
+        extra.append(k)
+  return list(COLUMNS) + extra
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
+  cols = _columns(rows)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=cols, extrasaction='ignore')
+    w.writeheader()
+    for row in rows:
+      w.writerow({k: row.get(k, '') for k in cols})
+  os.replace(tmp, path)
+
+
+def _fmt_bytes(n: float) -> str:
+  if n is None or math.isnan(n):
+    return '-'
+  return f'{n / 2**20:.1f} MiB' if n >= 2**20 else f'{n / 2**10:.1f} KiB'
+
+
+def _fmt(x: float, spec: str) -> str:
+  return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def write_markdown(rows: Sequence[Mapping[str, Any]], path: str, settings: str) -> None:
+  refs = [r for r in REFERENCES if any(f'peak_vs_{r}' in row for row in rows)]
+  head = ['algorithm', 'final acc', 'best acc', 'client-step peak', 'analytic', 'down/round',
+          'up/round', 's/round']
+  for r in refs:
+    head += [f'peak vs {r}', f'acc - {r} (pt)']
+  lines = [f'# Comparison\n\n{settings}\n', '| ' + ' | '.join(head) + ' |',
+           '|' + '---|' * len(head)]
+  for row in rows:
+    cells = [row['algorithm'], _fmt(row['final_accuracy'], '.4f'),
+             _fmt(row['best_accuracy'], '.4f'), _fmt_bytes(row['measured_peak_bytes']),
+             _fmt_bytes(row['analytic_bytes']), _fmt_bytes(row['down_bytes_per_round']),
+             _fmt_bytes(row['up_bytes_per_round']), _fmt(row['seconds_per_round'], '.1f')]
+    for r in refs:
+      cells += [_fmt(row.get(f'peak_vs_{r}'), '.3f') + 'x',
+                _fmt(row.get(f'accuracy_minus_{r}'), '+.1f')]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines.append('\nPeak: allocator peak of one compiled client training step at the run\'s batch '
+               'size, minus what was resident before it (one process per run). Ratios below 1 '
+               'mean less than the reference.')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  os.replace(tmp, path)
+
+
+def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
+  plt = program_io._pyplot()  # pylint: disable=protected-access
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for row in rows:
+    if row['curve']:
+      xs, ys = zip(*row['curve'])
+      ax1.plot(xs, ys, marker='.', label=row['algorithm'])
+  ax1.set_xlabel('round')
+  ax1.set_ylabel('test accuracy')
+  ax1.set_title('accuracy against round')
+  ax1.legend(fontsize=8)
+  ax1.grid(alpha=0.3)
+  for row in rows:
+    x = row['measured_peak_bytes'] / 2**20
+    ax2.scatter([x], [row['final_accuracy']])
+    ax2.annotate(row['algorithm'], (x, row['final_accuracy']), fontsize=8,
+                 textcoords='offset points', xytext=(4, 4))
+  ax2.set_xlabel('measured client-step peak memory (MiB)')
+  ax2.set_ylabel('final test accuracy')
+  ax2.set_title('memory against accuracy')
+  ax2.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  program_io._save(fig, plt, path)  # pylint: disable=protected-access
+
+
+def _validate(values: Mapping[str, Any]) -> Optional[str]:
+  algos = values['algorithms']
+  if not algos:
+    return '--algorithms is empty'
+  unknown = [a for a in algos if a not in train.ALGORITHMS]
+  if unknown:
+    return f'--algorithms: unknown {unknown} (known: {", ".join(train.ALGORITHMS)})'
+  if len(set(algos)) != len(algos):
+    return f'--algorithms repeats a name: {",".join(algos)}'
+  try:
+    train.validate(values)
+  except train.UsageError as e:
+    return str(e)
+  return None
+
+
+def main(argv: List[str]) -> int:
+  if len(argv) > 1:
+    print(f'compare: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    return train.EXIT_USAGE
+  values = FLAGS.flag_values_dict()
+  error = _validate(values)
+  if error:
+    print(f'compare: error: {error}', file=sys.stderr)
+    return train.EXIT_USAGE
+  root_dir = values['root_dir']
+  os.makedirs(root_dir, exist_ok=True)
+  results = []
+  for algorithm in values['algorithms']:
+    run_dir = os.path.join(root_dir, algorithm)
+    print(f'== {algorithm} -> {run_dir}', flush=True)
+    try:
+      rc = subprocess.call(child_argv(algorithm, root_dir, values))
+    except KeyboardInterrupt:
+      print('compare: interrupted; rerun the same command to resume', file=sys.stderr)
+      return train.EXIT_INTERRUPTED
+    if rc != 0:
+      print(f'compare: error: the {algorithm} run exited with code {rc}; its output is above, '
+            f'its files in {run_dir}', file=sys.stderr)
+      return rc if rc > 0 else 1
+    results.append(run_result(run_dir))
+  rows = add_ratios(results)
+  settings = (f'{values["model"]} on {values["dataset"]}, density {values["density"]}, '
+              f'{values["rounds"]} rounds, {values["clients_per_round"]} of '
+              f'{values["num_clients"]} clients per round, E={values["local_epochs"]}, '
+              f'B={values["batch_size"]}, seed {values["seed"]}.')
+  write_csv(rows, os.path.join(root_dir, CSV_FILE))
+  write_markdown(rows, os.path.join(root_dir, MD_FILE), settings)
+  plot(rows, os.path.join(root_dir, PNG_FILE), settings)
+  with open(os.path.join(root_dir, MD_FILE)) as f:
+    print(f.read())
+  return 0
+
+
+def _apply_defaults() -> None:
+  for name, value in _COMPARE_DEFAULTS.items():
+    FLAGS.set_default(name, value)
+
+
+if __name__ == '__main__':
+  _apply_defaults()
+  app.run(main, flags_parser=train._parse_flags)  # pylint: disable=protected-access
