@@ -126,6 +126,12 @@ class MaskedLayer(tf.keras.layers.Layer):
         normalize: NSConv, i.e. scaled weight standardisation of the kernel with a learnable
             per-output-channel gain (init 1).
         sap_gamma: SAP drop ratio in [0, 1]; used only when called with `training=True`.
+        act_gain: constant (not trained) factor folded into the standardised kernel of an NSConv
+            layer, `W_hat = act_gain * g * ...`; 1.0 (default) is exactly the FedMef formula.
+            Models set it to the nonlinearity gain of the activation in front of the layer
+            (NF-Nets' gamma, sqrt(2 / (1 - 1/pi)) for ReLU) so that the signal keeps its scale
+            through depth without BatchNorm. Folding it into the kernel costs no activation
+            memory, unlike a scaling op on the activation. Ignored unless `normalize`.
         activation: optional Keras activation applied to the output (None: linear). Note that a
             plain `relu` keeps its float output for the backward pass; memory-lean models use
             `sap.BitReLU` layers instead.
@@ -142,6 +148,7 @@ class MaskedLayer(tf.keras.layers.Layer):
         bias_initializer="zeros",
         normalize: bool = False,
         sap_gamma: float = 0.0,
+        act_gain: float = 1.0,
         activation=None,
         **kwargs,
     ):
@@ -153,6 +160,9 @@ class MaskedLayer(tf.keras.layers.Layer):
         self.bias_initializer = tf.keras.initializers.get(bias_initializer)
         self.normalize = bool(normalize)
         self.sap_gamma = float(sap_gamma)
+        if not float(act_gain) > 0.0:
+            raise ValueError(f"act_gain must be > 0, got {act_gain}")
+        self.act_gain = float(act_gain)
         self.activation = tf.keras.activations.get(activation)
         # Set only by `dense_kernel_gradients` for the duration of one forward pass.
         self._probe = None
@@ -243,8 +253,9 @@ class MaskedLayer(tf.keras.layers.Layer):
             tf.convert_to_tensor(self.marked), tf.convert_to_tensor(self.bae_lambda))
         scale = None
         if self.normalize:
+            gain = self.gain if self.act_gain == 1.0 else self.gain * self.act_gain
             w, scale = nsconv.standardize_kernel(
-                w, self.mask, self.gain, self._depthwise, return_scale=True)
+                w, self.mask, gain, self._depthwise, return_scale=True)
         if self._probe is not None:
             if scale is None:
                 w = w + self._probe
@@ -280,6 +291,7 @@ class MaskedLayer(tf.keras.layers.Layer):
             "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
             "normalize": self.normalize,
             "sap_gamma": self.sap_gamma,
+            "act_gain": self.act_gain,
             "activation": tf.keras.activations.serialize(self.activation),
         })
         return config

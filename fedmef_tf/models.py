@@ -1,0 +1,354 @@
+"""Model registry: small CNN, ResNet18 and MobileNetV2 for 32x32 inputs, FedMef or baseline.
+
+FedMef (Huang et al., CVPR 2024, arXiv 2403.14737) evaluates ResNet18 and MobileNetV2 in two
+variants that differ only in what FedMef changes:
+
+- `fedmef`: every convolution is an NSConv (`MaskedConv2D` / `MaskedDepthwiseConv2D` with
+  `normalize=True`, a bias and a per-channel gain), with scaled activation pruning
+  (`sap_gamma=gamma`) on every conv and on the classifier, activations are the 1-bit-caching
+  `sap.BitReLU` (ReLU or ReLU6), and there is no BatchNorm anywhere.
+- `baseline`: masked convolutions without bias (`normalize=False`, `sap_gamma=0`) followed by
+  `BatchNormalization` and a plain Keras `ReLU` (ReLU6 for MobileNetV2).
+
+Both variants share the same stem, widths, strides, classifier and layer names, so that their
+prunable kernels have identical shapes (and identical ERK densities and initial masks for the
+same seed). Every Conv2D / DepthwiseConv2D / Dense kernel is a masked, prunable layer, the stem
+and the classifier included.
+
+Memory (the point of the fedmef variant): no layer keeps a float copy of an activation for its
+backward pass. The masked convs cache only the SAP-compressed input; BitReLU caches one bit per
+element; bias addition needs only the upstream gradient. The residual addition and the global
+average pooling are the custom-gradient layers `ResidualAdd` and `GlobalAvgPool` below: TF's own
+`AddV2` / `Mean` gradients ask for `tf.shape(input)` when the batch size is unknown (as in a
+Keras `fit` graph), which keeps the whole input tensor alive until the backward pass; these
+layers capture only the (tiny) shape. There is no identity, scaling, max-pool or dropout op on the
+activation path. Both variants use the same lean add and pooling layers, so that a measured
+difference is due to NSConv + SAP + BitReLU + no BN only.
+
+Layer names are fixed (`stem_conv`, `layer2_0_conv1`, `block3_expand`, `classifier`, ...), so
+two builds of the same model have the same variable names whatever else lives in the process.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from fedmef_tf import masks
+from fedmef_tf import sap
+from fedmef_tf import sparse_layers as sl
+
+__all__ = [
+    "MODEL_NAMES",
+    "VARIANTS",
+    "build_model",
+    "count_parameters",
+    "ResidualAdd",
+    "GlobalAvgPool",
+    "CUSTOM_OBJECTS",
+    "MOBILENET_V2_32_SETTINGS",
+]
+
+MODEL_NAMES = ("cnn", "resnet18", "mobilenet_v2")
+VARIANTS = ("fedmef", "baseline")
+
+#: Small CNN: (filters, stride) of the 3x3 convs; global average pooling; dense classifier.
+CNN_LAYERS: Tuple[Tuple[int, int], ...] = ((32, 1), (64, 2), (128, 2), (128, 2))
+
+#: ResNet18 (CIFAR form): widths and first strides of the four stages, two BasicBlocks each.
+RESNET18_STAGES: Tuple[Tuple[int, int], ...] = ((64, 1), (128, 2), (256, 2), (512, 2))
+
+#: MobileNetV2 inverted residual table (expansion t, channels c, repeats n, first stride s),
+#: adapted to 32x32 inputs as in the common CIFAR form: stem stride 1 and the second row's stride
+#: 2 -> 1, so the feature maps are 32, 32, 32, 16, 8, 8, 4, 4 (ImageNet form: 112 ... 7).
+MOBILENET_V2_32_SETTINGS: Tuple[Tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+MOBILENET_V2_STEM = 32
+
+#: Nonlinearity gain of ReLU for unit-variance Gaussian pre-activations, sqrt(2 / (1 - 1/pi))
+#: (Brock et al., 2021, NF-Nets): relu(z) * RELU_GAIN has unit variance again.
+RELU_GAIN = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
+MOBILENET_V2_LAST = 1280
+
+
+# -- lean layers (no activation cached for backward) ---------------------------------------------
+
+
+@tf.keras.utils.register_keras_serializable(package="fedmef_tf")
+class ResidualAdd(tf.keras.layers.Layer):
+    """Sum of two tensors of the same shape whose gradient caches nothing.
+
+    Input: a list `[a, b]`, equal shapes `[B, H, W, C]`. Output: `a + b`. Gradient: the upstream
+    gradient to both (no shape lookup on the inputs).
+    """
+
+    def call(self, inputs):
+        a, b = inputs
+
+        @tf.custom_gradient
+        def _add(x, y):
+            def grad(dy):
+                return dy, dy
+
+            return tf.stop_gradient(x) + tf.stop_gradient(y), grad
+
+        return _add(a, b)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
+@tf.keras.utils.register_keras_serializable(package="fedmef_tf")
+class GlobalAvgPool(tf.keras.layers.Layer):
+    """Mean over height and width whose gradient caches only the input's shape.
+
+    Input `[B, H, W, C]` -> output `[B, C]`. Gradient: `dy / (H * W)` broadcast to the input.
+    """
+
+    def call(self, inputs):
+        @tf.custom_gradient
+        def _pool(x):
+            xs = tf.stop_gradient(x)
+            shape = tf.shape(xs)  # int32 [4], the only thing the gradient keeps
+            count = tf.cast(shape[1] * shape[2], xs.dtype)
+
+            def grad(dy):
+                return tf.broadcast_to((dy / count)[:, None, None, :], shape)
+
+            return tf.reduce_mean(xs, axis=[1, 2]), grad
+
+        return _pool(inputs)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        return tf.TensorShape([input_shape[0], input_shape[3]])
+
+
+CUSTOM_OBJECTS: Dict[str, type] = dict(sl.CUSTOM_OBJECTS)
+CUSTOM_OBJECTS.update({
+    "ResidualAdd": ResidualAdd,
+    "GlobalAvgPool": GlobalAvgPool,
+    "BitReLU": sap.BitReLU,
+})
+
+
+# -- builder ---------------------------------------------------------------------------------
+
+
+class _Builder:
+    """Creates the layers of one variant with deterministic names and initializer seeds."""
+
+    def __init__(self, variant: str, gamma: float, seed: int):
+        self.fedmef = variant == "fedmef"
+        self.gamma = float(gamma) if self.fedmef else 0.0
+        self.seed = int(seed)
+        self._count = 0
+
+    def _init(self, kind: str):
+        self._count += 1
+        s = (self.seed * 100003 + self._count) % (2 ** 31 - 1)
+        if kind == "he":
+            return tf.keras.initializers.HeNormal(seed=s)
+        return tf.keras.initializers.GlorotUniform(seed=s)
+
+    def conv(self, x, filters: int, kernel_size: int, stride: int, name: str,
+             after_relu: bool = True):
+        """Masked conv (NSConv + SAP + bias in fedmef, plain without bias in baseline).
+
+        `after_relu`: the input comes from a ReLU/ReLU6, so the fedmef NSConv folds the ReLU
+        gain into its kernel (False for the stem and for inputs of linear bottlenecks).
+        """
+        return sl.MaskedConv2D(
+            filters, kernel_size, strides=stride, padding="same", use_bias=self.fedmef,
+            kernel_initializer=self._init("he"), normalize=self.fedmef, sap_gamma=self.gamma,
+            act_gain=RELU_GAIN if (self.fedmef and after_relu) else 1.0, name=name)(x)
+
+    def dwconv(self, x, stride: int, name: str, after_relu: bool = True):
+        return sl.MaskedDepthwiseConv2D(
+            3, strides=stride, padding="same", use_bias=self.fedmef,
+            kernel_initializer=self._init("he"), normalize=self.fedmef, sap_gamma=self.gamma,
+            act_gain=RELU_GAIN if (self.fedmef and after_relu) else 1.0, name=name)(x)
+
+    def norm(self, x, name: str):
+        if self.fedmef:
+            return x
+        return tf.keras.layers.BatchNormalization(name=name)(x)
+
+    def act(self, x, name: str, relu6: bool = False):
+        max_value = 6.0 if relu6 else None
+        if self.fedmef:
+            return sap.BitReLU(max_value=max_value, name=name)(x)
+        return tf.keras.layers.ReLU(max_value=max_value, name=name)(x)
+
+    def conv_norm_act(self, x, filters, kernel_size, stride, name, relu6=False,
+                      after_relu=True):
+        x = self.conv(x, filters, kernel_size, stride, name + "_conv", after_relu)
+        x = self.norm(x, name + "_bn")
+        return self.act(x, name + "_relu", relu6)
+
+    def head(self, x, num_classes: int):
+        x = GlobalAvgPool(name="pool")(x)
+        return sl.MaskedDense(
+            num_classes, use_bias=True, kernel_initializer=self._init("glorot"),
+            normalize=False, sap_gamma=self.gamma, name="classifier")(x)
+
+
+def _cnn(b: _Builder, x, num_classes: int):
+    for i, (filters, stride) in enumerate(CNN_LAYERS):
+        x = b.conv_norm_act(x, filters, 3, stride, "stem" if i == 0 else f"conv{i}",
+                            after_relu=i > 0)
+    return b.head(x, num_classes)
+
+
+def _basic_block(b: _Builder, x, filters: int, stride: int, name: str):
+    shortcut = x
+    h = b.conv(x, filters, 3, stride, name + "_conv1")
+    h = b.norm(h, name + "_bn1")
+    h = b.act(h, name + "_relu1")
+    h = b.conv(h, filters, 3, 1, name + "_conv2")
+    h = b.norm(h, name + "_bn2")
+    if stride != 1 or int(x.shape[-1]) != filters:
+        shortcut = b.conv(x, filters, 1, stride, name + "_shortcut_conv")
+        shortcut = b.norm(shortcut, name + "_shortcut_bn")
+    h = ResidualAdd(name=name + "_add")([h, shortcut])
+    return b.act(h, name + "_relu2")
+
+
+def _resnet18(b: _Builder, x, num_classes: int):
+    x = b.conv_norm_act(x, 64, 3, 1, "stem", after_relu=False)
+    for s, (filters, stride) in enumerate(RESNET18_STAGES, start=1):
+        for i in range(2):
+            x = _basic_block(b, x, filters, stride if i == 0 else 1, f"layer{s}_{i}")
+    return b.head(x, num_classes)
+
+
+def _inverted_residual(b: _Builder, x, expansion: int, filters: int, stride: int, name: str):
+    c_in = int(x.shape[-1])
+    # The block input is the stem's ReLU6 output for block 0 and a linear bottleneck otherwise.
+    h = x
+    if expansion != 1:
+        h = b.conv(h, c_in * expansion, 1, 1, name + "_expand", after_relu=False)
+        h = b.norm(h, name + "_expand_bn")
+        h = b.act(h, name + "_expand_relu", relu6=True)
+    h = b.dwconv(h, stride, name + "_dw")
+    h = b.norm(h, name + "_dw_bn")
+    h = b.act(h, name + "_dw_relu", relu6=True)
+    h = b.conv(h, filters, 1, 1, name + "_project")
+    h = b.norm(h, name + "_project_bn")  # linear bottleneck: no activation
+    if stride == 1 and c_in == filters:
+        h = ResidualAdd(name=name + "_add")([h, x])
+    return h
+
+
+def _mobilenet_v2(b: _Builder, x, num_classes: int):
+    x = b.conv_norm_act(x, MOBILENET_V2_STEM, 3, 1, "stem", relu6=True, after_relu=False)
+    block = 0
+    for expansion, filters, repeats, stride in MOBILENET_V2_32_SETTINGS:
+        for i in range(repeats):
+            x = _inverted_residual(b, x, expansion, filters, stride if i == 0 else 1,
+                                   f"block{block}")
+            block += 1
+    x = b.conv_norm_act(x, MOBILENET_V2_LAST, 1, 1, "last", relu6=True, after_relu=False)
+    return b.head(x, num_classes)
+
+
+_ARCHITECTURES = {"cnn": _cnn, "resnet18": _resnet18, "mobilenet_v2": _mobilenet_v2}
+
+
+def build_model(
+    name: str,
+    variant: str,
+    *,
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (32, 32, 3),
+    density: float = 1.0,
+    gamma: float = 0.0,
+    seed: int = 0,
+) -> tf.keras.Model:
+    """Builds an uncompiled Keras functional model of the registry.
+
+    Args:
+        name: one of `MODEL_NAMES`: 'cnn' (4 convs 32-64-128-128, strides 1-2-2-2, about 0.24M
+            weights), 'resnet18' (CIFAR form, about 11.2M), 'mobilenet_v2' (32x32 form, about
+            2.2M).
+        variant: one of `VARIANTS`: 'fedmef' (NSConv + SAP + BitReLU, no BatchNorm) or
+            'baseline' (masked conv + BatchNorm + ReLU).
+        num_classes: number of output logits (>= 1).
+        input_shape: `(H, W, C)` of one example, channels last; any size works (the networks end
+            in a global average pooling), 32x32 is the design size.
+        density: global density of the prunable kernels in (0, 1]; below 1 the model gets ERK
+            densities and random masks (`masks.init_sparse`) from `seed`.
+        gamma: SAP drop ratio in [0, 1] of the fedmef variant (used when called with
+            `training=True`); ignored by the baseline.
+        seed: seed of the kernel initializers and of the initial masks.
+
+    Returns:
+        A `tf.keras.Model` mapping float32 `[B, H, W, C]` images to `[B, num_classes]` logits.
+
+    Raises:
+        ValueError: unknown name or variant, or an argument out of range.
+    """
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be (H, W, C) with positive sizes, got {input_shape}")
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    builder = _Builder(variant, gamma, seed)
+    inputs = tf.keras.Input(shape=input_shape, name="images")
+    outputs = _ARCHITECTURES[name](builder, inputs, int(num_classes))
+    model = tf.keras.Model(inputs, outputs, name=f"{name}_{variant}")
+    if float(density) < 1.0:
+        masks.init_sparse(model, float(density), int(seed))
+    return model
+
+
+def count_parameters(model: tf.keras.Model) -> Dict[str, int]:
+    """Parameter counts of a model (numbers of float32 entries, not bytes).
+
+    Returns:
+        A dict with
+        - 'prunable': entries of all prunable kernels (dense size, whatever the mask);
+        - 'nonzero': active prunable entries (mask ones);
+        - 'dense': other trainable entries (biases, NSConv gains, BatchNorm scale and offset);
+        - 'trainable': prunable + dense;
+        - 'state': non-trainable entries that are not masks (BatchNorm moving statistics);
+        - 'mask': entries of mask, marked and bae_lambda variables.
+    """
+    layers = masks.prunable_layers(model)
+    prunable = sum(int(np.prod(layer.kernel.shape)) for layer in layers)
+    nonzero = sum(masks.layer_nnz(model))
+    kernel_ids = {id(layer.kernel) for layer in layers}
+    mask_ids = set()
+    for layer in layers:
+        mask_ids.update({id(layer.mask), id(layer.marked), id(layer.bae_lambda)})
+    dense = sum(int(np.prod(v.shape)) for v in model.trainable_weights
+                if id(v) not in kernel_ids)
+    state = sum(int(np.prod(v.shape)) for v in model.non_trainable_weights
+                if id(v) not in mask_ids)
+    mask_entries = sum(int(np.prod(v.shape)) for v in model.non_trainable_weights
+                       if id(v) in mask_ids)
+    return {
+        "prunable": prunable,
+        "nonzero": nonzero,
+        "dense": dense,
+        "trainable": prunable + dense,
+        "state": state,
+        "mask": mask_entries,
+    }
