@@ -580,27 +580,34 @@ def to_float(images: tf.Tensor, labels: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor
   return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int32)
 
 
-def client_dataset(dataset: tf.data.Dataset, *, batch_size: int, epochs: int = 1,
-                   shuffle_seed: Optional[int] = None,
+def client_dataset(dataset: tf.data.Dataset, *, batch_size: Optional[int] = None,
+                   epochs: int = 1, shuffle_seed: Optional[int] = None,
                    shuffle_buffer: int = 10000) -> tf.data.Dataset:
-  """Turns a client's unbatched `(uint8 image, label)` dataset into training batches.
+  """Turns a client's unbatched `(uint8 image, label)` dataset into its training input.
 
-  Shuffles (each epoch anew, deterministically when `shuffle_seed` is given), repeats `epochs`
-  times, batches (the last batch may be smaller) and converts with `to_float`.
+  Shuffles (each iteration anew, deterministically when `shuffle_seed` is given), repeats
+  `epochs` times, batches when `batch_size` is given (the last batch may be smaller) and
+  converts with `to_float`. A client update that batches and loops over epochs itself (as
+  `fedmef_tf.client` does) takes the default `batch_size=None, epochs=1`.
 
   Args:
     dataset: elements `(uint8 [H, W, 3], int32 [])`.
-    batch_size: batch size B.
-    epochs: local epochs E (repetitions of the dataset).
+    batch_size: batch size B, or None to leave the examples unbatched.
+    epochs: repetitions of the dataset.
     shuffle_seed: seed of the shuffle; None for no shuffle.
     shuffle_buffer: shuffle buffer size (a client's whole dataset for the usual sizes).
 
   Returns:
-    Dataset of `(float32 [b, H, W, 3], int32 [b])` batches.
+    Dataset of `(float32 [b, H, W, 3], int32 [b])` batches, or of `(float32 [H, W, 3],
+    int32 [])` examples when unbatched.
   """
   if shuffle_seed is not None:
     dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-  return dataset.repeat(epochs).batch(batch_size).map(to_float)
+  if epochs != 1:
+    dataset = dataset.repeat(epochs)
+  if batch_size is not None:
+    dataset = dataset.batch(batch_size)
+  return dataset.map(to_float)
 
 
 def test_dataset(images: np.ndarray, labels: np.ndarray,

@@ -458,3 +458,12 @@ def test_client_data_round_trip():
   assert spec[0].dtype == tf.uint8 and spec[0].shape == (32, 32, 3) and spec[1].dtype == tf.int32
   test = list(client_data.make_test_dataset(ds, batch_size=7).as_numpy_iterator())
   assert sum(len(b[1]) for b in test) == 20
+
+
+def test_client_dataset_unbatched_is_float_examples():
+  ds = data.synthetic(40, 20, seed=0)
+  fn = data.make_client_dataset_fn(ds.train_images, ds.train_labels, [np.arange(40)])
+  out = data.client_dataset(fn('0'), shuffle_seed=1)
+  assert out.element_spec[0].shape == (32, 32, 3) and out.element_spec[0].dtype == tf.float32
+  ys = np.array([y for _, y in out.as_numpy_iterator()])
+  np.testing.assert_array_equal(np.sort(ys), np.sort(ds.train_labels))

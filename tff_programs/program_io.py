@@ -1,0 +1,266 @@
+"""What a training program writes under `--root_dir`, and how it resumes from it.
+
+Layout of a run directory:
+
+| entry | written by | content |
+|---|---|---|
+| `config.json` | `prepare_root_dir` | every flag that changes the result; a rerun must match it |
+| `checkpoints/program_state_<round>/` | `tff.program.FileProgramStateManager` | program state after each round (SavedModel, written to a temporary directory and renamed, so atomic); the last two are kept |
+| `metrics.csv` | `tff.program.CSVFileReleaseManager` | one row per round (key `round`) |
+| `tensorboard/` | `tff.program.TensorBoardReleaseManager` | the same scalars as TensorBoard events |
+| `summary.json` | `write_json` | the end-of-run report |
+| `plots/*.png` | `plot_*` | accuracy/loss against round, per-layer density, memory breakdown |
+| `final_model/` | `fedmef_tf.model_io.save_model` | `weights.h5` (weights and masks) and `model_config.json` |
+
+`--overwrite` removes exactly these entries and nothing else in the directory.
+"""
+
+import asyncio
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+METRICS_FILE = 'metrics.csv'
+TENSORBOARD_DIR = 'tensorboard'
+SUMMARY_FILE = 'summary.json'
+PLOTS_DIR = 'plots'
+FINAL_MODEL_DIR = 'final_model'
+RUN_ENTRIES = (CONFIG_FILE, CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, SUMMARY_FILE,
+               PLOTS_DIR, FINAL_MODEL_DIR)
+_KEEP_CHECKPOINTS = 2
+
+
+class RunDirError(Exception):
+  """The run directory cannot be used (one-line message naming it and why)."""
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON to `path` atomically (temporary file in the same folder, rename)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.tmp_', suffix='.json', dir=directory)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(value, f, indent=2, sort_keys=True)
+      f.write('\n')
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+  keys = sorted(set(old) | set(new))
+  return [f'--{k}={old.get(k, "(unset)")} there, {new.get(k, "(unset)")} now'
+          for k in keys if old.get(k) != new.get(k)]
+
+
+def clear_run(root_dir: str) -> None:
+  """Removes the entries a run writes (`RUN_ENTRIES`) from `root_dir`; nothing else."""
+  for name in RUN_ENTRIES:
+    path = os.path.join(root_dir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    elif os.path.lexists(path):
+      os.remove(path)
+
+
+def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) -> bool:
+  """Makes `root_dir` ready for a run of `config`; returns whether an earlier run may be resumed.
+
+  A new or empty directory gets `config.json`. A directory whose `config.json` equals `config`
+  is resumed. A directory written by a different configuration, or holding run entries without a
+  `config.json`, is refused unless `overwrite`, which clears the run entries first.
+
+  Args:
+    root_dir: the run directory.
+    config: JSON-serialisable flag values that determine the result.
+    overwrite: start afresh in a directory written by another configuration.
+
+  Returns:
+    True when `root_dir` holds a run of the same configuration (its checkpoints are resumed).
+
+  Raises:
+    RunDirError: when the directory belongs to another configuration (and not `overwrite`), or
+      cannot be created.
+  """
+  config = json.loads(json.dumps(dict(config)))  # normalise tuples etc. as JSON reads them
+  config_path = os.path.join(root_dir, CONFIG_FILE)
+  if os.path.exists(root_dir) and not os.path.isdir(root_dir):
+    raise RunDirError(f'--root_dir={root_dir}: exists and is not a directory')
+  if os.path.isfile(config_path):
+    try:
+      old = read_json(config_path)
+    except (OSError, ValueError) as e:
+      old = {'(unreadable config.json)': str(e).splitlines()[0] if str(e) else 'error'}
+    if old == config:
+      return True
+    if not overwrite:
+      diffs = _differences(old, config) if isinstance(old, dict) else ['config.json unreadable']
+      more = f' (and {len(diffs) - 2} more)' if len(diffs) > 2 else ''
+      raise RunDirError(f'--root_dir={root_dir} holds a run of another configuration '
+                        f'({"; ".join(diffs[:2])}{more}); rerun with --overwrite to replace it, '
+                        'or choose another --root_dir')
+  elif os.path.isdir(root_dir) and not overwrite:
+    present = [n for n in RUN_ENTRIES if os.path.lexists(os.path.join(root_dir, n))]
+    if present:
+      raise RunDirError(f'--root_dir={root_dir} holds {", ".join(present)} but no {CONFIG_FILE}; '
+                        'rerun with --overwrite to replace them, or choose another --root_dir')
+  try:
+    os.makedirs(root_dir, exist_ok=True)
+    clear_run(root_dir)
+    write_json(config_path, config)
+  except OSError as e:
+    raise RunDirError(f'--root_dir={root_dir}: cannot be written ({e.strerror or e})') from None
+  return False
+
+
+def state_manager(root_dir: str):
+  """The `tff.program.FileProgramStateManager` of the run (versions are round numbers)."""
+  import tensorflow_federated as tff  # pylint: disable=import-outside-toplevel
+  return tff.program.FileProgramStateManager(
+      os.path.join(root_dir, CHECKPOINT_DIR), keep_total=_KEEP_CHECKPOINTS, keep_first=False)
+
+
+class MetricsReleaser:
+  """Releases each round's metrics to `metrics.csv` and TensorBoard via `tff.program` managers.
+
+  The CSV manager removes rows with a key >= the released round first, so rows of rounds that
+  were released but not checkpointed before an interruption are replaced on resume. Values that
+  are NaN (for example test accuracy in a round without evaluation) are written to the CSV as
+  `nan` and left out of TensorBoard.
+  """
+
+  def __init__(self, root_dir: str):
+    import tensorflow_federated as tff  # pylint: disable=import-outside-toplevel
+    self._csv = tff.program.CSVFileReleaseManager(
+        os.path.join(root_dir, METRICS_FILE), key_fieldname='round')
+    self._tensorboard = tff.program.TensorBoardReleaseManager(
+        os.path.join(root_dir, TENSORBOARD_DIR))
+
+  def release(self, metrics: Mapping[str, float], round_num: int) -> None:
+    """Releases `metrics` (flat name -> number) as round `round_num`."""
+    finite = {k: v for k, v in metrics.items()
+              if not (isinstance(v, float) and math.isnan(v))}
+
+    async def _release():
+      await self._csv.release(dict(metrics), round_num)
+      await self._tensorboard.release(finite, round_num)
+
+    asyncio.run(_release())
+
+
+def read_metrics(root_dir: str) -> List[Dict[str, float]]:
+  """Reads `metrics.csv` back as a list of rows (numbers as float, `round` as int)."""
+  path = os.path.join(root_dir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return []
+  rows = []
+  with open(path, newline='') as f:
+    for row in csv.DictReader(f):
+      parsed = {}
+      for k, v in row.items():
+        try:
+          parsed[k] = float(v)
+        except (TypeError, ValueError):
+          parsed[k] = float('nan')
+      parsed['round'] = int(parsed['round'])
+      rows.append(parsed)
+  return rows
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def plot_curves(rows: Sequence[Mapping[str, float]], path: str, title: str) -> str:
+  """Plots test accuracy and train loss against round to `path` (PNG); returns `path`."""
+  plt = _pyplot()
+  fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+  rounds = [r['round'] for r in rows]
+  acc = [(r['round'], r.get('test_accuracy', float('nan'))) for r in rows]
+  acc = [(t, a) for t, a in acc if not math.isnan(a)]
+  if acc:
+    ax_acc.plot([t for t, _ in acc], [a for _, a in acc], 'o-', label='test')
+  train_acc = [r.get('train_accuracy', float('nan')) for r in rows]
+  if any(not math.isnan(a) for a in train_acc):
+    ax_acc.plot(rounds, train_acc, '-', alpha=0.6, label='train (clients)')
+  ax_acc.set_xlabel('round')
+  ax_acc.set_ylabel('accuracy')
+  ax_acc.set_ylim(0, 1)
+  ax_acc.legend()
+  ax_acc.grid(alpha=0.3)
+  ax_loss.plot(rounds, [r.get('train_loss', float('nan')) for r in rows], '-', label='train')
+  test_loss = [(r['round'], r.get('test_loss', float('nan'))) for r in rows]
+  test_loss = [(t, v) for t, v in test_loss if not math.isnan(v)]
+  if test_loss:
+    ax_loss.plot([t for t, _ in test_loss], [v for _, v in test_loss], 'o-', label='test')
+  ax_loss.set_xlabel('round')
+  ax_loss.set_ylabel('loss')
+  ax_loss.legend()
+  ax_loss.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  return _save(fig, plt, path)
+
+
+def plot_layer_density(names: Sequence[str], densities: Sequence[float], path: str,
+                       title: str) -> str:
+  """Bar chart of the final mask density of each prunable layer; returns `path`."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
+  ax.bar(range(len(names)), densities)
+  ax.set_xticks(range(len(names)))
+  ax.set_xticklabels(names, rotation=60, ha='right', fontsize=8)
+  ax.set_ylabel('density (nonzeros / size)')
+  ax.set_ylim(0, 1.05)
+  ax.set_title(title)
+  fig.tight_layout()
+  return _save(fig, plt, path)
+
+
+def plot_memory(parts: Mapping[str, float], measured_peak: Optional[float], path: str,
+                title: str) -> str:
+  """Stacked bar of the analytic memory breakdown (MiB) beside the measured peak; returns path."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  bottom = 0.0
+  for name, value in parts.items():
+    mib = float(value) / 2 ** 20
+    ax.bar(0, mib, bottom=bottom, label=name)
+    bottom += mib
+  labels = ['analytic']
+  if measured_peak is not None and not math.isnan(measured_peak):
+    ax.bar(1, float(measured_peak) / 2 ** 20, color='grey', label='measured peak')
+    labels.append('measured')
+  ax.set_xticks(range(len(labels)))
+  ax.set_xticklabels(labels)
+  ax.set_ylabel('MiB (one client training step)')
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path

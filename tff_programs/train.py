@@ -1,0 +1,644 @@
+r"""Trains a sparse model with FedMef (or a baseline) as a TFF program: `python -m tff_programs.train`.
+
+FedMef: Huang, Zhuang, Chen, Lyu, "FedMef: Towards Memory-efficient Federated Dynamic Pruning",
+CVPR 2024 (arXiv 2403.14737); see ../shared/ALGORITHM.md for the algorithm and its symbols.
+
+The program parses and checks every flag before doing any work (a bad value gets one line naming
+the flag and its allowed range, and exit code 2), loads the data (`fedmef_tf.data`), partitions
+it among `--num_clients` clients (Dirichlet label skew or IID) as a TFF `ClientData`, builds the
+learning process (`tff_programs.fedmef_process.build_fedmef_process`) and runs `--rounds` rounds
+in the TFF C++ runtime (`tff_programs.runtime`, which always ends its worker). Everything it
+writes lives under `--root_dir` (see `tff_programs.program_io` for the layout):
+
+* the program state after every round, through `tff.program.FileProgramStateManager` (written
+  to a temporary directory and renamed: atomic). Running the same command again resumes after
+  the last saved round and ends with the same model as an uninterrupted run, because the clients
+  of round t and the order of their examples are functions of `(--seed, t)` only;
+* `config.json`: a `--root_dir` holding a run of another configuration is refused (one line,
+  exit code 2) unless `--overwrite`;
+* each round's metrics in `metrics.csv` and TensorBoard (`tff.program` release managers), and a
+  console line per round with an ETA;
+* at the end `summary.json`, PNG plots and `final_model/` (weights and masks in `weights.h5`,
+  plus `model_config.json`), which `tflite_export` reads.
+
+Ctrl-C (SIGINT) once: the running round finishes, is saved, and the program stops (exit 130);
+rerun the command to go on. Ctrl-C twice: it stops at once, the last saved round intact.
+
+Exit codes: 0 done; 1 failure while running; 2 bad flag, unusable `--root_dir` or data files;
+130 interrupted.
+
+Examples:
+
+  python -m tff_programs.train                                  # built-in data, cnn, FedMef
+  python -m tff_programs.train --algorithm=rigl --root_dir=runs/rigl
+  python -m tff_programs.train --dataset=cifar10 --data_dir=/data/cifar-10-batches-bin \
+      --model=resnet18 --num_clients=100 --clients_per_round=10 --rounds=500 --local_epochs=5 \
+      --batch_size=64 --delta_t=10 --t_end=300 --root_dir=runs/cifar10_fedmef
+"""
+
+import asyncio
+import collections
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+
+from tff_programs import runtime  # sets quiet TF logging before TensorFlow is imported
+
+ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'feddst', 'static', 'tfmot',
+              'fedavg')
+MODELS = ('cnn', 'resnet18', 'mobilenet_v2')
+DATASETS = ('synthetic', 'cifar10', 'cifar100', 'cinic10', 'tinyimagenet')
+_MAX_INT32 = 2 ** 31 - 1
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string('algorithm', 'fedmef', f'One of: {", ".join(ALGORITHMS)}.')
+flags.DEFINE_string('model', 'cnn', f'One of: {", ".join(MODELS)}.')
+flags.DEFINE_string('dataset', 'synthetic',
+                    f'One of: {", ".join(DATASETS)}. "synthetic" is generated from --seed.')
+flags.DEFINE_string('data_dir', '', 'Directory of the dataset files (all but synthetic).')
+flags.DEFINE_string('root_dir', os.path.join('runs', 'train'),
+                    'Run directory: checkpoints, metrics, report, final model.')
+flags.DEFINE_bool('overwrite', False, 'Replace a run of another configuration in --root_dir.')
+flags.DEFINE_integer('num_clients', 20, 'K, clients in total.')
+flags.DEFINE_integer('clients_per_round', 5, 'S, clients sampled per round.')
+flags.DEFINE_integer('rounds', 60, 'R, federated rounds.')
+flags.DEFINE_integer('local_epochs', 1, 'E, local epochs per round.')
+flags.DEFINE_integer('batch_size', 32, 'B, client batch size (also of the memory measurement).')
+flags.DEFINE_float('client_lr', 0.1, 'eta_0, client SGD learning rate of round 1.')
+flags.DEFINE_float('client_lr_min', 0.01,
+                   'eta_min, client learning rate of the last round (exponential decay).')
+flags.DEFINE_float('density', 0.2, 'd, target density of the prunable kernels (fedavg: 1).')
+flags.DEFINE_integer('delta_t', 5, 'dT, rounds between mask adjustments.')
+flags.DEFINE_integer('t_end', 45, 'T_end, last round that may adjust masks.')
+flags.DEFINE_float('alpha', 0.2, 'alpha, initial adjustment fraction.')
+flags.DEFINE_float('lambda_bae', 0.01, 'lambda, BaE penalty weight.')
+flags.DEFINE_float('gamma', 0.7, 'gamma, SAP drop ratio of the activation cache.')
+flags.DEFINE_float('dirichlet_alpha', 0.5, 'a, Dirichlet label-skew parameter.')
+flags.DEFINE_bool('iid', False, 'Split the data IID instead of by Dirichlet label skew.')
+flags.DEFINE_integer('min_client_size', 10, 'Minimum examples per client (Dirichlet split).')
+flags.DEFINE_integer('eval_every', 5, 'Evaluate the global model every this many rounds '
+                     '(and after the last round).')
+flags.DEFINE_integer('eval_batch_size', 500, 'Batch size of the test-set evaluation.')
+flags.DEFINE_integer('seed', 0, 'Seed of the data, split, model, masks and client sampling.')
+flags.DEFINE_integer('synthetic_train_size', 10000, 'Training examples of the synthetic data.')
+flags.DEFINE_integer('synthetic_test_size', 2000, 'Test examples of the synthetic data.')
+flags.DEFINE_bool('verbose', False, 'Show TensorFlow and TFF logs.')
+
+
+# ------------------------------------------------------------------------------------------------
+# Flag checks (no TensorFlow needed).
+
+
+class UsageError(Exception):
+  """A flag value is out of range (one-line message naming the flag and the range)."""
+
+
+def _fmt(x) -> str:
+  return f'{x:g}' if isinstance(x, float) else str(x)
+
+
+def _check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
+  ok = True
+  if lo is not None:
+    ok &= value > lo if lo_open else value >= lo
+  if hi is not None:
+    ok &= value < hi if hi_open else value <= hi
+  if isinstance(value, float) and not math.isfinite(value):
+    ok = False
+  if not ok:
+    left = '(' if lo_open else '['
+    right = ')' if hi_open else ']'
+    lo_s = _fmt(lo) if lo is not None else '-inf'
+    hi_s = _fmt(hi) if hi is not None else 'inf'
+    raise UsageError(f'--{name}={_fmt(value)} is out of range: must be in '
+                     f'{left}{lo_s}, {hi_s}{right}')
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise UsageError(f'--{name}={value!r} is not allowed: must be one of {", ".join(choices)}')
+
+
+def validate(f: Mapping[str, Any]) -> None:
+  """Checks every flag value; raises `UsageError` on the first bad one.
+
+  Args:
+    f: flag name -> value (for example `FLAGS.flag_values_dict()`).
+
+  Raises:
+    UsageError: with a one-line message naming the flag and its allowed range.
+  """
+  _check_choice('algorithm', f['algorithm'], ALGORITHMS)
+  _check_choice('model', f['model'], MODELS)
+  _check_choice('dataset', f['dataset'], DATASETS)
+  if f['dataset'] != 'synthetic':
+    if not f['data_dir']:
+      raise UsageError(f'--data_dir is required with --dataset={f["dataset"]}: the directory of '
+                       'its files')
+    if not os.path.isdir(f['data_dir']):
+      raise UsageError(f'--data_dir={f["data_dir"]} is not an existing directory')
+  if not f['root_dir']:
+    raise UsageError('--root_dir must not be empty')
+  _check_range('num_clients', f['num_clients'], 1, 100000)
+  _check_range('clients_per_round', f['clients_per_round'], 1, f['num_clients'])
+  _check_range('rounds', f['rounds'], 1, 1000000)
+  _check_range('local_epochs', f['local_epochs'], 1, 1000)
+  _check_range('batch_size', f['batch_size'], 1, 65536)
+  _check_range('client_lr', f['client_lr'], 0.0, 100.0, lo_open=True)
+  _check_range('client_lr_min', f['client_lr_min'], 0.0, f['client_lr'], lo_open=True)
+  _check_range('density', f['density'], 0.0, 1.0, lo_open=True)
+  _check_range('delta_t', f['delta_t'], 1, f['rounds'])
+  _check_range('t_end', f['t_end'], 0, f['rounds'])
+  _check_range('alpha', f['alpha'], 0.0, 1.0)
+  _check_range('lambda_bae', f['lambda_bae'], 0.0, 100.0)
+  _check_range('gamma', f['gamma'], 0.0, 1.0, hi_open=True)
+  _check_range('dirichlet_alpha', f['dirichlet_alpha'], 0.0, 1e6, lo_open=True)
+  _check_range('min_client_size', f['min_client_size'], 1, 1000000)
+  _check_range('eval_every', f['eval_every'], 1, f['rounds'])
+  _check_range('eval_batch_size', f['eval_batch_size'], 1, 65536)
+  _check_range('seed', f['seed'], 0, _MAX_INT32)
+  _check_range('synthetic_train_size', f['synthetic_train_size'], 10, 10000000)
+  _check_range('synthetic_test_size', f['synthetic_test_size'], 10, 10000000)
+  if f['dataset'] == 'synthetic':
+    need = f['num_clients'] * (1 if f['iid'] else f['min_client_size'])
+    if need > f['synthetic_train_size']:
+      raise UsageError(f'--synthetic_train_size={f["synthetic_train_size"]} is out of range: '
+                       f'must be >= --num_clients * --min_client_size = {need}')
+
+
+# Flags that do not change the result are left out of the configuration check.
+_NOT_IN_CONFIG = ('root_dir', 'overwrite', 'verbose', 'data_dir', 'eval_batch_size')
+
+
+def run_config(f: Mapping[str, Any]) -> Dict[str, Any]:
+  """The configuration stored in `config.json`: every flag that changes the result."""
+  names = [n for n in _flag_names() if n not in _NOT_IN_CONFIG]
+  config = {n: f[n] for n in names}
+  if config['iid']:
+    config['dirichlet_alpha'] = None  # unused
+    config['min_client_size'] = None
+  return config
+
+
+def _flag_names() -> List[str]:
+  return sorted(flag.name for flag in FLAGS.get_flags_for_module(__name__))
+
+
+# ------------------------------------------------------------------------------------------------
+# Algorithm -> model variant (ALGORITHM.md: FedMef models use NSConv + SAP; baselines Conv + BN).
+
+
+def model_spec(algorithm: str, density: float, gamma: float) -> Dict[str, Any]:
+  """Registry arguments of the model an algorithm trains.
+
+  FedMef and its no-BaE ablation use the 'fedmef' variant with SAP at `gamma`; the no-SAP
+  ablation the same variant with gamma 0; every baseline the 'baseline' variant (BatchNorm, no
+  SAP); FedAvg is dense (density 1).
+
+  Returns:
+    dict with `variant`, `density`, `gamma`.
+  """
+  if algorithm in ('fedmef', 'fedmef_no_bae'):
+    return {'variant': 'fedmef', 'density': density, 'gamma': gamma}
+  if algorithm == 'fedmef_no_sap':
+    return {'variant': 'fedmef', 'density': density, 'gamma': 0.0}
+  if algorithm == 'fedavg':
+    return {'variant': 'baseline', 'density': 1.0, 'gamma': 0.0}
+  return {'variant': 'baseline', 'density': density, 'gamma': 0.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Deterministic sampling: functions of (seed, round), never of an RNG's history.
+
+
+def sample_clients(seed: int, round_num: int, num_clients: int, per_round: int) -> List[int]:
+  """The sorted client indices of round `round_num` (a pure function of its arguments)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng([seed, round_num, 0xC11E])
+  return sorted(int(k) for k in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def shuffle_seed(seed: int, round_num: int, client: int) -> int:
+  """The shuffle seed of a client's examples in a round (a pure function of its arguments)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return int(np.random.SeedSequence([seed, round_num, client, 0x5F]).generate_state(1)[0]
+             & _MAX_INT32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def _flatten(value, prefix='') -> List[Tuple[str, Any]]:
+  if isinstance(value, Mapping):
+    out = []
+    for k, v in value.items():
+      out += _flatten(v, f'{prefix}{k}/')
+    return out
+  if hasattr(value, '_asdict'):
+    return _flatten(value._asdict(), prefix)
+  return [(prefix.rstrip('/'), value)]
+
+
+def pick_metrics(raw) -> Dict[str, Any]:
+  """Finds the process's round metrics by their last name, wherever they are nested."""
+  found = {}
+  for path, value in _flatten(raw):
+    found.setdefault(path.split('/')[-1], value)
+  return found
+
+
+def _num(value, default=float('nan')) -> float:
+  try:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    arr = np.asarray(value)
+    return float(arr) if arr.size == 1 else default
+  except (TypeError, ValueError):
+    return default
+
+
+def _human_bytes(n: float) -> str:
+  for unit in ('B', 'KB', 'MB', 'GB'):
+    if abs(n) < 1000 or unit == 'GB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1000.0
+  return f'{n:.1f} GB'
+
+
+def _human_seconds(s: float) -> str:
+  s = max(0, int(round(s)))
+  if s >= 3600:
+    return f'{s // 3600}h{s % 3600 // 60:02d}m'
+  if s >= 60:
+    return f'{s // 60}m{s % 60:02d}s'
+  return f'{s}s'
+
+
+# ------------------------------------------------------------------------------------------------
+# The run.
+
+
+class _StopFlag:
+  """SIGINT handler: the first Ctrl-C asks to stop after the round, the second aborts."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self) -> None:
+    self._previous = signal.signal(signal.SIGINT, self._handle)
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print('\ninterrupt: stopping after this round (Ctrl-C again to stop now; the last saved '
+          'round stays intact)', file=sys.stderr, flush=True)
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def _default_process_builder(model_fn, cfg, spec, element_spec):
+  """Builds the learning process with `tff_programs.fedmef_process`."""
+  from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
+  return fedmef_process.build_fedmef_process(
+      model_fn,
+      algorithm=cfg['algorithm'],
+      local_epochs=cfg['local_epochs'],
+      batch_size=cfg['batch_size'],
+      client_lr=cfg['client_lr'],
+      client_lr_min=cfg['client_lr_min'],
+      total_rounds=cfg['rounds'],
+      density=spec['density'],
+      delta_t=cfg['delta_t'],
+      t_end=cfg['t_end'],
+      alpha=cfg['alpha'],
+      lambda_bae=cfg['lambda_bae'],
+      gamma=spec['gamma'],
+      element_spec=element_spec)
+
+
+def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int:
+  """Runs (or resumes) the training described by the flag values `f`; returns the exit code.
+
+  Args:
+    f: flag name -> value, already checked by `validate`.
+    process_builder: `(model_fn, config, model_spec, element_spec) -> LearningProcess`; the
+      default builds `tff_programs.fedmef_process.build_fedmef_process`. Tests may pass another.
+
+  Returns:
+    An exit code (`EXIT_*`).
+  """
+  # pylint: disable=import-outside-toplevel
+  from tff_programs import program_io
+  root_dir = f['root_dir']
+  cfg = run_config(f)
+  try:
+    resumable = program_io.prepare_root_dir(root_dir, cfg, f['overwrite'])
+  except program_io.RunDirError as e:
+    print(f'train: error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+
+  import numpy as np
+  import tensorflow as tf
+  from fedmef_tf import data as data_lib
+  from fedmef_tf import masks as masks_lib
+  from fedmef_tf import models
+  from tff_programs import client_data as client_data_lib
+
+  setup_start = time.monotonic()
+  try:
+    dataset = data_lib.load_dataset(
+        f['dataset'], f['data_dir'] or None, seed=f['seed'],
+        synthetic_train=f['synthetic_train_size'], synthetic_test=f['synthetic_test_size'])
+  except data_lib.DataError as e:
+    print(f'train: error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  n_train = len(dataset.train_labels)
+  min_size = 1 if f['iid'] else f['min_client_size']
+  if f['num_clients'] * min_size > n_train:
+    print(f'train: error: --num_clients={f["num_clients"]} is out of range for {f["dataset"]}: '
+          f'{f["num_clients"]} clients * {min_size} examples > {n_train} training examples',
+          file=sys.stderr)
+    return EXIT_USAGE
+  partitions = data_lib.partition(
+      dataset.train_labels, f['num_clients'], 0.0 if f['iid'] else f['dirichlet_alpha'],
+      f['seed'], min_size=min_size)
+  skew = data_lib.label_skew(dataset.train_labels, partitions, dataset.num_classes)
+  federated = client_data_lib.make_client_data(
+      dataset.train_images, dataset.train_labels, partitions)
+  test_ds = data_lib.test_dataset(dataset.test_images, dataset.test_labels,
+                                  f['eval_batch_size'])
+  _log(f'data: {f["dataset"]} {n_train} train / {len(dataset.test_labels)} test, '
+       f'{dataset.num_classes} classes, {f["num_clients"]} clients '
+       f'({"IID" if f["iid"] else "Dirichlet a=%g" % f["dirichlet_alpha"]}: sizes '
+       f'{min(len(p) for p in partitions)}..{max(len(p) for p in partitions)}, '
+       f'mean KL {skew["mean_kl"]:.2f})')
+
+  spec = model_spec(f['algorithm'], f['density'], f['gamma'])
+  model_args = dict(num_classes=dataset.num_classes, input_shape=dataset.input_shape,
+                    density=spec['density'], gamma=spec['gamma'], seed=f['seed'])
+
+  def model_fn():
+    return models.build_model(f['model'], spec['variant'], **model_args)
+
+  element_spec = data_lib.client_dataset(
+      federated.create_tf_dataset_for_client(federated.client_ids[0])).element_spec
+  builder = process_builder or _default_process_builder
+  process = builder(model_fn, dict(cfg), spec, element_spec)
+  # Built after the process: TFF traces `model_fn` in graphs, and a Keras model built before
+  # that would be invalidated.
+  eval_model = model_fn()
+
+  @tf.function
+  def _eval_step(x, y):
+    logits = eval_model(x, training=False)
+    loss = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
+    return tf.reduce_sum(loss), tf.reduce_sum(correct)
+
+  def load_weights(state) -> None:
+    weights = process.get_model_weights(state)
+    trainable = getattr(weights, 'trainable', None)
+    non_trainable = getattr(weights, 'non_trainable', None)
+    if trainable is None:  # a (trainable, non_trainable) pair
+      trainable, non_trainable = weights
+    for v, w in zip(eval_model.trainable_weights, trainable):
+      v.assign(w)
+    for v, w in zip(eval_model.non_trainable_weights, non_trainable):
+      v.assign(w)
+
+  def evaluate() -> Tuple[float, float]:
+    loss_sum, correct, n = 0.0, 0.0, 0
+    for x, y in test_ds:
+      l, c = _eval_step(x, y)
+      loss_sum += float(l)
+      correct += float(c)
+      n += int(y.shape[0])
+    return loss_sum / n, correct / n
+
+  stop = _StopFlag()
+  rt = runtime.LocalRuntime(verbose=f['verbose'])
+  rt.start()
+  try:
+    stop.install()
+    state = process.initialize()
+    manager = program_io.state_manager(root_dir)
+    totals = {'down_bytes': 0.0, 'up_bytes': 0.0, 'train_seconds': 0.0}
+    start_round = 0
+    if resumable:
+      template = {'round': np.int64(0), 'process': state, 'totals': totals}
+      saved, version = asyncio.run(manager.load_latest(template))
+      if saved is not None:
+        state = saved['process']
+        start_round = int(saved['round'])
+        totals = {k: float(v) for k, v in saved['totals'].items()}
+        _log(f'resuming after round {start_round} from {root_dir} (version {version})')
+    releaser = program_io.MetricsReleaser(root_dir)
+    _log(f'{f["algorithm"]} on {f["model"]}/{spec["variant"]} (density {spec["density"]:g}, '
+         f'gamma {spec["gamma"]:g}): rounds {start_round + 1}..{f["rounds"]}, '
+         f'{f["clients_per_round"]} of {f["num_clients"]} clients per round; set-up '
+         f'{time.monotonic() - setup_start:.1f}s')
+
+    round_times: List[float] = []
+    last_acc = float('nan')
+    completed = start_round
+    for t in range(start_round + 1, f['rounds'] + 1):
+      if stop.requested:
+        break
+      t0 = time.monotonic()
+      chosen = sample_clients(f['seed'], t, f['num_clients'], f['clients_per_round'])
+      datasets = [
+          data_lib.client_dataset(federated.create_tf_dataset_for_client(str(k)),
+                                  shuffle_seed=shuffle_seed(f['seed'], t, k))
+          for k in chosen]
+      output = process.next(state, datasets)
+      state = output.state
+      m = pick_metrics(output.metrics)
+      evaluated = t % f['eval_every'] == 0 or t == f['rounds']
+      test_loss = test_acc = float('nan')
+      if evaluated:
+        load_weights(state)
+        test_loss, test_acc = evaluate()
+        last_acc = test_acc
+      seconds = time.monotonic() - t0
+      down, up = _num(m.get('bytes_down'), 0.0), _num(m.get('bytes_up'), 0.0)
+      totals['down_bytes'] += down
+      totals['up_bytes'] += up
+      totals['train_seconds'] += seconds
+      row = collections.OrderedDict(
+          train_loss=_num(m.get('train_loss')),
+          train_accuracy=_num(m.get('train_accuracy')),
+          test_loss=test_loss,
+          test_accuracy=test_acc,
+          density=_num(m.get('global_density')),
+          bytes_down=down,
+          bytes_up=up,
+          round_seconds=seconds,
+          clients_used=_num(m.get('clients_used')),
+          clients_rejected=_num(m.get('clients_rejected')),
+          adjusted=_num(m.get('adjusted'), 0.0),
+          learning_rate=_num(m.get('learning_rate')),
+      )
+      # Release first, then save: a run killed in between redoes round t on resume, and the CSV
+      # release manager replaces rows >= t, so metrics.csv never misses a saved round.
+      releaser.release(row, t)
+      program_state = {'round': np.int64(t), 'process': state,
+                       'totals': {k: np.float64(v) for k, v in totals.items()}}
+      asyncio.run(manager.save(program_state, t))
+      completed = t
+      round_times.append(seconds)
+      recent = round_times[-10:]
+      eta = sum(recent) / len(recent) * (f['rounds'] - t)
+      acc_s = f'test acc {test_acc:.3f}' if evaluated else (
+          f'test acc {last_acc:.3f}*' if not math.isnan(last_acc) else 'test acc   -  ')
+      _log(f'round {t:>{len(str(f["rounds"]))}}/{f["rounds"]}  loss {row["train_loss"]:.3f}  '
+           f'{acc_s}  density {row["density"]:.3f}  down {_human_bytes(down)}  '
+           f'up {_human_bytes(up)}  clients {int(_num(m.get("clients_used"), 0))}'
+           f'/{len(chosen)}{"  adjusted" if row["adjusted"] else ""}  {seconds:.1f}s  '
+           f'ETA {_human_seconds(eta)}')
+    if completed < f['rounds']:
+      _log(f'stopped after round {completed} of {f["rounds"]}; rerun the same command to '
+           'resume')
+      return EXIT_INTERRUPTED
+    load_weights(state)
+    _finish(f, cfg, spec, dataset, eval_model, totals, masks_lib, evaluate)
+    return EXIT_OK
+  finally:
+    stop.uninstall()
+    rt.stop()
+
+
+def _finish(f, cfg, spec, dataset, model, totals, masks_lib, evaluate) -> None:
+  """Evaluates the final model and writes summary.json, the plots and final_model/."""
+  # pylint: disable=import-outside-toplevel
+  from fedmef_tf import model_io
+  from tff_programs import program_io
+  root_dir = f['root_dir']
+  test_loss, test_acc = evaluate()
+  layers = masks_lib.prunable_layers(model)
+  layer_names = [layer.name for layer in layers]
+  layer_density = [float(layer.mask.numpy().mean()) for layer in layers]
+  density = float(masks_lib.global_density(model))
+  memory = _memory_report(model, f['batch_size'], spec['gamma'])
+  rows = program_io.read_metrics(root_dir)
+  plots_dir = os.path.join(root_dir, program_io.PLOTS_DIR)
+  title = f'{f["algorithm"]} / {f["model"]} / {f["dataset"]}'
+  plots = [
+      program_io.plot_curves(rows, os.path.join(plots_dir, 'accuracy_loss.png'), title),
+      program_io.plot_layer_density(layer_names, layer_density,
+                                    os.path.join(plots_dir, 'layer_density.png'), title),
+      program_io.plot_memory(memory['analytic_breakdown'], memory['measured_peak_bytes'],
+                             os.path.join(plots_dir, 'memory.png'), title),
+  ]
+  model_config = {
+      'model': f['model'], 'variant': spec['variant'], 'num_classes': dataset.num_classes,
+      'input_shape': list(dataset.input_shape), 'gamma': spec['gamma'],
+      'density': spec['density'], 'algorithm': f['algorithm'], 'dataset': f['dataset'],
+      'rounds': f['rounds'], 'seed': f['seed'],
+      'input_range': 'float32 RGB in [0, 1] (pixel / 255), NHWC',
+  }
+  model_dir = model_io.save_model(model, model_config,
+                                  os.path.join(root_dir, program_io.FINAL_MODEL_DIR))
+  summary = {
+      'algorithm': f['algorithm'], 'model': f['model'], 'variant': spec['variant'],
+      'dataset': f['dataset'], 'rounds_completed': f['rounds'],
+      'final_accuracy': test_acc, 'final_loss': test_loss, 'density': density,
+      'layer_density': dict(zip(layer_names, layer_density)),
+      'memory': {k: v for k, v in memory.items() if k != 'analytic_breakdown'},
+      'memory_breakdown_bytes': memory['analytic_breakdown'],
+      'traffic': {'down_bytes': int(totals['down_bytes']), 'up_bytes': int(totals['up_bytes'])},
+      'train_seconds': totals['train_seconds'],
+      'config': cfg, 'plots': [os.path.relpath(p, root_dir) for p in plots],
+      'final_model': os.path.relpath(model_dir, root_dir),
+  }
+  program_io.write_json(os.path.join(root_dir, program_io.SUMMARY_FILE), summary)
+  _log(f'done: {f["rounds"]} rounds, test accuracy {test_acc:.4f}, density {density:.4f}, '
+       f'traffic down {_human_bytes(totals["down_bytes"])} up '
+       f'{_human_bytes(totals["up_bytes"])}, training {_human_seconds(totals["train_seconds"])}'
+       f'; memory analytic {_human_bytes(memory["analytic_bytes"])}, measured peak '
+       f'{_human_bytes(memory["measured_peak_bytes"] or 0)}; report in '
+       f'{os.path.join(root_dir, program_io.SUMMARY_FILE)}')
+
+
+def _memory_report(model, batch_size: int, gamma: float) -> Dict[str, Any]:
+  """Analytic footprint and measured allocator peak of one client training step (bytes)."""
+  # pylint: disable=import-outside-toplevel
+  from fedmef_tf import memory as memory_lib
+  analytic = memory_lib.analytic_footprint(model, batch_size, gamma)
+  breakdown = {}
+  if isinstance(analytic, Mapping):
+    total = analytic.get('total_bytes', analytic.get('total'))
+    for k, v in analytic.items():
+      if k not in ('total_bytes', 'total') and isinstance(v, (int, float)):
+        breakdown[k] = float(v)
+  elif hasattr(analytic, '_asdict'):
+    d = analytic._asdict()
+    total = d.get('total_bytes', d.get('total'))
+    breakdown = {k: float(v) for k, v in d.items()
+                 if k not in ('total_bytes', 'total') and isinstance(v, (int, float))}
+  else:
+    total = analytic
+  if total is None:
+    total = sum(breakdown.values())
+  measured = memory_lib.measure_train_step_peak(model, batch_size)
+  if isinstance(measured, Mapping):
+    measured = measured.get('peak_bytes', measured.get('peak'))
+  return {'analytic_bytes': int(total), 'measured_peak_bytes': int(measured),
+          'batch_size': batch_size, 'analytic_breakdown': breakdown or {'total': float(total)}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _parse_flags(argv: List[str]) -> List[str]:
+  """absl flag parsing with one-line errors and exit code 2 (instead of absl's usage dump)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'train: error: {msg}', file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def main(argv: List[str]) -> int:
+  if len(argv) > 1:
+    print(f'train: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    return EXIT_USAGE
+  values = FLAGS.flag_values_dict()
+  try:
+    validate(values)
+  except UsageError as e:
+    print(f'train: error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  runtime.configure_logging(values['verbose'])
+  try:
+    return run(values)
+  except KeyboardInterrupt:
+    print('train: interrupted; rerun the same command to resume from the last saved round',
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)
