@@ -49,7 +49,8 @@ def adjustment_fraction(t, alpha, t_end):
   Args:
     t: round number (from 1).
     alpha: initial adjustment fraction, in [0, 1].
-    t_end: last adjustment round T_end (positive). Rounds after T_end get 0.
+    t_end: last adjustment round T_end (0 means never: every round gets 0). Rounds after T_end
+      get 0.
 
   Returns:
     A float32 scalar tensor, the fraction of each layer's active weights that is pruned and
@@ -57,7 +58,7 @@ def adjustment_fraction(t, alpha, t_end):
   """
   t = tf.cast(t, tf.float64)
   t_end = tf.cast(t_end, tf.float64)
-  value = tf.cast(alpha, tf.float64) / 2.0 * (1.0 + tf.cos(math.pi * t / t_end))
+  value = tf.cast(alpha, tf.float64) / 2.0 * (1.0 + tf.cos(math.pi * t / tf.maximum(t_end, 1.0)))
   return tf.cast(tf.where(t <= t_end, value, tf.zeros_like(value)), tf.float32)
 
 

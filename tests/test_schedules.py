@@ -92,3 +92,7 @@ def test_client_learning_rate(t, expected):
 
 def test_client_learning_rate_single_round():
   np.testing.assert_allclose(float(schedules.client_learning_rate(1, 0.1, 0.01, 1)), 0.1)
+
+
+def test_adjustment_fraction_t_end_zero_is_zero():
+  assert float(schedules.adjustment_fraction(5, 0.2, 0)) == 0.0

@@ -286,7 +286,8 @@ def build_fedmef_process(
         round_num=tf.constant(0, tf.int32),
         trainable=[tf.constant(a) for a in init_trainable],
         non_trainable=[tf.constant(a) for a in init_non_trainable],
-        mask_changed=tf.constant(True))
+        # Dense FedAvg never sends a mask; every other algorithm sends it in round 1.
+        mask_changed=tf.constant(mode != server_lib.MODE_NONE))
 
   state_type = initial_state_tf.type_signature.result
   trainable_type = state_type.trainable
