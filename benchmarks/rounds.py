@@ -92,11 +92,10 @@ def run_algorithm(algorithm: str, rounds: int, sizes: np.ndarray, worker_pid=Non
       t_end=max(rounds, _DELTA_T.value), alpha=0.2, lambda_bae=0.01, gamma=_GAMMA.value,
       client_lr=0.1, client_lr_min=0.01, total_rounds=max(rounds, 2),
       local_epochs=_LOCAL_EPOCHS.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value)
-  rng = np.random.default_rng(_SEED.value + 1)
   state = process.initialize()
   times, rss = [], {}
   for r in range(1, rounds + 1):
-    sampled = rng.choice(len(sizes), _PER_ROUND.value, replace=False)
+    sampled = fedmef_process.sample_clients(len(sizes), _PER_ROUND.value, r, _SEED.value)
     datasets = [client_dataset(int(c), int(sizes[c]), size) for c in sampled]
     start = time.perf_counter()
     output = process.next(state, datasets)

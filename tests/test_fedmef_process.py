@@ -217,3 +217,13 @@ def test_loss_falls(tff_runtime, algorithm):
     assert output.metrics['global_density'] == 1.0
   else:
     assert output.metrics['global_density'] == pytest.approx(0.5, abs=0.01)
+
+
+def test_sample_clients_is_repeatable_and_distinct():
+  a = fedmef_process.sample_clients(100, 10, 7, seed=1)
+  b = fedmef_process.sample_clients(100, 10, 7, seed=1)
+  np.testing.assert_array_equal(a, b)
+  assert len(set(a.tolist())) == 10 and a.min() >= 0 and a.max() < 100
+  assert not np.array_equal(a, fedmef_process.sample_clients(100, 10, 8, seed=1))
+  with pytest.raises(ValueError):
+    fedmef_process.sample_clients(5, 6, 1)

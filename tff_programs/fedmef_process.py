@@ -140,6 +140,29 @@ def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
   return model_fn
 
 
+def sample_clients(num_clients: int, clients_per_round: int, round_num: int,
+                   seed: int = 0) -> np.ndarray:
+  """The S client indices of round t, drawn without replacement from K, repeatable.
+
+  Depends only on (seed, round_num), so a resumed run samples the same clients.
+
+  Args:
+    num_clients: K.
+    clients_per_round: S (<= K).
+    round_num: t.
+    seed: sampling seed.
+
+  Returns:
+    An int array [S] of distinct indices in [0, K).
+  """
+  num_clients = _check_positive_int('num_clients', num_clients)
+  clients_per_round = _check_positive_int('clients_per_round', clients_per_round)
+  if clients_per_round > num_clients:
+    raise ValueError(f'clients_per_round {clients_per_round} > num_clients {num_clients}')
+  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(round_num)])
+  return rng.choice(num_clients, clients_per_round, replace=False)
+
+
 def _check_positive_int(name, value, minimum=1):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
