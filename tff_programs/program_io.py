@@ -252,7 +252,8 @@ def plot_memory(parts: Mapping[str, float], measured_peak: Optional[float], path
   ax.set_xticklabels(labels)
   ax.set_ylabel('MiB (one client training step)')
   ax.set_title(title)
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   return _save(fig, plt, path)
 

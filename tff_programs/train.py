@@ -197,26 +197,20 @@ def _flag_names() -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Algorithm -> model variant (ALGORITHM.md: FedMef models use NSConv + SAP; baselines Conv + BN).
+# Algorithm -> model (ALGORITHM.md: FedMef models use NSConv + SAP; baselines Conv + BN).
 
 
 def model_spec(algorithm: str, density: float, gamma: float) -> Dict[str, Any]:
-  """Registry arguments of the model an algorithm trains.
-
-  FedMef and its no-BaE ablation use the 'fedmef' variant with SAP at `gamma`; the no-SAP
-  ablation the same variant with gamma 0; every baseline the 'baseline' variant (BatchNorm, no
-  SAP); FedAvg is dense (density 1).
+  """Registry arguments of the model an algorithm trains (as `fedmef_process` builds it).
 
   Returns:
-    dict with `variant`, `density`, `gamma`.
+    dict with `variant` (`fedmef_process.model_variant_for`), `gamma`
+    (`fedmef_process.sap_gamma_for`) and `density` (1 for dense FedAvg).
   """
-  if algorithm in ('fedmef', 'fedmef_no_bae'):
-    return {'variant': 'fedmef', 'density': density, 'gamma': gamma}
-  if algorithm == 'fedmef_no_sap':
-    return {'variant': 'fedmef', 'density': density, 'gamma': 0.0}
-  if algorithm == 'fedavg':
-    return {'variant': 'baseline', 'density': 1.0, 'gamma': 0.0}
-  return {'variant': 'baseline', 'density': density, 'gamma': 0.0}
+  from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
+  return {'variant': fedmef_process.model_variant_for(algorithm),
+          'density': 1.0 if algorithm == 'fedavg' else float(density),
+          'gamma': fedmef_process.sap_gamma_for(algorithm, gamma)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,22 +312,24 @@ def _log(msg: str) -> None:
 
 
 def _default_process_builder(model_fn, cfg, spec, element_spec):
-  """Builds the learning process with `tff_programs.fedmef_process`."""
+  """Builds the learning process with `tff_programs.fedmef_process.build_fedmef_process`."""
+  del spec  # the process derives the variant and SAP ratio from the algorithm
   from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
   return fedmef_process.build_fedmef_process(
       model_fn,
       algorithm=cfg['algorithm'],
-      local_epochs=cfg['local_epochs'],
-      batch_size=cfg['batch_size'],
-      client_lr=cfg['client_lr'],
-      client_lr_min=cfg['client_lr_min'],
-      total_rounds=cfg['rounds'],
-      density=spec['density'],
+      density=cfg['density'],
       delta_t=cfg['delta_t'],
       t_end=cfg['t_end'],
       alpha=cfg['alpha'],
       lambda_bae=cfg['lambda_bae'],
-      gamma=spec['gamma'],
+      gamma=cfg['gamma'],
+      client_lr=cfg['client_lr'],
+      client_lr_min=cfg['client_lr_min'],
+      total_rounds=cfg['rounds'],
+      local_epochs=cfg['local_epochs'],
+      batch_size=cfg['batch_size'],
+      seed=cfg['seed'],
       element_spec=element_spec)
 
 
@@ -362,7 +358,6 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   import tensorflow as tf
   from fedmef_tf import data as data_lib
   from fedmef_tf import masks as masks_lib
-  from fedmef_tf import models
   from tff_programs import client_data as client_data_lib
 
   setup_start = time.monotonic()
@@ -394,12 +389,13 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
        f'{min(len(p) for p in partitions)}..{max(len(p) for p in partitions)}, '
        f'mean KL {skew["mean_kl"]:.2f})')
 
+  from tff_programs import fedmef_process
   spec = model_spec(f['algorithm'], f['density'], f['gamma'])
-  model_args = dict(num_classes=dataset.num_classes, input_shape=dataset.input_shape,
-                    density=spec['density'], gamma=spec['gamma'], seed=f['seed'])
-
-  def model_fn():
-    return models.build_model(f['model'], spec['variant'], **model_args)
+  # Masks are set by the process (ERK random masks of --density from --seed) and travel in its
+  # state; the model function builds the architecture only.
+  model_fn = fedmef_process.make_model_fn(
+      f['model'], f['algorithm'], num_classes=dataset.num_classes,
+      input_shape=dataset.input_shape, gamma=f['gamma'], seed=f['seed'])
 
   element_spec = data_lib.client_dataset(
       federated.create_tf_dataset_for_client(federated.client_ids[0])).element_spec
@@ -521,15 +517,15 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
            'resume')
       return EXIT_INTERRUPTED
     load_weights(state)
-    _finish(f, cfg, spec, dataset, eval_model, totals, masks_lib, evaluate)
+    _finish(f, cfg, spec, dataset, eval_model, model_fn, totals, masks_lib, evaluate)
     return EXIT_OK
   finally:
     stop.uninstall()
     rt.stop()
 
 
-def _finish(f, cfg, spec, dataset, model, totals, masks_lib, evaluate) -> None:
-  """Evaluates the final model and writes summary.json, the plots and final_model/."""
+def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate) -> None:
+  """Evaluates the final model; writes final_model/, the plots and summary.json (last)."""
   # pylint: disable=import-outside-toplevel
   from fedmef_tf import model_io
   from tff_programs import program_io
@@ -539,7 +535,28 @@ def _finish(f, cfg, spec, dataset, model, totals, masks_lib, evaluate) -> None:
   layer_names = [layer.name for layer in layers]
   layer_density = [float(layer.mask.numpy().mean()) for layer in layers]
   density = float(masks_lib.global_density(model))
-  memory = _memory_report(model, f['batch_size'], spec['gamma'])
+  model_config = {
+      'model': f['model'], 'variant': spec['variant'], 'num_classes': dataset.num_classes,
+      'input_shape': list(dataset.input_shape), 'gamma': spec['gamma'],
+      'density': spec['density'], 'algorithm': f['algorithm'], 'dataset': f['dataset'],
+      'rounds': f['rounds'], 'seed': f['seed'], 'final_accuracy': test_acc,
+      'input_range': 'float32 RGB in [0, 1] (pixel / 255), NHWC',
+  }
+  model_dir = model_io.save_model(model, model_config,
+                                  os.path.join(root_dir, program_io.FINAL_MODEL_DIR))
+  # The measurement trains a copy (it applies SGD steps), never the saved model.
+  probe = model_fn()
+  probe.set_weights(model.get_weights())
+  try:
+    memory = memory_report(probe, f['batch_size'], spec['gamma'])
+  except Exception as e:  # pylint: disable=broad-except
+    # The trained model is saved already; a failed probe must not lose the run's report.
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'train: warning: memory measurement failed ({type(e).__name__}: {msg})',
+          file=sys.stderr)
+    memory = {'analytic_bytes': None, 'measured_peak_bytes': None,
+              'batch_size': f['batch_size'], 'breakdown_bytes': {}, 'error': msg}
+  del probe
   rows = program_io.read_metrics(root_dir)
   plots_dir = os.path.join(root_dir, program_io.PLOTS_DIR)
   title = f'{f["algorithm"]} / {f["model"]} / {f["dataset"]}'
@@ -547,25 +564,16 @@ def _finish(f, cfg, spec, dataset, model, totals, masks_lib, evaluate) -> None:
       program_io.plot_curves(rows, os.path.join(plots_dir, 'accuracy_loss.png'), title),
       program_io.plot_layer_density(layer_names, layer_density,
                                     os.path.join(plots_dir, 'layer_density.png'), title),
-      program_io.plot_memory(memory['analytic_breakdown'], memory['measured_peak_bytes'],
-                             os.path.join(plots_dir, 'memory.png'), title),
+      program_io.plot_memory(memory['breakdown_bytes'], memory['measured_peak_bytes'],
+                             os.path.join(plots_dir, 'memory.png'),
+                             f'{title}, batch {f["batch_size"]}'),
   ]
-  model_config = {
-      'model': f['model'], 'variant': spec['variant'], 'num_classes': dataset.num_classes,
-      'input_shape': list(dataset.input_shape), 'gamma': spec['gamma'],
-      'density': spec['density'], 'algorithm': f['algorithm'], 'dataset': f['dataset'],
-      'rounds': f['rounds'], 'seed': f['seed'],
-      'input_range': 'float32 RGB in [0, 1] (pixel / 255), NHWC',
-  }
-  model_dir = model_io.save_model(model, model_config,
-                                  os.path.join(root_dir, program_io.FINAL_MODEL_DIR))
   summary = {
       'algorithm': f['algorithm'], 'model': f['model'], 'variant': spec['variant'],
       'dataset': f['dataset'], 'rounds_completed': f['rounds'],
       'final_accuracy': test_acc, 'final_loss': test_loss, 'density': density,
       'layer_density': dict(zip(layer_names, layer_density)),
-      'memory': {k: v for k, v in memory.items() if k != 'analytic_breakdown'},
-      'memory_breakdown_bytes': memory['analytic_breakdown'],
+      'memory': memory,
       'traffic': {'down_bytes': int(totals['down_bytes']), 'up_bytes': int(totals['up_bytes'])},
       'train_seconds': totals['train_seconds'],
       'config': cfg, 'plots': [os.path.relpath(p, root_dir) for p in plots],
@@ -575,36 +583,54 @@ def _finish(f, cfg, spec, dataset, model, totals, masks_lib, evaluate) -> None:
   _log(f'done: {f["rounds"]} rounds, test accuracy {test_acc:.4f}, density {density:.4f}, '
        f'traffic down {_human_bytes(totals["down_bytes"])} up '
        f'{_human_bytes(totals["up_bytes"])}, training {_human_seconds(totals["train_seconds"])}'
-       f'; memory analytic {_human_bytes(memory["analytic_bytes"])}, measured peak '
+       f'; memory of a training step (batch {f["batch_size"]}): analytic '
+       f'{_human_bytes(memory["analytic_bytes"] or 0)}, measured peak '
        f'{_human_bytes(memory["measured_peak_bytes"] or 0)}; report in '
        f'{os.path.join(root_dir, program_io.SUMMARY_FILE)}')
 
 
-def _memory_report(model, batch_size: int, gamma: float) -> Dict[str, Any]:
-  """Analytic footprint and measured allocator peak of one client training step (bytes)."""
+def _as_dict(value) -> Dict[str, Any]:
+  if isinstance(value, Mapping):
+    return dict(value)
+  if hasattr(value, '_asdict'):
+    return dict(value._asdict())
+  return {'total_bytes': value}
+
+
+def memory_report(model, batch_size: int, gamma: float) -> Dict[str, Any]:
+  """Memory of one client training step at `batch_size`, in bytes (`fedmef_tf.memory`).
+
+  Returns:
+    dict with `analytic_bytes` (weights plus what the backward pass caches, from the model's
+    structure: `weight_bytes + cached_bytes` of `analytic_footprint`), `analytic_peak_bytes`
+    (its prediction of the measured peak, when given), `measured_peak_bytes` (allocator peak of a
+    compiled step minus what was resident before), `resident_bytes`, `batch_size` and
+    `breakdown_bytes` (the analytic parts, for the plot).
+  """
   # pylint: disable=import-outside-toplevel
   from fedmef_tf import memory as memory_lib
-  analytic = memory_lib.analytic_footprint(model, batch_size, gamma)
-  breakdown = {}
-  if isinstance(analytic, Mapping):
-    total = analytic.get('total_bytes', analytic.get('total'))
-    for k, v in analytic.items():
-      if k not in ('total_bytes', 'total') and isinstance(v, (int, float)):
-        breakdown[k] = float(v)
-  elif hasattr(analytic, '_asdict'):
-    d = analytic._asdict()
-    total = d.get('total_bytes', d.get('total'))
-    breakdown = {k: float(v) for k, v in d.items()
-                 if k not in ('total_bytes', 'total') and isinstance(v, (int, float))}
+  analytic = _as_dict(memory_lib.analytic_footprint(model, batch_size, gamma))
+  scalars = {k: float(v) for k, v in analytic.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  if 'weight_bytes' in scalars and 'cached_bytes' in scalars:
+    total = scalars['weight_bytes'] + scalars['cached_bytes']
   else:
-    total = analytic
-  if total is None:
-    total = sum(breakdown.values())
-  measured = memory_lib.measure_train_step_peak(model, batch_size)
-  if isinstance(measured, Mapping):
-    measured = measured.get('peak_bytes', measured.get('peak'))
-  return {'analytic_bytes': int(total), 'measured_peak_bytes': int(measured),
-          'batch_size': batch_size, 'analytic_breakdown': breakdown or {'total': float(total)}}
+    total = scalars.get('total_bytes', scalars.get('peak_bytes', float('nan')))
+  parts = ('weight_bytes', 'cached_bytes', 'gradient_bytes', 'transient_bytes')
+  breakdown = {k: scalars[k] for k in parts if k in scalars} or {'total_bytes': total}
+  measured = _as_dict(memory_lib.measure_train_step_peak(model, batch_size))
+  peak = measured.get('peak_bytes', measured.get('total_bytes'))
+  report = {
+      'analytic_bytes': int(total),
+      'measured_peak_bytes': int(peak),
+      'batch_size': int(batch_size),
+      'breakdown_bytes': breakdown,
+  }
+  if 'peak_bytes' in scalars:
+    report['analytic_peak_bytes'] = int(scalars['peak_bytes'])
+  if 'resident_bytes' in measured:
+    report['resident_bytes'] = int(measured['resident_bytes'])
+  return report
 
 
 # ------------------------------------------------------------------------------------------------
@@ -612,28 +638,37 @@ def _memory_report(model, batch_size: int, gamma: float) -> Dict[str, Any]:
 
 
 def _parse_flags(argv: List[str]) -> List[str]:
-  """absl flag parsing with one-line errors and exit code 2 (instead of absl's usage dump)."""
+  """Parses and checks the flags; one-line errors and exit code 2 instead of absl's usage dump.
+
+  Runs as absl's `flags_parser`, before `main`. Once the flags are valid it imports TensorFlow
+  Federated: importing TFF 0.87 for the first time inside absl's `main` leaves Keras unable to
+  build functional models ('SymbolicTensor' object has no attribute 'node'), importing it here
+  does not.
+  """
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
   except flags.Error as e:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'train: error: {msg}', file=sys.stderr)
     sys.exit(EXIT_USAGE)
+  if len(rest) > 1:
+    print(f'train: error: unexpected arguments: {" ".join(rest[1:])}', file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+  try:
+    validate(FLAGS.flag_values_dict())
+  except UsageError as e:
+    print(f'train: error: {e}', file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+  runtime.configure_logging(FLAGS.verbose)
+  import tensorflow_federated  # pylint: disable=import-outside-toplevel,unused-import
+  return rest
 
 
 def main(argv: List[str]) -> int:
-  if len(argv) > 1:
-    print(f'train: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    return EXIT_USAGE
-  values = FLAGS.flag_values_dict()
+  """Runs the program on the parsed, checked flags (see `_parse_flags`); returns the exit code."""
+  del argv
   try:
-    validate(values)
-  except UsageError as e:
-    print(f'train: error: {e}', file=sys.stderr)
-    return EXIT_USAGE
-  runtime.configure_logging(values['verbose'])
-  try:
-    return run(values)
+    return run(FLAGS.flag_values_dict())
   except KeyboardInterrupt:
     print('train: interrupted; rerun the same command to resume from the last saved round',
           file=sys.stderr)

@@ -1,0 +1,412 @@
+"""Specification tests of the training program `python -m tff_programs.train` and its helpers.
+
+* every flag check, through the real command line: one line naming the flag and the range,
+  exit code 2, before any work (nothing written, TensorFlow not even imported: fast);
+* the run directory: a foreign configuration is refused (one line, exit 2) unless --overwrite,
+  which removes only the run's own entries;
+* client sampling and shuffle seeds are functions of (seed, round);
+* metrics release to CSV and TensorBoard, plots, atomic JSON;
+* end to end on tiny settings: the files of a run, then a run killed with SIGKILL after its
+  second checkpoint and rerun ends with exactly the weights of the uninterrupted run, and
+  Ctrl-C (SIGINT) stops between rounds with the last checkpoint intact.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tff_programs import program_io
+from tff_programs import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HAVE_PROCESS = os.path.isfile(os.path.join(ROOT, 'tff_programs', 'fedmef_process.py'))
+needs_process = pytest.mark.skipif(
+    not _HAVE_PROCESS, reason='tff_programs/fedmef_process.py has not landed yet')
+
+# Tiny settings: about 20-30 s per run on 2 cores, most of it start-up.
+TINY = ['--synthetic_train_size=400', '--synthetic_test_size=100', '--num_clients=6',
+        '--clients_per_round=2', '--min_client_size=20', '--batch_size=16', '--eval_every=2',
+        '--delta_t=1', '--t_end=2', '--density=0.3', '--seed=3']
+
+
+def _env():
+  env = dict(os.environ)
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  env.pop('FEDMEF_VERBOSE', None)
+  return env
+
+
+def _cli(args, timeout=240, **kwargs):
+  return subprocess.run([sys.executable, '-m', 'tff_programs.train'] + list(args), cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _error_line(proc):
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith('train: error: '), lines[0]
+  return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Flag checks through the command line.
+
+BAD_FLAGS = [
+    ('--algorithm=fedprox', '--algorithm', 'one of fedmef'),
+    ('--model=vgg', '--model', 'one of cnn'),
+    ('--dataset=mnist', '--dataset', 'one of synthetic'),
+    ('--num_clients=0', '--num_clients', '[1, 100000]'),
+    ('--clients_per_round=0', '--clients_per_round', '[1, 20]'),
+    ('--clients_per_round=21', '--clients_per_round', '[1, 20]'),
+    ('--rounds=0', '--rounds', '[1, 1000000]'),
+    ('--local_epochs=0', '--local_epochs', '[1, 1000]'),
+    ('--batch_size=0', '--batch_size', '[1, 65536]'),
+    ('--client_lr=0', '--client_lr', '(0, 100]'),
+    ('--client_lr=-1', '--client_lr', '(0, 100]'),
+    ('--client_lr=nan', '--client_lr', '(0, 100]'),
+    ('--client_lr_min=0.5', '--client_lr_min', '(0, 0.1]'),
+    ('--density=0', '--density', '(0, 1]'),
+    ('--density=1.01', '--density', '(0, 1]'),
+    ('--delta_t=0', '--delta_t', '[1, 60]'),
+    ('--delta_t=61', '--delta_t', '[1, 60]'),
+    ('--t_end=-1', '--t_end', '[0, 60]'),
+    ('--t_end=61', '--t_end', '[0, 60]'),
+    ('--alpha=1.5', '--alpha', '[0, 1]'),
+    ('--alpha=-0.1', '--alpha', '[0, 1]'),
+    ('--lambda_bae=-1', '--lambda_bae', '[0, 100]'),
+    ('--gamma=1', '--gamma', '[0, 1)'),
+    ('--gamma=-0.1', '--gamma', '[0, 1)'),
+    ('--dirichlet_alpha=0', '--dirichlet_alpha', '(0, 1e+06]'),
+    ('--min_client_size=0', '--min_client_size', '[1, 1000000]'),
+    ('--eval_every=0', '--eval_every', '[1, 60]'),
+    ('--eval_every=61', '--eval_every', '[1, 60]'),
+    ('--eval_batch_size=0', '--eval_batch_size', '[1, 65536]'),
+    ('--seed=-1', '--seed', '[0, 2147483647]'),
+    ('--synthetic_train_size=5', '--synthetic_train_size', '[10, 10000000]'),
+    ('--synthetic_test_size=5', '--synthetic_test_size', '[10, 10000000]'),
+    ('--synthetic_train_size=100', '--synthetic_train_size', '>= --num_clients'),
+    ('--dataset=cifar10', '--data_dir', 'required'),
+    ('--data_dir=/nonexistent/dir', '--data_dir', 'not an existing directory'),
+    ('--root_dir=', '--root_dir', 'must not be empty'),
+    ('--rounds=many', '--rounds', 'invalid literal'),
+    ('--no_such_flag=1', 'no_such_flag', 'Unknown'),
+]
+
+
+@pytest.mark.parametrize('arg,flag,expected', BAD_FLAGS,
+                         ids=[b[0].lstrip('-') or 'empty' for b in BAD_FLAGS])
+def test_bad_flag_is_one_line_error_exit_2_before_any_work(tmp_path, arg, flag, expected):
+  root = tmp_path / 'run'
+  extra = ['--dataset=cifar10'] if arg.startswith('--data_dir') else []
+  args = [f'--root_dir={root}'] + extra + [arg]
+  proc = _cli(args, timeout=60)
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  line = _error_line(proc)
+  assert flag in line and expected in line, line
+  assert not root.exists()  # nothing was written
+
+
+def test_validate_accepts_the_defaults_and_paper_protocol():
+  train.FLAGS.unparse_flags()
+  train.FLAGS(['train'])
+  defaults = train.FLAGS.flag_values_dict()
+  train.validate(defaults)
+  paper = dict(defaults, num_clients=100, clients_per_round=10, rounds=500, local_epochs=5,
+               batch_size=64, density=0.1, delta_t=10, t_end=300, alpha=0.2, lambda_bae=0.01,
+               gamma=0.7, dirichlet_alpha=0.5, client_lr=0.1, client_lr_min=0.01)
+  train.validate(paper)
+  with pytest.raises(train.UsageError, match='--t_end=501'):
+    train.validate(dict(paper, t_end=501))
+
+
+def test_flag_lists_match_the_registries():
+  from fedmef_tf import data  # pylint: disable=import-outside-toplevel
+  assert train.DATASETS == data.DATASET_NAMES
+  try:
+    from fedmef_tf import models  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  assert train.MODELS == tuple(models.MODEL_NAMES)
+
+
+def test_model_spec_per_algorithm():
+  assert train.model_spec('fedmef', 0.1, 0.7) == {'variant': 'fedmef', 'density': 0.1,
+                                                  'gamma': 0.7}
+  assert train.model_spec('fedmef_no_sap', 0.1, 0.7)['gamma'] == 0.0
+  assert train.model_spec('fedmef_no_bae', 0.1, 0.7)['gamma'] == 0.7
+  assert train.model_spec('fedavg', 0.1, 0.7) == {'variant': 'baseline', 'density': 1.0,
+                                                  'gamma': 0.0}
+  for algo in ('rigl', 'feddst', 'static', 'tfmot'):
+    assert train.model_spec(algo, 0.1, 0.7) == {'variant': 'baseline', 'density': 0.1,
+                                                'gamma': 0.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling is a function of (seed, round).
+
+
+def test_client_sampling_is_a_function_of_seed_and_round():
+  a = [train.sample_clients(7, t, 100, 10) for t in range(1, 50)]
+  b = [train.sample_clients(7, t, 100, 10) for t in reversed(range(1, 50))][::-1]
+  assert a == b  # no hidden RNG state: order of calls does not matter
+  assert all(len(set(c)) == 10 and c == sorted(c) and 0 <= min(c) and max(c) < 100 for c in a)
+  assert len({tuple(c) for c in a}) > 40  # rounds differ
+  assert train.sample_clients(8, 1, 100, 10) != a[0]
+  assert train.sample_clients(1, 1, 5, 5) == [0, 1, 2, 3, 4]
+  counts = np.bincount(np.concatenate(a), minlength=100)
+  assert counts.min() >= 0 and counts.sum() == 490
+  assert train.shuffle_seed(1, 2, 3) == train.shuffle_seed(1, 2, 3)
+  assert len({train.shuffle_seed(1, t, k) for t in range(5) for k in range(5)}) == 25
+
+
+# ------------------------------------------------------------------------------------------------
+# Run directory.
+
+
+def test_root_dir_new_same_config_resumes_foreign_refused(tmp_path):
+  root = str(tmp_path / 'run')
+  cfg = {'algorithm': 'fedmef', 'rounds': 3, 'gamma': 0.7}
+  assert program_io.prepare_root_dir(root, cfg, overwrite=False) is False
+  assert program_io.read_json(os.path.join(root, 'config.json')) == cfg
+  assert program_io.prepare_root_dir(root, dict(cfg), overwrite=False) is True
+  with pytest.raises(program_io.RunDirError) as e:
+    program_io.prepare_root_dir(root, dict(cfg, rounds=5), overwrite=False)
+  msg = str(e.value)
+  assert '\n' not in msg and '--rounds=3 there, 5 now' in msg and '--overwrite' in msg
+
+
+def test_overwrite_removes_only_run_entries(tmp_path):
+  root = tmp_path / 'run'
+  program_io.prepare_root_dir(str(root), {'a': 1}, overwrite=False)
+  (root / 'metrics.csv').write_text('round\n1\n')
+  (root / 'checkpoints' / 'program_state_1').mkdir(parents=True)
+  (root / 'notes.txt').write_text('mine')
+  assert program_io.prepare_root_dir(str(root), {'a': 2}, overwrite=True) is False
+  assert not (root / 'metrics.csv').exists() and not (root / 'checkpoints').exists()
+  assert (root / 'notes.txt').read_text() == 'mine'
+  assert program_io.read_json(str(root / 'config.json')) == {'a': 2}
+
+
+def test_run_entries_without_config_refused(tmp_path):
+  (tmp_path / 'checkpoints').mkdir()
+  with pytest.raises(program_io.RunDirError, match='no config.json'):
+    program_io.prepare_root_dir(str(tmp_path), {'a': 1}, overwrite=False)
+  # An unrelated non-empty directory is fine: nothing of ours to clash with.
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / 'x.txt').write_text('x')
+  assert program_io.prepare_root_dir(str(other), {'a': 1}, overwrite=False) is False
+
+
+def test_foreign_root_dir_refused_through_cli(tmp_path):
+  root = tmp_path / 'run'
+  root.mkdir()
+  (root / 'config.json').write_text(json.dumps({'algorithm': 'rigl'}))
+  proc = _cli([f'--root_dir={root}'], timeout=60)
+  assert proc.returncode == 2
+  line = _error_line(proc)
+  assert str(root) in line and 'another configuration' in line and '--overwrite' in line
+  assert json.loads((root / 'config.json').read_text()) == {'algorithm': 'rigl'}
+
+
+def test_run_config_leaves_out_what_does_not_change_the_result():
+  train.FLAGS.unparse_flags()
+  train.FLAGS(['train'])
+  values = train.FLAGS.flag_values_dict()
+  cfg = train.run_config(values)
+  for name in ('root_dir', 'overwrite', 'verbose', 'data_dir'):
+    assert name not in cfg
+  for name in ('algorithm', 'model', 'dataset', 'rounds', 'seed', 'density', 'gamma',
+               'dirichlet_alpha', 'lambda_bae', 'alpha', 't_end', 'delta_t'):
+    assert name in cfg
+  json.dumps(cfg)
+  assert train.run_config(dict(values, iid=True))['dirichlet_alpha'] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Release, plots, JSON.
+
+
+def test_metrics_release_csv_and_tensorboard_and_replace_on_resume(tmp_path):
+  root = str(tmp_path)
+  rel = program_io.MetricsReleaser(root)
+  for t in (1, 2, 3):
+    rel.release({'train_loss': 1.0 / t, 'test_accuracy': float('nan') if t % 2 else 0.5}, t)
+  # A resumed run redoes round 2: rows >= 2 are replaced.
+  rel2 = program_io.MetricsReleaser(root)
+  rel2.release({'train_loss': 0.25, 'test_accuracy': 0.75}, 2)
+  rows = program_io.read_metrics(root)
+  assert [r['round'] for r in rows] == [1, 2]
+  assert rows[1]['train_loss'] == 0.25 and rows[1]['test_accuracy'] == 0.75
+  assert math.isnan(rows[0]['test_accuracy'])
+  events = os.listdir(os.path.join(root, 'tensorboard'))
+  assert any(e.startswith('events.out.tfevents') for e in events)
+
+
+def test_plots_are_png(tmp_path):
+  rows = [{'round': t, 'train_loss': 2.0 / t, 'train_accuracy': 0.1 * t,
+           'test_accuracy': float('nan') if t % 2 else 0.2 * t, 'test_loss': 1.0}
+          for t in range(1, 5)]
+  paths = [
+      program_io.plot_curves(rows, str(tmp_path / 'a.png'), 't'),
+      program_io.plot_layer_density(['c1', 'c2', 'fc'], [0.5, 0.1, 0.3],
+                                    str(tmp_path / 'b.png'), 't'),
+      program_io.plot_memory({'weights': 1e6, 'activations': 4e6}, 3e6,
+                             str(tmp_path / 'c.png'), 't'),
+  ]
+  for p in paths:
+    with open(p, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert sorted(os.listdir(tmp_path)) == ['a.png', 'b.png', 'c.png']  # no temporaries left
+
+
+def test_write_json_atomic(tmp_path):
+  path = str(tmp_path / 'x' / 's.json')
+  program_io.write_json(path, {'b': 1, 'a': [1, 2]})
+  program_io.write_json(path, {'c': 3})
+  assert program_io.read_json(path) == {'c': 3}
+  assert os.listdir(tmp_path / 'x') == ['s.json']
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end through the command line (needs the FedMef process).
+
+
+def _h5_weights(path):
+  import h5py  # pylint: disable=import-outside-toplevel
+  out = {}
+  with h5py.File(path, 'r') as f:
+    f.visititems(lambda name, obj: out.__setitem__(name, obj[()])
+                 if isinstance(obj, h5py.Dataset) else None)
+  return out
+
+
+def _wait_for(path, proc, timeout):
+  deadline = time.monotonic() + timeout
+  while not os.path.exists(path):
+    if proc.poll() is not None:
+      raise AssertionError(f'program ended ({proc.returncode}) before {path} appeared: '
+                           f'{proc.stderr.read() if proc.stderr else ""}')
+    if time.monotonic() > deadline:
+      raise AssertionError(f'{path} did not appear within {timeout}s')
+    time.sleep(0.1)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """One uninterrupted tiny run of 3 rounds (shared by the tests below)."""
+  if not _HAVE_PROCESS:
+    pytest.skip('tff_programs/fedmef_process.py has not landed yet')
+  root = tmp_path_factory.mktemp('uninterrupted') / 'run'
+  proc = _cli([f'--root_dir={root}', '--rounds=3'] + TINY)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return root, proc
+
+
+@needs_process
+def test_end_to_end_writes_every_artifact(uninterrupted):
+  root, proc = uninterrupted
+  out = proc.stdout
+  for t in (1, 2, 3):
+    assert f'round {t}/3' in out
+  assert 'ETA' in out and 'done: 3 rounds' in out
+  summary = json.loads((root / 'summary.json').read_text())
+  for key in ('algorithm', 'model', 'dataset', 'rounds_completed', 'final_accuracy', 'density',
+              'memory', 'traffic'):
+    assert key in summary
+  assert summary['algorithm'] == 'fedmef' and summary['rounds_completed'] == 3
+  assert 0.0 <= summary['final_accuracy'] <= 1.0
+  assert summary['density'] == pytest.approx(0.3, abs=0.01)
+  assert summary['memory']['analytic_bytes'] > 0 and summary['memory']['measured_peak_bytes'] > 0
+  assert summary['traffic']['down_bytes'] > 0 and summary['traffic']['up_bytes'] > 0
+  rows = program_io.read_metrics(str(root))
+  assert [r['round'] for r in rows] == [1, 2, 3]
+  for col in ('train_loss', 'test_accuracy', 'density', 'bytes_down', 'bytes_up',
+              'round_seconds', 'clients_used', 'clients_rejected'):
+    assert col in rows[0]
+  assert math.isnan(rows[0]['test_accuracy']) and not math.isnan(rows[1]['test_accuracy'])
+  assert rows[0]['clients_used'] + rows[0]['clients_rejected'] == 2
+  for png in ('accuracy_loss.png', 'layer_density.png', 'memory.png'):
+    assert (root / 'plots' / png).read_bytes()[:4] == b'\x89PNG'
+  assert any(n.startswith('events.out') for n in os.listdir(root / 'tensorboard'))
+  model_cfg = json.loads((root / 'final_model' / 'model_config.json').read_text())
+  assert model_cfg['model'] == 'cnn' and model_cfg['variant'] == 'fedmef'
+  assert model_cfg['num_classes'] == 10 and model_cfg['input_shape'] == [32, 32, 3]
+  assert model_cfg['gamma'] == 0.7
+  assert sorted(os.listdir(root / 'checkpoints')) == ['program_state_2', 'program_state_3']
+  # The saved model loads in the exporter's reader with its masks.
+  from fedmef_tf import masks, model_io  # pylint: disable=import-outside-toplevel
+  model, _ = model_io.load_model(str(root / 'final_model'))
+  assert float(masks.global_density(model)) == pytest.approx(summary['density'], abs=1e-6)
+
+
+@needs_process
+def test_rerun_of_a_finished_run_changes_nothing(uninterrupted):
+  root, _ = uninterrupted
+  before = _h5_weights(root / 'final_model' / 'weights.h5')
+  proc = _cli([f'--root_dir={root}', '--rounds=3'] + TINY)
+  assert proc.returncode == 0, proc.stderr
+  assert 'round 1/3' not in proc.stdout
+  after = _h5_weights(root / 'final_model' / 'weights.h5')
+  assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@needs_process
+def test_resume_after_sigkill_gives_the_same_final_weights(uninterrupted, tmp_path):
+  reference_root, _ = uninterrupted
+  root = tmp_path / 'killed'
+  args = [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root}', '--rounds=3'] + TINY
+  proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    _wait_for(str(root / 'checkpoints' / 'program_state_2'), proc, timeout=200)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert not (root / 'summary.json').exists()
+  resumed = _cli([f'--root_dir={root}', '--rounds=3'] + TINY)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert 'resuming after round 2' in resumed.stdout
+  assert 'round 3/3' in resumed.stdout and 'round 2/3' not in resumed.stdout
+  want = _h5_weights(reference_root / 'final_model' / 'weights.h5')
+  got = _h5_weights(root / 'final_model' / 'weights.h5')
+  assert sorted(want) == sorted(got)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  assert [r['round'] for r in program_io.read_metrics(str(root))] == [1, 2, 3]
+  ref_summary = json.loads((reference_root / 'summary.json').read_text())
+  summary = json.loads((root / 'summary.json').read_text())
+  assert summary['final_accuracy'] == ref_summary['final_accuracy']
+  assert summary['traffic'] == ref_summary['traffic']
+
+
+@needs_process
+def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
+  root = tmp_path / 'interrupted'
+  args = [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root}', '--rounds=40'] + TINY
+  proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for(str(root / 'checkpoints' / 'program_state_1'), proc, timeout=200)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 130, out + err
+  assert 'stopped after round' in out
+  versions = sorted(int(n.rsplit('_', 1)[1]) for n in os.listdir(root / 'checkpoints')
+                    if n.startswith('program_state_') and n.rsplit('_', 1)[1].isdigit())
+  assert versions and versions[-1] < 40
+  rows = program_io.read_metrics(str(root))
+  assert rows[-1]['round'] == versions[-1]
+  assert not (root / 'summary.json').exists()
