@@ -1,0 +1,358 @@
+"""Export a FedMef model to a TFLite file with on-device training signatures.
+
+FedMef (Huang et al., CVPR 2024, arXiv 2403.14737) trains a sparse model on memory-limited
+clients. This program turns a model of this project into a `.tflite` file in which a phone can
+run the client's local training (signatures of `tflite_export.train_module.TrainModule`:
+`train`, `infer`, `set_learning_rate`, `get_weights`, `set_weights`, `save`, `restore`,
+`metadata`), with the mask enforced and SAP active in `train`.
+
+Usage (one source of the model):
+
+    python -m tflite_export.export --root_dir=RUN --output=model.tflite
+        # the final model of a `python -m tff_programs.train` run, RUN/final_model
+    python -m tflite_export.export --model_dir=PATH --output=model.tflite
+        # a directory written by `fedmef_tf.model_io.save_model`
+    python -m tflite_export.export --model=cnn --variant=fedmef --density=0.1 --output=m.tflite
+        # a freshly initialised registry model (variant 'tfmot': cnn only, see tfmot_model)
+
+Shapes: `train` and `infer` take a fixed batch of `--batch_size` examples (x float32
+`[B, H, W, C]`, y int32 `[B]`). Learning rate: a variable, initially `--learning_rate`, set on
+the device with `set_learning_rate(lr)` (e.g. each round's eta_t), saved in checkpoints.
+
+It prints the file size, the density of each prunable kernel and the measured peak memory of
+one on-device `train` call (`tflite_export.memprobe`). The file is written to a temporary name
+next to `--output` and renamed into place only when everything succeeded; on any error the
+program prints one line on stderr, exits with status 1 and leaves no file at `--output`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ['ExportError', 'ExportReport', 'export_model', 'load_source', 'kernel_densities',
+           'convert', 'main']
+
+RUN_MODEL_SUBDIR = 'final_model'
+EXPORT_VARIANTS = ('fedmef', 'baseline', 'tfmot')
+
+
+class ExportError(Exception):
+  """A user-facing export failure, with a one-line message."""
+
+
+@dataclasses.dataclass
+class ExportReport:
+  """What an export wrote and measured.
+
+  Attributes:
+    path: the `.tflite` file.
+    size_bytes: its size in bytes.
+    densities: `(kernel name, nonzeros, size)` per prunable kernel.
+    memory: `tflite_export.memprobe.measure_train_peak`'s dict (bytes), or None if not measured.
+    metadata: the export configuration stored in the file.
+  """
+  path: str
+  size_bytes: int
+  densities: List[Tuple[str, int, int]]
+  memory: Optional[Dict[str, float]]
+  metadata: Dict[str, Any]
+
+  @property
+  def global_density(self) -> float:
+    total = sum(s for _, _, s in self.densities)
+    return sum(n for _, n, _ in self.densities) / total if total else 1.0
+
+
+def _parse_shape(text: str) -> Tuple[int, ...]:
+  try:
+    shape = tuple(int(v) for v in str(text).split(','))
+  except ValueError as e:
+    raise ExportError(f'--input_shape must be H,W,C integers, got {text!r}') from e
+  if len(shape) != 3 or min(shape) < 1:
+    raise ExportError(f'--input_shape must be three positive integers, got {text!r}')
+  return shape
+
+
+def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = None,
+                model: Optional[str] = None, variant: str = 'fedmef', density: float = 0.1,
+                gamma: float = 0.7, num_classes: int = 10,
+                input_shape: Sequence[int] = (32, 32, 3), seed: int = 0):
+  """Builds or loads the Keras model to export, from exactly one source.
+
+  Args:
+    root_dir: a training run directory; its `final_model/` is loaded.
+    model_dir: a saved model directory (`fedmef_tf.model_io`).
+    model: a registry name (`fedmef_tf.models.MODEL_NAMES`), built fresh with `variant`,
+      `density`, `gamma`, `num_classes`, `input_shape`, `seed`.
+    variant: 'fedmef', 'baseline' or 'tfmot' (cnn only) for `model`.
+    density: global density of the prunable kernels of a fresh model, in (0, 1].
+    gamma: SAP drop ratio of a fresh fedmef model, in [0, 1].
+    num_classes, input_shape, seed: of a fresh model.
+
+  Returns:
+    `(keras_model, config)`; config has at least model, variant, num_classes, input_shape,
+    gamma, and `source`.
+
+  Raises:
+    ExportError: no or several sources, a directory without a saved model, an unknown name.
+  """
+  from fedmef_tf import model_io  # pylint: disable=import-outside-toplevel
+  from fedmef_tf import models  # pylint: disable=import-outside-toplevel
+
+  given = [n for n, v in (('--root_dir', root_dir), ('--model_dir', model_dir),
+                          ('--model', model)) if v]
+  if len(given) != 1:
+    raise ExportError('give exactly one of --root_dir, --model_dir, --model'
+                      + (f' (got {", ".join(given)})' if given else ''))
+  if root_dir:
+    if not os.path.isdir(root_dir):
+      raise ExportError(f'{root_dir}: no such run directory')
+    model_dir = os.path.join(root_dir, RUN_MODEL_SUBDIR)
+    if not os.path.isdir(model_dir):
+      raise ExportError(f'{root_dir}: run has no final model ({RUN_MODEL_SUBDIR}/ missing; '
+                        'did the training finish?)')
+  if model_dir:
+    try:
+      keras_model, config = model_io.load_model(model_dir)
+    except model_io.ModelFileError as e:
+      raise ExportError(str(e)) from e
+    config = dict(config)
+    config['source'] = os.path.abspath(model_dir)
+    config.setdefault('gamma', 0.0)
+    return keras_model, config
+  if model not in models.MODEL_NAMES:
+    raise ExportError(f"unknown model '{model}' (known: {', '.join(models.MODEL_NAMES)})")
+  if variant not in EXPORT_VARIANTS:
+    raise ExportError(f"unknown variant '{variant}' (known: {', '.join(EXPORT_VARIANTS)})")
+  if not 0.0 < float(density) <= 1.0:
+    raise ExportError(f'--density must be in (0, 1], got {density}')
+  if not 0.0 <= float(gamma) <= 1.0:
+    raise ExportError(f'--gamma must be in [0, 1], got {gamma}')
+  input_shape = tuple(int(d) for d in input_shape)
+  config = {'model': model, 'variant': variant, 'num_classes': int(num_classes),
+            'input_shape': list(input_shape), 'density': float(density), 'seed': int(seed),
+            'gamma': float(gamma) if variant == 'fedmef' else 0.0, 'source': 'registry'}
+  if variant == 'tfmot':
+    if model != 'cnn':
+      raise ExportError(f"variant 'tfmot' exists for model 'cnn' only, not '{model}'")
+    from tflite_export import tfmot_model  # pylint: disable=import-outside-toplevel
+    keras_model = tfmot_model.build_tfmot_cnn(
+        density=density, num_classes=num_classes, input_shape=input_shape, seed=seed)
+  else:
+    keras_model = models.build_model(model, variant, num_classes=int(num_classes),
+                                     input_shape=input_shape, density=float(density),
+                                     gamma=float(gamma), seed=int(seed))
+  return keras_model, config
+
+
+def kernel_densities(model) -> List[Tuple[str, int, int]]:
+  """`(name, nonzeros, size)` of every prunable kernel: masked layers' `kernel * mask`, or, in
+  a model without masks, every Conv2D / DepthwiseConv2D / Dense kernel's nonzeros."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  from fedmef_tf import masks  # pylint: disable=import-outside-toplevel
+
+  out = []
+  layers = masks.prunable_layers(model)
+  if layers:
+    for layer in layers:
+      eff = layer.kernel.numpy() * layer.mask.numpy()
+      out.append((layer.name, int(np.count_nonzero(eff)), int(eff.size)))
+    return out
+  kinds = (tf.keras.layers.Conv2D, tf.keras.layers.DepthwiseConv2D, tf.keras.layers.Dense)
+  for layer in model.layers:
+    if isinstance(layer, kinds):
+      k = (layer.depthwise_kernel if isinstance(layer, tf.keras.layers.DepthwiseConv2D)
+           else layer.kernel).numpy()
+      out.append((layer.name, int(np.count_nonzero(k)), int(k.size)))
+  return out
+
+
+def convert(module) -> bytes:
+  """Saves a `TrainModule` as a SavedModel (temporary) and converts it; returns the flatbuffer.
+
+  Select TF ops are allowed (training graphs need them) and resource variables are kept, so
+  that `train`, `set_weights` and `restore` change state inside the interpreter.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+
+  # The converter re-imports the SavedModel and warns once per function about the custom
+  # gradients we chose not to save (they are not needed: the gradients are in the graph).
+  logging.set_verbosity(logging.ERROR)
+  tmp = tempfile.mkdtemp(prefix='fedmef_tflite_')
+  try:
+    signatures = module.signatures(for_tflite=True)
+    # Gradients are already in the signatures: do not re-trace custom gradients for the file.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, tmp, signatures=signatures, options=options)
+    converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                           tf.lite.OpsSet.SELECT_TF_OPS]
+    converter.experimental_enable_resource_variables = True
+    return converter.convert()
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_output(output: str) -> str:
+  if not output:
+    raise ExportError('--output is required')
+  output = os.path.abspath(output)
+  parent = os.path.dirname(output)
+  if os.path.isdir(output):
+    raise ExportError(f'{output}: is a directory')
+  if not os.path.isdir(parent):
+    raise ExportError(f'{output}: cannot write, directory {parent} does not exist')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ExportError(f'{output}: cannot write, directory {parent} is not writable')
+  return output
+
+
+def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size: int = 32,
+                 learning_rate: float = 0.1, measure_memory: bool = True) -> ExportReport:
+  """Converts `keras_model` and writes it atomically to `output`.
+
+  Args:
+    keras_model: a built model (registry, loaded, or tfmot).
+    config: its configuration (see `load_source`); stored in the file's `metadata`.
+    output: path of the `.tflite` file; its directory must exist and be writable.
+    batch_size: fixed batch size B of `train` and `infer`.
+    learning_rate: initial SGD learning rate of `train`.
+    measure_memory: measure the on-device peak of one `train` call (two subprocesses).
+
+  Returns:
+    An `ExportReport`.
+
+  Raises:
+    ExportError: bad arguments, unwritable output, conversion or measurement failure. No file
+      is left at `output` (nor a temporary one beside it) when it is raised.
+  """
+  from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+  from tflite_export import train_module  # pylint: disable=import-outside-toplevel
+
+  output = _check_output(output)
+  if int(batch_size) < 1:
+    raise ExportError(f'--batch_size must be >= 1, got {batch_size}')
+  if not float(learning_rate) > 0.0:
+    raise ExportError(f'--learning_rate must be > 0, got {learning_rate}')
+  metadata = dict(config)
+  metadata['sap_storage'] = 'topk_values_int32_indices'
+  module = train_module.TrainModule(keras_model, batch_size=int(batch_size),
+                                    learning_rate=float(learning_rate), metadata=metadata)
+  try:
+    flatbuffer = convert(module)
+  except Exception as e:  # pylint: disable=broad-except
+    msg = str(e).strip().splitlines()
+    raise ExportError(f'TFLite conversion failed: {msg[0] if msg else type(e).__name__}') from e
+  parent = os.path.dirname(output)
+  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(output) + '.', suffix='.tmp',
+                             dir=parent)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(flatbuffer)
+      f.flush()
+      os.fsync(f.fileno())
+    memory = None
+    if measure_memory:
+      try:
+        memory = memprobe.measure_train_peak(tmp)
+      except (RuntimeError, OSError) as e:
+        raise ExportError(f'measuring the on-device train peak failed: {e}') from e
+    os.replace(tmp, output)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return ExportReport(path=output, size_bytes=len(flatbuffer),
+                      densities=kernel_densities(keras_model), memory=memory,
+                      metadata=json_metadata(module))
+
+
+def json_metadata(module) -> Dict[str, Any]:
+  import json  # pylint: disable=import-outside-toplevel
+  return json.loads(module.metadata_json)
+
+
+def format_report(report: ExportReport) -> str:
+  """Human-readable lines: file size, kernel densities, on-device train peak."""
+  lines = [f'wrote {report.path}: {report.size_bytes} bytes ({report.size_bytes / 2**20:.2f} MiB)',
+           f"model {report.metadata.get('model')}/{report.metadata.get('variant')}, "
+           f"batch {report.metadata['batch_size']}, input {report.metadata['input_shape']}, "
+           f"gamma {report.metadata.get('gamma', 0.0)}, "
+           f"learning rate {report.metadata['learning_rate']} (set_learning_rate to change)",
+           'kernel densities (nonzeros / size):']
+  for name, nnz, size in report.densities:
+    lines.append(f'  {name:28s} {nnz:9d} / {size:9d} = {nnz / size:.4f}')
+  lines.append(f'  {"global":28s} {report.global_density:.4f}')
+  if report.memory is not None:
+    m = report.memory
+    lines.append(f"on-device train peak (one call, VmHWM delta, minus idle): "
+                 f"{m['train_peak'] / 2**20:.2f} MiB "
+                 f"(train {m['train_delta'] / 2**20:.2f} MiB, idle {m['idle_delta'] / 2**20:.2f} "
+                 f"MiB, resident before {m['rss_before'] / 2**20:.1f} MiB)")
+  return '\n'.join(lines)
+
+
+def _flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_string('root_dir', None, 'training run directory (its final_model/ is exported)')
+  flags.DEFINE_string('model_dir', None, 'saved model directory (fedmef_tf.model_io)')
+  flags.DEFINE_string('model', None, 'registry model name for a freshly initialised model')
+  flags.DEFINE_string('variant', 'fedmef', 'fedmef, baseline or tfmot (with --model)')
+  flags.DEFINE_float('density', 0.1, 'global kernel density of a fresh model')
+  flags.DEFINE_float('gamma', 0.7, 'SAP drop ratio of a fresh fedmef model')
+  flags.DEFINE_integer('num_classes', 10, 'number of classes of a fresh model')
+  flags.DEFINE_string('input_shape', '32,32,3', 'H,W,C of a fresh model')
+  flags.DEFINE_integer('seed', 0, 'seed of a fresh model')
+  flags.DEFINE_integer('batch_size', 32, 'fixed batch size of train/infer')
+  flags.DEFINE_float('learning_rate', 0.1, 'initial SGD learning rate of train')
+  flags.DEFINE_string('output', None, 'the .tflite file to write')
+  flags.DEFINE_bool('measure_memory', True, 'measure the on-device train peak')
+  return flags.FLAGS
+
+
+def run(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), exports, prints; returns the exit status."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  fl = _flags()
+  try:
+    rest = fl(list(argv))
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if len(rest) > 1:
+    print(f'error: unexpected arguments {rest[1:]}', file=sys.stderr)
+    return 2
+  try:
+    _check_output(fl.output)
+    keras_model, config = load_source(
+        root_dir=fl.root_dir, model_dir=fl.model_dir, model=fl.model, variant=fl.variant,
+        density=fl.density, gamma=fl.gamma, num_classes=fl.num_classes,
+        input_shape=_parse_shape(fl.input_shape), seed=fl.seed)
+    report = export_model(keras_model, config, fl.output, batch_size=fl.batch_size,
+                          learning_rate=fl.learning_rate, measure_memory=fl.measure_memory)
+  except (ExportError, OSError, ValueError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f'error: {first}', file=sys.stderr)
+    return 1
+  print(format_report(report))
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return run(sys.argv if argv is None else argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

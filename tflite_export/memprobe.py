@@ -1,0 +1,160 @@
+"""Measured peak resident memory of one on-device `train` call of a TFLite export.
+
+FedMef's point (Huang et al., CVPR 2024) is the memory of a client's training step. On a device
+that is the memory the TFLite interpreter touches while it runs the `train` signature. This
+module measures it on Linux from the kernel's own accounting of the process:
+
+1. a fresh subprocess (`python -m tflite_export.memprobe MODEL --mode=train`) imports
+   TensorFlow, loads the interpreter, creates the `train` signature runner (which allocates the
+   tensors) and fills a batch of inputs;
+2. it resets the peak resident set size (`echo 5 > /proc/self/clear_refs`, which sets `VmHWM`
+   to the current `VmRSS`) and reads `VmRSS`;
+3. it runs `train` once and reads `VmHWM`, the highest resident set size since the reset.
+
+`VmHWM - VmRSS(before)` is the peak extra memory of the call. The same subprocess is run again
+with `--mode=idle`, identical except that it does not call `train`; its figure (normally a few
+hundred KiB of noise) is subtracted. Large allocations are forced onto `mmap`
+(`MALLOC_MMAP_THRESHOLD_=65536` in the child's environment) so that freed buffers leave the
+resident set instead of staying in glibc's heap, which makes the figure follow live memory.
+
+The figure includes everything the first call does: the TFLite arena pages it touches for the
+first time (activations and gradients of builtin ops), buffers of select-TF ops, and the
+one-time set-up of the select-TF-ops kernels, which is about the same for every model with the
+same op types. It excludes the model file and the variables, which are resident before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+from typing import Dict
+
+__all__ = ['measure_train_peak', 'probe']
+
+_STATUS = '/proc/self/status'
+
+
+def _status_kib(field: str) -> int:
+  with open(_STATUS) as f:
+    for line in f:
+      if line.startswith(field + ':'):
+        return int(line.split()[1])
+  raise RuntimeError(f'{field} not found in {_STATUS}')
+
+
+def _reset_peak() -> bool:
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def probe(model_path: str, mode: str, seed: int = 0, warmup: bool = True) -> Dict[str, int]:
+  """Runs in the measuring subprocess; returns the resident-memory figures in bytes.
+
+  Args:
+    model_path: a `.tflite` file with a `train(x, y)` signature.
+    mode: 'train' (call `train` once) or 'idle' (same set-up, no call).
+    seed: seed of the random input batch.
+    warmup: first run `train` once in a throw-away interpreter of the same file.
+
+  Returns:
+    `{'rss_before', 'hwm_after', 'peak_delta', 'reset'}`: bytes, and 1 if the peak could be
+    reset (0: the figure includes the import peak and is not usable).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  def load():
+    interpreter = tf.lite.Interpreter(model_path=model_path)
+    return interpreter, interpreter.get_signature_runner('train')
+
+  interpreter, train = load()
+  details = train.get_input_details()
+  rng = np.random.RandomState(seed)
+  x_shape = details['x']['shape']
+  y_shape = details['y']['shape']
+  meta = json.loads(interpreter.get_signature_runner('metadata')()['json'].item().decode())
+  n_classes = int(meta.get('num_classes', 10))
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  y = rng.randint(0, n_classes, size=y_shape).astype(np.int32)
+  if warmup:
+    # Process-wide one-time costs (code pages of the kernels, thread pools) are paid by a
+    # throw-away interpreter; the measured one is fresh (its arena untouched).
+    train(x=x, y=y)
+    del train, interpreter
+    gc.collect()
+    interpreter, train = load()
+  reset = _reset_peak()
+  rss_before = _status_kib('VmRSS')
+  if mode == 'train':
+    train(x=x, y=y)
+  elif mode != 'idle':
+    raise ValueError(f"mode must be 'train' or 'idle', got {mode!r}")
+  hwm_after = _status_kib('VmHWM')
+  return {'rss_before': rss_before * 1024, 'hwm_after': hwm_after * 1024,
+          'peak_delta': (hwm_after - rss_before) * 1024, 'reset': int(reset)}
+
+
+def _run_child(model_path: str, mode: str, timeout_s: float) -> Dict[str, int]:
+  env = dict(os.environ)
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  env['MALLOC_MMAP_THRESHOLD_'] = '65536'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tflite_export.memprobe', model_path, f'--mode={mode}'],
+      capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    raise RuntimeError(f'memory probe ({mode}) failed: {tail}')
+  return json.loads(lines[-1])
+
+
+def measure_train_peak(model_path: str, *, repeats: int = 1,
+                       timeout_s: float = 600.0) -> Dict[str, float]:
+  """Peak extra resident memory of one `train` call, in bytes, from fresh subprocesses.
+
+  Args:
+    model_path: the `.tflite` file.
+    repeats: number of (train, idle) subprocess pairs; the minimum of each is taken (the
+      figure is a peak, noise only adds to it).
+    timeout_s: limit per subprocess, seconds.
+
+  Returns:
+    `{'train_peak': bytes (train minus idle), 'train_delta': bytes, 'idle_delta': bytes,
+    'rss_before': bytes}`.
+
+  Raises:
+    RuntimeError: a subprocess failed or the peak could not be reset.
+  """
+  train_runs = [_run_child(model_path, 'train', timeout_s) for _ in range(repeats)]
+  idle_runs = [_run_child(model_path, 'idle', timeout_s) for _ in range(repeats)]
+  if not all(r['reset'] for r in train_runs + idle_runs):
+    raise RuntimeError('cannot reset the peak resident size (/proc/self/clear_refs)')
+  train_delta = min(r['peak_delta'] for r in train_runs)
+  idle_delta = min(r['peak_delta'] for r in idle_runs)
+  return {'train_peak': float(max(train_delta - idle_delta, 0)),
+          'train_delta': float(train_delta), 'idle_delta': float(idle_delta),
+          'rss_before': float(min(r['rss_before'] for r in train_runs))}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('model_path')
+  parser.add_argument('--mode', choices=('train', 'idle'), default='train')
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  print(json.dumps(probe(args.model_path, args.mode, args.seed)), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,194 @@
+"""The `tf.Module` whose signatures become the on-device training API of a TFLite export.
+
+FedMef (Huang et al., CVPR 2024, arXiv 2403.14737) trains a sparse model on the clients from the
+first round; on a phone each client runs the exported `train` signature. `TrainModule` wraps a
+Keras model (any model of `fedmef_tf.models`, or a plain Keras model such as a stripped tfmot
+model) and exposes six signatures:
+
+* `train(x, y) -> {loss}`: one plain SGD step on the mean sparse softmax cross-entropy of a batch.
+  `x`: float32 `[B, H, W, C]` with the batch size B fixed at export time; `y`: int32 `[B]` class
+  ids. The model runs with `training=True`, so the SAP ops of a FedMef model cache only the kept
+  activations (as values plus int32 indices, `tflite_export.static_sap`) and BitReLU a 1-bit
+  mask, and BatchNorm of a baseline model uses batch statistics and
+  updates its moving averages. The kernel gradient of a masked layer is already masked (and
+  carries the BaE term, `fedmef_tf.sparse_layers.masked_kernel`); after the update every masked
+  kernel is multiplied by its mask once more, so pruned entries are exactly zero after every step
+  whatever values were loaded. `loss` is the task loss *before* the step (the BaE penalty is not
+  in it, only its gradient).
+* `infer(x) -> {logits}`: `training=False` forward pass (plain ops, BatchNorm moving statistics).
+  Same fixed batch B as `train` (a smaller batch is padded by the caller).
+* `set_learning_rate(lr) -> {lr}`: sets the SGD learning rate (a variable, default chosen at
+  export time) used by every later `train` call, e.g. eta_t of the round.
+* `get_weights() -> {name: tensor}`: every variable of the model, masks, BaE marked sets,
+  BaE lambdas and BatchNorm statistics included; names are `w000_<layer>_<variable>` in the
+  order of `model.variables` (see `weight_names`).
+* `set_weights(**same names) -> {n_weights}`: assigns all of them (e.g. the global model of a
+  round, with its mask and, in adjustment rounds, its marked set and lambda).
+* `save(checkpoint_path) -> {checkpoint_path}` / `restore(checkpoint_path) -> {name: tensor}`:
+  write and read all variables (and the learning rate) in a TF checkpoint file with the `Save` /
+  `Restore` ops (select TF ops).
+* `metadata() -> {json}`: the JSON export configuration (model, variant, shapes, batch size,
+  weight names, ...), so a reader of the file can rebuild the TF model (`tflite_export.verify`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from typing import Any, Dict, List
+
+import tensorflow as tf
+
+from tflite_export import static_sap
+
+__all__ = ['TrainModule', 'weight_names', 'LR_NAME']
+
+#: Name of the learning rate in checkpoints written by the `save` signature.
+LR_NAME = 'learning_rate'
+
+_SIGNATURES = ('train', 'infer', 'set_learning_rate', 'get_weights', 'set_weights', 'save',
+               'restore', 'metadata')
+
+
+def weight_names(model: tf.keras.Model) -> List[str]:
+  """Signature names of the model's variables: `w<index>_<sanitised variable name>`.
+
+  Args:
+    model: a built Keras model.
+
+  Returns:
+    One unique name per entry of `model.variables`, in that order, made of `[A-Za-z0-9_]`.
+  """
+  names = []
+  for i, v in enumerate(model.variables):
+    base = v.name.split(':')[0]
+    base = re.sub(r'[^A-Za-z0-9_]+', '_', base).strip('_')
+    names.append(f'w{i:03d}_{base}')
+  return names
+
+
+def _masked_pairs(model: tf.keras.Model):
+  """(kernel, mask) variable pairs of the masked layers of `model` (empty for plain Keras)."""
+  pairs = []
+  for layer in model.submodules:
+    kernel, mask = getattr(layer, 'kernel', None), getattr(layer, 'mask', None)
+    if isinstance(kernel, tf.Variable) and isinstance(mask, tf.Variable):
+      if kernel.shape == mask.shape:
+        pairs.append((kernel, mask))
+  return pairs
+
+
+class TrainModule(tf.Module):
+  """Training, inference, weight exchange and checkpoint signatures around a Keras model.
+
+  Args:
+    model: a built Keras model mapping `[B, *input_shape]` float32 to `[B, num_classes]` logits.
+    batch_size: the fixed batch size B of `train` and `infer`.
+    learning_rate: initial SGD learning rate (changed on the device with
+      `set_learning_rate`).
+    metadata: JSON-serialisable export configuration, returned by the `metadata` signature.
+  """
+
+  def __init__(self, model: tf.keras.Model, *, batch_size: int, learning_rate: float,
+               metadata: Dict[str, Any]):
+    super().__init__(name='fedmef_train_module')
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    self.model = model
+    self.batch_size = int(batch_size)
+    self.input_shape = tuple(int(d) for d in model.input_shape[1:])
+    self.lr = tf.Variable(float(learning_rate), dtype=tf.float32, trainable=False,
+                          name=LR_NAME)
+    self.names = weight_names(model)
+    self._vars = list(model.variables)
+    self._trainable = list(model.trainable_variables)
+    self._masked = _masked_pairs(model)
+    meta = dict(metadata)
+    meta.update({'batch_size': self.batch_size, 'input_shape': list(self.input_shape),
+                 'weight_names': self.names, 'learning_rate': float(learning_rate),
+                 'signatures': list(_SIGNATURES)})
+    self.metadata_json = json.dumps(meta, sort_keys=True)
+    self._build_functions()
+
+  def _build_functions(self):
+    b, shape = self.batch_size, self.input_shape
+    x_spec = tf.TensorSpec([b, *shape], tf.float32, name='x')
+    y_spec = tf.TensorSpec([b], tf.int32, name='y')
+    weight_specs = [tf.TensorSpec(v.shape, v.dtype, name=n)
+                    for n, v in zip(self.names, self._vars)]
+    path_spec = tf.TensorSpec([], tf.string, name='checkpoint_path')
+
+    self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
+    self.infer = tf.function(self._infer, input_signature=[x_spec])
+    self.set_learning_rate = tf.function(
+        self._set_learning_rate, input_signature=[tf.TensorSpec([], tf.float32, name='lr')])
+    self.get_weights = tf.function(self._get_weights, input_signature=[])
+    self.set_weights = tf.function(self._set_weights, input_signature=weight_specs)
+    self.save = tf.function(self._save, input_signature=[path_spec])
+    self.restore = tf.function(self._restore, input_signature=[path_spec])
+    self.metadata = tf.function(self._metadata, input_signature=[])
+
+  # -- signature bodies --------------------------------------------------------------------------
+
+  def _train(self, x, y):
+    with tf.GradientTape() as tape:
+      logits = self.model(x, training=True)
+      loss = tf.reduce_mean(
+          tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+    grads = tape.gradient(loss, self._trainable)
+    for v, g in zip(self._trainable, grads):
+      if g is not None:
+        v.assign_sub(self.lr * g)
+    for kernel, mask in self._masked:
+      kernel.assign(kernel * mask)
+    return {'loss': loss}
+
+  def _infer(self, x):
+    return {'logits': self.model(x, training=False)}
+
+  def _set_learning_rate(self, lr):
+    self.lr.assign(lr)
+    return {'lr': tf.identity(self.lr)}
+
+  def _get_weights(self):
+    return {n: tf.identity(v) for n, v in zip(self.names, self._vars)}
+
+  def _set_weights(self, *values):
+    for v, value in zip(self._vars, values):
+      v.assign(value)
+    return {'n_weights': tf.constant(len(self._vars), tf.int32)}
+
+  def _save(self, checkpoint_path):
+    tensor_names = self.names + [LR_NAME]
+    tf.raw_ops.Save(filename=checkpoint_path, tensor_names=tensor_names,
+                    data=[tf.identity(v) for v in self._vars] + [tf.identity(self.lr)],
+                    name='save')
+    return {'checkpoint_path': checkpoint_path}
+
+  def _restore(self, checkpoint_path):
+    out = {}
+    for n, v in zip(self.names + [LR_NAME], self._vars + [self.lr]):
+      value = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=n, dt=v.dtype,
+                                 name=f'restore_{n}')
+      value = tf.ensure_shape(value, v.shape)
+      v.assign(value)
+      out[n] = value
+    return out
+
+  def _metadata(self):
+    return {'json': tf.constant(self.metadata_json)}
+
+  # -- helpers -----------------------------------------------------------------------------------
+
+  def signatures(self, *, for_tflite: bool = True) -> Dict[str, Any]:
+    """Concrete functions keyed by signature name, for `tf.saved_model.save`.
+
+    Args:
+      for_tflite: trace the SAP ops with the on-device activation storage of
+        `tflite_export.static_sap` (top-k values and int32 indices, static shapes); False
+        traces `fedmef_tf.sap` as it is (the TF reference of `tflite_export.verify`).
+    """
+    context = static_sap.topk_sap() if for_tflite else contextlib.nullcontext()
+    with context:
+      return {name: getattr(self, name).get_concrete_function() for name in _SIGNATURES}
