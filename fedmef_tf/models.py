@@ -18,12 +18,15 @@ and the classifier included.
 Memory (the point of the fedmef variant): no layer keeps a float copy of an activation for its
 backward pass. The masked convs cache only the SAP-compressed input; BitReLU caches one bit per
 element; bias addition needs only the upstream gradient. The residual addition and the global
-average pooling are the custom-gradient layers `ResidualAdd` and `GlobalAvgPool` below: TF's own
-`AddV2` / `Mean` gradients ask for `tf.shape(input)` when the batch size is unknown (as in a
-Keras `fit` graph), which keeps the whole input tensor alive until the backward pass; these
-layers capture only the (tiny) shape. There is no identity, scaling, max-pool or dropout op on the
-activation path. Both variants use the same lean add and pooling layers, so that a measured
-difference is due to NSConv + SAP + BitReLU + no BN only.
+average pooling are the custom-gradient layers `ResidualAdd` and `GlobalAvgPool` below, whose
+gradient functions refer to nothing but the (tiny) input shape. TF's own `AddV2` / `Mean`
+gradients call `tf.shape(input)` when the batch size is unknown (as in a Keras `fit` graph);
+whether that keeps the input alive is up to graph pruning (in a TF 2.14 `tf.function` step we
+measured no difference), so these layers make it a property of the code rather than of the
+optimiser. There is no identity, scaling, max-pool or dropout op on the activation path: the
+ReLU gain that keeps the signal scale without BatchNorm is folded into the next NSConv's kernel
+(`act_gain`), not applied to the activation. Both variants use the same lean add and pooling
+layers, so that a measured difference is due to NSConv + SAP + BitReLU + no BN only.
 
 Layer names are fixed (`stem_conv`, `layer2_0_conv1`, `block3_expand`, `classifier`, ...), so
 two builds of the same model have the same variable names whatever else lives in the process.

@@ -49,6 +49,7 @@ __all__ = [
     "MaskedDepthwiseConv2D",
     "MaskedDense",
     "masked_kernel",
+    "masked_standardized_kernel",
     "assign_masks",
     "set_bae",
     "clear_bae",
@@ -84,6 +85,83 @@ def masked_kernel(
         return k * mask, grad
 
     return _masked(kernel)
+
+
+def masked_standardized_kernel(
+    kernel: tf.Tensor,
+    mask: tf.Tensor,
+    marked: tf.Tensor,
+    bae_lambda: tf.Tensor,
+    gain: tf.Tensor,
+    depthwise: bool = False,
+) -> tf.Tensor:
+    """NSConv kernel `standardize_kernel(kernel * mask, mask, gain)` with the masked-kernel gradient.
+
+    Same value as `nsconv.standardize_kernel(masked_kernel(kernel, mask, marked, bae_lambda),
+    mask, gain, depthwise)` and the same gradients, but as one custom gradient that caches
+    nothing of kernel size: the backward pass recomputes the channel statistics from `kernel`
+    (a read of the variable, resident anyway) instead of keeping the centred kernel and its
+    products alive from the forward pass (for ResNet18 that is tens of MB per copy).
+
+    With c = W - mean(W), S = sum(c^2), s = g / sqrt(max(S, eps)) per output channel,
+    W = kernel * mask, W_hat = s * c * M and u = dL/dW_hat * M:
+
+        dL/dg = sum(u * c) / sqrt(max(S, eps))
+        dL/dc = s * u + 2 * c * dL/dS,  dL/dS = -sum(u * c) * g / 2 * max(S, eps)^(-3/2)
+                (0 where S < eps)
+        dL/dW = dL/dc - mean(dL/dc)
+        dL/dkernel = dL/dW * mask + 2 * bae_lambda * kernel * marked
+
+    Args:
+        kernel: float32 raw kernel, shape as in `nsconv.standardize_kernel`.
+        mask: 0/1 float32, same shape.
+        marked: 0/1 float32, same shape (BaE marked set).
+        bae_lambda: float32 scalar.
+        gain: per-output-channel gain, shape `(n_out,)` (see `nsconv.standardize_kernel`).
+        depthwise: whether the kernel is a depthwise kernel.
+
+    Returns:
+        W_hat, shape of `kernel`.
+    """
+    rank = kernel.shape.rank
+    axes = list(nsconv.reduction_axes(rank, depthwise))
+    gain_shape = [1] * rank
+    if depthwise:
+        gain_shape[2], gain_shape[3] = int(kernel.shape[2]), int(kernel.shape[3])
+    else:
+        gain_shape[-1] = int(kernel.shape[-1])
+    mask = tf.stop_gradient(tf.cast(mask, kernel.dtype))
+    marked = tf.stop_gradient(tf.cast(marked, kernel.dtype))
+    two_lambda = tf.stop_gradient(2.0 * tf.cast(bae_lambda, kernel.dtype))
+    eps = tf.constant(nsconv.EPS, kernel.dtype)
+
+    def stats(k, g):
+        w = k * mask
+        centred = w - tf.reduce_mean(w, axis=axes, keepdims=True)
+        sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)
+        inv_std = tf.math.rsqrt(tf.maximum(sum_sq, eps))
+        return centred, sum_sq, inv_std, tf.reshape(g, gain_shape)
+
+    @tf.custom_gradient
+    def _kernel(k, g):
+        ks, gs = tf.stop_gradient(k), tf.stop_gradient(g)
+        centred, _, inv_std, g_b = stats(ks, gs)
+
+        def grad(upstream):
+            c, sum_sq, inv, gb = stats(ks, gs)
+            u = upstream * mask
+            d_scale = tf.reduce_sum(u * c, axis=axes, keepdims=True)  # dL/ds
+            d_gain = d_scale * inv
+            d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gb * inv * inv * inv,
+                                tf.zeros_like(sum_sq))
+            d_centred = (gb * inv) * u + 2.0 * d_sum_sq * c
+            d_w = d_centred - tf.reduce_mean(d_centred, axis=axes, keepdims=True)
+            d_k = d_w * mask + two_lambda * ks * marked
+            return d_k, tf.reshape(d_gain, tf.shape(gs))
+
+        return centred * (g_b * inv_std) * mask, grad
+
+    return _kernel(kernel, gain)
 
 
 def _is_python_true(training) -> Optional[bool]:
@@ -248,20 +326,25 @@ class MaskedLayer(tf.keras.layers.Layer):
 
         Includes the probe of `dense_kernel_gradients` when one is set. Shape of `kernel`.
         """
-        w = masked_kernel(
-            tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(self.mask),
-            tf.convert_to_tensor(self.marked), tf.convert_to_tensor(self.bae_lambda))
-        scale = None
-        if self.normalize:
-            gain = self.gain if self.act_gain == 1.0 else self.gain * self.act_gain
-            w, scale = nsconv.standardize_kernel(
-                w, self.mask, gain, self._depthwise, return_scale=True)
-        if self._probe is not None:
-            if scale is None:
+        kernel = tf.convert_to_tensor(self.kernel)
+        mask = tf.convert_to_tensor(self.mask)
+        marked = tf.convert_to_tensor(self.marked)
+        bae_lambda = tf.convert_to_tensor(self.bae_lambda)
+        if not self.normalize:
+            w = masked_kernel(kernel, mask, marked, bae_lambda)
+            if self._probe is not None:
                 w = w + self._probe
-            else:
-                # First-order gradient of the raw weight were it active: dL/dW_hat * g / std.
-                w = w + self._probe * tf.stop_gradient(scale)
+            return w
+        gain = tf.convert_to_tensor(self.gain)
+        if self.act_gain != 1.0:
+            gain = gain * self.act_gain
+        w = masked_standardized_kernel(kernel, mask, marked, bae_lambda, gain, self._depthwise)
+        if self._probe is not None:
+            # First-order gradient of the raw weight were it active: dL/dW_hat * g / std.
+            _, scale = nsconv.standardize_kernel(
+                tf.stop_gradient(kernel * mask), mask, tf.stop_gradient(gain), self._depthwise,
+                return_scale=True)
+            w = w + self._probe * scale
         return w
 
     def call(self, inputs, training=None):
