@@ -26,6 +26,8 @@ __all__ = [
     "global_density",
     "layer_nnz",
     "layer_sizes",
+    "masks_of",
+    "density_summary",
 ]
 
 Shape = Tuple[int, ...]
@@ -214,7 +216,7 @@ def global_density(model: tf.keras.layers.Layer) -> float:
 
 
 def layer_nnz(model: tf.keras.layers.Layer) -> List[int]:
-    """Number of active entries (mask ones) of each prunable layer, in layer order."""
+    """Number of active entries (mask ones) of each prunable layer, in layer order (eager only)."""
     return [int(np.count_nonzero(layer.mask.numpy())) for layer in prunable_layers(model)]
 
 

@@ -165,6 +165,28 @@ def test_model_fit_keeps_masks_and_learns():
         assert np.all(layer.kernel.numpy()[layer.mask.numpy() == 0] == 0.0)
 
 
+def test_fit_takes_the_sap_ops_and_predict_does_not(monkeypatch):
+    from fedmef_tf import sap  # pylint: disable=import-outside-toplevel
+
+    calls = []
+    for op in ("sap_conv2d", "sap_depthwise_conv2d", "sap_matmul"):
+        original = getattr(sap, op)
+
+        def counted(*args, _op=op, _original=original, **kwargs):
+            calls.append(_op)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(sap, op, counted)
+    model = _model(normalize=True, sap_gamma=0.5)
+    x, y = _data(8)
+    model.compile(tf.keras.optimizers.SGD(0.01), LOSS)
+    model.predict(x, verbose=0)
+    model.evaluate(x, y, verbose=0)
+    assert calls == []
+    model.fit(x, y, epochs=1, verbose=0)
+    assert sorted(set(calls)) == ["sap_conv2d", "sap_depthwise_conv2d", "sap_matmul"]
+
+
 def test_bae_gradient_term():
     model = _model(normalize=True)
     masks.init_sparse(model, 0.5, seed=3)
