@@ -95,7 +95,7 @@ def masked_standardized_kernel(
     gain: tf.Tensor,
     depthwise: bool = False,
 ) -> tf.Tensor:
-    """NSConv kernel `standardize_kernel(kernel * mask, mask, gain)` with the masked-kernel gradient.
+    """NSConv kernel `standardize_kernel(kernel * mask, mask, gain)`, masked-kernel gradient.
 
     Same value as `nsconv.standardize_kernel(masked_kernel(kernel, mask, marked, bae_lambda),
     mask, gain, depthwise)` and the same gradients, but as one custom gradient that caches
