@@ -184,15 +184,19 @@ def convert(module) -> bytes:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
 
+  from tflite_export import static_sap  # pylint: disable=import-outside-toplevel
+
   # The converter re-imports the SavedModel and warns once per function about the custom
   # gradients we chose not to save (they are not needed: the gradients are in the graph).
   logging.set_verbosity(logging.ERROR)
   tmp = tempfile.mkdtemp(prefix='fedmef_tflite_')
   try:
-    signatures = module.signatures(for_tflite=True)
-    # Gradients are already in the signatures: do not re-trace custom gradients for the file.
-    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-    tf.saved_model.save(module, tmp, signatures=signatures, options=options)
+    # Saving may trace the module's functions again: keep the on-device SAP storage in force.
+    with static_sap.topk_sap():
+      signatures = module.signatures(for_tflite=True)
+      # Gradients are already in the signatures: do not re-trace custom gradients for the file.
+      options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+      tf.saved_model.save(module, tmp, signatures=signatures, options=options)
     converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                            tf.lite.OpsSet.SELECT_TF_OPS]

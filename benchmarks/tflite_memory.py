@@ -1,0 +1,116 @@
+"""On-device training peak of TFLite exports: FedMef against baseline (BatchNorm) and tfmot.
+
+FedMef (Huang et al., CVPR 2024) claims a smaller training footprint on the client. This
+benchmark exports, at the same density and batch size, freshly initialised models
+
+* `fedmef`: NSConv + SAP (gamma) + BitReLU, no BatchNorm, masks enforced on device;
+* `baseline`: masked conv + BatchNorm + ReLU, masks enforced on device;
+* `tfmot` (cnn only): the same CNN from stock Keras layers pruned by
+  `tfmot.sparsity.keras.prune_low_magnitude` and stripped (`tflite_export.tfmot_model`);
+
+and measures the peak resident memory of one `train` call in the TFLite interpreter
+(`tflite_export.memprobe`: fresh subprocess, `VmHWM` delta over the call, minus the same
+process without the call; minimum over `--repeats`). The target of the project is FedMef at
+most 0.6x the baseline.
+
+    python -m benchmarks.tflite_memory --models=cnn,resnet18 --batch_sizes=32,64
+
+Prints one row per export and the FedMef / baseline ratio per (model, batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from typing import Dict, List, Sequence
+
+__all__ = ['run_benchmark', 'main']
+
+TARGET_RATIO = 0.6
+
+
+def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density: float,
+                  gamma: float, repeats: int, out_dir: str) -> List[Dict[str, object]]:
+  """Exports and measures every (model, batch, variant); returns one dict per export.
+
+  Args:
+    models: registry names.
+    batch_sizes: fixed batch sizes of the `train` signature.
+    density: global kernel density of every export.
+    gamma: SAP drop ratio of the FedMef exports.
+    repeats: measuring subprocess pairs per export (the minimum is kept).
+    out_dir: where the `.tflite` files are written.
+
+  Returns:
+    Rows with keys model, batch, variant, size_bytes, peak_bytes, density.
+  """
+  from tflite_export import export  # pylint: disable=import-outside-toplevel
+  from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+
+  rows = []
+  for model in models:
+    variants = ['fedmef', 'baseline'] + (['tfmot'] if model == 'cnn' else [])
+    for batch in batch_sizes:
+      for variant in variants:
+        keras_model, config = export.load_source(model=model, variant=variant,
+                                                 density=density, gamma=gamma)
+        path = os.path.join(out_dir, f'{model}_{variant}_b{batch}.tflite')
+        report = export.export_model(keras_model, config, path, batch_size=batch,
+                                     measure_memory=False)
+        memory = memprobe.measure_train_peak(path, repeats=repeats)
+        rows.append({'model': model, 'batch': batch, 'variant': variant,
+                     'size_bytes': report.size_bytes, 'peak_bytes': memory['train_peak'],
+                     'density': report.global_density})
+        print(f'{model:10s} b{batch:<4d} {variant:9s} file {report.size_bytes / 2**20:7.2f} MiB'
+              f'  density {report.global_density:.4f}'
+              f'  train peak {memory["train_peak"] / 2**20:8.2f} MiB', flush=True)
+  return rows
+
+
+def _ratios(rows) -> List[str]:
+  lines = []
+  keys = sorted({(r['model'], r['batch']) for r in rows})
+  for model, batch in keys:
+    peaks = {r['variant']: r['peak_bytes'] for r in rows
+             if r['model'] == model and r['batch'] == batch}
+    base = peaks.get('baseline')
+    if not base:
+      continue
+    parts = [f'{v}/baseline {peaks[v] / base:.2f}x' for v in ('fedmef', 'tfmot') if v in peaks]
+    ok = peaks.get('fedmef', float('inf')) <= TARGET_RATIO * base
+    lines.append(f'{model} batch {batch}: ' + ', '.join(parts)
+                 + f'  (target fedmef <= {TARGET_RATIO}x: {"met" if ok else "NOT met"})')
+  return lines
+
+
+def main(argv=None) -> int:
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--models', default='cnn')
+  parser.add_argument('--batch_sizes', default='32,64')
+  parser.add_argument('--density', type=float, default=0.1)
+  parser.add_argument('--gamma', type=float, default=0.7)
+  parser.add_argument('--repeats', type=int, default=1)
+  parser.add_argument('--out_dir', default=None, help='keep the exports here (default: temp)')
+  args = parser.parse_args(argv)
+  out_dir = args.out_dir or tempfile.mkdtemp(prefix='tflite_memory_')
+  os.makedirs(out_dir, exist_ok=True)
+  try:
+    rows = run_benchmark([m for m in args.models.split(',') if m],
+                         [int(b) for b in args.batch_sizes.split(',') if b],
+                         density=args.density, gamma=args.gamma, repeats=args.repeats,
+                         out_dir=out_dir)
+  finally:
+    if not args.out_dir:
+      shutil.rmtree(out_dir, ignore_errors=True)
+  print(f'density {args.density}, gamma {args.gamma}; peak = VmHWM delta of one train call')
+  for line in _ratios(rows):
+    print(line)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,270 @@
+"""Checks a TFLite export of `tflite_export.export` by running every signature.
+
+    python -m tflite_export.verify model.tflite [--steps=5] [--seed=0]
+
+The file's `metadata` signature names the model (registry name, variant, classes, input shape,
+gamma, batch size, weight names), so the TF model is rebuilt from it and loaded with the
+file's own weights (`get_weights`). On one random batch (seeded) it checks:
+
+1. `infer`: logits of shape `[B, classes]` equal the TF model's (`training=False`) within
+   `INFER_ATOL`.
+2. TF/TFLite step: one `train` step in the interpreter and the same step of the TF model
+   (`TrainModule.train`, traced with `fedmef_tf.sap` as it is) give the same loss within
+   `LOSS_RTOL` and the same variables within `WEIGHT_ATOL` (absolute, on every variable,
+   masks and BatchNorm statistics included). The on-device graph stores SAP activations
+   differently (`tflite_export.static_sap`) and its kernels sum in another order, so the match
+   is to float rounding, not bitwise.
+3. masked zeros: after `--steps` more steps, every kernel entry whose mask is 0 is exactly 0,
+   and the masks are unchanged (not applicable to an export without masks, e.g. tfmot's:
+   reported, not failed).
+4. loss falls: the loss of the last of the `--steps` steps on the same batch is below the first
+   (at learning rate `min(exported rate, FALL_LR)`, so that a large exported rate does not make
+   the check a matter of luck).
+5. `set_weights` then `get_weights` returns exactly what was set (bitwise).
+6. `save` then `set_weights` (other values) then `restore`: every variable and the learning
+   rate are exactly the saved ones, and `restore` returns them.
+7. `set_learning_rate` changes the rate the next `train` uses (a step at lr 0 changes no
+   trainable weight).
+
+Prints one line per check and exits with status 1 if any check fails (2 for an unreadable file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ['Check', 'verify', 'read_metadata', 'main', 'LOSS_RTOL', 'WEIGHT_ATOL', 'INFER_ATOL']
+
+#: Relative tolerance of the loss of one TFLite step against the TF step.
+LOSS_RTOL = 1e-4
+#: Absolute tolerance of every variable after one step (weights are O(0.1..1), lr 0.1).
+WEIGHT_ATOL = 1e-4
+#: Largest learning rate of the loss-falls steps.
+FALL_LR = 0.02
+#: Absolute tolerance of the logits of `infer` against the TF model.
+INFER_ATOL = 1e-4
+
+
+@dataclasses.dataclass
+class Check:
+  """One verification result: `name`, `ok` (None: not applicable) and a `detail` line."""
+  name: str
+  ok: Optional[bool]
+  detail: str
+
+  def line(self) -> str:
+    status = {True: 'PASS', False: 'FAIL', None: 'N/A '}[self.ok]
+    return f'{status} {self.name}: {self.detail}'
+
+
+def read_metadata(interpreter) -> Dict[str, Any]:
+  """The export configuration stored in the file's `metadata` signature."""
+  raw = interpreter.get_signature_runner('metadata')()['json']
+  raw = raw.item() if hasattr(raw, 'item') else raw
+  return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+
+
+def _rebuild(meta: Dict[str, Any]):
+  """The TF model and TrainModule that the file was exported from (fresh variables)."""
+  from fedmef_tf import models  # pylint: disable=import-outside-toplevel
+  from tflite_export import tfmot_model  # pylint: disable=import-outside-toplevel
+  from tflite_export import train_module  # pylint: disable=import-outside-toplevel
+
+  if meta['variant'] == 'tfmot':
+    model = tfmot_model.build_plain_cnn(num_classes=int(meta['num_classes']),
+                                        input_shape=tuple(meta['input_shape']))
+  else:
+    model = models.build_model(meta['model'], meta['variant'],
+                               num_classes=int(meta['num_classes']),
+                               input_shape=tuple(meta['input_shape']),
+                               gamma=float(meta.get('gamma', 0.0)), density=1.0,
+                               seed=int(meta.get('seed', 0)))
+  module = train_module.TrainModule(model, batch_size=int(meta['batch_size']),
+                                    learning_rate=float(meta['learning_rate']), metadata={})
+  return model, module
+
+
+def _mask_pairs(names: Sequence[str]):
+  """(kernel name, mask name) pairs of masked layers, from the signature names."""
+  pairs = []
+  for n in names:
+    if n.endswith('_kernel'):
+      prefix = n[5:-len('_kernel')]
+      masks = [m for m in names if m.endswith(prefix + '_mask') and m[5:-len('_mask')] == prefix]
+      if masks:
+        pairs.append((n, masks[0]))
+  return pairs
+
+
+def _max_diff(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> float:
+  return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64))))
+             if np.size(a[k]) else 0.0 for k in a)
+
+
+def _equal(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
+  return a.keys() == b.keys() and all(
+      np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
+
+
+def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
+  """Runs the checks of the module docstring; returns one `Check` per check.
+
+  Args:
+    model_path: a `.tflite` file written by `tflite_export.export`.
+    steps: number of `train` steps of the loss and mask checks (>= 2).
+    seed: seed of the sample batch.
+
+  Returns:
+    The checks, in the order of the module docstring.
+
+  Raises:
+    ValueError: the file has no `metadata`/`train` signature or metadata that names no model.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  if steps < 2:
+    raise ValueError(f'steps must be >= 2, got {steps}')
+  interpreter = tf.lite.Interpreter(model_path=model_path)
+  sigs = interpreter.get_signature_list()
+  needed = ('train', 'infer', 'get_weights', 'set_weights', 'save', 'restore', 'metadata',
+            'set_learning_rate')
+  missing = [s for s in needed if s not in sigs]
+  if missing:
+    raise ValueError(f'{model_path}: missing signatures {missing}')
+  meta = read_metadata(interpreter)
+  run = {s: interpreter.get_signature_runner(s) for s in needed}
+  names = list(meta['weight_names'])
+  b = int(meta['batch_size'])
+  rng = np.random.RandomState(seed)
+  x = rng.standard_normal((b, *meta['input_shape'])).astype(np.float32)
+  y = rng.randint(0, int(meta['num_classes']), size=(b,)).astype(np.int32)
+  checks: List[Check] = []
+
+  w0 = run['get_weights']()
+  lr0 = float(meta['learning_rate'])
+
+  def reset():
+    run['set_weights'](**w0)
+    run['set_learning_rate'](lr=np.float32(lr0))
+
+  # The TF model, loaded with the file's weights.
+  model, module = _rebuild(meta)
+  if [tuple(v.shape) for v in model.variables] != [tuple(w0[n].shape) for n in names]:
+    raise ValueError(f'{model_path}: variables of the rebuilt {meta["model"]}/'
+                     f'{meta["variant"]} do not match the file')
+  for v, n in zip(model.variables, names):
+    v.assign(w0[n])
+
+  # 1. infer.
+  logits = run['infer'](x=x)['logits']
+  ref = model(x, training=False).numpy()
+  d = float(np.max(np.abs(logits - ref)))
+  checks.append(Check('infer matches TF', logits.shape == ref.shape and d <= INFER_ATOL,
+                      f'logits {tuple(logits.shape)}, max |diff| {d:.2e} (tol {INFER_ATOL})'))
+
+  # 2. One step, TFLite against TF.
+  loss_lite = float(run['train'](x=x, y=y)['loss'])
+  w_lite = run['get_weights']()
+  loss_tf = float(module.train(tf.constant(x), tf.constant(y))['loss'])
+  w_tf = {n: v.numpy() for n, v in zip(names, model.variables)}
+  dl = abs(loss_lite - loss_tf)
+  dw = _max_diff(w_lite, w_tf)
+  ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and dw <= WEIGHT_ATOL
+  checks.append(Check('train step matches TF', ok,
+                      f'loss {loss_lite:.6f} vs {loss_tf:.6f} (|diff| {dl:.2e}, rtol {LOSS_RTOL}),'
+                      f' max |weight diff| {dw:.2e} (atol {WEIGHT_ATOL})'))
+
+  # 3 and 4. Several steps on the same batch: masked zeros, loss falls.
+  reset()
+  run['set_learning_rate'](lr=np.float32(min(lr0, FALL_LR)))
+  losses = [float(run['train'](x=x, y=y)['loss']) for _ in range(steps)]
+  w_after = run['get_weights']()
+  pairs = _mask_pairs(names)
+  if pairs:
+    bad = sum(int(np.count_nonzero(w_after[k][w_after[m] == 0])) for k, m in pairs)
+    changed = [m for _, m in pairs if not np.array_equal(w_after[m], w0[m])]
+    pruned = sum(int(np.count_nonzero(w0[m] == 0)) for _, m in pairs)
+    checks.append(Check('masked weights stay zero', bad == 0 and not changed,
+                        f'{pruned} masked entries in {len(pairs)} kernels, {bad} nonzero after '
+                        f'{steps} steps, masks changed: {changed or "none"}'))
+  else:
+    zeros0 = sum(int(np.count_nonzero(w0[n] == 0)) for n in names if n.endswith('kernel'))
+    zeros1 = sum(int(np.count_nonzero(w_after[n] == 0)) for n in names if n.endswith('kernel'))
+    checks.append(Check('masked weights stay zero', None,
+                        f'no mask variables in this export; zero kernel entries {zeros0} before, '
+                        f'{zeros1} after {steps} steps'))
+  checks.append(Check('loss falls', losses[-1] < losses[0],
+                      'losses ' + ', '.join(f'{l:.4f}' for l in losses)))
+
+  # 5. set/get round trip with values different from the current ones.
+  other = {n: (w0[n] + rng.standard_normal(w0[n].shape).astype(w0[n].dtype)
+               if w0[n].dtype.kind == 'f' else w0[n]) for n in names}
+  run['set_weights'](**other)
+  got = run['get_weights']()
+  checks.append(Check('set_weights/get_weights round trip', _equal(got, other),
+                      f'{len(names)} variables, bitwise'))
+
+  # 6. save/restore round trip.
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'client.ckpt')
+    run['set_weights'](**w_after)
+    run['set_learning_rate'](lr=np.float32(0.0123))
+    run['save'](checkpoint_path=np.array(path.encode()))
+    run['set_weights'](**other)
+    run['set_learning_rate'](lr=np.float32(lr0))
+    restored = run['restore'](checkpoint_path=np.array(path.encode()))
+    got = run['get_weights']()
+    lr_back = float(restored.pop('learning_rate'))
+    ok = _equal(got, w_after) and _equal(restored, w_after) and lr_back == np.float32(0.0123)
+    checks.append(Check('save/restore round trip', ok,
+                        f'{len(names)} variables and the learning rate, bitwise '
+                        f'({os.path.getsize(path)} bytes checkpoint)'))
+
+  # 7. learning rate: a step at lr 0 leaves every trainable weight as it was.
+  reset()
+  run['set_learning_rate'](lr=np.float32(0.0))
+  run['train'](x=x, y=y)
+  w_lr0 = run['get_weights']()
+  trainable = [n for n, v in zip(names, model.variables) if v.trainable]
+  unchanged = all(np.array_equal(w_lr0[n], w0[n]) for n in trainable)
+  checks.append(Check('set_learning_rate applies', unchanged,
+                      f'a step at lr 0 changed {"no" if unchanged else "some"} trainable weight'))
+  reset()
+  return checks
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  import argparse  # pylint: disable=import-outside-toplevel
+
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('model_path')
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  if not os.path.isfile(args.model_path):
+    print(f'error: {args.model_path}: no such file', file=sys.stderr)
+    return 2
+  try:
+    checks = verify(args.model_path, steps=args.steps, seed=args.seed)
+  except (ValueError, KeyError, RuntimeError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f'error: {first}', file=sys.stderr)
+    return 2
+  for c in checks:
+    print(c.line())
+  failed = [c.name for c in checks if c.ok is False]
+  print(f'{len(checks) - len(failed)} of {len(checks)} checks passed or not applicable'
+        + (f'; FAILED: {", ".join(failed)}' if failed else ''))
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
