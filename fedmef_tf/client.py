@@ -22,6 +22,11 @@ positions by their own gradient on the current mini-batch (grown weights zero), 
 training, so that the grown weights are trained before upload; they upload their mask as well.
 ALGORITHM.md does not say when in the local budget FedDST readjusts; mid-budget is our choice.
 
+n_k is counted with one pass over the (batched) dataset before training, because the budget
+T_B, and so the BaE learning rate of step 0, depends on it; a client whose dataset is
+expensive to read can cache it. Training loss and accuracy are taken on each batch before its
+update, over all epochs.
+
 This module knows nothing about TFF: `client_update` is a `tf.function` on a Keras model whose
 prunable layers follow the masked layer contract of `docs/DESIGN.md`.
 """

@@ -14,7 +14,10 @@ CVPR 2024 (arXiv 2403.14737). In round t the server
    - FedMef / RigL: per layer, prunes exactly the marked set (the k_l active entries of smallest
      |theta| of the *broadcast* weights, which the clients derived too) and grows the top-k_l
      positions by |aggregated gradient| among those inactive before the adjustment, grown
-     weights zero (`mask_updates.server_adjust_layer`);
+     weights zero (`mask_updates.server_adjust_layer`). The RigL baseline uses this very step
+     (ALGORITHM.md: "FedMef's adjustment without BaE and SAP"), so the two differ only in what
+     FedMef adds; the `marked_overlap` metric says how far this set is from the smallest
+     weights after aggregation, i.e. how much pruning after aggregation would change;
    - FedDST (Bibikar et al., AAAI 2022): union of the client masks, magnitude-pruned back to the
      layer's nnz (`mask_updates.feddst_aggregate_layer`);
    - tfmot-style: per-layer magnitude masks at the uniform sparsity of tfmot's `PolynomialDecay`
