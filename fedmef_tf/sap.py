@@ -50,6 +50,7 @@ plain gradients, no overhead).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Sequence, Tuple, Union
 
 import tensorflow as tf
@@ -71,6 +72,8 @@ __all__ = [
 ]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The uint64 multiply tricks of pack_bits / unpack_bits read 8 bytes as one little-endian word.
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _shape_of(x: tf.Tensor):
@@ -111,6 +114,9 @@ def pack_bits(mask: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
     if n_static is None or n_static % 8:
         n = tf.size(flat, out_type=tf.int32)
         flat = tf.pad(flat, [[0, (-n) % 8]])
+    if not _LITTLE_ENDIAN:
+        weighted = tf.reshape(flat, [-1, 8]) * tf.constant(_BIT_WEIGHTS, tf.uint8)
+        return tf.reduce_sum(weighted, axis=1), shape  # distinct powers of two: no carry
     words = tf.bitcast(tf.reshape(flat, [-1, 8]), tf.uint64)
     gathered = words * tf.constant(0x0102040810204080, tf.uint64)
     packed = tf.cast(tf.bitwise.right_shift(gathered, tf.constant(56, tf.uint64)), tf.uint8)
@@ -129,8 +135,15 @@ def unpack_bits(packed: tf.Tensor, shape) -> tf.Tensor:
         bool tensor of shape ``shape``. Transient memory: about 2 bytes per element.
     """
     packed = tf.convert_to_tensor(packed, dtype=tf.uint8)
-    bits = tf.bitwise.bitwise_and(packed[:, None], tf.constant(_BIT_WEIGHTS, tf.uint8))
-    flat = tf.cast(tf.reshape(bits, [-1]), tf.bool)
+    # Each byte is replicated into the 8 bytes of a uint64 and byte j keeps only bit j; on a
+    # little-endian host byte j of the word is element 8 * i + j after the bitcast.
+    if _LITTLE_ENDIAN:
+        words = tf.cast(packed, tf.uint64) * tf.constant(0x0101010101010101, tf.uint64)
+        words = tf.bitwise.bitwise_and(words, tf.constant(0x8040201008040201, tf.uint64))
+        flat = tf.cast(tf.reshape(tf.bitcast(words, tf.uint8), [-1]), tf.bool)
+    else:
+        bits = tf.bitwise.bitwise_and(packed[:, None], tf.constant(_BIT_WEIGHTS, tf.uint8))
+        flat = tf.cast(tf.reshape(bits, [-1]), tf.bool)
     if isinstance(shape, (list, tuple)) and all(isinstance(d, int) for d in shape):
         n = math.prod(shape)
         if n != flat.shape[0]:
@@ -299,7 +312,7 @@ def _compress(x: tf.Tensor, gamma: float):
     flat = tf.reshape(x, [-1])
     n = flat.shape[0] if flat.shape[0] is not None else tf.size(flat, out_type=tf.int32)
     mask = _keep_mask_flat(flat, keep_count(n, gamma))
-    values = tf.boolean_mask(flat, mask)
+    values = tf.gather_nd(flat, tf.where(mask))  # [k] (the int64 indices are transient)
     packed, _ = pack_bits(mask)
     return values, packed
 
@@ -312,10 +325,12 @@ def _decompress(values: tf.Tensor, packed: tf.Tensor, shape) -> tf.Tensor:
     """
     mask = unpack_bits(packed, shape)
     idx = tf.where(tf.reshape(mask, [-1]))  # [k, 1] int64
-    if isinstance(shape, list):
-        flat = tf.scatter_nd(idx, values, [math.prod(shape)])
-    else:
-        flat = tf.scatter_nd(idx, values, tf.cast(tf.reshape(tf.reduce_prod(shape), [1]), tf.int64))
+    n = math.prod(shape) if isinstance(shape, list) else tf.reduce_prod(shape)
+    # SparseToDense writes the kept values in one pass (ScatterNd is several times slower).
+    flat = tf.raw_ops.SparseToDense(
+        sparse_indices=idx, output_shape=tf.reshape(tf.cast(n, tf.int64), [1]),
+        sparse_values=values, default_value=tf.constant(0.0, values.dtype),
+        validate_indices=False)
     return tf.reshape(flat, shape)
 
 
