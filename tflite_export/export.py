@@ -213,6 +213,8 @@ def _check_output(output: str) -> str:
   parent = os.path.dirname(output)
   if os.path.isdir(output):
     raise ExportError(f'{output}: is a directory')
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise ExportError(f'{output}: cannot write, {parent} is not a directory')
   if not os.path.isdir(parent):
     raise ExportError(f'{output}: cannot write, directory {parent} does not exist')
   if not os.access(parent, os.W_OK | os.X_OK):
@@ -306,22 +308,27 @@ def format_report(report: ExportReport) -> str:
 
 
 def _flags():
+  """A fresh `FlagValues` with the program's flags (so that `run` can be called repeatedly)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
 
-  flags.DEFINE_string('root_dir', None, 'training run directory (its final_model/ is exported)')
-  flags.DEFINE_string('model_dir', None, 'saved model directory (fedmef_tf.model_io)')
-  flags.DEFINE_string('model', None, 'registry model name for a freshly initialised model')
-  flags.DEFINE_string('variant', 'fedmef', 'fedmef, baseline or tfmot (with --model)')
-  flags.DEFINE_float('density', 0.1, 'global kernel density of a fresh model')
-  flags.DEFINE_float('gamma', 0.7, 'SAP drop ratio of a fresh fedmef model')
-  flags.DEFINE_integer('num_classes', 10, 'number of classes of a fresh model')
-  flags.DEFINE_string('input_shape', '32,32,3', 'H,W,C of a fresh model')
-  flags.DEFINE_integer('seed', 0, 'seed of a fresh model')
-  flags.DEFINE_integer('batch_size', 32, 'fixed batch size of train/infer')
-  flags.DEFINE_float('learning_rate', 0.1, 'initial SGD learning rate of train')
-  flags.DEFINE_string('output', None, 'the .tflite file to write')
-  flags.DEFINE_bool('measure_memory', True, 'measure the on-device train peak')
-  return flags.FLAGS
+  fv = flags.FlagValues()
+  for define, name, default, help_text in (
+      (flags.DEFINE_string, 'root_dir', None,
+       'training run directory (its final_model/ is exported)'),
+      (flags.DEFINE_string, 'model_dir', None, 'saved model directory (fedmef_tf.model_io)'),
+      (flags.DEFINE_string, 'model', None, 'registry model name for a freshly initialised model'),
+      (flags.DEFINE_string, 'variant', 'fedmef', 'fedmef, baseline or tfmot (with --model)'),
+      (flags.DEFINE_float, 'density', 0.1, 'global kernel density of a fresh model'),
+      (flags.DEFINE_float, 'gamma', 0.7, 'SAP drop ratio of a fresh fedmef model'),
+      (flags.DEFINE_integer, 'num_classes', 10, 'number of classes of a fresh model'),
+      (flags.DEFINE_string, 'input_shape', '32,32,3', 'H,W,C of a fresh model'),
+      (flags.DEFINE_integer, 'seed', 0, 'seed of a fresh model'),
+      (flags.DEFINE_integer, 'batch_size', 32, 'fixed batch size of train/infer'),
+      (flags.DEFINE_float, 'learning_rate', 0.1, 'initial SGD learning rate of train'),
+      (flags.DEFINE_string, 'output', None, 'the .tflite file to write'),
+      (flags.DEFINE_bool, 'measure_memory', True, 'measure the on-device train peak')):
+    define(name, default, help_text, flag_values=fv)
+  return fv
 
 
 def run(argv: Sequence[str]) -> int:

@@ -1,0 +1,307 @@
+"""TFLite export for on-device training (issue 6): export, verify checks, tfmot, bad input.
+
+Small CNN only (16x16 inputs, batch 8), so that the file runs in a few minutes on 2 cores.
+"""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedmef_tf import model_io
+from fedmef_tf import models
+from tflite_export import export
+from tflite_export import memprobe
+from tflite_export import verify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INPUT_SHAPE = (16, 16, 3)
+BATCH = 8
+DENSITY = 0.2
+
+
+def _run_export(argv):
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    rc = export.run(['export'] + list(argv))
+  return rc, out.getvalue(), err.getvalue()
+
+
+def _cli(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-m', 'tflite_export.export', *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return tmp_path_factory.mktemp('tflite')
+
+
+@pytest.fixture(scope='module')
+def trained_model(workdir):
+  """A fedmef cnn saved as a training run's final model (weights moved away from init)."""
+  model = models.build_model('cnn', 'fedmef', input_shape=INPUT_SHAPE, density=DENSITY,
+                             gamma=0.7, seed=3)
+  for v in model.trainable_variables:  # stand-in for training: any change of the weights
+    v.assign(v * 1.5)
+  run_dir = workdir / 'run'
+  config = {'model': 'cnn', 'variant': 'fedmef', 'num_classes': 10,
+            'input_shape': list(INPUT_SHAPE), 'gamma': 0.7, 'density': DENSITY, 'seed': 3}
+  model_io.save_model(model, config, str(run_dir / export.RUN_MODEL_SUBDIR))
+  return model, run_dir
+
+
+@pytest.fixture(scope='module')
+def fedmef_export(workdir, trained_model):
+  """CLI export of the run's final model, with the on-device memory measurement."""
+  _, run_dir = trained_model
+  path = workdir / 'fedmef.tflite'
+  rc, out, err = _run_export([f'--root_dir={run_dir}', f'--output={path}',
+                              f'--batch_size={BATCH}', '--learning_rate=0.05'])
+  assert rc == 0, err
+  return str(path), out
+
+
+@pytest.fixture(scope='module')
+def baseline_export(workdir):
+  path = workdir / 'baseline.tflite'
+  rc, out, err = _run_export(['--model=cnn', '--variant=baseline', f'--density={DENSITY}',
+                              '--input_shape=16,16,3', f'--batch_size={BATCH}',
+                              f'--output={path}', '--nomeasure_memory'])
+  assert rc == 0, err
+  return str(path), out
+
+
+@pytest.fixture(scope='module')
+def tfmot_export(workdir):
+  path = workdir / 'tfmot.tflite'
+  rc, out, err = _run_export(['--model=cnn', '--variant=tfmot', f'--density={DENSITY}',
+                              '--input_shape=16,16,3', f'--batch_size={BATCH}',
+                              f'--output={path}', '--nomeasure_memory'])
+  assert rc == 0, err
+  return str(path), out
+
+
+_VERIFIED = {}
+
+
+def _checks(path):
+  if path not in _VERIFIED:
+    _VERIFIED[path] = {c.name: c for c in verify.verify(path, steps=4)}
+  return _VERIFIED[path]
+
+
+@pytest.fixture(params=['fedmef', 'baseline'])
+def masked_export(request):
+  return request.getfixturevalue(request.param + '_export')[0]
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def test_fedmef_export_has_all_signatures_and_shapes(fedmef_export):
+  interpreter = tf.lite.Interpreter(model_path=fedmef_export[0])
+  sigs = interpreter.get_signature_list()
+  for name in ('train', 'infer', 'get_weights', 'set_weights', 'save', 'restore',
+               'set_learning_rate', 'metadata'):
+    assert name in sigs
+  assert sigs['train']['inputs'] == ['x', 'y'] and sigs['train']['outputs'] == ['loss']
+  assert sigs['infer']['outputs'] == ['logits']
+  details = interpreter.get_signature_runner('train').get_input_details()
+  assert list(details['x']['shape']) == [BATCH, *INPUT_SHAPE]
+  assert list(details['y']['shape']) == [BATCH]
+  meta = verify.read_metadata(interpreter)
+  assert meta['variant'] == 'fedmef' and meta['gamma'] == 0.7
+  assert meta['learning_rate'] == pytest.approx(0.05)
+
+
+def test_export_of_final_model_keeps_its_weights_and_masks(fedmef_export, trained_model):
+  model, _ = trained_model
+  interpreter = tf.lite.Interpreter(model_path=fedmef_export[0])
+  weights = interpreter.get_signature_runner('get_weights')()
+  meta = verify.read_metadata(interpreter)
+  assert len(meta['weight_names']) == len(model.variables)
+  for name, v in zip(meta['weight_names'], model.variables):
+    np.testing.assert_array_equal(weights[name], v.numpy(), err_msg=name)
+
+
+def test_export_prints_size_densities_and_memory(fedmef_export):
+  path, out = fedmef_export
+  assert f'{os.path.getsize(path)} bytes' in out
+  for layer in ('stem_conv', 'conv1_conv', 'conv2_conv', 'conv3_conv', 'classifier'):
+    assert layer in out
+  global_line = [l for l in out.splitlines() if l.strip().startswith('global')][0]
+  assert float(global_line.split()[-1]) == pytest.approx(DENSITY, abs=1e-3)
+  peak_line = [l for l in out.splitlines() if l.startswith('on-device train peak')][0]
+  assert float(peak_line.split(':')[1].split()[0]) > 0.0
+
+
+def test_baseline_export_converts(baseline_export):
+  interpreter = tf.lite.Interpreter(model_path=baseline_export[0])
+  assert verify.read_metadata(interpreter)['variant'] == 'baseline'
+  assert 'global' in baseline_export[1]
+
+
+def test_memprobe_measures_a_positive_train_peak(baseline_export):
+  memory = memprobe.measure_train_peak(baseline_export[0])
+  assert memory['train_peak'] > 0
+  assert memory['idle_delta'] < memory['train_delta']
+
+
+# -- verify checks ----------------------------------------------------------------------------
+
+
+def test_infer_matches_tf(masked_export):
+  assert _checks(masked_export)['infer matches TF'].ok
+
+
+def test_one_train_step_matches_tf(masked_export):
+  check = _checks(masked_export)['train step matches TF']
+  assert check.ok, check.detail
+
+
+def test_masked_weights_stay_exactly_zero(masked_export):
+  check = _checks(masked_export)['masked weights stay zero']
+  assert check.ok, check.detail
+
+
+def test_loss_falls(masked_export):
+  check = _checks(masked_export)['loss falls']
+  assert check.ok, check.detail
+
+
+def test_weight_round_trip_is_exact(masked_export):
+  assert _checks(masked_export)['set_weights/get_weights round trip'].ok
+
+
+def test_save_restore_round_trip_is_exact(masked_export):
+  assert _checks(masked_export)['save/restore round trip'].ok
+
+
+def test_learning_rate_is_settable(masked_export):
+  assert _checks(masked_export)['set_learning_rate applies'].ok
+
+
+def test_verify_cli_exit_status(baseline_export):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  ok = subprocess.run([sys.executable, '-m', 'tflite_export.verify', baseline_export[0],
+                       '--steps=3'], cwd=ROOT, env=env, capture_output=True, text=True,
+                      timeout=300, check=False)
+  assert ok.returncode == 0, ok.stdout + ok.stderr
+  assert 'FAIL' not in ok.stdout
+  missing = subprocess.run([sys.executable, '-m', 'tflite_export.verify', '/nonexistent.tflite'],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                           check=False)
+  assert missing.returncode != 0
+
+
+def test_train_step_rezeroes_values_loaded_under_the_mask(fedmef_export):
+  # set_weights stores what it is given; the next train step enforces the mask again.
+  interpreter = tf.lite.Interpreter(model_path=fedmef_export[0])
+  meta = verify.read_metadata(interpreter)
+  get = interpreter.get_signature_runner('get_weights')
+  w = get()
+  kernel, mask = [p for p in verify._mask_pairs(meta['weight_names'])  # pylint: disable=protected-access
+                  if p[0].endswith('conv1_conv_kernel')][0]
+  w[kernel] = np.where(w[mask] == 0, 1.0, w[kernel]).astype(np.float32)
+  interpreter.get_signature_runner('set_weights')(**w)
+  rng = np.random.RandomState(0)
+  x = rng.standard_normal((BATCH, *INPUT_SHAPE)).astype(np.float32)
+  y = rng.randint(0, 10, size=(BATCH,)).astype(np.int32)
+  interpreter.get_signature_runner('train')(x=x, y=y)
+  after = get()
+  assert np.count_nonzero(after[kernel][after[mask] == 0]) == 0
+
+
+# -- tfmot ------------------------------------------------------------------------------------
+
+
+def test_tfmot_export_is_sparse_and_runs(tfmot_export):
+  path, out = tfmot_export
+  global_line = [l for l in out.splitlines() if l.strip().startswith('global')][0]
+  assert float(global_line.split()[-1]) == pytest.approx(DENSITY, abs=0.01)
+  checks = _checks(path)
+  assert checks['train step matches TF'].ok, checks['train step matches TF'].detail
+  assert checks['loss falls'].ok
+  assert checks['save/restore round trip'].ok
+  # No mask in a stripped tfmot model: reported as not applicable, not as a pass.
+  assert checks['masked weights stay zero'].ok is None
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def _assert_one_line_error(proc, output, needle):
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert needle in lines[0]
+  assert not os.path.exists(output)
+
+
+def test_run_dir_without_final_model(tmp_path):
+  out = tmp_path / 'm.tflite'
+  (tmp_path / 'run').mkdir()
+  proc = _cli(f'--root_dir={tmp_path / "run"}', f'--output={out}')
+  _assert_one_line_error(proc, out, 'no final model')
+
+
+def test_unknown_registry_name(tmp_path):
+  out = tmp_path / 'm.tflite'
+  proc = _cli('--model=vgg99', f'--output={out}')
+  _assert_one_line_error(proc, out, "unknown model 'vgg99'")
+
+
+def test_saved_model_with_unknown_name(tmp_path):
+  model_dir = tmp_path / 'saved'
+  model_dir.mkdir()
+  (model_dir / model_io.CONFIG_FILE).write_text(json.dumps(
+      {'model': 'vgg99', 'variant': 'fedmef', 'num_classes': 10, 'input_shape': [32, 32, 3]}))
+  (model_dir / model_io.WEIGHTS_FILE).write_bytes(b'')
+  out = tmp_path / 'm.tflite'
+  rc, _, err = _run_export([f'--model_dir={model_dir}', f'--output={out}'])
+  assert rc != 0 and "unknown model 'vgg99'" in err and len(err.strip().splitlines()) == 1
+  assert not out.exists()
+
+
+def test_unwritable_output(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  out = blocker / 'm.tflite'
+  proc = _cli('--model=cnn', f'--output={out}')
+  _assert_one_line_error(proc, out, 'cannot write')
+  out2 = tmp_path / 'missing_dir' / 'm.tflite'
+  rc, _, err = _run_export(['--model=cnn', f'--output={out2}'])
+  assert rc != 0 and 'does not exist' in err
+  assert not out2.exists()
+
+
+@pytest.mark.parametrize('failing', ['convert', 'measure'])
+def test_no_partial_file_on_failure(monkeypatch, tmp_path, failing):
+  """A failure before the file is written (conversion) or after the temporary file is written
+  (measurement) leaves no file at the output, no temporary file, and an old file untouched."""
+  existing = tmp_path / 'keep.tflite'
+  existing.write_bytes(b'old')
+
+  def boom(*args, **kwargs):
+    raise RuntimeError('injected failure')
+
+  if failing == 'convert':
+    monkeypatch.setattr(export, 'convert', boom)
+    target = tmp_path / 'm.tflite'
+  else:
+    monkeypatch.setattr(memprobe, 'measure_train_peak', boom)
+    target = existing
+  rc, _, err = _run_export(['--model=cnn', '--input_shape=16,16,3', f'--batch_size={BATCH}',
+                            f'--output={target}'])
+  assert rc == 1
+  assert len(err.strip().splitlines()) == 1 and 'injected failure' in err
+  assert existing.read_bytes() == b'old'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.tflite']  # nothing else left
