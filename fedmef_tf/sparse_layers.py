@@ -80,7 +80,9 @@ def masked_kernel(
     @tf.custom_gradient
     def _masked(k):
         def grad(upstream):
-            return upstream * mask + two_lambda * k * marked
+            with tf.control_dependencies([upstream]):  # else computed (and held) in forward
+                bae = two_lambda * k * marked
+            return upstream * mask + bae
 
         return k * mask, grad
 
@@ -148,7 +150,11 @@ def masked_standardized_kernel(
         centred, _, inv_std, g_b = stats(ks, gs)
 
         def grad(upstream):
-            c, sum_sq, inv, gb = stats(ks, gs)
+            # The dependency on upstream keeps the executor from running this recomputation
+            # (it needs forward tensors only) during the forward pass and holding its results.
+            with tf.control_dependencies([upstream]):
+                c, sum_sq, inv, gb = stats(tf.identity(ks), gs)
+                bae = two_lambda * ks * marked
             u = upstream * mask
             d_scale = tf.reduce_sum(u * c, axis=axes, keepdims=True)  # dL/ds
             d_gain = d_scale * inv
@@ -156,7 +162,7 @@ def masked_standardized_kernel(
                                 tf.zeros_like(sum_sq))
             d_centred = (gb * inv) * u + 2.0 * d_sum_sq * c
             d_w = d_centred - tf.reduce_mean(d_centred, axis=axes, keepdims=True)
-            d_k = d_w * mask + two_lambda * ks * marked
+            d_k = d_w * mask + bae
             return d_k, tf.reshape(d_gain, tf.shape(gs))
 
         return centred * (g_b * inv_std) * mask, grad
