@@ -110,7 +110,7 @@ def test_fedmef_export_has_all_signatures_and_shapes(fedmef_export):
   interpreter = tf.lite.Interpreter(model_path=fedmef_export[0])
   sigs = interpreter.get_signature_list()
   for name in ('train', 'infer', 'get_weights', 'set_weights', 'save', 'restore',
-               'set_learning_rate', 'metadata'):
+               'set_learning_rate', 'metadata', 'dense_gradients'):
     assert name in sigs
   assert sigs['train']['inputs'] == ['x', 'y'] and sigs['train']['outputs'] == ['loss']
   assert sigs['infer']['outputs'] == ['logits']
@@ -160,6 +160,11 @@ def test_memprobe_measures_a_positive_train_peak(baseline_export):
 
 def test_infer_matches_tf(masked_export):
   assert _checks(masked_export)['infer matches TF'].ok
+
+
+def test_dense_gradients_match_tf(masked_export):
+  check = _checks(masked_export)['dense_gradients matches TF']
+  assert check.ok, check.detail
 
 
 def test_one_train_step_matches_tf(masked_export):

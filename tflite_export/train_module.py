@@ -27,6 +27,10 @@ model) and exposes six signatures:
 * `save(checkpoint_path) -> {checkpoint_path}` / `restore(checkpoint_path) -> {name: tensor}`:
   write and read all variables (and the learning rate) in a TF checkpoint file with the `Save` /
   `Restore` ops (select TF ops).
+* `dense_gradients(x, y) -> {grad_<kernel name>: tensor}` (models with masks only): per
+  prunable layer, the unmasked gradient of the task loss at every kernel position
+  (`fedmef_tf.sparse_layers.dense_kernel_gradients`, plain ops, no BatchNorm update), from which
+  a client picks the top-k_l inactive positions in an adjustment round.
 * `metadata() -> {json}`: the JSON export configuration (model, variant, shapes, batch size,
   weight names, ...), so a reader of the file can rebuild the TF model (`tflite_export.verify`).
 """
@@ -104,10 +108,15 @@ class TrainModule(tf.Module):
     self._vars = list(model.variables)
     self._trainable = list(model.trainable_variables)
     self._masked = _masked_pairs(model)
+    by_ref = {v.ref(): n for n, v in zip(self.names, self._vars)}
+    from fedmef_tf import masks as masks_lib  # pylint: disable=import-outside-toplevel
+    #: Output names of `dense_gradients`: `grad_<kernel weight name>`, prunable layer order.
+    self.gradient_names = ['grad_' + by_ref[layer.kernel.ref()]
+                           for layer in masks_lib.prunable_layers(model)] if self._masked else []
     meta = dict(metadata)
     meta.update({'batch_size': self.batch_size, 'input_shape': list(self.input_shape),
-                 'weight_names': self.names, 'learning_rate': float(learning_rate),
-                 'signatures': list(_SIGNATURES)})
+                 'weight_names': self.names, 'gradient_names': self.gradient_names, 'learning_rate': float(learning_rate),
+                 'signatures': list(self.signature_names())})
     self.metadata_json = json.dumps(meta, sort_keys=True)
     self._build_functions()
 
@@ -128,6 +137,9 @@ class TrainModule(tf.Module):
     self.save = tf.function(self._save, input_signature=[path_spec])
     self.restore = tf.function(self._restore, input_signature=[path_spec])
     self.metadata = tf.function(self._metadata, input_signature=[])
+    if self._masked:
+      self.dense_gradients = tf.function(self._dense_gradients,
+                                         input_signature=[x_spec, y_spec])
 
   # -- signature bodies --------------------------------------------------------------------------
 
@@ -176,6 +188,15 @@ class TrainModule(tf.Module):
       out[n] = value
     return out
 
+  def _dense_gradients(self, x, y):
+    from fedmef_tf import sparse_layers  # pylint: disable=import-outside-toplevel
+
+    def loss_fn(labels, logits):
+      return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+    grads = sparse_layers.dense_kernel_gradients(self.model, x, y, loss_fn)
+    return {name: g for name, g in zip(self.gradient_names, grads)}
+
   def _metadata(self):
     return {'json': tf.constant(self.metadata_json)}
 
@@ -191,4 +212,9 @@ class TrainModule(tf.Module):
     """
     context = static_sap.topk_sap() if for_tflite else contextlib.nullcontext()
     with context:
-      return {name: getattr(self, name).get_concrete_function() for name in _SIGNATURES}
+      return {name: getattr(self, name).get_concrete_function()
+              for name in self.signature_names()}
+
+  def signature_names(self) -> List[str]:
+    """Names of the exported signatures (`dense_gradients` only for models with masks)."""
+    return list(_SIGNATURES) + (['dense_gradients'] if self._masked else [])

@@ -8,6 +8,8 @@ file's own weights (`get_weights`). On one random batch (seeded) it checks:
 
 1. `infer`: logits of shape `[B, classes]` equal the TF model's (`training=False`) within
    `INFER_ATOL`.
+1b. `dense_gradients` (exports with masks): equal to `dense_kernel_gradients` of the TF model
+   within `GRAD_ATOL`.
 2. TF/TFLite step: one `train` step in the interpreter and the same step of the TF model
    (`TrainModule.train`, traced with `fedmef_tf.sap` as it is) give the same loss within
    `LOSS_RTOL` and the same variables within `WEIGHT_ATOL` (absolute, on every variable,
@@ -46,6 +48,8 @@ __all__ = ['Check', 'verify', 'read_metadata', 'main', 'LOSS_RTOL', 'WEIGHT_ATOL
 LOSS_RTOL = 1e-4
 #: Absolute tolerance of every variable after one step (weights are O(0.1..1), lr 0.1).
 WEIGHT_ATOL = 1e-4
+#: Absolute tolerance of the growth gradients of `dense_gradients` against TF.
+GRAD_ATOL = 1e-4
 #: Largest learning rate of the loss-falls steps.
 FALL_LR = 0.02
 #: Absolute tolerance of the logits of `infer` against the TF model.
@@ -168,6 +172,19 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   d = float(np.max(np.abs(logits - ref)))
   checks.append(Check('infer matches TF', logits.shape == ref.shape and d <= INFER_ATOL,
                       f'logits {tuple(logits.shape)}, max |diff| {d:.2e} (tol {INFER_ATOL})'))
+
+  # 1b. Growth gradients (models with masks).
+  if 'dense_gradients' in sigs:
+    from fedmef_tf import sparse_layers  # pylint: disable=import-outside-toplevel
+    g_lite = interpreter.get_signature_runner('dense_gradients')(x=x, y=y)
+    g_tf = sparse_layers.dense_kernel_gradients(
+        model, tf.constant(x), tf.constant(y),
+        lambda labels, logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=labels, logits=logits))
+    g_tf = {n: g.numpy() for n, g in zip(meta['gradient_names'], g_tf)}
+    dg = _max_diff(g_tf, g_lite) if g_lite.keys() == g_tf.keys() else float('inf')
+    checks.append(Check('dense_gradients matches TF', dg <= GRAD_ATOL,
+                        f'{len(g_tf)} kernels, max |diff| {dg:.2e} (atol {GRAD_ATOL})'))
 
   # 2. One step, TFLite against TF.
   loss_lite = float(run['train'](x=x, y=y)['loss'])
