@@ -128,9 +128,13 @@ class ClientOutput(NamedTuple):
     weight: float32, n_k or 0.
     weighted_trainable: list, weight * trained trainable weights (kernels masked).
     weighted_stats: list, weight * the non-trainable statistics (BatchNorm moving stats).
-    weighted_masks: list [L], weight * the client's mask (for the per-coordinate average).
+    weighted_masks: list [L], weight * the client's mask, for FedDST's per-coordinate
+      average; an empty list for the other algorithms, whose clients all hold the server's
+      mask (the server then divides by the total weight).
     weighted_grads: list [L], weight * the dense scatter of the client's top-k inactive
-      gradient pairs (zero outside server-side adjustment rounds).
+      gradient pairs (zero outside adjustment rounds); an empty list for algorithms that do
+      not grow on the server. Leaving out what an algorithm does not need keeps the
+      simulation's per-client output at the size of the model for FedAvg-like rounds.
     metrics: OrderedDict of summable scalars: loss_sum, correct, num_examples (training
       examples seen, all epochs), used, rejected, empty (int32 counts), bytes_up, bytes_down
       (int64).
@@ -286,7 +290,8 @@ def build_client_update(model: tf.keras.Model,
     stats = [tf.convert_to_tensor(model.non_trainable_weights[i]) for i in layout.stat_indices]
     client_masks = [tf.convert_to_tensor(layer.mask) for layer in layers]
     nonempty = num_examples > 0
-    finite = _all_finite(trained + stats + list(grad_dense) + [loss_sum])
+    finite = _all_finite(
+        trained + stats + (list(grad_dense) if server_adjust else []) + [loss_sum])
     usable = tf.logical_and(nonempty, finite)
     weight = tf.where(usable, tf.cast(num_examples, tf.float32), 0.0)
 
@@ -313,8 +318,8 @@ def build_client_update(model: tf.keras.Model,
         weight=weight,
         weighted_trainable=_weighted(trained),
         weighted_stats=_weighted(stats),
-        weighted_masks=_weighted(client_masks),
-        weighted_grads=_weighted(grad_dense),
+        weighted_masks=_weighted(client_masks) if client_regrow else [],
+        weighted_grads=_weighted(list(grad_dense)) if server_adjust else [],
         metrics=metrics)
 
   return client_update

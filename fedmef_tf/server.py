@@ -6,10 +6,10 @@ CVPR 2024 (arXiv 2403.14737). In round t the server
 1. broadcasts the weights, the mask and a `client.RoundConfig` (`round_config`: eta_t, whether
    the round adjusts, k_l = floor(alpha_t * nnz_l));
 2. aggregates `theta = sum_k n_k theta_k / sum_k n_k` over the usable clients (the clients
-   already multiplied by n_k; non-finite and empty clients have weight 0). Kernels are averaged
-   per coordinate over the clients whose mask holds it, which equals the plain weighted mean when
-   all clients share the server's mask (FedMef, RigL, static, tfmot, FedAvg) and is FedDST's rule
-   when they do not;
+   already multiplied by n_k; non-finite and empty clients have weight 0). All clients of
+   FedMef, RigL, static, tfmot and FedAvg hold the server's mask, so this is exact per
+   coordinate; FedDST's clients hold their own masks and send them, and its kernels are averaged
+   per coordinate over the clients whose mask holds it;
 3. in adjustment rounds (`server_update`):
    - FedMef / RigL: per layer, prunes exactly the marked set (the k_l active entries of smallest
      |theta| of the *broadcast* weights, which the clients derived too) and grows the top-k_l
@@ -154,7 +154,7 @@ def server_update(state: ServerState, round_cfg: client_lib.RoundConfig,
   # 1. Weighted mean (per coordinate over mask holders for kernels).
   trainable = []
   for i, summed in enumerate(sums.weighted_trainable):
-    if i in kernel_pos:
+    if i in kernel_pos and sums.weighted_masks:
       held = sums.weighted_masks[kernel_pos[i]]
       safe = tf.where(held > 0, held, tf.ones_like(held))
       trainable.append(tf.where(held > 0, summed / safe, tf.zeros_like(summed)))
@@ -169,6 +169,10 @@ def server_update(state: ServerState, round_cfg: client_lib.RoundConfig,
   adjusted = tf.constant(False)
   overlap_hits = tf.constant(0.0)
   new_kernels, new_masks = [], []
+  if config.mode == MODE_SERVER_ADJUST and not sums.weighted_grads:
+    raise ValueError('server_adjust mode needs the clients\' gradients (server_adjust=True)')
+  if config.mode == MODE_FEDDST and not sums.weighted_masks:
+    raise ValueError('feddst mode needs the clients\' masks (client_regrow=True)')
   if config.mode == MODE_SERVER_ADJUST:
     adjusted = tf.convert_to_tensor(round_cfg.adjust)
     for l in range(layout.num_layers):
