@@ -172,6 +172,11 @@ def test_one_train_step_matches_tf(masked_export):
   assert check.ok, check.detail
 
 
+def test_train_step_with_bae_matches_tf(masked_export):
+  check = _checks(masked_export)['train step with BaE matches TF']
+  assert check.ok, check.detail
+
+
 def test_masked_weights_stay_exactly_zero(masked_export):
   check = _checks(masked_export)['masked weights stay zero']
   assert check.ok, check.detail

@@ -16,6 +16,8 @@ file's own weights (`get_weights`). On one random batch (seeded) it checks:
    masks and BatchNorm statistics included). The on-device graph stores SAP activations
    differently (`tflite_export.static_sap`) and its kernels sum in another order, so the match
    is to float rounding, not bitwise.
+2b. the same step with BaE on (exports with masks): half of each mask marked, lambda
+   `BAE_LAMBDA`, loaded with `set_weights` in both.
 3. masked zeros: after `--steps` more steps, every kernel entry whose mask is 0 is exactly 0,
    and the masks are unchanged (not applicable to an export without masks, e.g. tfmot's:
    reported, not failed).
@@ -50,6 +52,8 @@ LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
 #: Absolute tolerance of the growth gradients of `dense_gradients` against TF.
 GRAD_ATOL = 1e-4
+#: BaE penalty weight of the BaE step check (the paper's lambda is 0.01; larger shows more).
+BAE_LAMBDA = 0.5
 #: Largest learning rate of the loss-falls steps.
 FALL_LR = 0.02
 #: Absolute tolerance of the logits of `infer` against the TF model.
@@ -189,6 +193,7 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   # 2. One step, TFLite against TF.
   loss_lite = float(run['train'](x=x, y=y)['loss'])
   w_lite = run['get_weights']()
+  w_plain_step = w_lite
   loss_tf = float(module.train(tf.constant(x), tf.constant(y))['loss'])
   w_tf = {n: v.numpy() for n, v in zip(names, model.variables)}
   dl = abs(loss_lite - loss_tf)
@@ -198,12 +203,39 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
                       f'loss {loss_lite:.6f} vs {loss_tf:.6f} (|diff| {dl:.2e}, rtol {LOSS_RTOL}),'
                       f' max |weight diff| {dw:.2e} (atol {WEIGHT_ATOL})'))
 
+  # 2b. The same with a BaE marked set and lambda loaded (adjustment round).
+  pairs = _mask_pairs(names)
+  if pairs:
+    bae = dict(w0)
+    for kernel, mask in pairs:
+      prefix = kernel[:-len('kernel')]
+      marked = [n for n in names if n.endswith(prefix[5:] + 'marked')][0]
+      lam = [n for n in names if n.endswith(prefix[5:] + 'bae_lambda')][0]
+      half = rng.random_sample(w0[mask].shape) < 0.5
+      bae[marked] = (w0[mask] * half).astype(np.float32)
+      bae[lam] = np.asarray(BAE_LAMBDA, np.float32)
+    run['set_weights'](**bae)
+    run['set_learning_rate'](lr=np.float32(lr0))
+    loss_lite = float(run['train'](x=x, y=y)['loss'])
+    w_lite = run['get_weights']()
+    for v, n in zip(model.variables, names):
+      v.assign(bae[n])
+    loss_tf = float(module.train(tf.constant(x), tf.constant(y))['loss'])
+    w_tf = {n: v.numpy() for n, v in zip(names, model.variables)}
+    dl, dw = abs(loss_lite - loss_tf), _max_diff(w_lite, w_tf)
+    # BaE must change the step, or the check says nothing.
+    effect = float(max(np.max(np.abs(w_lite[k] - w_plain_step[k])) for k, _ in pairs))
+    ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and dw <= WEIGHT_ATOL and effect > 0
+    checks.append(Check('train step with BaE matches TF', ok,
+                        f'lambda {BAE_LAMBDA}, half of each mask marked: max |weight diff| '
+                        f'{dw:.2e} (atol {WEIGHT_ATOL}); BaE moved kernels by up to '
+                        f'{effect:.2e} against the plain step'))
+
   # 3 and 4. Several steps on the same batch: masked zeros, loss falls.
   reset()
   run['set_learning_rate'](lr=np.float32(min(lr0, FALL_LR)))
   losses = [float(run['train'](x=x, y=y)['loss']) for _ in range(steps)]
   w_after = run['get_weights']()
-  pairs = _mask_pairs(names)
   if pairs:
     bad = sum(int(np.count_nonzero(w_after[k][w_after[m] == 0])) for k, m in pairs)
     changed = [m for _, m in pairs if not np.array_equal(w_after[m], w0[m])]
