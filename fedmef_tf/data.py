@@ -587,11 +587,11 @@ def client_dataset(dataset: tf.data.Dataset, *, batch_size: Optional[int] = None
 
   Shuffles (each iteration anew, deterministically when `shuffle_seed` is given), repeats
   `epochs` times, batches when `batch_size` is given (the last batch may be smaller) and
-  converts with `to_float`. A client update that batches and loops over epochs itself (as
+  converts uint8 images with `to_float` (float32 input is passed through: no `map`). A client update that batches and loops over epochs itself (as
   `fedmef_tf.client` does) takes the default `batch_size=None, epochs=1`.
 
   Args:
-    dataset: elements `(uint8 [H, W, 3], int32 [])`.
+    dataset: elements `(uint8 or float32 [H, W, 3], int32 [])`.
     batch_size: batch size B, or None to leave the examples unbatched.
     epochs: repetitions of the dataset.
     shuffle_seed: seed of the shuffle; None for no shuffle.
@@ -607,6 +607,8 @@ def client_dataset(dataset: tf.data.Dataset, *, batch_size: Optional[int] = None
     dataset = dataset.repeat(epochs)
   if batch_size is not None:
     dataset = dataset.batch(batch_size)
+  if dataset.element_spec[0].dtype == tf.float32:
+    return dataset
   return dataset.map(to_float)
 
 
@@ -617,19 +619,24 @@ def test_dataset(images: np.ndarray, labels: np.ndarray,
 
 
 def make_client_dataset_fn(images: np.ndarray, labels: np.ndarray,
-                           partitions: Sequence[np.ndarray]
+                           partitions: Sequence[np.ndarray], *, as_float: bool = False
                            ) -> Callable[[tf.Tensor], tf.data.Dataset]:
-  """Returns `fn(client_id) -> tf.data.Dataset` of one client's unbatched uint8 examples.
+  """Returns `fn(client_id) -> tf.data.Dataset` of one client's unbatched examples.
 
   Client ids are the decimal strings '0' .. 'K-1' (index into `partitions`). The function is
   pure TensorFlow (it parses the id and gathers the client's rows), so it runs eagerly and
   inside `tf.function`; the returned dataset holds only that client's examples, so memory does
   not grow with the number of clients. The arrays are converted to tensors once.
 
+  With `as_float` the gathered rows are converted to float32 in [0, 1] before the dataset is
+  made, so no `Dataset.map` is needed later: an eager `map` registers a new function in the
+  runtime each time a pipeline is built, which adds up over thousands of client-rounds.
+
   Args:
     images: uint8 `[N, H, W, 3]`.
     labels: int32 `[N]`.
     partitions: K index arrays.
+    as_float: yield float32 images in [0, 1] instead of uint8.
 
   Returns:
     The dataset function.
@@ -643,7 +650,9 @@ def make_client_dataset_fn(images: np.ndarray, labels: np.ndarray,
   def dataset_fn(client_id) -> tf.data.Dataset:
     k = tf.strings.to_number(client_id, out_type=tf.int64)
     idx = parts[k]
-    return tf.data.Dataset.from_tensor_slices(
-        (tf.gather(images_t, idx), tf.gather(labels_t, idx)))
+    x = tf.gather(images_t, idx)
+    if as_float:
+      x = tf.cast(x, tf.float32) / 255.0
+    return tf.data.Dataset.from_tensor_slices((x, tf.gather(labels_t, idx)))
 
   return dataset_fn

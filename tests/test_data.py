@@ -467,3 +467,18 @@ def test_client_dataset_unbatched_is_float_examples():
   assert out.element_spec[0].shape == (32, 32, 3) and out.element_spec[0].dtype == tf.float32
   ys = np.array([y for _, y in out.as_numpy_iterator()])
   np.testing.assert_array_equal(np.sort(ys), np.sort(ds.train_labels))
+
+
+def test_as_float_client_data_equals_uint8_pipeline():
+  from tff_programs import client_data  # pylint: disable=import-outside-toplevel
+  ds = data.synthetic(60, 20, seed=2)
+  parts = data.iid_partition(60, 3, seed=0)
+  plain = client_data.make_client_data(ds.train_images, ds.train_labels, parts)
+  floats = client_data.make_client_data(ds.train_images, ds.train_labels, parts, as_float=True)
+  assert floats.element_type_structure[0].dtype == tf.float32
+  a = list(data.client_dataset(plain.create_tf_dataset_for_client('1'),
+                               shuffle_seed=4).as_numpy_iterator())
+  b = list(data.client_dataset(floats.create_tf_dataset_for_client('1'),
+                               shuffle_seed=4).as_numpy_iterator())
+  np.testing.assert_allclose(np.stack([x for x, _ in a]), np.stack([x for x, _ in b]), atol=1e-7)
+  np.testing.assert_array_equal([y for _, y in a], [y for _, y in b])

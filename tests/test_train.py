@@ -39,7 +39,7 @@ TINY = ['--synthetic_train_size=400', '--synthetic_test_size=100', '--num_client
 def _env():
   env = dict(os.environ)
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'  # what a user gets by default (tff_programs.runtime)
   env.pop('FEDMEF_VERBOSE', None)
   return env
 
@@ -106,7 +106,9 @@ BAD_FLAGS = [
 def test_bad_flag_is_one_line_error_exit_2_before_any_work(tmp_path, arg, flag, expected):
   root = tmp_path / 'run'
   extra = ['--dataset=cifar10'] if arg.startswith('--data_dir') else []
-  args = [f'--root_dir={root}'] + extra + [arg]
+  # Fixed context, so that the ranges that depend on other flags are known; the bad value last.
+  context = ['--rounds=60', '--num_clients=20', '--client_lr=0.1']
+  args = [f'--root_dir={root}'] + context + extra + [arg]
   proc = _cli(args, timeout=60)
   assert proc.returncode == 2, (proc.returncode, proc.stderr)
   line = _error_line(proc)
@@ -259,7 +261,8 @@ def test_plots_are_png(tmp_path):
       program_io.plot_curves(rows, str(tmp_path / 'a.png'), 't'),
       program_io.plot_layer_density(['c1', 'c2', 'fc'], [0.5, 0.1, 0.3],
                                     str(tmp_path / 'b.png'), 't'),
-      program_io.plot_memory({'weights': 1e6, 'activations': 4e6}, 3e6,
+      program_io.plot_memory({'weight_bytes': 1e6, 'cached_bytes': 4e6},
+                             {'analytic step peak': 5e6, 'measured step peak': 3e6},
                              str(tmp_path / 'c.png'), 't'),
   ]
   for p in paths:

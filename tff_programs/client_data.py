@@ -20,22 +20,24 @@ def client_ids(num_clients: int) -> List[str]:
 
 
 def make_client_data(images: np.ndarray, labels: np.ndarray,
-                     partitions: Sequence[np.ndarray]) -> tff.simulation.datasets.ClientData:
+                     partitions: Sequence[np.ndarray], *,
+                     as_float: bool = False) -> tff.simulation.datasets.ClientData:
   """Wraps a partition of `(images, labels)` as a `ClientData`.
 
-  Each client's dataset yields unbatched `(uint8 [H, W, 3], int32 [])` examples in index order;
-  shuffle, epochs and batching are left to `fedmef_tf.data.client_dataset` (the caller chooses
-  the seed per round and client).
+  Each client's dataset yields unbatched `(uint8 [H, W, 3], int32 [])` examples in index order
+  (float32 images in [0, 1] with `as_float`); shuffle, epochs and batching are left to
+  `fedmef_tf.data.client_dataset` (the caller chooses the seed per round and client).
 
   Args:
     images: uint8 `[N, H, W, 3]`.
     labels: int32 `[N]`.
     partitions: K index arrays (from `fedmef_tf.data.partition`).
+    as_float: yield float32 images (converted when a client's dataset is made, no `map`).
 
   Returns:
     A `ClientData` with ids '0' .. 'K-1'.
   """
-  fn = data_lib.make_client_dataset_fn(images, labels, partitions)
+  fn = data_lib.make_client_dataset_fn(images, labels, partitions, as_float=as_float)
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
       client_ids(len(partitions)), fn)
 

@@ -77,12 +77,12 @@ def clear_run(root_dir: str) -> None:
       os.remove(path)
 
 
-def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) -> bool:
-  """Makes `root_dir` ready for a run of `config`; returns whether an earlier run may be resumed.
+def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) -> bool:
+  """Checks, without writing anything, that `root_dir` can hold a run of `config`.
 
-  A new or empty directory gets `config.json`. A directory whose `config.json` equals `config`
-  is resumed. A directory written by a different configuration, or holding run entries without a
-  `config.json`, is refused unless `overwrite`, which clears the run entries first.
+  A new or empty directory, or one without run entries, is fine. A directory whose
+  `config.json` equals `config` is resumed. A directory written by a different configuration,
+  or holding run entries without a `config.json`, is refused unless `overwrite`.
 
   Args:
     root_dir: the run directory.
@@ -93,8 +93,8 @@ def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) 
     True when `root_dir` holds a run of the same configuration (its checkpoints are resumed).
 
   Raises:
-    RunDirError: when the directory belongs to another configuration (and not `overwrite`), or
-      cannot be created.
+    RunDirError: when the directory belongs to another configuration (and not `overwrite`) or
+      is not a directory.
   """
   config = json.loads(json.dumps(dict(config)))  # normalise tuples etc. as JSON reads them
   config_path = os.path.join(root_dir, CONFIG_FILE)
@@ -118,10 +118,32 @@ def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) 
     if present:
       raise RunDirError(f'--root_dir={root_dir} holds {", ".join(present)} but no {CONFIG_FILE}; '
                         'rerun with --overwrite to replace them, or choose another --root_dir')
+  return False
+
+
+def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) -> bool:
+  """Makes `root_dir` ready for a run of `config`; returns whether an earlier run may be resumed.
+
+  `check_root_dir` decides; unless resuming, the run entries are cleared (`clear_run`) and
+  `config.json` is written.
+
+  Args:
+    root_dir: the run directory.
+    config: JSON-serialisable flag values that determine the result.
+    overwrite: start afresh in a directory written by another configuration.
+
+  Returns:
+    True when `root_dir` holds a run of the same configuration (its checkpoints are resumed).
+
+  Raises:
+    RunDirError: see `check_root_dir`; also when the directory cannot be written.
+  """
+  if check_root_dir(root_dir, config, overwrite):
+    return True
   try:
     os.makedirs(root_dir, exist_ok=True)
     clear_run(root_dir)
-    write_json(config_path, config)
+    write_json(os.path.join(root_dir, CONFIG_FILE), json.loads(json.dumps(dict(config))))
   except OSError as e:
     raise RunDirError(f'--root_dir={root_dir}: cannot be written ({e.strerror or e})') from None
   return False
@@ -234,24 +256,35 @@ def plot_layer_density(names: Sequence[str], densities: Sequence[float], path: s
   return _save(fig, plt, path)
 
 
-def plot_memory(parts: Mapping[str, float], measured_peak: Optional[float], path: str,
+def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str,
                 title: str) -> str:
-  """Stacked bar of the analytic memory breakdown (MiB) beside the measured peak; returns path."""
+  """Memory of one training step in MiB; returns `path`.
+
+  Args:
+    parts: analytic components (weights, cached activations, ...), drawn as one stacked bar.
+    bars: single values drawn beside it (the analytic and the measured step peak).
+    path: PNG file.
+    title: plot title.
+  """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4))
-  bottom = 0.0
-  for name, value in parts.items():
-    mib = float(value) / 2 ** 20
-    ax.bar(0, mib, bottom=bottom, label=name)
-    bottom += mib
-  labels = ['analytic']
-  if measured_peak is not None and not math.isnan(measured_peak):
-    ax.bar(1, float(measured_peak) / 2 ** 20, color='grey', label='measured peak')
-    labels.append('measured')
+  fig, ax = plt.subplots(figsize=(7, 4))
+  labels = []
+  if parts:
+    bottom = 0.0
+    for name, value in parts.items():
+      mib = float(value) / 2 ** 20
+      ax.bar(0, mib, bottom=bottom, label=name.replace('_bytes', '').replace('_', ' '))
+      bottom += mib
+    labels.append('analytic parts')
+  for name, value in bars.items():
+    if value is None or math.isnan(float(value)):
+      continue
+    ax.bar(len(labels), float(value) / 2 ** 20, color='grey' if 'measured' in name else 'tan')
+    labels.append(name)
   ax.set_xticks(range(len(labels)))
-  ax.set_xticklabels(labels)
-  ax.set_ylabel('MiB (one client training step)')
-  ax.set_title(title)
+  ax.set_xticklabels(labels, fontsize=8)
+  ax.set_ylabel('MiB')
+  ax.set_title(title, fontsize=10)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   fig.tight_layout()

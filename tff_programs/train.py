@@ -47,7 +47,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
+import numpy as np
 
+from tff_programs import program_io
 from tff_programs import runtime  # sets quiet TF logging before TensorFlow is imported
 
 ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'feddst', 'static', 'tfmot',
@@ -73,7 +75,7 @@ flags.DEFINE_string('root_dir', os.path.join('runs', 'train'),
 flags.DEFINE_bool('overwrite', False, 'Replace a run of another configuration in --root_dir.')
 flags.DEFINE_integer('num_clients', 20, 'K, clients in total.')
 flags.DEFINE_integer('clients_per_round', 5, 'S, clients sampled per round.')
-flags.DEFINE_integer('rounds', 60, 'R, federated rounds.')
+flags.DEFINE_integer('rounds', 40, 'R, federated rounds.')
 flags.DEFINE_integer('local_epochs', 1, 'E, local epochs per round.')
 flags.DEFINE_integer('batch_size', 32, 'B, client batch size (also of the memory measurement).')
 flags.DEFINE_float('client_lr', 0.1, 'eta_0, client SGD learning rate of round 1.')
@@ -81,7 +83,7 @@ flags.DEFINE_float('client_lr_min', 0.01,
                    'eta_min, client learning rate of the last round (exponential decay).')
 flags.DEFINE_float('density', 0.2, 'd, target density of the prunable kernels (fedavg: 1).')
 flags.DEFINE_integer('delta_t', 5, 'dT, rounds between mask adjustments.')
-flags.DEFINE_integer('t_end', 45, 'T_end, last round that may adjust masks.')
+flags.DEFINE_integer('t_end', 30, 'T_end, last round that may adjust masks.')
 flags.DEFINE_float('alpha', 0.2, 'alpha, initial adjustment fraction.')
 flags.DEFINE_float('lambda_bae', 0.01, 'lambda, BaE penalty weight.')
 flags.DEFINE_float('gamma', 0.7, 'gamma, SAP drop ratio of the activation cache.')
@@ -218,10 +220,13 @@ def model_spec(algorithm: str, density: float, gamma: float) -> Dict[str, Any]:
 
 
 def sample_clients(seed: int, round_num: int, num_clients: int, per_round: int) -> List[int]:
-  """The sorted client indices of round `round_num` (a pure function of its arguments)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng([seed, round_num, 0xC11E])
-  return sorted(int(k) for k in rng.choice(num_clients, size=per_round, replace=False))
+  """The sorted client indices of round `round_num` (`fedmef_process.sample_clients`).
+
+  A pure function of its arguments, so a resumed run samples the clients of an uninterrupted one.
+  """
+  from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
+  return sorted(int(k) for k in fedmef_process.sample_clients(
+      num_clients, per_round, round_num, seed=seed))
 
 
 def shuffle_seed(seed: int, round_num: int, client: int) -> int:
@@ -344,8 +349,6 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   Returns:
     An exit code (`EXIT_*`).
   """
-  # pylint: disable=import-outside-toplevel
-  from tff_programs import program_io
   root_dir = f['root_dir']
   cfg = run_config(f)
   try:
@@ -380,7 +383,7 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
       f['seed'], min_size=min_size)
   skew = data_lib.label_skew(dataset.train_labels, partitions, dataset.num_classes)
   federated = client_data_lib.make_client_data(
-      dataset.train_images, dataset.train_labels, partitions)
+      dataset.train_images, dataset.train_labels, partitions, as_float=True)
   test_ds = data_lib.test_dataset(dataset.test_images, dataset.test_labels,
                                   f['eval_batch_size'])
   _log(f'data: {f["dataset"]} {n_train} train / {len(dataset.test_labels)} test, '
@@ -528,7 +531,6 @@ def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate)
   """Evaluates the final model; writes final_model/, the plots and summary.json (last)."""
   # pylint: disable=import-outside-toplevel
   from fedmef_tf import model_io
-  from tff_programs import program_io
   root_dir = f['root_dir']
   test_loss, test_acc = evaluate()
   layers = masks_lib.prunable_layers(model)
@@ -548,14 +550,15 @@ def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate)
   probe = model_fn()
   probe.set_weights(model.get_weights())
   try:
-    memory = memory_report(probe, f['batch_size'], spec['gamma'])
+    memory = memory_report(probe, f['batch_size'])
   except Exception as e:  # pylint: disable=broad-except
     # The trained model is saved already; a failed probe must not lose the run's report.
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'train: warning: memory measurement failed ({type(e).__name__}: {msg})',
           file=sys.stderr)
     memory = {'analytic_bytes': None, 'measured_peak_bytes': None,
-              'batch_size': f['batch_size'], 'breakdown_bytes': {}, 'error': msg}
+              'batch_size': f['batch_size'], 'breakdown_bytes': {}, 'bars_bytes': {},
+              'error': msg}
   del probe
   rows = program_io.read_metrics(root_dir)
   plots_dir = os.path.join(root_dir, program_io.PLOTS_DIR)
@@ -564,7 +567,7 @@ def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate)
       program_io.plot_curves(rows, os.path.join(plots_dir, 'accuracy_loss.png'), title),
       program_io.plot_layer_density(layer_names, layer_density,
                                     os.path.join(plots_dir, 'layer_density.png'), title),
-      program_io.plot_memory(memory['breakdown_bytes'], memory['measured_peak_bytes'],
+      program_io.plot_memory(memory.pop('breakdown_bytes'), memory.pop('bars_bytes'),
                              os.path.join(plots_dir, 'memory.png'),
                              f'{title}, batch {f["batch_size"]}'),
   ]
@@ -590,6 +593,7 @@ def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate)
 
 
 def _as_dict(value) -> Dict[str, Any]:
+  """A mapping, a NamedTuple or a single number as a dict."""
   if isinstance(value, Mapping):
     return dict(value)
   if hasattr(value, '_asdict'):
@@ -597,39 +601,43 @@ def _as_dict(value) -> Dict[str, Any]:
   return {'total_bytes': value}
 
 
-def memory_report(model, batch_size: int, gamma: float) -> Dict[str, Any]:
+def memory_report(model, batch_size: int) -> Dict[str, Any]:
   """Memory of one client training step at `batch_size`, in bytes (`fedmef_tf.memory`).
 
   Returns:
-    dict with `analytic_bytes` (weights plus what the backward pass caches, from the model's
-    structure: `weight_bytes + cached_bytes` of `analytic_footprint`), `analytic_peak_bytes`
-    (its prediction of the measured peak, when given), `measured_peak_bytes` (allocator peak of a
-    compiled step minus what was resident before), `resident_bytes`, `batch_size` and
-    `breakdown_bytes` (the analytic parts, for the plot).
+    dict with `analytic_bytes` (`analytic_footprint`'s `total_bytes`: resident weights in their
+    sparse form plus the predicted peak of the step), `analytic_peak_bytes` (the predicted
+    peak alone, comparable with the measurement), `weight_bytes`, `cached_bytes` (activations
+    kept for the backward pass), `measured_peak_bytes` (allocator peak of a compiled step minus
+    what was resident before it), `resident_bytes`, `batch_size`, and `breakdown_bytes` /
+    `bars_bytes` for the plot.
   """
   # pylint: disable=import-outside-toplevel
   from fedmef_tf import memory as memory_lib
-  analytic = _as_dict(memory_lib.analytic_footprint(model, batch_size, gamma))
+  analytic = _as_dict(memory_lib.analytic_footprint(model, batch_size))
   scalars = {k: float(v) for k, v in analytic.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-  if 'weight_bytes' in scalars and 'cached_bytes' in scalars:
-    total = scalars['weight_bytes'] + scalars['cached_bytes']
-  else:
-    total = scalars.get('total_bytes', scalars.get('peak_bytes', float('nan')))
-  parts = ('weight_bytes', 'cached_bytes', 'gradient_bytes', 'transient_bytes')
-  breakdown = {k: scalars[k] for k in parts if k in scalars} or {'total_bytes': total}
+             if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
+  total = scalars.get('total_bytes')
+  if total is None:
+    total = scalars.get('weight_bytes', 0.0) + scalars.get('cached_bytes', 0.0)
   measured = _as_dict(memory_lib.measure_train_step_peak(model, batch_size))
-  peak = measured.get('peak_bytes', measured.get('total_bytes'))
+  peak = float(measured.get('peak_bytes', measured.get('total_bytes')))
   report = {
       'analytic_bytes': int(total),
       'measured_peak_bytes': int(peak),
       'batch_size': int(batch_size),
-      'breakdown_bytes': breakdown,
   }
-  if 'peak_bytes' in scalars:
-    report['analytic_peak_bytes'] = int(scalars['peak_bytes'])
+  for key in ('peak_bytes', 'weight_bytes', 'cached_bytes', 'gradient_bytes'):
+    if key in scalars:
+      report['analytic_' + key if key == 'peak_bytes' else key] = int(scalars[key])
   if 'resident_bytes' in measured:
     report['resident_bytes'] = int(measured['resident_bytes'])
+  parts = ('weight_bytes', 'cached_bytes', 'kernel_cache_bytes', 'gradient_bytes')
+  report['breakdown_bytes'] = {k: scalars[k] for k in parts if k in scalars}
+  bars = {'measured step peak': peak}
+  if 'peak_bytes' in scalars:
+    bars = {'analytic step peak': scalars['peak_bytes'], **bars}
+  report['bars_bytes'] = bars
   return report
 
 
@@ -640,7 +648,8 @@ def memory_report(model, batch_size: int, gamma: float) -> Dict[str, Any]:
 def _parse_flags(argv: List[str]) -> List[str]:
   """Parses and checks the flags; one-line errors and exit code 2 instead of absl's usage dump.
 
-  Runs as absl's `flags_parser`, before `main`. Once the flags are valid it imports TensorFlow
+  Runs as absl's `flags_parser`, before `main`; also refuses a `--root_dir` of another
+  configuration (`program_io.check_root_dir`). Once the flags are valid it imports TensorFlow
   Federated: importing TFF 0.87 for the first time inside absl's `main` leaves Keras unable to
   build functional models ('SymbolicTensor' object has no attribute 'node'), importing it here
   does not.
@@ -654,9 +663,11 @@ def _parse_flags(argv: List[str]) -> List[str]:
   if len(rest) > 1:
     print(f'train: error: unexpected arguments: {" ".join(rest[1:])}', file=sys.stderr)
     sys.exit(EXIT_USAGE)
+  values = FLAGS.flag_values_dict()
   try:
-    validate(FLAGS.flag_values_dict())
-  except UsageError as e:
+    validate(values)
+    program_io.check_root_dir(values['root_dir'], run_config(values), values['overwrite'])
+  except (UsageError, program_io.RunDirError) as e:
     print(f'train: error: {e}', file=sys.stderr)
     sys.exit(EXIT_USAGE)
   runtime.configure_logging(FLAGS.verbose)
