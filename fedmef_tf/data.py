@@ -3,13 +3,16 @@
 Four image datasets are read from local files in their official distribution formats, and one
 built-in dataset is generated, so that a first run needs no download:
 
-| name | source | train / test | image | classes |
-|---|---|---|---|---|
-| `synthetic` | generated from the seed (see `synthetic`) | configurable (10000 / 2000) | 32x32x3 | 10 |
-| `cifar10` | CIFAR-10 *binary version*: `data_batch_1.bin` .. `data_batch_5.bin`, `test_batch.bin` | 50000 / 10000 | 32x32x3 | 10 |
-| `cifar100` | CIFAR-100 *binary version*: `train.bin`, `test.bin` (fine labels) | 50000 / 10000 | 32x32x3 | 100 |
-| `cinic10` | CINIC-10 folders `train/`, `valid/`, `test/`, 10 class folders of PNGs | 90000 / 90000 | 32x32x3 | 10 |
-| `tinyimagenet` | `tiny-imagenet-200`: `wnids.txt`, `train/<wnid>/images/*.JPEG`, `val/` | 100000 / 10000 | 64x64x3 | 200 |
+- `synthetic`: generated from the seed (see `synthetic`); 10000 / 2000 examples by default,
+  32x32x3, 10 classes. Synthetic data, not natural images.
+- `cifar10`: the CIFAR-10 *binary version*, `data_batch_1.bin` .. `data_batch_5.bin` and
+  `test_batch.bin`; 50000 / 10000, 32x32x3, 10 classes.
+- `cifar100`: the CIFAR-100 *binary version*, `train.bin` and `test.bin` (fine labels);
+  50000 / 10000, 32x32x3, 100 classes.
+- `cinic10`: CINIC-10 folders `train/`, `valid/`, `test/`, each with 10 class folders of PNGs;
+  90000 / 90000, 32x32x3, 10 classes.
+- `tinyimagenet`: `tiny-imagenet-200` with `wnids.txt`, `train/<wnid>/images/*.JPEG` and `val/`;
+  100000 / 10000, 64x64x3, 200 classes.
 
 Nothing is ever unpickled (the CIFAR python versions are pickles; only the binary versions are
 read). For CINIC-10 the `valid/` split is not used: training uses `train/`, evaluation `test/`.
@@ -583,12 +586,13 @@ def to_float(images: tf.Tensor, labels: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor
 def client_dataset(dataset: tf.data.Dataset, *, batch_size: Optional[int] = None,
                    epochs: int = 1, shuffle_seed: Optional[int] = None,
                    shuffle_buffer: int = 10000) -> tf.data.Dataset:
-  """Turns a client's unbatched `(uint8 image, label)` dataset into its training input.
+  """Turns a client's unbatched `(image, label)` dataset into its training input.
 
   Shuffles (each iteration anew, deterministically when `shuffle_seed` is given), repeats
   `epochs` times, batches when `batch_size` is given (the last batch may be smaller) and
-  converts uint8 images with `to_float` (float32 input is passed through: no `map`). A client update that batches and loops over epochs itself (as
-  `fedmef_tf.client` does) takes the default `batch_size=None, epochs=1`.
+  converts uint8 images with `to_float` (float32 input is passed through: no `map`). A client
+  update that batches and loops over epochs itself (as `fedmef_tf.client` does) takes the
+  default `batch_size=None, epochs=1`.
 
   Args:
     dataset: elements `(uint8 or float32 [H, W, 3], int32 [])`.

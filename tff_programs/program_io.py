@@ -2,15 +2,16 @@
 
 Layout of a run directory:
 
-| entry | written by | content |
-|---|---|---|
-| `config.json` | `prepare_root_dir` | every flag that changes the result; a rerun must match it |
-| `checkpoints/program_state_<round>/` | `tff.program.FileProgramStateManager` | program state after each round (SavedModel, written to a temporary directory and renamed, so atomic); the last two are kept |
-| `metrics.csv` | `tff.program.CSVFileReleaseManager` | one row per round (key `round`) |
-| `tensorboard/` | `tff.program.TensorBoardReleaseManager` | the same scalars as TensorBoard events |
-| `summary.json` | `write_json` | the end-of-run report |
-| `plots/*.png` | `plot_*` | accuracy/loss against round, per-layer density, memory breakdown |
-| `final_model/` | `fedmef_tf.model_io.save_model` | `weights.h5` (weights and masks) and `model_config.json` |
+- `config.json` (`prepare_root_dir`): every flag that changes the result; a rerun must match.
+- `checkpoints/program_state_<round>/` (`tff.program.FileProgramStateManager`): the program
+  state after each round, as a SavedModel written to a temporary directory and renamed (atomic);
+  the last two are kept.
+- `metrics.csv` (`tff.program.CSVFileReleaseManager`): one row per round, key `round`.
+- `tensorboard/` (`tff.program.TensorBoardReleaseManager`): the same scalars as events.
+- `summary.json` (`write_json`): the end-of-run report.
+- `plots/*.png` (`plot_*`): accuracy/loss against round, per-layer density, memory.
+- `final_model/` (`fedmef_tf.model_io.save_model`): `weights.h5` (weights and masks) and
+  `model_config.json`.
 
 `--overwrite` removes exactly these entries and nothing else in the directory.
 """
@@ -22,7 +23,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'

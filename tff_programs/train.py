@@ -1,4 +1,4 @@
-r"""Trains a sparse model with FedMef (or a baseline) as a TFF program: `python -m tff_programs.train`.
+r"""Trains a sparse model with FedMef (or a baseline): the TFF program `tff_programs.train`.
 
 FedMef: Huang, Zhuang, Chen, Lyu, "FedMef: Towards Memory-efficient Federated Dynamic Pruning",
 CVPR 2024 (arXiv 2403.14737); see ../shared/ALGORITHM.md for the algorithm and its symbols.
