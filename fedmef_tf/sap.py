@@ -32,7 +32,7 @@ that exactly ``k`` entries are kept (float32 duplicates are common among million
 If ``t == 0`` (more than ``gamma * n`` entries are exactly zero, as after a ReLU), only the
 nonzero entries are kept, fewer than ``k``: a kept zero would cost memory and change nothing
 in the weight gradient. So the kept count is ``min(k, count_nonzero(x))``, exactly.
-NaN entries sort above +inf.
+Inputs are assumed finite (a NaN is never kept).
 
 ReLU: a plain ``tf.nn.relu`` keeps its float output alive for its own gradient, which would
 cancel the saving. :func:`bit_relu`, :func:`bit_relu6` and :class:`BitReLU` cache only a packed
@@ -182,7 +182,8 @@ def keep_count(n, gamma: float):
 def _abs_bits(x_flat: tf.Tensor) -> tf.Tensor:
     """int32 bit patterns of ``|x|``; their integer order is the order of ``|x|``.
 
-    ``tf.bitcast`` shares the buffer of ``tf.abs``'s output: one 4-byte-per-element tensor.
+    ``tf.bitcast`` shares the buffer of ``tf.abs``'s output, and the integer op that consumes
+    it can overwrite that buffer in place: one transient 4-byte-per-element tensor.
     """
     return tf.bitcast(tf.abs(x_flat), tf.int32)
 
@@ -202,20 +203,24 @@ def _select_from_top(hist: tf.Tensor, need: tf.Tensor):
     return b, above
 
 
-def _threshold_bits(bits: tf.Tensor, k: tf.Tensor):
-    """Bit pattern ``t`` of the k-th largest entry, ``#(bits > t)`` and ``#(bits == t)``.
+def _threshold_bits(flat: tf.Tensor, k: tf.Tensor):
+    """Bit pattern ``t`` of the k-th largest ``|x|``, ``#(|x| > t)`` and ``#(|x| == t)``.
 
-    Two histogram passes of 16 bits each. The second pass bins ``bits XOR (b << 16)``: entries
-    of the selected high bin ``b`` map to their low 16 bits, all others to values >= 65536,
-    which the histogram ignores. Transient memory: one int32 tensor of ``n`` entries at a time.
+    Two histogram passes of 16 bits each over the int32 patterns of ``|x|``. The second pass
+    bins ``bits XOR (b << 16)``: entries of the selected high bin ``b`` map to their low 16 bits,
+    all others to values >= 65536, which the histogram ignores. The patterns are recomputed
+    for each pass (one cheap ``abs``) rather than kept, and the second pass waits for the first,
+    so the selection holds one transient int32 tensor of ``n`` entries at a time.
 
     Args:
-        bits: int32 ``[n]``, non-negative.
+        flat: float32 ``[n]``.
         k: int32 scalar, ``1 <= k <= n``.
     """
-    hist_hi = _histogram(tf.bitwise.right_shift(bits, 16), 32768)
+    hist_hi = _histogram(tf.bitwise.right_shift(_abs_bits(flat), 16), 32768)
     b, above_b = _select_from_top(hist_hi, k)
     b_shifted = tf.bitwise.left_shift(b, 16)
+    with tf.control_dependencies([hist_hi]):
+        bits = _abs_bits(flat)
     hist_lo = _histogram(tf.bitwise.bitwise_xor(bits, b_shifted), 65536)
     l, above_l = _select_from_top(hist_lo, k - above_b)
     t = tf.bitwise.bitwise_or(b_shifted, l)
@@ -253,20 +258,23 @@ def _keep_mask_flat(flat: tf.Tensor, k) -> tf.Tensor:
         return tf.zeros_like(flat, dtype=tf.bool)
 
     def select():
-        bits = _abs_bits(flat)
-        t, n_gt, n_eq = _threshold_bits(bits, k)
+        t, n_gt, n_eq = _threshold_bits(flat, k)
         ties = k - n_gt  # 1 .. n_eq entries equal to t are to be kept
+        t_float = tf.bitcast(t, tf.float32)
+        # |x| compared with t as floats (same order as the bit patterns), written without a
+        # float |x| temporary: x >= t or x <= -t.
 
         def nonzero():  # t == 0: zeros carry nothing, keep only the n_gt nonzero entries
-            return tf.greater(bits, 0)
+            return tf.not_equal(flat, 0.0)
 
         def all_ties():
-            return tf.greater_equal(bits, t)
+            return tf.logical_or(flat >= t_float, flat <= -t_float)
 
         def first_ties():  # the first `ties` entries equal to t, by flat index
-            idx = tf.where(tf.equal(bits, t))[:ties]  # int64 [ties, 1]; n_eq is small here
+            idx = tf.where(tf.equal(tf.abs(flat), t_float))[:ties]  # int64 [ties, 1], small
             return tf.tensor_scatter_nd_update(
-                tf.greater(bits, t), idx, tf.ones(tf.reshape(ties, [1]), tf.bool))
+                tf.logical_or(flat > t_float, flat < -t_float), idx,
+                tf.ones(tf.reshape(ties, [1]), tf.bool))
 
         return tf.case([(tf.equal(t, 0), nonzero), (tf.equal(ties, n_eq), all_ties)],
                        default=first_ties, exclusive=False)
@@ -294,7 +302,7 @@ def keep_threshold(x: tf.Tensor, gamma: float) -> tf.Tensor:
     k = tf.convert_to_tensor(keep_count(n, gamma), tf.int32)
     return tf.cond(
         tf.greater(k, 0),
-        lambda: tf.bitcast(_threshold_bits(_abs_bits(flat), k)[0], tf.float32),
+        lambda: tf.bitcast(_threshold_bits(flat, k)[0], tf.float32),
         lambda: tf.constant(float("inf")))
 
 
