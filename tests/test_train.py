@@ -413,3 +413,45 @@ def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
   rows = program_io.read_metrics(str(root))
   assert rows[-1]['round'] == versions[-1]
   assert not (root / 'summary.json').exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Local dataset files through the program.
+
+
+def _write_tiny_cifar10(directory, per_file=40, seed=0):
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True, exist_ok=True)
+  names = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
+  for name in names:
+    labels = rng.integers(0, 10, size=(per_file, 1), dtype=np.uint8)
+    pixels = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
+    (directory / name).write_bytes(np.concatenate([labels, pixels], axis=1).tobytes())
+
+
+def test_truncated_dataset_file_is_one_line_error_exit_2(tmp_path):
+  data_dir = tmp_path / 'cifar-10-batches-bin'
+  _write_tiny_cifar10(data_dir)
+  bad = data_dir / 'data_batch_4.bin'
+  bad.write_bytes(bad.read_bytes()[:-100])
+  proc = _cli([f'--root_dir={tmp_path / "run"}', '--dataset=cifar10', f'--data_dir={data_dir}'],
+              timeout=120)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  line = _error_line(proc)
+  assert str(bad) in line and 'wrong size' in line
+
+
+@needs_process
+def test_cifar10_binary_files_train_end_to_end(tmp_path):
+  data_dir = tmp_path / 'cifar'
+  _write_tiny_cifar10(data_dir)
+  root = tmp_path / 'run'
+  proc = _cli([f'--root_dir={root}', '--dataset=cifar10', f'--data_dir={data_dir}',
+               '--algorithm=rigl', '--rounds=1', '--num_clients=4', '--clients_per_round=2',
+               '--min_client_size=5', '--batch_size=16', '--eval_every=1', '--delta_t=1',
+               '--t_end=1'])
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'data: cifar10 200 train / 40 test' in proc.stdout
+  summary = json.loads((root / 'summary.json').read_text())
+  assert summary['dataset'] == 'cifar10' and summary['algorithm'] == 'rigl'
+  assert summary['variant'] == 'baseline' and summary['rounds_completed'] == 1
