@@ -272,9 +272,10 @@ def _keep_mask_flat(flat: tf.Tensor, k) -> tf.Tensor:
 
         def first_ties():  # the first `ties` entries equal to t, by flat index
             idx = tf.where(tf.equal(tf.abs(flat), t_float))[:ties]  # int64 [ties, 1], small
-            return tf.tensor_scatter_nd_update(
-                tf.logical_or(flat > t_float, flat < -t_float), idx,
-                tf.ones(tf.reshape(ties, [1]), tf.bool))
+            first = tf.raw_ops.SparseToDense(
+                sparse_indices=idx, output_shape=tf.shape(flat, out_type=tf.int64),
+                sparse_values=True, default_value=False, validate_indices=False)
+            return tf.logical_or(tf.logical_or(flat > t_float, flat < -t_float), first)
 
         return tf.case([(tf.equal(t, 0), nonzero), (tf.equal(ties, n_eq), all_ties)],
                        default=first_ties, exclusive=False)
