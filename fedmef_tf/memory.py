@@ -226,11 +226,16 @@ def analytic_footprint(
     caches (the effective kernel a conv keeps for its input gradient, plus the NSConv
     standardisation's centred kernel) and ``G_j`` its dense parameter gradients,
 
-    - forward at layer l: ``sum_{j<l} (C_j + K_j) + K_l + 4 n_in + 4 n_out + F_l``, with
-      ``F_l`` the SAP selection's working set (``4 n_in`` of bit patterns, another ``4 n_in``
-      histogram key, ``n_in`` of mask, ``12 k`` of int64 indices and values);
-    - backward at layer l: ``sum_{j<=l} (C_j + K_j) + sum_{j>l} G_j + 4 n_out + 4 n_in + B_l``,
-      with ``B_l`` the rebuilt ``x_pruned`` of a SAP layer (``4 n_in + 8 k + 2 n_in``);
+    - forward at layer l: ``sum_{j<l} C_j + sum_all K_j + 4 n_in + max(4 n_out, S_l)``: every
+      effective kernel is computed at the start (it depends on variables only); ``S_l`` is
+      the SAP selection's working set, ``max(4 n_in, n_in + 12 k)`` (one int32 pattern
+      tensor, or the bool mask with the int64 indices and the gathered values);
+    - backward at layer l: ``sum_{j<=l} (C_j + K_j) + sum_{j>l} G_j + 4 n_out
+      + max(4 n_in, R_l) + W_l``: the upstream gradient and either the input gradient or, for
+      a SAP layer, the rebuilt ``x_pruned`` with its int64 indices (``R_l = 4 n_in + 8 k``,
+      freed before the input gradient is made), plus the kernel-side working set ``W_l``
+      (filter gradient and masked product, ``2 * 4 |W|``; ``4 * 4 |W|`` for NSConv, which
+      recomputes its centred kernel);
     - ``peak_bytes`` is the largest of these.
 
     Args:
@@ -269,7 +274,7 @@ def analytic_footprint(
         row = {"name": layer.name, "kind": kind, "input_elements": n_in,
                "output_elements": n_out, "sap_gamma": 0.0, "cached_bytes": 0,
                "kernel_cache_bytes": 0, "gradient_bytes": 0, "weight_bytes": 0,
-               "forward_extra": 0, "backward_extra": 0}
+               "sap_forward": 0, "sap_backward": 0, "kernel_backward": 0}
 
         def cache_float(tensors):
             size = 0
@@ -286,8 +291,10 @@ def analytic_footprint(
             if g > 0.0:
                 k = sap.keep_count(n_in, g)
                 row["cached_bytes"] = _F32 * k + math.ceil(n_in / 8)
-                row["forward_extra"] = _F32 * n_in + 2 * n_in + 12 * k
-                row["backward_extra"] = _F32 * n_in + 8 * k + 2 * n_in
+                # Selection: one int32 pattern tensor, then the bool mask with the int64
+                # indices and the values. Backward: x_pruned and the int64 indices.
+                row["sap_forward"] = max(_F32 * n_in, n_in + 12 * k)
+                row["sap_backward"] = _F32 * n_in + 8 * k
             else:
                 row["cached_bytes"] = cache_float(inputs)
             # The effective kernel (kernel * mask, or the NSConv W_hat) that the op keeps for
@@ -296,7 +303,7 @@ def analytic_footprint(
             row["kernel_cache_bytes"] = _F32 * kernel_size
             # Backward working set on the kernel side: the filter gradient and the masked
             # product (plain), plus the recomputed centred kernel and its products (NSConv).
-            row["backward_extra"] += _F32 * kernel_size * (4 if layer.normalize else 2)
+            row["kernel_backward"] = _F32 * kernel_size * (4 if layer.normalize else 2)
             nnz = int(np.count_nonzero(layer.mask.numpy()))
             dense = sum(int(np.prod(v.shape)) for v in layer.trainable_weights
                         if v is not layer.kernel)
@@ -329,17 +336,21 @@ def analytic_footprint(
     kernels = sum(r["kernel_cache_bytes"] for r in rows)
     held = 0  # activation caches of the layers before the current one
     for i, row in enumerate(rows):
-        io = _F32 * (row["input_elements"] + row["output_elements"])
-        row["forward_live_bytes"] = held + kernels + io + row["forward_extra"]
+        x_in, y_out = _F32 * row["input_elements"], _F32 * row["output_elements"]
+        # Forward: the input, and either the output or the SAP selection (which runs first).
+        row["forward_live_bytes"] = held + kernels + x_in + max(y_out, row["sap_forward"])
         held += row["cached_bytes"]
         kernels_held = sum(r["kernel_cache_bytes"] for r in rows[:i + 1])
-        row["backward_live_bytes"] = (held + kernels_held + grads_after[i + 1] + io
-                                      + row["backward_extra"])
+        # Backward: dy, and either dx or the rebuilt x_pruned (a SAP layer frees it first),
+        # plus the kernel-side working set; the gradients of later layers are held.
+        row["backward_live_bytes"] = (held + kernels_held + grads_after[i + 1] + y_out
+                                      + max(x_in, row["sap_backward"])
+                                      + row["kernel_backward"])
         for phase in ("forward", "backward"):
             if row[f"{phase}_live_bytes"] > peak:
                 peak, peak_at = row[f"{phase}_live_bytes"], f"{row['name']} ({phase})"
     for row in rows:
-        del row["forward_extra"], row["backward_extra"]
+        del row["sap_forward"], row["sap_backward"], row["kernel_backward"]
     return {
         "layers": rows,
         "weight_bytes": weight_bytes,
