@@ -24,6 +24,11 @@ writes lives under `--root_dir` (see `tff_programs.program_io` for the layout):
 Ctrl-C (SIGINT) once: the running round finishes, is saved, and the program stops (exit 130);
 rerun the command to go on. Ctrl-C twice: it stops at once, the last saved round intact.
 
+The defaults (built-in synthetic data, 20 clients with Dirichlet a = 0.5, 5 per round, 40
+rounds of one local epoch, the small cnn at density 0.2, FedMef with gamma 0.7) end at 77.0% test
+accuracy (chance 10%) with seed 0; training took 4m17s to 5m23s of wall time on 2 cores shared
+with other jobs (about 4 minutes of CPU time), plus about 40 s of set-up and final report.
+
 Exit codes: 0 done; 1 failure while running; 2 bad flag, unusable `--root_dir` or data files;
 130 interrupted.
 
@@ -231,7 +236,6 @@ def sample_clients(seed: int, round_num: int, num_clients: int, per_round: int) 
 
 def shuffle_seed(seed: int, round_num: int, client: int) -> int:
   """The shuffle seed of a client's examples in a round (a pure function of its arguments)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   return int(np.random.SeedSequence([seed, round_num, client, 0x5F]).generate_state(1)[0]
              & _MAX_INT32)
 
@@ -261,7 +265,6 @@ def pick_metrics(raw) -> Dict[str, Any]:
 
 def _num(value, default=float('nan')) -> float:
   try:
-    import numpy as np  # pylint: disable=import-outside-toplevel
     arr = np.asarray(value)
     return float(arr) if arr.size == 1 else default
   except (TypeError, ValueError):
@@ -357,8 +360,7 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
     print(f'train: error: {e}', file=sys.stderr)
     return EXIT_USAGE
 
-  import numpy as np
-  import tensorflow as tf
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from fedmef_tf import data as data_lib
   from fedmef_tf import masks as masks_lib
   from tff_programs import client_data as client_data_lib
