@@ -271,6 +271,14 @@ def test_plots_are_png(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['a.png', 'b.png', 'c.png']  # no temporaries left
 
 
+def test_state_manager_removes_half_written_saves(tmp_path):
+  ckpt = tmp_path / 'checkpoints'
+  (ckpt / 'program_state_3_temp1234').mkdir(parents=True)
+  (ckpt / 'program_state_2').mkdir()
+  program_io.state_manager(str(tmp_path))
+  assert sorted(os.listdir(ckpt)) == ['program_state_2']
+
+
 def test_write_json_atomic(tmp_path):
   path = str(tmp_path / 'x' / 's.json')
   program_io.write_json(path, {'b': 1, 'a': [1, 2]})
@@ -301,6 +309,43 @@ def _wait_for(path, proc, timeout):
     if time.monotonic() > deadline:
       raise AssertionError(f'{path} did not appear within {timeout}s')
     time.sleep(0.1)
+
+
+def _worker_children(pid):
+  """PIDs of live `worker_binary` processes whose parent is `pid` (Linux /proc)."""
+  found = []
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        stat = f.read()
+    except OSError:
+      continue
+    comm = stat[stat.index('(') + 1:stat.rindex(')')]
+    fields = stat[stat.rindex(')') + 2:].split()
+    if fields[1] == str(pid) and fields[0] != 'Z' and 'worker_bin' in comm:
+      found.append(int(entry))
+  return found
+
+
+def _gone(pids, timeout=10.0):
+  """True when none of `pids` is alive (zombies count as gone) within `timeout` seconds."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    alive = []
+    for p in pids:
+      try:
+        with open(f'/proc/{p}/stat') as f:
+          state = f.read().rsplit(')', 1)[1].split()[0]
+      except OSError:
+        continue
+      if state != 'Z':
+        alive.append(p)
+    if not alive:
+      return True
+    time.sleep(0.1)
+  return False
 
 
 @pytest.fixture(scope='module')
@@ -371,9 +416,12 @@ def test_resume_after_sigkill_gives_the_same_final_weights(uninterrupted, tmp_pa
                           stderr=subprocess.DEVNULL)
   try:
     _wait_for(str(root / 'checkpoints' / 'program_state_2'), proc, timeout=200)
+    workers = _worker_children(proc.pid)
   finally:
     proc.kill()
     proc.wait()
+  assert workers, 'the program runs its TFF worker as a child process'
+  assert _gone(workers), f'TFF worker(s) {workers} outlived the killed program'
   assert not (root / 'summary.json').exists()
   resumed = _cli([f'--root_dir={root}', '--rounds=3'] + TINY)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -399,6 +447,7 @@ def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
                           stderr=subprocess.PIPE, text=True)
   try:
     _wait_for(str(root / 'checkpoints' / 'program_state_1'), proc, timeout=200)
+    workers = _worker_children(proc.pid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
   finally:
@@ -407,6 +456,8 @@ def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
       proc.wait()
   assert proc.returncode == 130, out + err
   assert 'stopped after round' in out
+  assert workers and _gone(workers), f'TFF worker(s) {workers} outlived the program'
+  assert len([l for l in err.splitlines() if l.strip()]) <= 2, err  # no traceback
   versions = sorted(int(n.rsplit('_', 1)[1]) for n in os.listdir(root / 'checkpoints')
                     if n.startswith('program_state_') and n.rsplit('_', 1)[1].isdigit())
   assert versions and versions[-1] < 40

@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Dict, List, Mapping, Sequence
@@ -151,8 +152,17 @@ def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) 
 
 
 def state_manager(root_dir: str):
-  """The `tff.program.FileProgramStateManager` of the run (versions are round numbers)."""
+  """The `tff.program.FileProgramStateManager` of the run (versions are round numbers).
+
+  Leftovers of a save that was killed midway (`program_state_<t>_temp<n>`, which the manager
+  writes before renaming and never lists as a version) are removed first.
+  """
   import tensorflow_federated as tff  # pylint: disable=import-outside-toplevel
+  directory = os.path.join(root_dir, CHECKPOINT_DIR)
+  if os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if re.fullmatch(r'program_state_\d+_temp\d+', name):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
   return tff.program.FileProgramStateManager(
       os.path.join(root_dir, CHECKPOINT_DIR), keep_total=_KEEP_CHECKPOINTS, keep_first=False)
 
