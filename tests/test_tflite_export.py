@@ -218,8 +218,8 @@ def test_train_step_rezeroes_values_loaded_under_the_mask(fedmef_export):
   meta = verify.read_metadata(interpreter)
   get = interpreter.get_signature_runner('get_weights')
   w = get()
-  kernel, mask = [p for p in verify._mask_pairs(meta['weight_names'])  # pylint: disable=protected-access
-                  if p[0].endswith('conv1_conv_kernel')][0]
+  pairs = verify._mask_pairs(meta['weight_names'])  # pylint: disable=protected-access
+  kernel, mask = [p for p in pairs if p[0].endswith('conv1_conv_kernel')][0]
   w[kernel] = np.where(w[mask] == 0, 1.0, w[kernel]).astype(np.float32)
   interpreter.get_signature_runner('set_weights')(**w)
   rng = np.random.RandomState(0)

@@ -16,6 +16,8 @@ with `--mode=idle`, identical except that it does not call `train`; its figure (
 hundred KiB of noise) is subtracted. Large allocations are forced onto `mmap`
 (`MALLOC_MMAP_THRESHOLD_=65536` in the child's environment) so that freed buffers leave the
 resident set instead of staying in glibc's heap, which makes the figure follow live memory.
+The measurement runs single-threaded (TFLite kernels and select-TF kernels): with thread pools
+the peak depends on timing (the same baseline export measured 37 and 59 MiB in two runs).
 
 The figure includes everything the first call does: the TFLite arena pages it touches for the
 first time (activations and gradients of builtin ops), buffers of select-TF ops, and the
@@ -55,7 +57,8 @@ def _reset_peak() -> bool:
     return False
 
 
-def probe(model_path: str, mode: str, seed: int = 0, warmup: bool = True) -> Dict[str, int]:
+def probe(model_path: str, mode: str, seed: int = 0, warmup: bool = True,
+          num_threads: int = 1) -> Dict[str, int]:
   """Runs in the measuring subprocess; returns the resident-memory figures in bytes.
 
   Args:
@@ -63,6 +66,8 @@ def probe(model_path: str, mode: str, seed: int = 0, warmup: bool = True) -> Dic
     mode: 'train' (call `train` once) or 'idle' (same set-up, no call).
     seed: seed of the random input batch.
     warmup: first run `train` once in a throw-away interpreter of the same file.
+    num_threads: threads of the TFLite kernels (the select-TF kernels follow
+      `TF_NUM_INTRAOP_THREADS`, which `measure_train_peak` sets to the same number).
 
   Returns:
     `{'rss_before', 'hwm_after', 'peak_delta', 'reset'}`: bytes, and 1 if the peak could be
@@ -72,7 +77,7 @@ def probe(model_path: str, mode: str, seed: int = 0, warmup: bool = True) -> Dic
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   def load():
-    interpreter = tf.lite.Interpreter(model_path=model_path)
+    interpreter = tf.lite.Interpreter(model_path=model_path, num_threads=num_threads)
     return interpreter, interpreter.get_signature_runner('train')
 
   interpreter, train = load()
@@ -106,6 +111,10 @@ def _run_child(model_path: str, mode: str, timeout_s: float) -> Dict[str, int]:
   env = dict(os.environ)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   env['MALLOC_MMAP_THRESHOLD_'] = '65536'
+  # One thread everywhere: with a thread pool the peak depends on how many kernels' buffers
+  # happen to be alive at once, and the figure varied by half from run to run.
+  env['TF_NUM_INTRAOP_THREADS'] = '1'
+  env['TF_NUM_INTEROP_THREADS'] = '1'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
   proc = subprocess.run(

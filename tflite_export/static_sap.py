@@ -48,7 +48,8 @@ from fedmef_tf import sap
 
 __all__ = ['compress', 'decompress', 'topk_sap', 'stored_bytes_per_element']
 
-_ORIGINAL = {'_compress': sap._compress, '_decompress': sap._decompress}  # pylint: disable=protected-access
+# pylint: disable-next=protected-access
+_ORIGINAL = {'_compress': sap._compress, '_decompress': sap._decompress}
 
 
 def stored_bytes_per_element(gamma: float) -> float:

@@ -3,17 +3,17 @@
 FedMef (Huang et al., CVPR 2024, arXiv 2403.14737) trains a sparse model on the clients from the
 first round; on a phone each client runs the exported `train` signature. `TrainModule` wraps a
 Keras model (any model of `fedmef_tf.models`, or a plain Keras model such as a stripped tfmot
-model) and exposes six signatures:
+model) and exposes these signatures:
 
 * `train(x, y) -> {loss}`: one plain SGD step on the mean sparse softmax cross-entropy of a batch.
   `x`: float32 `[B, H, W, C]` with the batch size B fixed at export time; `y`: int32 `[B]` class
   ids. The model runs with `training=True`, so the SAP ops of a FedMef model cache only the kept
   activations (as values plus int32 indices, `tflite_export.static_sap`) and BitReLU a 1-bit
-  mask, and BatchNorm of a baseline model uses batch statistics and
-  updates its moving averages. The kernel gradient of a masked layer is already masked (and
-  carries the BaE term, `fedmef_tf.sparse_layers.masked_kernel`); after the update every masked
-  kernel is multiplied by its mask once more, so pruned entries are exactly zero after every step
-  whatever values were loaded. `loss` is the task loss *before* the step (the BaE penalty is not
+  mask, and BatchNorm of a baseline model uses batch statistics and updates its moving
+  averages. The kernel gradient of a masked layer is already masked (and carries the BaE term,
+  `fedmef_tf.sparse_layers.masked_kernel`); after the update every masked kernel is multiplied
+  by its mask once more, so pruned entries are exactly zero after every step whatever values
+  were loaded. `loss` is the task loss *before* the step (the BaE penalty is not
   in it, only its gradient).
 * `infer(x) -> {logits}`: `training=False` forward pass (plain ops, BatchNorm moving statistics).
   Same fixed batch B as `train` (a smaller batch is padded by the caller).
@@ -44,6 +44,8 @@ from typing import Any, Dict, List
 
 import tensorflow as tf
 
+from fedmef_tf import masks as masks_lib
+from fedmef_tf import sparse_layers
 from tflite_export import static_sap
 
 __all__ = ['TrainModule', 'weight_names', 'LR_NAME']
@@ -109,13 +111,13 @@ class TrainModule(tf.Module):
     self._trainable = list(model.trainable_variables)
     self._masked = _masked_pairs(model)
     by_ref = {v.ref(): n for n, v in zip(self.names, self._vars)}
-    from fedmef_tf import masks as masks_lib  # pylint: disable=import-outside-toplevel
     #: Output names of `dense_gradients`: `grad_<kernel weight name>`, prunable layer order.
     self.gradient_names = ['grad_' + by_ref[layer.kernel.ref()]
                            for layer in masks_lib.prunable_layers(model)] if self._masked else []
     meta = dict(metadata)
     meta.update({'batch_size': self.batch_size, 'input_shape': list(self.input_shape),
-                 'weight_names': self.names, 'gradient_names': self.gradient_names, 'learning_rate': float(learning_rate),
+                 'weight_names': self.names, 'gradient_names': self.gradient_names,
+                 'learning_rate': float(learning_rate),
                  'signatures': list(self.signature_names())})
     self.metadata_json = json.dumps(meta, sort_keys=True)
     self._build_functions()
@@ -189,8 +191,6 @@ class TrainModule(tf.Module):
     return out
 
   def _dense_gradients(self, x, y):
-    from fedmef_tf import sparse_layers  # pylint: disable=import-outside-toplevel
-
     def loss_fn(labels, logits):
       return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
