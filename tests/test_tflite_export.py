@@ -143,6 +143,17 @@ def test_export_prints_size_densities_and_memory(fedmef_export):
   assert float(peak_line.split(':')[1].split()[0]) > 0.0
 
 
+def test_fedmef_train_graph_uses_the_static_sap_storage(fedmef_export):
+  # tflite_export.static_sap must be in force when the graph is traced: TOPK_V2 selects the
+  # kept activations, and none of fedmef_tf.sap's own histogram selection is left.
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):
+    tf.lite.experimental.Analyzer.analyze(model_path=fedmef_export[0])
+  ops = text.getvalue()
+  assert ops.count('TOPK_V2(') == 5  # 4 convs and the classifier
+  assert 'Bincount' not in ops and ' WHERE(' not in ops
+
+
 def test_baseline_export_converts(baseline_export):
   interpreter = tf.lite.Interpreter(model_path=baseline_export[0])
   assert verify.read_metadata(interpreter)['variant'] == 'baseline'
