@@ -16,15 +16,16 @@ Storage of the kept entries (what the gradient function holds between forward an
 - ``packed``: a 1-bit keep mask, 8 elements per uint8 byte, ``ceil(numel / 8)`` bytes.
 
 That is ``4 * (1 - gamma) + 1/8`` bytes per input element instead of the 4 bytes of a plain op
-(1.325 bytes at gamma = 0.7). int32 indices would cost ``8 * (1 - gamma)`` bytes per element
-and lose against the bitmask for every gamma below 31/32. A threshold plus values (no mask) is
-not enough on its own: the positions of the kept values cannot be recovered once ``x`` is freed.
-The dense ``x_pruned`` is rebuilt only inside the gradient function, one layer at a time.
+(1.325 bytes at gamma = 0.7). Values with int32 indices would cost ``8 * (1 - gamma)`` bytes
+per element and lose against values with the bitmask for every gamma below 31/32. A threshold
+plus values (no mask) is not enough on its own: the positions of the kept values cannot be
+recovered once ``x`` is freed. The dense ``x_pruned`` is rebuilt only inside the gradient
+function, one layer at a time.
 
 Selection is exact and O(n): ``|x|`` is bit-cast to int32 (for non-negative floats the integer
 order of the bit patterns is the float order), and the k-th largest pattern is found by two
-histogram passes (``tf.math.bincount``), one over the high 16 bits, one over the low 16 bits of
-the entries in the selected high bin. No sort or top-k over millions of entries is done.
+histogram passes (``Bincount``), one over the high 16 bits, one over the low 16 bits of the
+entries in the selected high bin. No sort or top-k over millions of entries is done.
 
 Ties: entries with ``|x|`` strictly above the threshold ``t`` (the k-th largest ``|x|``) are
 all kept. If ``t > 0``, the entries equal to ``t`` with the smallest flat indices are added so
@@ -41,7 +42,22 @@ cancel the saving. :func:`bit_relu`, :func:`bit_relu6` and :class:`BitReLU` cach
 Memory care (measured with the allocator's peak, see ``fedmef_tf.memory``): the forward pass of
 every custom gradient works on ``tf.stop_gradient`` copies of its inputs, so that an eager tape
 does not record (and keep alive) the selection internals, and no gradient function refers to
-``x`` or to the layer output.
+``x`` or to the layer output. In a graph the executor runs any op as soon as its inputs exist,
+so the order is pinned with control dependencies:
+
+- forward: the selection runs before the op, so ``x`` dies with the op;
+- backward: the masks are unpacked and ``x_pruned`` rebuilt only once ``dy`` exists (without
+  this every layer's rebuild runs during the forward pass, all at once), the weight gradient is
+  taken, and only then the input gradient, so no two layers hold a rebuilt input together.
+
+Working memory of one SAP layer on ``n`` input elements: forward, one int32 tensor of ``n``
+(the histogram key) at a time, then the bool mask with the int64 indices of the kept entries;
+backward, ``x_pruned`` (4 bytes per element) with those indices.
+
+Speed: the selection and compaction are about ten elementwise passes over ``x`` plus two
+``tf.where`` (one per direction), all O(n) TensorFlow CPU/GPU ops. On 2 CPU cores that is
+roughly 90 ms per 9.4M-element activation (forward and backward together), small next to
+ResNet18's 3x3 convolutions but several times MobileNetV2's 1x1 and depthwise ones.
 
 ``gamma`` is a Python float in ``[0, 1]``; ``gamma == 0`` takes the plain op (exactly the
 plain gradients, no overhead).
@@ -375,6 +391,7 @@ def _check(gamma: float, padding: str = "SAME"):
         raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
     """Wraps ``y = forward(x, w)`` in a custom gradient that caches the SAP-compressed ``x``.
 
@@ -495,6 +512,7 @@ def sap_matmul(x, w, gamma: float) -> tf.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def _bit_activation(x, max_value):
     x = tf.convert_to_tensor(x, tf.float32)
 
