@@ -183,6 +183,11 @@ def test_one_train_step_matches_tf(masked_export):
   assert check.ok, check.detail
 
 
+def test_fedmef_train_step_uses_sap(fedmef_export):
+  check = _checks(fedmef_export[0])['train step uses SAP']
+  assert check.ok, check.detail
+
+
 def test_train_step_with_bae_matches_tf(masked_export):
   check = _checks(masked_export)['train step with BaE matches TF']
   assert check.ok, check.detail

@@ -9,15 +9,18 @@ file's own weights (`get_weights`). On one random batch (seeded) it checks:
 1. `infer`: logits of shape `[B, classes]` equal the TF model's (`training=False`) within
    `INFER_ATOL`.
 1b. `dense_gradients` (exports with masks): equal to `dense_kernel_gradients` of the TF model
-   within `GRAD_ATOL`.
+   within `STEP_RTOL` of each kernel's largest gradient entry.
 2. TF/TFLite step: one `train` step in the interpreter and the same step of the TF model
    (`TrainModule.train`, traced with `fedmef_tf.sap` as it is) give the same loss within
-   `LOSS_RTOL` and the same variables within `WEIGHT_ATOL` (absolute, on every variable,
-   masks and BatchNorm statistics included). The on-device graph stores SAP activations
-   differently (`tflite_export.static_sap`) and its kernels sum in another order, so the match
-   is to float rounding, not bitwise.
+   `LOSS_RTOL` and the same update of every variable (masks and BatchNorm statistics
+   included) within `STEP_RTOL` of that variable's largest update entry. The on-device graph
+   stores SAP activations differently (`tflite_export.static_sap`) and its kernels sum in
+   another order, so the match is not bitwise; see `STEP_RTOL` for why it is not to float
+   rounding either.
+2a. SAP on the device (gamma > 0): the on-device step differs from the TF step of the same
+   model built with gamma 0 by more than `SAP_EFFECT_MIN`.
 2b. the same step with BaE on (exports with masks): half of each mask marked, lambda
-   `BAE_LAMBDA`, loaded with `set_weights` in both.
+   `BAE_LAMBDA`, loaded with `set_weights` in both; BaE must change the step.
 3. masked zeros: after `--steps` more steps, every kernel entry whose mask is 0 is exactly 0,
    and the masks are unchanged (not applicable to an export without masks, e.g. tfmot's:
    reported, not failed).
@@ -44,14 +47,20 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ['Check', 'verify', 'read_metadata', 'main', 'LOSS_RTOL', 'WEIGHT_ATOL', 'INFER_ATOL']
+__all__ = ['Check', 'verify', 'read_metadata', 'main', 'LOSS_RTOL', 'STEP_RTOL', 'INFER_ATOL']
 
 #: Relative tolerance of the loss of one TFLite step against the TF step.
 LOSS_RTOL = 1e-4
-#: Absolute tolerance of every variable after one step (weights are O(0.1..1), lr 0.1).
-WEIGHT_ATOL = 1e-4
-#: Absolute tolerance of the growth gradients of `dense_gradients` against TF.
-GRAD_ATOL = 1e-4
+#: Tolerance of one step's update of every variable against TF, relative to the largest entry
+#: of that variable's TF update (and of the growth gradients, relative to their largest entry).
+#: Not float rounding alone: a ReLU (or BitReLU) mask entry flips where a pre-activation lies
+#: within rounding of zero (the two runtimes sum convolutions in different orders, about 1e-6
+#: apart), and each flip moves one output channel's weight gradient by one position's share,
+#: about 1 / (B * H_out * W_out); measured up to 1.1% on the registry cnn at batch 32.
+STEP_RTOL = 0.02
+#: The on-device step must differ from the TF step without SAP by more than this (relative,
+#: as STEP_RTOL), so that the match shows that SAP is active on the device.
+SAP_EFFECT_MIN = 0.1
 #: BaE penalty weight of the BaE step check (the paper's lambda is 0.01; larger shows more).
 BAE_LAMBDA = 0.5
 #: Largest learning rate of the loss-falls steps.
@@ -111,9 +120,22 @@ def _mask_pairs(names: Sequence[str]):
   return pairs
 
 
-def _max_diff(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> float:
-  return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64))))
-             if np.size(a[k]) else 0.0 for k in a)
+def _step_mismatch(before, got, ref):
+  """Worst `max|got - ref| / max|ref - before|` over variables, and its variable's name.
+
+  A variable that `ref` does not change (masks, marked sets) must be equal to within 1e-7.
+  """
+  worst, worst_name = 0.0, ''
+  for n in ref:
+    if not np.size(ref[n]):
+      continue
+    r = np.asarray(ref[n], np.float64)
+    diff = float(np.max(np.abs(np.asarray(got[n], np.float64) - r)))
+    scale = float(np.max(np.abs(r - before[n])))
+    rel = diff / scale if scale > 0 else (0.0 if diff <= 1e-7 else float('inf'))
+    if rel > worst:
+      worst, worst_name = rel, n
+  return worst, worst_name
 
 
 def _equal(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
@@ -186,9 +208,12 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
         lambda labels, logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=labels, logits=logits))
     g_tf = {n: g.numpy() for n, g in zip(meta['gradient_names'], g_tf)}
-    dg = _max_diff(g_tf, g_lite) if g_lite.keys() == g_tf.keys() else float('inf')
-    checks.append(Check('dense_gradients matches TF', dg <= GRAD_ATOL,
-                        f'{len(g_tf)} kernels, max |diff| {dg:.2e} (atol {GRAD_ATOL})'))
+    zeros = {n: np.zeros_like(g) for n, g in g_tf.items()}
+    dg, where = (_step_mismatch(zeros, g_lite, g_tf) if g_lite.keys() == g_tf.keys()
+                 else (float('inf'), 'names'))
+    checks.append(Check('dense_gradients matches TF', dg <= STEP_RTOL,
+                        f'{len(g_tf)} kernels, max |diff| / max |gradient| {dg:.2e} '
+                        f'({where or "-"}; rtol {STEP_RTOL})'))
 
   # 2. One step, TFLite against TF.
   loss_lite = float(run['train'](x=x, y=y)['loss'])
@@ -197,11 +222,24 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   loss_tf = float(module.train(tf.constant(x), tf.constant(y))['loss'])
   w_tf = {n: v.numpy() for n, v in zip(names, model.variables)}
   dl = abs(loss_lite - loss_tf)
-  dw = _max_diff(w_lite, w_tf)
-  ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and dw <= WEIGHT_ATOL
+  dw, where = _step_mismatch(w0, w_lite, w_tf)
+  ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and dw <= STEP_RTOL
   checks.append(Check('train step matches TF', ok,
                       f'loss {loss_lite:.6f} vs {loss_tf:.6f} (|diff| {dl:.2e}, rtol {LOSS_RTOL}),'
-                      f' max |weight diff| {dw:.2e} (atol {WEIGHT_ATOL})'))
+                      f' max |update diff| / max |update| {dw:.2e} ({where}; rtol {STEP_RTOL})'))
+
+  # 2a. SAP is active on the device: the step differs from the TF step without SAP.
+  if float(meta.get('gamma', 0.0)) > 0.0:
+    meta0 = dict(meta, gamma=0.0)
+    model0, module0 = _rebuild(meta0)
+    for v, n in zip(model0.variables, names):
+      v.assign(w0[n])
+    module0.train(tf.constant(x), tf.constant(y))
+    w_nosap = {n: v.numpy() for n, v in zip(names, model0.variables)}
+    effect, where0 = _step_mismatch(w0, w_lite, w_nosap)
+    checks.append(Check('train step uses SAP', effect > SAP_EFFECT_MIN,
+                        f'gamma {meta["gamma"]}: on-device step differs from the TF step '
+                        f'without SAP by {effect:.2e} ({where0}; must exceed {SAP_EFFECT_MIN})'))
 
   # 2b. The same with a BaE marked set and lambda loaded (adjustment round).
   pairs = _mask_pairs(names)
@@ -222,14 +260,15 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
       v.assign(bae[n])
     loss_tf = float(module.train(tf.constant(x), tf.constant(y))['loss'])
     w_tf = {n: v.numpy() for n, v in zip(names, model.variables)}
-    dl, dw = abs(loss_lite - loss_tf), _max_diff(w_lite, w_tf)
+    dl = abs(loss_lite - loss_tf)
+    dw, where = _step_mismatch(bae, w_lite, w_tf)
     # BaE must change the step, or the check says nothing.
     effect = float(max(np.max(np.abs(w_lite[k] - w_plain_step[k])) for k, _ in pairs))
-    ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and dw <= WEIGHT_ATOL and effect > 0
+    ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and dw <= STEP_RTOL and effect > 0
     checks.append(Check('train step with BaE matches TF', ok,
-                        f'lambda {BAE_LAMBDA}, half of each mask marked: max |weight diff| '
-                        f'{dw:.2e} (atol {WEIGHT_ATOL}); BaE moved kernels by up to '
-                        f'{effect:.2e} against the plain step'))
+                        f'lambda {BAE_LAMBDA}, half of each mask marked: max |update diff| / '
+                        f'max |update| {dw:.2e} ({where}; rtol {STEP_RTOL}); BaE moved kernels '
+                        f'by up to {effect:.2e} against the plain step'))
 
   # 3 and 4. Several steps on the same batch: masked zeros, loss falls.
   reset()
