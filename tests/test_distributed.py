@@ -99,3 +99,47 @@ def test_worker_program_refuses_out_of_range_port():
                         capture_output=True, text=True, cwd=ROOT, timeout=60)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == 'worker: --port=0 is out of range 1..65535'
+
+
+TINY = ['--rounds=3', '--num_clients=4', '--clients_per_round=2', '--synthetic_train_size=240',
+        '--synthetic_test_size=60', '--batch_size=16', '--delta_t=1', '--t_end=2',
+        '--eval_every=1', '--min_client_size=8']
+
+
+def _train(root_dir, extra=()):
+  proc = subprocess.run([sys.executable, '-m', 'tff_programs.train', f'--root_dir={root_dir}']
+                        + TINY + list(extra), capture_output=True, text=True, cwd=ROOT,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  from tff_programs import program_io  # pylint: disable=g-import-not-at-top
+  from fedmef_tf import model_io  # pylint: disable=g-import-not-at-top
+  rows = program_io.read_metrics(root_dir)
+  model, _ = model_io.load_model(os.path.join(root_dir, program_io.FINAL_MODEL_DIR))
+  return rows, [np.asarray(w) for w in model.get_weights()]
+
+
+def test_training_program_on_two_workers_matches_local_run(two_workers, tmp_path):
+  targets, _ = two_workers
+  local_rows, local_weights = _train(str(tmp_path / 'local'))
+  remote_rows, remote_weights = _train(str(tmp_path / 'remote'),
+                                       [f'--workers={",".join(targets)}'])
+  assert len(remote_rows) == len(local_rows) == 3
+  for a, b in zip(remote_rows, local_rows):
+    for key in ('train_loss', 'train_accuracy', 'test_accuracy', 'density', 'bytes_down',
+                'bytes_up', 'clients_used'):
+      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+  assert len(remote_weights) == len(local_weights)
+  for a, b in zip(remote_weights, local_weights):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_training_program_names_an_unreachable_worker(tmp_path):
+  port = portpicker.pick_unused_port()
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, '-m', 'tff_programs.train',
+                         f'--root_dir={tmp_path / "run"}', f'--workers=127.0.0.1:{port}'] + TINY,
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last == f'train: error: TFF worker at 127.0.0.1:{port} not reachable within 15s'
+  assert time.monotonic() - start < 120

@@ -197,10 +197,13 @@ def _wait_ready(stub, target: str, timeout_s: float, worker: Optional[WorkerProc
     time.sleep(0.05)
 
 
-def _make_stub(target: str):
+def _make_stub(target: str, on_state=None):
+  """A TFF executor stub for `target`; `on_state(connectivity)` hears of channel changes."""
   import grpc  # pylint: disable=g-import-not-at-top
   from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub  # pylint: disable=g-import-not-at-top
   channel = grpc.insecure_channel(target, _GRPC_OPTIONS)
+  if on_state is not None:
+    channel.subscribe(on_state, try_to_connect=False)
   return remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
 
 
@@ -321,16 +324,30 @@ class RemoteRuntime:
   the computation before the aggregation for its share of the clients, and this process merges
   the partial aggregates and runs the rest. Nothing is started or stopped on the workers' hosts.
 
+  TFF's context retries calls to an unreachable worker without end, so a worker that dies during
+  a round would hang the run. A watchdog thread follows each worker's gRPC channel; once a worker
+  has been unreachable for `failure_timeout_s`, it signals the main thread (SIGUSR1), whose
+  handler raises `WorkerError` naming the worker: the round is abandoned and the program's last
+  checkpoint stays as it was.
+
   Args:
     workers: targets `host:port`.
     connect_timeout_s: how long to wait for every worker to answer before failing.
+    failure_timeout_s: how long a worker may be unreachable during the run before it fails.
     default_num_clients: cardinality of CLIENTS when a computation cannot infer it.
   """
 
-  def __init__(self, workers, *, connect_timeout_s: float = 15.0, default_num_clients: int = 0,
-               verbose: Optional[bool] = None):
+  def __init__(self, workers, *, connect_timeout_s: float = 15.0, failure_timeout_s: float = 20.0,
+               default_num_clients: int = 0, verbose: Optional[bool] = None):
     self.workers = list(workers)
     self._timeout = connect_timeout_s
+    self._failure_timeout = failure_timeout_s
+    self._down_since = {}
+    self._lock = threading.Lock()
+    self._stopping = threading.Event()
+    self._watchdog = None
+    self._old_usr1 = None
+    self.failed_worker: Optional[str] = None
     self._default_num_clients = default_num_clients
     self._verbose = _wants_verbose() if verbose is None else verbose
     self.context = None
@@ -342,17 +359,54 @@ class RemoteRuntime:
     restore_signal_handlers()
     from tensorflow_federated.python.core.backends.native import execution_contexts  # pylint: disable=g-import-not-at-top
     from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context  # pylint: disable=g-import-not-at-top
+    import grpc  # pylint: disable=g-import-not-at-top
     async_contexts = []
     for target in self.workers:
-      stub = _make_stub(target)
+
+      def on_state(state, target=target):
+        with self._lock:
+          if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE):
+            self._down_since.pop(target, None)
+          else:
+            self._down_since.setdefault(target, time.monotonic())
+
+      stub = _make_stub(target, on_state)
       _wait_ready(stub, target, self._timeout)
       async_contexts.append(async_execution_context.AsyncExecutionContext(
           executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs()))
     self.context = execution_contexts.create_mergeable_comp_execution_context(async_contexts)
     self._previous = _install_default_context(self.context)
+    if threading.current_thread() is threading.main_thread():
+      self._old_usr1 = signal.signal(signal.SIGUSR1, self._raise_failure)
+      self._stopping.clear()
+      self._watchdog = threading.Thread(target=self._watch, name='tff-worker-watchdog',
+                                        daemon=True)
+      self._watchdog.start()
     return self
 
+  def _watch(self) -> None:
+    while not self._stopping.wait(0.5):
+      now = time.monotonic()
+      with self._lock:
+        down = [(t, now - since) for t, since in self._down_since.items()]
+      late = [t for t, secs in down if secs >= self._failure_timeout]
+      if late:
+        self.failed_worker = late[0]
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return
+
+  def _raise_failure(self, signum, frame):  # pylint: disable=unused-argument
+    raise WorkerError(f'TFF worker at {self.failed_worker} stopped answering for '
+                      f'{self._failure_timeout:.0f}s during the run')
+
   def stop(self) -> None:
+    self._stopping.set()
+    if self._watchdog is not None:
+      self._watchdog.join(timeout=2)
+      self._watchdog = None
+    if self._old_usr1 is not None:
+      signal.signal(signal.SIGUSR1, self._old_usr1)
+      self._old_usr1 = None
     if self.context is not None:
       _install_default_context(self._previous)  # the context that was there before start()
       self.context = None

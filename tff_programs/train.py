@@ -102,6 +102,10 @@ flags.DEFINE_integer('seed', 0, 'Seed of the data, split, model, masks and clien
 flags.DEFINE_integer('synthetic_train_size', 10000, 'Training examples of the synthetic data.')
 flags.DEFINE_integer('synthetic_test_size', 2000, 'Test examples of the synthetic data.')
 flags.DEFINE_bool('verbose', False, 'Show TensorFlow and TFF logs.')
+flags.DEFINE_string('workers', '',
+                    'Comma-separated host:port of TFF worker services (python -m '
+                    'tff_programs.worker) to divide each round\'s clients among; empty runs one '
+                    'local worker (docs/DISTRIBUTED.md).')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,6 +182,11 @@ def validate(f: Mapping[str, Any]) -> None:
   _check_range('seed', f['seed'], 0, _MAX_INT32)
   _check_range('synthetic_train_size', f['synthetic_train_size'], 10, 10000000)
   _check_range('synthetic_test_size', f['synthetic_test_size'], 10, 10000000)
+  if f.get('workers'):
+    try:
+      runtime.parse_workers(f['workers'])
+    except ValueError as e:
+      raise UsageError(f'--workers={f["workers"]}: {e}') from e
   if f['dataset'] == 'synthetic':
     need = f['num_clients'] * (1 if f['iid'] else f['min_client_size'])
     if need > f['synthetic_train_size']:
@@ -186,7 +195,7 @@ def validate(f: Mapping[str, Any]) -> None:
 
 
 # Flags that do not change the result are left out of the configuration check.
-_NOT_IN_CONFIG = ('root_dir', 'overwrite', 'verbose', 'data_dir', 'eval_batch_size')
+_NOT_IN_CONFIG = ('root_dir', 'overwrite', 'verbose', 'data_dir', 'eval_batch_size', 'workers')
 
 
 def run_config(f: Mapping[str, Any]) -> Dict[str, Any]:
@@ -438,7 +447,7 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
     return loss_sum / n, correct / n
 
   stop = _StopFlag()
-  rt = runtime.LocalRuntime(verbose=f['verbose'])
+  rt = runtime.make_runtime(f.get('workers'), verbose=f['verbose'])
   rt.start()
   try:
     stop.install()
@@ -686,6 +695,18 @@ def main(argv: List[str]) -> int:
     print('train: interrupted; rerun the same command to resume from the last saved round',
           file=sys.stderr)
     return EXIT_INTERRUPTED
+  except runtime.WorkerError as e:
+    print(f'train: error: {e}', file=sys.stderr)
+    return EXIT_FAILURE
+  except Exception as e:  # pylint: disable=broad-except
+    if not FLAGS.workers or 'grpc' not in repr(e).lower() + type(e).__module__:
+      raise
+    # A remote worker failed during a round: the last finished round's checkpoint is intact.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'train: error: a TFF worker of --workers={FLAGS.workers} failed during a round '
+          f'({type(e).__name__}: {first[:200]}); rerun with live workers to resume from the last '
+          'saved round', file=sys.stderr)
+    return EXIT_FAILURE
 
 
 if __name__ == '__main__':

@@ -32,6 +32,8 @@ def main(argv):
   runtime.configure_logging(_VERBOSE.value)
   runtime.restore_signal_handlers()
   with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+    # Like gRPC's own listener: a port left in TIME_WAIT by an earlier worker counts as free.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
       probe.bind(('::', _PORT.value))
     except OSError as e:
