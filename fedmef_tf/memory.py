@@ -22,7 +22,9 @@ Weights (resident, not part of the measured peak):
 
 Cached for the backward pass (``cached_bytes``, per layer and in total), by layer type:
   - masked conv / depthwise / dense, SAP on (``sap_gamma > 0``): ``4 * k + ceil(n / 8)`` for
-    its input, ``k = ceil((1 - gamma) * n)`` (see ``fedmef_tf.sap``); SAP off: the float input,
+    its input, ``k = ceil((1 - gamma) * n)`` (see ``fedmef_tf.sap``), but at most ``n / 2``
+    when the input is a ReLU output (SAP keeps no zeros, and a ReLU of centred
+    pre-activations is zero on about half of its entries); SAP off: the float input,
     ``4 * n`` (shared with a ReLU that cached the same tensor, counted once);
   - every masked layer: the effective kernel its op keeps for the input gradient
     (``kernel * mask``, or the NSConv ``W_hat``), ``4 * |W|`` (``kernel_cache_bytes``); the
@@ -110,7 +112,8 @@ def measure_train_step_peak(
         A dict with ``peak_bytes`` (median over the calls, bytes), ``peak_bytes_min`` and
         ``peak_bytes_max``, ``resident_bytes`` (``current`` before the calls, bytes: weights,
         optimizer state, batch, and whatever else the process holds), ``step_seconds``
-        (median wall time of one call, seconds) and ``batch_size``.
+        (median wall time of one call, seconds), ``step_seconds_min`` (the fastest call,
+        seconds: the least disturbed by other processes) and ``batch_size``.
     """
     if batch_size < 1 or steps < 1:
         raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
@@ -152,6 +155,7 @@ def measure_train_step_peak(
         "peak_bytes_max": float(max(peaks)),
         "resident_bytes": float(resident),
         "step_seconds": float(statistics.median(seconds)),
+        "step_seconds_min": float(min(seconds)),
         "batch_size": int(batch_size),
     }
 
@@ -260,6 +264,7 @@ def analytic_footprint(
     if gamma is not None and not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     cached_floats = set()  # ids of KerasTensors whose float value is already counted as cached
+    relu_outputs = set()  # ids of KerasTensors produced by a ReLU-family layer
     rows = []
     weight_bytes = 0
     for layer, inputs, outputs in _nodes_in_order(model):
@@ -289,6 +294,10 @@ def analytic_footprint(
             kernel_size = int(np.prod(layer.kernel.shape))
             if g > 0.0:
                 k = sap.keep_count(n_in, g)
+                if all(id(t) in relu_outputs for t in inputs):
+                    # SAP never keeps zeros; a ReLU of centred pre-activations (NSConv keeps
+                    # them centred) is zero on about half of its entries.
+                    k = min(k, math.ceil(n_in / 2))
                 row["cached_bytes"] = _F32 * k + math.ceil(n_in / 8)
                 # Selection: one int32 pattern tensor, then the bool mask with the int64
                 # indices and the values. Backward: x_pruned and the int64 indices.
@@ -312,8 +321,10 @@ def analytic_footprint(
             row["weight_bytes"] = _F32 * sum(int(np.prod(v.shape)) for v in layer.weights)
         elif kind == "relu":
             row["cached_bytes"] = cache_float(outputs)
+            relu_outputs.update(id(t) for t in outputs)
         elif kind == "bit_relu":
             row["cached_bytes"] = math.ceil(n_out / 8)
+            relu_outputs.update(id(t) for t in outputs)
         elif kind == "max_pool":
             row["cached_bytes"] = cache_float(inputs) + cache_float(outputs)
         elif kind == "dropout":
