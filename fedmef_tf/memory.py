@@ -237,8 +237,7 @@ def analytic_footprint(
       + max(4 n_in, R_l) + W_l``: the upstream gradient and either the input gradient or, for
       a SAP layer, the rebuilt ``x_pruned`` with its int64 indices (``R_l = 4 n_in + 8 k``,
       freed before the input gradient is made), plus the kernel-side working set ``W_l``
-      (filter gradient and masked product, ``2 * 4 |W|``; ``4 * 4 |W|`` for NSConv, which
-      recomputes its centred kernel);
+      (filter gradient and one working copy, ``2 * 4 |W|``);
     - ``peak_bytes`` is the largest of these.
 
     Args:
@@ -309,9 +308,10 @@ def analytic_footprint(
             # its input gradient. The NSConv standardisation itself keeps nothing kernel-sized
             # (sparse_layers.masked_standardized_kernel recomputes its statistics backward).
             row["kernel_cache_bytes"] = _F32 * kernel_size
-            # Backward working set on the kernel side: the filter gradient and the masked
-            # product (plain), plus the recomputed centred kernel and its products (NSConv).
-            row["kernel_backward"] = _F32 * kernel_size * (4 if layer.normalize else 2)
+            # Backward working set on the kernel side: the filter gradient and one working
+            # copy (the masked product; NSConv's recomputation runs through forwarded buffers,
+            # and measures like the plain case).
+            row["kernel_backward"] = 2 * _F32 * kernel_size
             nnz = int(np.count_nonzero(layer.mask.numpy()))
             dense = sum(int(np.prod(v.shape)) for v in layer.trainable_weights
                         if v is not layer.kernel)
