@@ -1,6 +1,6 @@
 r"""Round time on two local TFF worker services against the local context.
 
-    python -m benchmarks.workers [--rounds=4] [--clients_per_round=5,10,20]
+    python -m benchmarks.workers [--rounds=6] [--clients_per_round=5,10,20]
 
 Runs the training program's default (small CNN, FedMef, built-in data) for a few rounds, once on
 the local context and once with `--workers` pointing at two `python -m tff_programs.worker`
@@ -21,7 +21,7 @@ from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_ROUNDS = flags.DEFINE_integer('rounds', 4, 'Rounds per run (the first is not timed).')
+_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Rounds per run (the first is not timed).')
 _SIZES = flags.DEFINE_list('clients_per_round', ['5', '10', '20'], 'Values of S to time.')
 _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 20, 'K.')
 
@@ -30,7 +30,7 @@ def _median_round_seconds(root_dir: str, extra) -> float:
   from tff_programs import program_io  # pylint: disable=g-import-not-at-top
   cmd = [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root_dir}', '--overwrite',
          f'--rounds={_ROUNDS.value}', f'--num_clients={_NUM_CLIENTS.value}',
-         f'--eval_every={_ROUNDS.value}'] + list(extra)
+         f'--eval_every={_ROUNDS.value}', '--delta_t=2', f'--t_end={_ROUNDS.value}'] + list(extra)
   subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
   rows = program_io.read_metrics(root_dir)
   return statistics.median(r['round_seconds'] for r in rows[1:])
