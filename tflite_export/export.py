@@ -337,6 +337,9 @@ def run(argv: Sequence[str]) -> int:
   from absl import flags  # pylint: disable=import-outside-toplevel
 
   fl = _flags()
+  if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
+    print(__doc__.strip() + '\n\nFlags:\n' + fl.get_help())
+    return 0
   try:
     rest = fl(list(argv))
   except flags.Error as e:
