@@ -25,7 +25,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 rm -f "$stamp"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+# pip configurations that name missing local indexes print one warning per package; drop those.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock 2>&1 \
+  | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "install.sh: pip could not install requirements.lock" >&2; exit 1; }
 # The checkout itself goes on the environment's path (like an editable install, without a build).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 pwd > "$site/fedmef_tf_checkout.pth"
