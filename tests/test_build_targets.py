@@ -37,7 +37,8 @@ def test_every_test_file_has_a_py_test():
   tests = [f[:-3] for f in _py_files('tests') if f.startswith('test_')]
   missing = [t for t in tests if t not in names and t + '.py' not in names]
   assert not missing, f'tests/BUILD has no py_test for: {missing}'
-  helpers = [f for f in _py_files('tests') if not f.startswith('test_')]
+  # Bazel adds an empty __init__.py to runfiles directories; the source tree has none here.
+  helpers = [f for f in _py_files('tests') if not f.startswith('test_') and f != '__init__.py']
   missing_helpers = [f for f in helpers if f not in names]
   assert not missing_helpers, f'tests/BUILD names no target for: {missing_helpers}'
 
