@@ -415,6 +415,20 @@ class MaskedLayer(tf.keras.layers.Layer):
         return config
 
 
+def _conv_output_hw(input_shape, kernel_size, strides, padding):
+    """Output height and width of a NHWC convolution (None where the input's is unknown)."""
+    dims = []
+    for i in range(2):
+        size = input_shape[1 + i]
+        if size is None:
+            dims.append(None)
+        elif padding == "SAME":
+            dims.append(-(-size // strides[i]))
+        else:
+            dims.append(-(-(size - kernel_size[i] + 1) // strides[i]))
+    return dims
+
+
 @tf.keras.utils.register_keras_serializable(package="fedmef_tf")
 class MaskedConv2D(MaskedLayer):
     """Prunable 2-D convolution (NHWC), optionally NSConv and SAP.
@@ -456,15 +470,7 @@ class MaskedConv2D(MaskedLayer):
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape)
-        dims = []
-        for i in range(2):
-            size = input_shape[1 + i]
-            if size is None:
-                dims.append(None)
-            elif self.padding == "SAME":
-                dims.append(-(-size // self.strides[i]))
-            else:
-                dims.append(-(-(size - self.kernel_size[i] + 1) // self.strides[i]))
+        dims = _conv_output_hw(input_shape, self.kernel_size, self.strides, self.padding)
         return tf.TensorShape([input_shape[0]] + dims + [self.filters])
 
     def get_config(self):
@@ -524,15 +530,7 @@ class MaskedDepthwiseConv2D(MaskedLayer):
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape)
-        dims = []
-        for i in range(2):
-            size = input_shape[1 + i]
-            if size is None:
-                dims.append(None)
-            elif self.padding == "SAME":
-                dims.append(-(-size // self.strides[i]))
-            else:
-                dims.append(-(-(size - self.kernel_size[i] + 1) // self.strides[i]))
+        dims = _conv_output_hw(input_shape, self.kernel_size, self.strides, self.padding)
         c = input_shape[-1]
         return tf.TensorShape(
             [input_shape[0]] + dims + [None if c is None else c * self.depth_multiplier])
