@@ -25,8 +25,11 @@ whether that keeps the input alive is up to graph pruning (in a TF 2.14 `tf.func
 measured no difference), so these layers make it a property of the code rather than of the
 optimiser. There is no identity, scaling, max-pool or dropout op on the activation path: the
 ReLU gain that keeps the signal scale without BatchNorm is folded into the next NSConv's kernel
-(`act_gain`), not applied to the activation. Both variants use the same lean add and pooling
-layers, so that a measured difference is due to NSConv + SAP + BitReLU + no BN only.
+(`act_gain`), not applied to the activation, and so is the input gain `INPUT_GAIN` of the stem
+(the images are in [0, 1] with a standard deviation of about 0.25, not unit variance; without
+it every activation of a BN-free network is that much too small, see `INPUT_GAIN`). Both
+variants use the same lean add and pooling layers, so that a measured difference is due to
+NSConv + SAP + BitReLU + no BN only.
 
 Layer names are fixed (`stem_conv`, `layer2_0_conv1`, `block3_expand`, `classifier`, ...), so
 two builds of the same model have the same variable names whatever else lives in the process.
@@ -80,6 +83,23 @@ MOBILENET_V2_STEM = 32
 #: Nonlinearity gain of ReLU for unit-variance Gaussian pre-activations, sqrt(2 / (1 - 1/pi))
 #: (Brock et al., 2021, NF-Nets): relu(z) * RELU_GAIN has unit variance again.
 RELU_GAIN = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
+
+#: Gain of the images that the fedmef stem folds into its NSConv kernel, 1 / 0.25. NSConv (like
+#: scaled weight standardisation in NF-Nets, Brock et al. 2021) preserves the variance of its
+#: input, so a BN-free network only sees unit-variance activations if its input has unit
+#: variance. The images enter as pixel / 255 in [0, 1] (`fedmef_tf.data.to_float`, no
+#: per-channel normalisation, so an exported model takes the same input), whose standard
+#: deviation is about 0.25 (CIFAR-10 0.25, CINIC-10 0.24, ImageNet 0.23, the built-in synthetic
+#: set 0.24). Their mean (about 0.5) is removed by the centred kernel where the stem is dense
+#: (ERK keeps the CNN and ResNet18 stems dense at density 0.1); a sparse stem (MobileNetV2's at
+#: 0.1) passes a per-channel offset on, which the gain scales like the signal and the bias can
+#: absorb. Without this gain every activation of the fedmef CNN was about 0.2 instead of 1 at
+#: initialisation, so the classifier saw features 5x too small (its effective learning rate 25x
+#: too small) and each bias step was 5x too large relative to the signal; the BN baseline
+#: normalises after its stem and does not depend on the input scale. A constant, not statistics
+#: of the data at hand, so that a model does not depend on the data it was built with. Folded
+#: into the kernel, so it costs no memory.
+INPUT_GAIN = 4.0
 MOBILENET_V2_LAST = 1280
 
 
@@ -163,23 +183,31 @@ class _Builder:
             return tf.keras.initializers.HeNormal(seed=s)
         return tf.keras.initializers.GlorotUniform(seed=s)
 
+    def _act_gain(self, after_relu: bool, input_gain) -> float:
+        if not self.fedmef:
+            return 1.0
+        if input_gain is not None:
+            return float(input_gain)
+        return RELU_GAIN if after_relu else 1.0
+
     def conv(self, x, filters: int, kernel_size: int, stride: int, name: str,
-             after_relu: bool = True):
+             after_relu: bool = True, input_gain=None):
         """Masked conv (NSConv + SAP + bias in fedmef, plain without bias in baseline).
 
         `after_relu`: the input comes from a ReLU/ReLU6, so the fedmef NSConv folds the ReLU
-        gain into its kernel (False for the stem and for inputs of linear bottlenecks).
+        gain into its kernel (False for inputs of linear bottlenecks). `input_gain`: the gain
+        to fold instead (`INPUT_GAIN` for the stem, whose input is the images).
         """
         return sl.MaskedConv2D(
             filters, kernel_size, strides=stride, padding="same", use_bias=self.fedmef,
             kernel_initializer=self._init("he"), normalize=self.fedmef, sap_gamma=self.gamma,
-            act_gain=RELU_GAIN if (self.fedmef and after_relu) else 1.0, name=name)(x)
+            act_gain=self._act_gain(after_relu, input_gain), name=name)(x)
 
     def dwconv(self, x, stride: int, name: str, after_relu: bool = True):
         return sl.MaskedDepthwiseConv2D(
             3, strides=stride, padding="same", use_bias=self.fedmef,
             kernel_initializer=self._init("he"), normalize=self.fedmef, sap_gamma=self.gamma,
-            act_gain=RELU_GAIN if (self.fedmef and after_relu) else 1.0, name=name)(x)
+            act_gain=self._act_gain(after_relu, None), name=name)(x)
 
     def norm(self, x, name: str):
         if self.fedmef:
@@ -193,8 +221,8 @@ class _Builder:
         return tf.keras.layers.ReLU(max_value=max_value, name=name)(x)
 
     def conv_norm_act(self, x, filters, kernel_size, stride, name, relu6=False,
-                      after_relu=True):
-        x = self.conv(x, filters, kernel_size, stride, name + "_conv", after_relu)
+                      after_relu=True, input_gain=None):
+        x = self.conv(x, filters, kernel_size, stride, name + "_conv", after_relu, input_gain)
         x = self.norm(x, name + "_bn")
         return self.act(x, name + "_relu", relu6)
 
@@ -208,7 +236,7 @@ class _Builder:
 def _cnn(b: _Builder, x, num_classes: int):
     for i, (filters, stride) in enumerate(CNN_LAYERS):
         x = b.conv_norm_act(x, filters, 3, stride, "stem" if i == 0 else f"conv{i}",
-                            after_relu=i > 0)
+                            input_gain=INPUT_GAIN if i == 0 else None)
     return b.head(x, num_classes)
 
 
@@ -227,7 +255,7 @@ def _basic_block(b: _Builder, x, filters: int, stride: int, name: str):
 
 
 def _resnet18(b: _Builder, x, num_classes: int):
-    x = b.conv_norm_act(x, 64, 3, 1, "stem", after_relu=False)
+    x = b.conv_norm_act(x, 64, 3, 1, "stem", input_gain=INPUT_GAIN)
     for s, (filters, stride) in enumerate(RESNET18_STAGES, start=1):
         for i in range(2):
             x = _basic_block(b, x, filters, stride if i == 0 else 1, f"layer{s}_{i}")
@@ -253,7 +281,7 @@ def _inverted_residual(b: _Builder, x, expansion: int, filters: int, stride: int
 
 
 def _mobilenet_v2(b: _Builder, x, num_classes: int):
-    x = b.conv_norm_act(x, MOBILENET_V2_STEM, 3, 1, "stem", relu6=True, after_relu=False)
+    x = b.conv_norm_act(x, MOBILENET_V2_STEM, 3, 1, "stem", relu6=True, input_gain=INPUT_GAIN)
     block = 0
     for expansion, filters, repeats, stride in MOBILENET_V2_32_SETTINGS:
         for i in range(repeats):

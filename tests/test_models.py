@@ -133,6 +133,26 @@ def test_fedmef_signal_neither_vanishes_nor_explodes(name):
     assert 0.02 < std < 50.0
 
 
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_fedmef_stem_folds_the_input_gain(name):
+    fed = _built(name, "fedmef", gamma=0.7).get_layer("stem_conv")
+    base = _built(name, "baseline", gamma=0.7).get_layer("stem_conv")
+    assert fed.act_gain == models.INPUT_GAIN and base.act_gain == 1.0
+
+
+def test_fedmef_cnn_activations_have_unit_scale_on_images():
+    # Images are pixel / 255 in [0, 1] (std about 0.25); NSConv keeps the scale of its input,
+    # so without the stem's input gain every pre-activation of the BN-free CNN was about 0.2.
+    model = _built("cnn", "fedmef", density=0.1, gamma=0.7)
+    names = ["stem_conv"] + [f"conv{i}_conv" for i in range(1, len(models.CNN_LAYERS))]
+    probe = tf.keras.Model(model.input, [model.get_layer(n).output for n in names])
+    images = data.synthetic(200, 10, seed=0).train_images[:64]
+    x = tf.cast(images, tf.float32) / 255.0
+    for name, y in zip(names, probe(x, training=True)):
+        rms = float(tf.sqrt(tf.reduce_mean(tf.square(y))))
+        assert 0.5 < rms < 2.0, (name, rms)
+
+
 def test_density_seed_and_same_masks_across_variants():
     fed = models.build_model("cnn", "fedmef", density=0.1, seed=3)
     base = models.build_model("cnn", "baseline", density=0.1, seed=3)
