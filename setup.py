@@ -11,6 +11,8 @@ setuptools.setup(
     version='0.1.0',
     description='FedMef: memory-efficient federated dynamic pruning (CVPR 2024) for TensorFlow',
     packages=['fedmef_tf', 'tff_programs', 'tflite_export', 'benchmarks'],
+    # The C++ source of the native SAP kernels; `python -m fedmef_tf.sap_native` builds them.
+    package_data={'fedmef_tf': ['cc/sap_ops.cc']},
     python_requires='>=3.9,<3.12',
     install_requires=[
         'tensorflow==2.14.1',

@@ -50,14 +50,20 @@ so the order is pinned with control dependencies:
   this every layer's rebuild runs during the forward pass, all at once), the weight gradient is
   taken, and only then the input gradient, so no two layers hold a rebuilt input together.
 
-Working memory of one SAP layer on ``n`` input elements: forward, one int32 tensor of ``n``
-(the histogram key) at a time, then the bool mask with the int64 indices of the kept entries;
-backward, ``x_pruned`` (4 bytes per element) with those indices.
+Two implementations of the same storage, bit for bit (tests/test_sap_native.py):
 
-Speed: the selection and compaction are about ten elementwise passes over ``x`` plus two
-``tf.where`` (one per direction), all O(n) TensorFlow CPU/GPU ops. On 2 CPU cores that is
-roughly 90 ms per 9.4M-element activation (forward and backward together), small next to
-ResNet18's 3x3 convolutions but several times MobileNetV2's 1x1 and depthwise ones.
+- native CPU kernels (:mod:`fedmef_tf.sap_native`, built by ``scripts/install.sh``): the
+  selection, compaction and packing in three passes over ``x`` (two radix histograms and a
+  write), the rebuild in two (a popcount and a write), and the 1-bit ReLU in one pass each
+  way. Working memory besides the outputs: per-block histograms (768 KiB per block, one block
+  per intra-op thread). Used in plain TensorFlow on CPU, wherever the library is built;
+- TensorFlow ops (everywhere else: TFF computations, which run in TFF's own worker process,
+  GPUs, and machines without a C++ compiler): about ten elementwise passes over ``x`` plus two
+  ``tf.where`` (one per direction). Working memory: forward, one int32 tensor of ``n`` (the
+  histogram key) at a time, then the bool mask with the int64 indices of the kept entries;
+  backward, ``x_pruned`` (4 bytes per element) with those indices. On 2 CPU cores about 55 ms
+  per 6.3M-element activation (forward and backward together), several times MobileNetV2's
+  1x1 and depthwise convolutions on the same tensor.
 
 ``gamma`` is a Python float in ``[0, 1]``; ``gamma == 0`` takes the plain op (exactly the
 plain gradients, no overhead).
@@ -70,6 +76,8 @@ import sys
 from typing import Sequence, Tuple, Union
 
 import tensorflow as tf
+
+from fedmef_tf import sap_native
 
 __all__ = [
     "sap_conv2d",
@@ -333,9 +341,14 @@ def prune_input(x: tf.Tensor, gamma: float) -> tf.Tensor:
 
 
 def _compress(x: tf.Tensor, gamma: float):
-    """Kept values (``[k]`` float32) and packed keep mask (``[ceil(n/8)]`` uint8) of ``x``."""
+    """Kept values (``[k]`` float32) and packed keep mask (``[ceil(n/8)]`` uint8) of ``x``.
+
+    Uses the native kernel of :mod:`fedmef_tf.sap_native` where it is enabled (same output).
+    """
     flat = tf.reshape(x, [-1])
     n = flat.shape[0] if flat.shape[0] is not None else tf.size(flat, out_type=tf.int32)
+    if sap_native.enabled():
+        return sap_native.compress(flat, keep_count(n, gamma))
     mask = _keep_mask_flat(flat, keep_count(n, gamma))
     values = tf.gather_nd(flat, tf.where(mask))  # [k] (the int64 indices are transient)
     packed, _ = pack_bits(mask)
@@ -348,6 +361,8 @@ def _decompress(values: tf.Tensor, packed: tf.Tensor, shape) -> tf.Tensor:
     Transient memory besides the 4-byte output: the unpacked bool mask (plus its uint8 source,
     2 bytes per element) and the int64 indices of the kept entries (8 bytes per kept entry).
     """
+    if sap_native.enabled():
+        return sap_native.decompress(values, packed, shape)
     mask = unpack_bits(packed, shape)
     idx = tf.where(tf.reshape(mask, [-1]))  # [k, 1] int64
     n = math.prod(shape) if isinstance(shape, list) else tf.reduce_prod(shape)
@@ -515,6 +530,18 @@ def sap_matmul(x, w, gamma: float) -> tf.Tensor:
 @tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def _bit_activation(x, max_value):
     x = tf.convert_to_tensor(x, tf.float32)
+
+    if sap_native.enabled():
+        @tf.custom_gradient
+        def _native(x):
+            y, packed = sap_native.bit_activation(tf.stop_gradient(x), max_value)
+
+            def grad(dy):
+                return sap_native.bit_activation_grad(dy, packed)
+
+            return y, grad
+
+        return _native(x)
 
     @tf.custom_gradient
     def _op(x):

@@ -18,7 +18,14 @@ case "$ver" in
 esac
 stamp=.venv/.lock-sha256
 want=$( (cat requirements.lock; echo "$ver") | sha256sum | cut -d' ' -f1)
+build_native() {
+  # Native CPU kernels of SAP (fedmef_tf/cc/sap_ops.cc); without a C++ compiler SAP uses
+  # TensorFlow ops, slower, same results. Returns at once when the library is current.
+  TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m fedmef_tf.sap_native >/dev/null \
+    || echo "install.sh: native SAP kernels not built (see above); SAP falls back to TensorFlow ops" >&2
+}
 if [ "${1:-}" != "--force" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]; then
+  build_native
   exit 0
 fi
 if [ ! -x .venv/bin/python ]; then
@@ -35,4 +42,5 @@ pwd > "$site/fedmef_tf_checkout.pth"
 .venv/bin/python -c "import tensorflow_federated, tensorflow_model_optimization" 2>/dev/null \
   || { echo "install.sh: the environment in .venv does not import TensorFlow Federated; run scripts/install.sh --force" >&2; exit 1; }
 echo "$want" > "$stamp"
+build_native
 echo "install.sh: environment ready in .venv (Python $ver)"

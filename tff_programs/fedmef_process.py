@@ -52,6 +52,7 @@ Round metrics (all at the server, one `OrderedDict`):
 """
 
 import collections
+import functools
 from typing import Callable, Optional
 
 import numpy as np
@@ -61,6 +62,7 @@ import tensorflow_federated as tff
 from fedmef_tf import client as client_lib
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import server as server_lib
+from fedmef_tf import sap_native
 
 ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'static', 'feddst', 'tfmot',
               'fedavg')
@@ -200,6 +202,19 @@ def _default_element_spec(model):
   return (tf.TensorSpec(shape[1:], tf.float32), tf.TensorSpec([], tf.int32))
 
 
+def _portable_ops(build):
+  """Builds under `fedmef_tf.sap_native.portable()`: TFF runs the traced graphs in its own
+  worker process, whose TensorFlow has none of fedmef_tf's native kernels."""
+
+  @functools.wraps(build)
+  def wrapper(*args, **kwargs):
+    with sap_native.portable():
+      return build(*args, **kwargs)
+
+  return wrapper
+
+
+@_portable_ops
 def build_fedmef_process(
     model_fn: Callable[[], tf.keras.Model],
     *,

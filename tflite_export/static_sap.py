@@ -45,6 +45,7 @@ import math
 import tensorflow as tf
 
 from fedmef_tf import sap
+from fedmef_tf import sap_native
 
 __all__ = ['compress', 'decompress', 'topk_sap', 'stored_bytes_per_element']
 
@@ -90,7 +91,8 @@ def topk_sap():
   saved = {name: getattr(sap, name) for name in _ORIGINAL}
   sap._compress, sap._decompress = compress, decompress  # pylint: disable=protected-access
   try:
-    yield
+    with sap_native.portable():  # TFLite has no kernels of fedmef_tf's native library
+      yield
   finally:
     for name, fn in saved.items():
       setattr(sap, name, fn)
