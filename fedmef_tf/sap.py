@@ -55,7 +55,7 @@ Two implementations of the same storage, bit for bit (tests/test_sap_native.py):
 - native CPU kernels (:mod:`fedmef_tf.sap_native`, built by ``scripts/install.sh``): the
   selection, compaction and packing in three passes over ``x`` (two radix histograms and a
   write), the rebuild in two (a popcount and a write), and the 1-bit ReLU in one pass each
-  way. Working memory besides the outputs: per-block histograms (768 KiB per block, one block
+  way. Working memory besides the outputs: per-block histograms (512 KiB per block, one block
   per intra-op thread). Used in plain TensorFlow on CPU, wherever the library is built;
 - TensorFlow ops (everywhere else: TFF computations, which run in TFF's own worker process,
   GPUs, and machines without a C++ compiler): about ten elementwise passes over ``x`` plus two

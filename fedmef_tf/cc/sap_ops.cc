@@ -48,6 +48,7 @@ using ::tensorflow::errors::InvalidArgument;
 using int64 = std::int64_t;
 
 constexpr int kBins = 1 << 16;
+constexpr int kStride = kBins + 8;  // a histogram and 8 spare bins
 
 // lanes[b][j] = ~0u if bit j of byte b is set, else 0: one 16-byte-aligned row per byte value.
 struct ByteMasks {
@@ -140,11 +141,11 @@ class SapCompressOp : public OpKernel {
     // Per block: the histogram of pass 1 and that of pass 2, kept until the end: the
     // per-block counts that place each block's output come from them.
     Tensor hist_t;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_temp(DT_INT32, TensorShape({blocks.count, 2, kBins}), &hist_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_INT32, TensorShape({blocks.count, 2, kStride}),
+                                           &hist_t));
     int32_t* hist = hist_t.flat<int32_t>().data();
-    auto hist_hi = [&](int64 b) { return hist + (b * 2) * kBins; };
-    auto hist_lo = [&](int64 b) { return hist + (b * 2 + 1) * kBins; };
+    auto hist_hi = [&](int64 b) { return hist + (b * 2) * kStride; };
+    auto hist_lo = [&](int64 b) { return hist + (b * 2 + 1) * kStride; };
 
     // Pass 1: histogram of the high 16 bits of |x| (bit 31 is clear: bins 0..32767). Zeros
     // (half of a ReLU output) would all increment bin 0 one after the other, a chain of
@@ -176,11 +177,22 @@ class SapCompressOp : public OpKernel {
     int64 above_hi = 0;
     const uint32_t hi = static_cast<uint32_t>(SelectFromTop(total, k, &above_hi));
 
-    // Pass 2: histogram of the low 16 bits of the entries in the selected high bin.
+    // Pass 2: histogram of the low 16 bits of the entries in the selected high bin. Branch-
+    // free: the other entries count in the spare bins kBins + j (j = position in a group of 8,
+    // so that they do not all update one counter), which are ignored.
     ForEachBlock(ctx, blocks, [&](int64 b) {
       int32_t* h = hist_lo(b);
-      std::memset(h, 0, sizeof(int32_t) * kBins);
-      for (int64 i = blocks.Begin(b), e = blocks.End(b); i < e; ++i) {
+      std::memset(h, 0, sizeof(int32_t) * kStride);
+      int64 i = blocks.Begin(b);
+      const int64 e = blocks.End(b);
+      for (; i + 8 <= e; i += 8) {
+        for (uint32_t j = 0; j < 8; ++j) {
+          const uint32_t bits = AbsBits(x[i + j]);
+          const uint32_t match = 0u - static_cast<uint32_t>((bits >> 16) == hi);
+          ++h[(bits & 0xffffu & match) | (~match & (kBins + j))];
+        }
+      }
+      for (; i < e; ++i) {
         const uint32_t bits = AbsBits(x[i]);
         if ((bits >> 16) == hi) ++h[bits & 0xffffu];
       }
