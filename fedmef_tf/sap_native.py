@@ -161,24 +161,27 @@ def portable():
         _state.portable -= 1
 
 
+def _ops():
+    module = _load()
+    if module is None:
+        raise RuntimeError("the native SAP kernels are not available")
+    return module
+
+
 @tf.autograph.experimental.do_not_convert
 def compress(flat: tf.Tensor, k) -> "tuple[tf.Tensor, tf.Tensor]":
     """``(values, packed)`` of the ``k`` largest-|x| entries of the 1-D float32 ``flat``.
 
     Same result as the TensorFlow path of :func:`fedmef_tf.sap._compress`.
     """
-    module = _load()
-    if module is None:
-        raise RuntimeError("the native SAP kernels are not available")
+    module = _ops()
     return module.fedmef_sap_compress(flat, tf.cast(k, tf.int64))
 
 
 @tf.autograph.experimental.do_not_convert
 def decompress(values: tf.Tensor, packed: tf.Tensor, shape) -> tf.Tensor:
     """Dense ``x_pruned`` of ``shape`` from :func:`compress`'s output."""
-    module = _load()
-    if module is None:
-        raise RuntimeError("the native SAP kernels are not available")
+    module = _ops()
     return module.fedmef_sap_decompress(values, packed, tf.cast(shape, tf.int32))
 
 
@@ -186,18 +189,14 @@ def decompress(values: tf.Tensor, packed: tf.Tensor, shape) -> tf.Tensor:
 def bit_activation(x: tf.Tensor, max_value: Optional[float]) -> "tuple[tf.Tensor, tf.Tensor]":
     """``(y, packed)``: ReLU (capped at ``max_value`` unless None) and the packed mask of the
     entries it passes (``0 < x < max_value``), as :func:`fedmef_tf.sap.pack_bits` packs it."""
-    module = _load()
-    if module is None:
-        raise RuntimeError("the native SAP kernels are not available")
+    module = _ops()
     return module.fedmef_bit_activation(x, cap=0.0 if max_value is None else float(max_value))
 
 
 @tf.autograph.experimental.do_not_convert
 def bit_activation_grad(dy: tf.Tensor, packed: tf.Tensor) -> tf.Tensor:
     """``dy`` where the packed mask of :func:`bit_activation` is set, else 0."""
-    module = _load()
-    if module is None:
-        raise RuntimeError("the native SAP kernels are not available")
+    module = _ops()
     return module.fedmef_bit_activation_grad(dy, packed)
 
 

@@ -487,6 +487,13 @@ class BitActivationGradOp : public OpKernel {
   }
 };
 
+// Output 1 is the packed mask of input 0: ceil(numel / 8) bytes.
+void SetPackedShape(::tensorflow::shape_inference::InferenceContext* c) {
+  ::tensorflow::shape_inference::DimensionHandle n = c->NumElements(c->input(0));
+  c->set_output(1, c->ValueKnown(n) ? c->Vector((c->Value(n) + 7) / 8)
+                                    : c->Vector(c->UnknownDim()));
+}
+
 }  // namespace
 
 REGISTER_OP("FedmefSapCompress")
@@ -496,12 +503,7 @@ REGISTER_OP("FedmefSapCompress")
     .Output("packed: uint8")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->Vector(c->UnknownDim()));
-      ::tensorflow::shape_inference::DimensionHandle n = c->NumElements(c->input(0));
-      if (c->ValueKnown(n)) {
-        c->set_output(1, c->Vector((c->Value(n) + 7) / 8));
-      } else {
-        c->set_output(1, c->Vector(c->UnknownDim()));
-      }
+      SetPackedShape(c);
       return ::tensorflow::OkStatus();
     })
     .Doc("Kept values and packed keep mask of the k largest-|x| entries (fedmef_tf.sap).");
@@ -529,12 +531,7 @@ REGISTER_OP("FedmefBitActivation")
     .Output("packed: uint8")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
-      ::tensorflow::shape_inference::DimensionHandle n = c->NumElements(c->input(0));
-      if (c->ValueKnown(n)) {
-        c->set_output(1, c->Vector((c->Value(n) + 7) / 8));
-      } else {
-        c->set_output(1, c->Vector(c->UnknownDim()));
-      }
+      SetPackedShape(c);
       return ::tensorflow::OkStatus();
     })
     .Doc("ReLU (cap <= 0) or ReLU capped at cap, with the packed mask of 0 < x < cap.");
