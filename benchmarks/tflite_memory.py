@@ -33,7 +33,8 @@ TARGET_RATIO = 0.6
 
 
 def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density: float,
-                  gamma: float, repeats: int, out_dir: str) -> List[Dict[str, object]]:
+                  gamma: float, repeats: int, out_dir: str,
+                  layer_updates: bool = True) -> List[Dict[str, object]]:
   """Exports and measures every (model, batch, variant); returns one dict per export.
 
   Args:
@@ -43,6 +44,9 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
     gamma: SAP drop ratio of the FedMef exports.
     repeats: measuring subprocess pairs per export (the minimum is kept).
     out_dir: where the `.tflite` files are written.
+    layer_updates: train-step structure of every fedmef and baseline export (the same for
+      both; see `tflite_export.layer_updates`): per-layer updates inside the backward pass
+      (default) or the plain step.
 
   Returns:
     Rows with keys model, batch, variant, size_bytes, peak_bytes, density.
@@ -59,7 +63,7 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
                                                  density=density, gamma=gamma)
         path = os.path.join(out_dir, f'{model}_{variant}_b{batch}.tflite')
         report = export.export_model(keras_model, config, path, batch_size=batch,
-                                     measure_memory=False)
+                                     measure_memory=False, layer_updates=layer_updates)
         memory = memprobe.measure_train_peak(path, repeats=repeats)
         rows.append({'model': model, 'batch': batch, 'variant': variant,
                      'size_bytes': report.size_bytes, 'peak_bytes': memory['train_peak'],
@@ -95,6 +99,9 @@ def main(argv=None) -> int:
   parser.add_argument('--gamma', type=float, default=0.7)
   parser.add_argument('--repeats', type=int, default=1)
   parser.add_argument('--out_dir', default=None, help='keep the exports here (default: temp)')
+  parser.add_argument('--plain_step', action='store_true',
+                      help='export every variant with the plain train step (all gradients, then '
+                           'all updates) instead of per-layer updates in the backward pass')
   args = parser.parse_args(argv)
   out_dir = args.out_dir or tempfile.mkdtemp(prefix='tflite_memory_')
   os.makedirs(out_dir, exist_ok=True)
@@ -102,11 +109,13 @@ def main(argv=None) -> int:
     rows = run_benchmark([m for m in args.models.split(',') if m],
                          [int(b) for b in args.batch_sizes.split(',') if b],
                          density=args.density, gamma=args.gamma, repeats=args.repeats,
-                         out_dir=out_dir)
+                         out_dir=out_dir, layer_updates=not args.plain_step)
   finally:
     if not args.out_dir:
       shutil.rmtree(out_dir, ignore_errors=True)
-  print(f'density {args.density}, gamma {args.gamma}; peak = VmHWM delta of one train call')
+  step = 'plain step' if args.plain_step else 'per-layer updates in the backward pass'
+  print(f'density {args.density}, gamma {args.gamma}, train step: {step} (all variants); '
+        'peak = VmHWM delta of one train call')
   for line in _ratios(rows):
     print(line)
   return 0

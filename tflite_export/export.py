@@ -223,7 +223,8 @@ def _check_output(output: str) -> str:
 
 
 def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size: int = 32,
-                 learning_rate: float = 0.1, measure_memory: bool = True) -> ExportReport:
+                 learning_rate: float = 0.1, measure_memory: bool = True,
+                 layer_updates: bool = True) -> ExportReport:
   """Converts `keras_model` and writes it atomically to `output`.
 
   Args:
@@ -233,6 +234,9 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     batch_size: fixed batch size B of `train` and `infer`.
     learning_rate: initial SGD learning rate of `train`.
     measure_memory: measure the on-device peak of one `train` call (two subprocesses).
+    layer_updates: update each masked kernel inside its own backward pass in `train`
+      (`tflite_export.layer_updates`, the default); False: the plain step (all gradients, then
+      all updates), kept for comparison.
 
   Returns:
     An `ExportReport`.
@@ -252,7 +256,8 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
   metadata = dict(config)
   metadata['sap_storage'] = 'topk_values_int32_indices'
   module = train_module.TrainModule(keras_model, batch_size=int(batch_size),
-                                    learning_rate=float(learning_rate), metadata=metadata)
+                                    learning_rate=float(learning_rate), metadata=metadata,
+                                    layer_updates=layer_updates)
   try:
     flatbuffer = convert(module)
   except Exception as e:  # pylint: disable=broad-except
@@ -326,7 +331,9 @@ def _flags():
       (flags.DEFINE_integer, 'batch_size', 32, 'fixed batch size of train/infer'),
       (flags.DEFINE_float, 'learning_rate', 0.1, 'initial SGD learning rate of train'),
       (flags.DEFINE_string, 'output', None, 'the .tflite file to write'),
-      (flags.DEFINE_bool, 'measure_memory', True, 'measure the on-device train peak')):
+      (flags.DEFINE_bool, 'measure_memory', True, 'measure the on-device train peak'),
+      (flags.DEFINE_bool, 'layer_updates', True,
+       'update each masked kernel inside its backward pass (--nolayer_updates: plain step)')):
     define(name, default, help_text, flag_values=fv)
   return fv
 
@@ -355,7 +362,8 @@ def run(argv: Sequence[str]) -> int:
         density=fl.density, gamma=fl.gamma, num_classes=fl.num_classes,
         input_shape=_parse_shape(fl.input_shape), seed=fl.seed)
     report = export_model(keras_model, config, fl.output, batch_size=fl.batch_size,
-                          learning_rate=fl.learning_rate, measure_memory=fl.measure_memory)
+                          learning_rate=fl.learning_rate, measure_memory=fl.measure_memory,
+                          layer_updates=fl.layer_updates)
   except (ExportError, OSError, ValueError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     print(f'error: {first}', file=sys.stderr)

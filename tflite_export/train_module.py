@@ -14,7 +14,11 @@ model) and exposes these signatures:
   `fedmef_tf.sparse_layers.masked_kernel`); after the update every masked kernel is multiplied
   by its mask once more, so pruned entries are exactly zero after every step whatever values
   were loaded. `loss` is the task loss *before* the step (the BaE penalty is not
-  in it, only its gradient).
+  in it, only its gradient). In the TFLite graph (`signatures(for_tflite=True)`) the same step
+  is arranged for memory (`tflite_export.layer_updates`, both variants): each masked layer's
+  kernel (and NSConv gain) is updated, `kernel <- (kernel - lr * g) * mask`, inside the
+  backward pass as soon as its gradient exists, and the rest of the backward pass waits for
+  it; the other variables are updated after the backward pass.
 * `infer(x) -> {logits}`: `training=False` forward pass (plain ops, BatchNorm moving statistics).
   Same fixed batch B as `train` (a smaller batch is padded by the caller).
 * `set_learning_rate(lr) -> {lr}`: sets the SGD learning rate (a variable, default chosen at
@@ -46,6 +50,7 @@ import tensorflow as tf
 
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import sparse_layers
+from tflite_export import layer_updates
 from tflite_export import static_sap
 
 __all__ = ['TrainModule', 'weight_names', 'LR_NAME']
@@ -94,10 +99,12 @@ class TrainModule(tf.Module):
     learning_rate: initial SGD learning rate (changed on the device with
       `set_learning_rate`).
     metadata: JSON-serialisable export configuration, returned by the `metadata` signature.
+    layer_updates: in the TFLite graph, update each masked kernel inside its backward pass
+      (`tflite_export.layer_updates`); False: the plain step (gradients, then all updates).
   """
 
   def __init__(self, model: tf.keras.Model, *, batch_size: int, learning_rate: float,
-               metadata: Dict[str, Any]):
+               metadata: Dict[str, Any], layer_updates: bool = True):
     super().__init__(name='fedmef_train_module')
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
@@ -110,6 +117,8 @@ class TrainModule(tf.Module):
     self._vars = list(model.variables)
     self._trainable = list(model.trainable_variables)
     self._masked = _masked_pairs(model)
+    self._tracing_tflite = False  # True while `signatures(for_tflite=True)` traces
+    self.layer_updates = bool(layer_updates)
     by_ref = {v.ref(): n for n, v in zip(self.names, self._vars)}
     #: Output names of `dense_gradients`: `grad_<kernel weight name>`, prunable layer order.
     self.gradient_names = ['grad_' + by_ref[layer.kernel.ref()]
@@ -118,6 +127,7 @@ class TrainModule(tf.Module):
     meta.update({'batch_size': self.batch_size, 'input_shape': list(self.input_shape),
                  'weight_names': self.names, 'gradient_names': self.gradient_names,
                  'learning_rate': float(learning_rate),
+                 'layer_updates': self.layer_updates,
                  'signatures': list(self.signature_names())})
     self.metadata_json = json.dumps(meta, sort_keys=True)
     self._build_functions()
@@ -146,16 +156,25 @@ class TrainModule(tf.Module):
   # -- signature bodies --------------------------------------------------------------------------
 
   def _train(self, x, y):
-    with tf.GradientTape() as tape:
-      logits = self.model(x, training=True)
-      loss = tf.reduce_mean(
-          tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
-    grads = tape.gradient(loss, self._trainable)
+    # TFLite graph: each masked kernel is updated (and masked) inside its own backward pass
+    # (`tflite_export.layer_updates`); the TF reference traces the plain step below.
+    in_backward = []
+    fused = self._tracing_tflite and self.layer_updates
+    context = (layer_updates.in_backward_updates(self.lr, in_backward) if fused
+               else contextlib.nullcontext())
+    with context:
+      with tf.GradientTape() as tape:
+        logits = self.model(x, training=True)
+        loss = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+      grads = tape.gradient(loss, self._trainable)
+    done = {v.ref() for v in in_backward}
     for v, g in zip(self._trainable, grads):
-      if g is not None:
+      if g is not None and v.ref() not in done:
         v.assign_sub(self.lr * g)
     for kernel, mask in self._masked:
-      kernel.assign(kernel * mask)
+      if kernel.ref() not in done:
+        kernel.assign(kernel * mask)
     return {'loss': loss}
 
   def _infer(self, x):
@@ -211,9 +230,13 @@ class TrainModule(tf.Module):
         traces `fedmef_tf.sap` as it is (the TF reference of `tflite_export.verify`).
     """
     context = static_sap.topk_sap() if for_tflite else contextlib.nullcontext()
-    with context:
-      return {name: getattr(self, name).get_concrete_function()
-              for name in self.signature_names()}
+    self._tracing_tflite = bool(for_tflite)
+    try:
+      with context:
+        return {name: getattr(self, name).get_concrete_function()
+                for name in self.signature_names()}
+    finally:
+      self._tracing_tflite = False
 
   def signature_names(self) -> List[str]:
     """Names of the exported signatures (`dense_gradients` only for models with masks)."""

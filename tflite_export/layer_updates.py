@@ -1,0 +1,211 @@
+"""On-device `train` step in which every masked kernel is updated inside its own backward pass.
+
+In the TFLite `train` graph of `tflite_export.train_module.TrainModule` the converter orders the
+ops itself: control dependencies of the TF graph do not survive conversion, an op whose inputs
+are all variable reads is scheduled early (in the forward pass) and every variable assignment
+late (at the end of the step). With a plain `tape.gradient` followed by `v.assign_sub(lr * g)`
+and `kernel.assign(kernel * mask)`, ResNet18's export kept every layer's kernel gradient alive
+from its layer's backward pass to the end of the step, next to a second read of every mask (for
+the final masking), the BaE term `2 lambda kernel * marked` of every layer (computed in the
+forward pass) and, in FedMef's NSConv layers, the centred kernel `W - mean(W)` of every layer
+(the converter merged its backward recomputation with the forward one). Each is kernel-sized:
+43 MiB per copy for ResNet18's 11.2M kernel entries.
+
+While `in_backward_updates` is active (the `train` signature of a TFLite export, both the
+FedMef and the baseline variant), every masked layer
+
+* computes its effective kernel (`kernel * mask`, or NSConv's standardised `W_hat` with the
+  formulas of `fedmef_tf.sparse_layers.masked_standardized_kernel`) without a gradient of its
+  own, keeping a few per-output-channel tensors for the backward pass;
+* passes its input and that kernel through `_joint`, an identity whose gradient receives the
+  layer input's gradient `dx` and the effective kernel's gradient together; it computes the
+  kernel gradient (task gradient masked, plus BaE) and, for NSConv, the gain gradient, applies
+  the SGD step at once, with the mask enforced,
+
+      kernel <- (kernel - lr * dL/dkernel) * mask,    gain <- gain - lr * dL/dgain,
+
+  reads the kernel back (TFLite keeps the reads and writes of one variable in order) and
+  returns `dx + 0 * kernel_after[0]`, so that nothing of the rest of the backward pass can run
+  before the update: each layer's gradient buffers die with its update, and full-model
+  gradients never coexist.
+
+Biases and BatchNorm parameters are updated by the caller after `tape.gradient`, as before.
+The values are those of the plain step: the kernel is read once in the forward pass and
+nothing else writes it during the step. The NSConv backward pass uses `W_hat` (which the input
+gradient needs anyway) instead of the centred kernel: on the active entries the centred kernel
+is `W_hat / s` with `s = g / sqrt(max(N var, eps))` per output channel (`s == 0` only where the
+gain is 0, where the centred kernel's coefficient in the gradient is 0 too), and the centred
+kernel's per-channel mean (0 up to rounding) is kept from the forward pass.
+
+The TF reference of `tflite_export.verify` traces the plain step (this module is used only for
+the TFLite graph), so the verifier compares the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List
+
+import tensorflow as tf
+
+from fedmef_tf import nsconv
+from fedmef_tf import sparse_layers
+
+__all__ = ['in_backward_updates']
+
+
+def _read(v) -> tf.Tensor:
+  return tf.convert_to_tensor(v)
+
+
+def _plain_kernel(layer, slot: dict) -> tf.Tensor:
+  """`kernel * mask`, no gradient; `slot` gets what `_update` needs."""
+  # Not stop_gradient: the tape must see the kernel behind `_joint`, or it never calls its
+  # gradient where the layer's input needs none (the stem). No gradient flows past `_joint`.
+  ks = _read(layer.kernel)
+  mask = tf.stop_gradient(_read(layer.mask))
+  slot.update(layer=layer, ks=ks, mask=mask, normalize=False)
+  return ks * mask
+
+
+def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
+  """NSConv `W_hat` (as `fedmef_tf.sparse_layers.masked_standardized_kernel`), no gradient;
+  `slot` gets the forward tensors that `_update` needs (per-channel ones, and W_hat)."""
+  # Not stop_gradient: the tape must see the kernel behind `_joint`, or it never calls its
+  # gradient where the layer's input needs none (the stem). No gradient flows past `_joint`.
+  ks = _read(layer.kernel)
+  rank = ks.shape.rank
+  depthwise = layer._depthwise  # pylint: disable=protected-access
+  axes = list(nsconv.reduction_axes(rank, depthwise))
+  gain_shape = [1] * rank
+  if depthwise:
+    gain_shape[2], gain_shape[3] = int(ks.shape[2]), int(ks.shape[3])
+  else:
+    gain_shape[-1] = int(ks.shape[-1])
+  mask = tf.stop_gradient(_read(layer.mask))
+  eps = tf.constant(nsconv.EPS, ks.dtype)
+  gain = tf.stop_gradient(_read(layer.gain))
+  if layer.act_gain != 1.0:
+    gain = gain * layer.act_gain
+  w = ks * mask
+  centred = w - tf.reduce_mean(w, axis=axes, keepdims=True)
+  sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)  # per channel
+  inv = tf.math.rsqrt(tf.maximum(sum_sq, eps))
+  gb = tf.reshape(gain, gain_shape)
+  scale = gb * inv
+  w_hat = centred * scale * mask
+  # Per-channel scalars kept for the backward pass (not kernel-sized).
+  mean_c = tf.reduce_mean(centred, axis=axes, keepdims=True)  # 0 up to rounding
+  nonzero = tf.not_equal(scale, 0.0)
+  inv_scale = tf.where(nonzero, 1.0 / tf.where(nonzero, scale, 1.0), 0.0)
+  slot.update(layer=layer, ks=ks, mask=mask, normalize=True, axes=axes, eps=eps,
+              sum_sq=sum_sq, inv=inv, gb=gb, scale=scale, w_hat=w_hat, mean_c=mean_c,
+              inv_scale=inv_scale)
+  return w_hat
+
+
+def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
+  """SGD step of the layer's kernel (and NSConv gain) from `upstream = dL/dW_eff`.
+
+  Returns a scalar that exists only after the kernel's assignment: the first entry of the
+  kernel read back (TFLite keeps the reads and writes of one variable in order).
+  """
+  layer, ks, mask = slot['layer'], slot['ks'], slot['mask']
+  marked = _read(layer.marked)
+  two_lambda = 2.0 * _read(layer.bae_lambda)
+  rate = _read(lr)
+  # Every kernel-sized tensor below has an input computed from `upstream`: one computed from
+  # variables alone (e.g. the BaE term `2 lambda kernel * marked`) would be scheduled by the
+  # converter in the forward pass and held until here, for every layer at once.
+  zero = 0.0 * tf.reshape(tf.slice(tf.reshape(upstream, [-1]), [0], [1]), [])
+  bae = (ks * (two_lambda + zero)) * marked
+  u = upstream * mask
+  if not slot['normalize']:
+    d_k = u + bae
+  else:
+    axes, eps, sum_sq, inv, gb, scale = (slot[n] for n in
+                                         ('axes', 'eps', 'sum_sq', 'inv', 'gb', 'scale'))
+    # The centred kernel on the active entries is `w_hat * inv_scale` (per-channel factor), so
+    # sum(u * centred) and the centred-kernel term of dL/dcentred come from w_hat directly.
+    w_hat, inv_scale = slot['w_hat'], slot['inv_scale']
+    d_scale = tf.reduce_sum(u * w_hat, axis=axes, keepdims=True) * inv_scale  # dL/ds
+    d_gain = d_scale * inv
+    d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gb * inv * inv * inv,
+                        tf.zeros_like(sum_sq))
+    # dL/dcentred on the active entries, and its mean over the fan-in (all entries).
+    d_centred = scale * u + (2.0 * d_sum_sq * inv_scale) * w_hat
+    mean_d = (scale * tf.reduce_mean(u, axis=axes, keepdims=True)
+              + 2.0 * d_sum_sq * slot['mean_c'])
+    d_k = (d_centred - mean_d) * mask + bae
+    d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
+    layer.gain.assign_sub(rate * d_gain_var)
+  layer.kernel.assign((ks - rate * d_k) * mask)
+  after = _read(layer.kernel)
+  return tf.reshape(tf.slice(tf.reshape(after, [-1]), [0], [1]), [])
+
+
+def _joint(x: tf.Tensor, w: tf.Tensor, slot: dict, lr: tf.Variable):
+  """Identity on `(x, w)` (the layer op's input and kernel) whose gradient applies the kernel
+  update and makes the input gradient wait for it (`dx + 0 * done`): the rest of the backward
+  pass cannot run before this layer's update, nor can its buffers outlive it."""
+
+  @tf.custom_gradient
+  def _identity(xx, ww):
+    def grad(dx, dw):
+      if dw is None:  # no gradient reaches the kernel: keep the mask enforced all the same
+        slot['layer'].kernel.assign(slot['ks'] * slot['mask'])
+        return dx, None
+      done = _update(slot, dw, lr)
+      return (None if dx is None else dx + 0.0 * done), None
+
+    return (tf.identity(xx), tf.identity(ww)), grad
+
+  return _identity(x, w)
+
+
+@contextlib.contextmanager
+def in_backward_updates(lr: tf.Variable, updated: List[tf.Variable]):
+  """Within the block, masked layers traced with a tape update their kernels in the backward pass.
+
+  Args:
+    lr: the SGD learning rate variable.
+    updated: a list to which the variables updated so (kernels, NSConv gains) are appended:
+      the caller must neither apply a gradient to these nor mask them again.
+  """
+  cls = sparse_layers.MaskedLayer
+  original_kernel = cls.effective_kernel
+  subclasses = (sparse_layers.MaskedConv2D, sparse_layers.MaskedDepthwiseConv2D,
+                sparse_layers.MaskedDense)
+  original_apply = {c: c.__dict__['_apply_op'] for c in subclasses}
+  slots = {}
+
+  def effective_kernel(layer):
+    if layer._probe is not None:  # pylint: disable=protected-access
+      return original_kernel(layer)
+    slot = slots.setdefault(id(layer), {})
+    if 'ks' in slot:
+      raise ValueError(f'{layer.name}: a masked layer called twice in one train step is not '
+                       'supported by tflite_export.layer_updates (use layer_updates=False)')
+    updated.append(layer.kernel)
+    if layer.normalize:
+      updated.append(layer.gain)
+      return _nsconv_kernel(layer, slot)
+    return _plain_kernel(layer, slot)
+
+  def make_apply(c):
+    def _apply_op(layer, inputs, w, use_sap):
+      slot = slots.get(id(layer))
+      if slot is not None and 'ks' in slot:
+        inputs, w = _joint(tf.convert_to_tensor(inputs), w, slot, lr)
+      return original_apply[c](layer, inputs, w, use_sap)
+    return _apply_op
+
+  cls.effective_kernel = effective_kernel
+  for c in subclasses:
+    c._apply_op = make_apply(c)  # pylint: disable=protected-access
+  try:
+    yield slots
+  finally:
+    cls.effective_kernel = original_kernel
+    for c in subclasses:
+      c._apply_op = original_apply[c]  # pylint: disable=protected-access
