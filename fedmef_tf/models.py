@@ -102,29 +102,63 @@ RELU_GAIN = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
 INPUT_GAIN = 4.0
 MOBILENET_V2_LAST = 1280
 
+#: Factor of the residual sums of the fedmef ResNet18 and MobileNetV2, 1 / sqrt(2). Without
+#: BatchNorm nothing rescales a residual stream: NSConv keeps the scale of its input, so a
+#: block's branch has about the variance of the block's input, and an unscaled sum doubles the
+#: variance at each block (ResNet18's fedmef logits had a standard deviation of about 25 at
+#: initialisation, a loss of about 39, and diverged at learning rate 0.02). With the factor the
+#: sum of two uncorrelated unit-variance tensors has unit variance again. NF-ResNets (Brock et
+#: al. 2021) solve the same problem with a branch gain and a tracked input scale; one constant
+#: is enough here because every branch ends in an NSConv. The baseline's BatchNorm makes it
+#: unnecessary there (its sums stay plain). Costs one multiply, no memory.
+RESIDUAL_SCALE = float(1.0 / np.sqrt(2.0))
+
 
 # -- lean layers (no activation cached for backward) ---------------------------------------------
 
 
 @tf.keras.utils.register_keras_serializable(package="fedmef_tf")
 class ResidualAdd(tf.keras.layers.Layer):
-    """Sum of two tensors of the same shape whose gradient caches nothing.
+    """Scaled sum of two tensors of the same shape whose gradient caches nothing.
 
-    Input: a list `[a, b]`, equal shapes `[B, H, W, C]`. Output: `a + b`. Gradient: the upstream
-    gradient to both (no shape lookup on the inputs).
+    Input: a list `[a, b]`, equal shapes `[B, H, W, C]`. Output: `scale * (a + b)`. Gradient:
+    `scale` times the upstream gradient to both (no shape lookup on the inputs).
+
+    Args:
+        scale: constant factor (not trained); 1.0 is the plain sum. The fedmef variants use
+            `RESIDUAL_SCALE`.
     """
+
+    def __init__(self, scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not float(scale) > 0.0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = float(scale)
 
     def call(self, inputs):
         a, b = inputs
+        scale = self.scale
 
         @tf.custom_gradient
         def _add(x, y):
-            def grad(dy):
-                return dy, dy
+            if scale == 1.0:
+                def grad(dy):
+                    return dy, dy
 
-            return tf.stop_gradient(x) + tf.stop_gradient(y), grad
+                return tf.stop_gradient(x) + tf.stop_gradient(y), grad
+
+            def scaled_grad(dy):
+                g = dy * scale
+                return g, g
+
+            return (tf.stop_gradient(x) + tf.stop_gradient(y)) * scale, scaled_grad
 
         return _add(a, b)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"scale": self.scale})
+        return config
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]
@@ -172,6 +206,7 @@ class _Builder:
 
     def __init__(self, variant: str, gamma: float, seed: int):
         self.fedmef = variant == "fedmef"
+        self.residual_scale = RESIDUAL_SCALE if self.fedmef else 1.0
         self.gamma = float(gamma) if self.fedmef else 0.0
         self.seed = int(seed)
         self._count = 0
@@ -250,7 +285,7 @@ def _basic_block(b: _Builder, x, filters: int, stride: int, name: str):
     if stride != 1 or int(x.shape[-1]) != filters:
         shortcut = b.conv(x, filters, 1, stride, name + "_shortcut_conv")
         shortcut = b.norm(shortcut, name + "_shortcut_bn")
-    h = ResidualAdd(name=name + "_add")([h, shortcut])
+    h = ResidualAdd(scale=b.residual_scale, name=name + "_add")([h, shortcut])
     return b.act(h, name + "_relu2")
 
 
@@ -276,7 +311,7 @@ def _inverted_residual(b: _Builder, x, expansion: int, filters: int, stride: int
     h = b.conv(h, filters, 1, 1, name + "_project")
     h = b.norm(h, name + "_project_bn")  # linear bottleneck: no activation
     if stride == 1 and c_in == filters:
-        h = ResidualAdd(name=name + "_add")([h, x])
+        h = ResidualAdd(scale=b.residual_scale, name=name + "_add")([h, x])
     return h
 
 

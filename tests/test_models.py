@@ -256,3 +256,35 @@ def test_fedmef_cnn_training_step_uses_less_memory_than_baseline():
     fed = _train_step_peak_bytes(
         models.build_model("cnn", "fedmef", density=0.2, gamma=0.7), 64)
     assert fed < 0.9 * base
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_fedmef_residual_networks_start_with_unit_scale_logits(name):
+    # Without BatchNorm an unscaled residual sum doubles the variance at every block
+    # (ResNet18's fedmef logits had std ~25 at initialisation); RESIDUAL_SCALE keeps it.
+    model = models.build_model(name, "fedmef", num_classes=10, input_shape=(32, 32, 3),
+                               density=0.1, gamma=0.7, seed=0)
+    masks.init_sparse(model, 0.1, 0)
+    images = np.random.default_rng(0).random((16, 32, 32, 3)).astype(np.float32)
+    logits = model(images, training=False).numpy()
+    assert 0.2 < logits.std() < 4.0
+    adds = [l for l in model.layers if isinstance(l, models.ResidualAdd)]
+    assert adds and all(l.scale == models.RESIDUAL_SCALE for l in adds)
+    baseline = models.build_model(name, "baseline", num_classes=10, input_shape=(32, 32, 3),
+                                  density=0.1, seed=0)
+    assert all(l.scale == 1.0 for l in baseline.layers if isinstance(l, models.ResidualAdd))
+
+
+def test_residual_add_scales_value_and_gradient_and_serializes():
+    layer = models.ResidualAdd(scale=0.5)
+    a, b = tf.constant([[1.0, 2.0]]), tf.constant([[3.0, -6.0]])
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        out = layer([a, b])
+    np.testing.assert_allclose(out.numpy(), [[2.0, -2.0]])
+    da, db = tape.gradient(out, [a, b], output_gradients=tf.constant([[1.0, 4.0]]))
+    np.testing.assert_allclose(da.numpy(), [[0.5, 2.0]])
+    np.testing.assert_allclose(db.numpy(), [[0.5, 2.0]])
+    assert models.ResidualAdd.from_config(layer.get_config()).scale == 0.5
+    with pytest.raises(ValueError, match="scale"):
+        models.ResidualAdd(scale=0.0)
