@@ -147,61 +147,52 @@ class SapCompressOp : public OpKernel {
     auto hist_hi = [&](int64 b) { return hist + (b * 2) * kStride; };
     auto hist_lo = [&](int64 b) { return hist + (b * 2 + 1) * kStride; };
 
-    // Pass 1: histogram of the high 16 bits of |x| (bit 31 is clear: bins 0..32767). Zeros
-    // (half of a ReLU output) would all increment bin 0 one after the other, a chain of
-    // dependent memory updates; element j of each group of 8 counts its zeros in the spare
-    // bin 32768 + j instead, folded into bin 0 afterwards.
-    ForEachBlock(ctx, blocks, [&](int64 b) {
-      int32_t* h = hist_hi(b);
-      std::memset(h, 0, sizeof(int32_t) * kBins);
+    // Histogram of bin(|x| bits, j) over one block, j = position in a group of 8. An entry
+    // that should not be counted goes to a spare bin that depends on j, so that runs of such
+    // entries do not form a chain of dependent updates of one counter (branch-free).
+    auto block_histogram = [&](int32_t* h, int64 b, auto bin) {
+      std::memset(h, 0, sizeof(int32_t) * kStride);
       int64 i = blocks.Begin(b);
       const int64 e = blocks.End(b);
-      for (; i + 8 <= e; i += 8) {
-        for (uint32_t j = 0; j < 8; ++j) {
-          const uint32_t bits = AbsBits(x[i + j]);
-          ++h[(bits >> 16) | ((0u - static_cast<uint32_t>(bits == 0)) & (32768u + j))];
-        }
+      for (; i + 8 <= e; i += 8)
+        for (uint32_t j = 0; j < 8; ++j) ++h[bin(AbsBits(x[i + j]), j)];
+      for (; i < e; ++i) ++h[bin(AbsBits(x[i]), 0)];
+    };
+    std::vector<int64> total;
+    auto sum_blocks = [&](auto hist_of, int bins) {
+      total.assign(bins, 0);
+      for (int64 b = 0; b < blocks.count; ++b) {
+        const int32_t* h = hist_of(b);
+        for (int bin = 0; bin < bins; ++bin) total[bin] += h[bin];
       }
-      for (; i < e; ++i) ++h[AbsBits(x[i]) >> 16];
+    };
+
+    // Pass 1: histogram of the high 16 bits of |x| (bit 31 is clear: bins 0..32767). Zeros
+    // (half of a ReLU output) would all increment bin 0 one after the other; they count in the
+    // spare bins 32768 + j, folded into bin 0 afterwards.
+    ForEachBlock(ctx, blocks, [&](int64 b) {
+      int32_t* h = hist_hi(b);
+      block_histogram(h, b, [](uint32_t bits, uint32_t j) {
+        return (bits >> 16) | ((0u - static_cast<uint32_t>(bits == 0)) & (32768u + j));
+      });
       for (int j = 0; j < 8; ++j) {
         h[0] += h[32768 + j];
         h[32768 + j] = 0;
       }
     });
-    std::vector<int64> total(kBins, 0);
-    for (int64 b = 0; b < blocks.count; ++b) {
-      const int32_t* h = hist_hi(b);
-      for (int bin = 0; bin < kBins / 2; ++bin) total[bin] += h[bin];
-    }
-    total.resize(kBins / 2);  // SelectFromTop scans the used bins only
+    sum_blocks(hist_hi, kBins / 2);  // SelectFromTop scans the used bins only
     int64 above_hi = 0;
     const uint32_t hi = static_cast<uint32_t>(SelectFromTop(total, k, &above_hi));
 
-    // Pass 2: histogram of the low 16 bits of the entries in the selected high bin. Branch-
-    // free: the other entries count in the spare bins kBins + j (j = position in a group of 8,
-    // so that they do not all update one counter), which are ignored.
+    // Pass 2: histogram of the low 16 bits of the entries in the selected high bin; the other
+    // entries count in the spare bins kBins + j, which are ignored.
     ForEachBlock(ctx, blocks, [&](int64 b) {
-      int32_t* h = hist_lo(b);
-      std::memset(h, 0, sizeof(int32_t) * kStride);
-      int64 i = blocks.Begin(b);
-      const int64 e = blocks.End(b);
-      for (; i + 8 <= e; i += 8) {
-        for (uint32_t j = 0; j < 8; ++j) {
-          const uint32_t bits = AbsBits(x[i + j]);
-          const uint32_t match = 0u - static_cast<uint32_t>((bits >> 16) == hi);
-          ++h[(bits & 0xffffu & match) | (~match & (kBins + j))];
-        }
-      }
-      for (; i < e; ++i) {
-        const uint32_t bits = AbsBits(x[i]);
-        if ((bits >> 16) == hi) ++h[bits & 0xffffu];
-      }
+      block_histogram(hist_lo(b), b, [hi](uint32_t bits, uint32_t j) {
+        const uint32_t match = 0u - static_cast<uint32_t>((bits >> 16) == hi);
+        return (bits & 0xffffu & match) | (~match & (kBins + j));
+      });
     });
-    total.assign(kBins, 0);
-    for (int64 b = 0; b < blocks.count; ++b) {
-      const int32_t* h = hist_lo(b);
-      for (int bin = 0; bin < kBins; ++bin) total[bin] += h[bin];
-    }
+    sum_blocks(hist_lo, kBins);
     int64 above_lo = 0;
     const uint32_t lo = static_cast<uint32_t>(SelectFromTop(total, k - above_hi, &above_lo));
     const uint32_t t = (hi << 16) | lo;
