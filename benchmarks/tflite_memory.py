@@ -34,7 +34,8 @@ TARGET_RATIO = 0.6
 
 def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density: float,
                   gamma: float, repeats: int, out_dir: str,
-                  layer_updates: bool = True) -> List[Dict[str, object]]:
+                  layer_updates: bool = True,
+                  max_im2col_kib: int = 1024) -> List[Dict[str, object]]:
   """Exports and measures every (model, batch, variant); returns one dict per export.
 
   Args:
@@ -47,6 +48,8 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
     layer_updates: train-step structure of every fedmef and baseline export (the same for
       both; see `tflite_export.layer_updates`): per-layer updates inside the backward pass
       (default) or the plain step.
+    max_im2col_kib: im2col budget of one CONV_2D in every export's `train`
+      (`tflite_export.chunked_conv`; 0: whole-batch convolutions).
 
   Returns:
     Rows with keys model, batch, variant, size_bytes, peak_bytes, density.
@@ -63,7 +66,8 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
                                                  density=density, gamma=gamma)
         path = os.path.join(out_dir, f'{model}_{variant}_b{batch}.tflite')
         report = export.export_model(keras_model, config, path, batch_size=batch,
-                                     measure_memory=False, layer_updates=layer_updates)
+                                     measure_memory=False, layer_updates=layer_updates,
+                                     max_im2col_kib=max_im2col_kib)
         memory = memprobe.measure_train_peak(path, repeats=repeats)
         rows.append({'model': model, 'batch': batch, 'variant': variant,
                      'size_bytes': report.size_bytes, 'peak_bytes': memory['train_peak'],
@@ -102,20 +106,25 @@ def main(argv=None) -> int:
   parser.add_argument('--plain_step', action='store_true',
                       help='export every variant with the plain train step (all gradients, then '
                            'all updates) instead of per-layer updates in the backward pass')
+  parser.add_argument('--max_im2col_kib', type=int, default=1024,
+                      help='im2col workspace per CONV_2D of every export, KiB (0: whole batch)')
   args = parser.parse_args(argv)
+  if args.max_im2col_kib < 0:
+    parser.error('--max_im2col_kib must be >= 0')
   out_dir = args.out_dir or tempfile.mkdtemp(prefix='tflite_memory_')
   os.makedirs(out_dir, exist_ok=True)
   try:
     rows = run_benchmark([m for m in args.models.split(',') if m],
                          [int(b) for b in args.batch_sizes.split(',') if b],
                          density=args.density, gamma=args.gamma, repeats=args.repeats,
-                         out_dir=out_dir, layer_updates=not args.plain_step)
+                         out_dir=out_dir, layer_updates=not args.plain_step,
+                         max_im2col_kib=args.max_im2col_kib)
   finally:
     if not args.out_dir:
       shutil.rmtree(out_dir, ignore_errors=True)
   step = 'plain step' if args.plain_step else 'per-layer updates in the backward pass'
-  print(f'density {args.density}, gamma {args.gamma}, train step: {step} (all variants); '
-        'peak = VmHWM delta of one train call')
+  print(f'density {args.density}, gamma {args.gamma}, train step: {step}, im2col budget '
+        f'{args.max_im2col_kib} KiB (all variants); peak = VmHWM delta of one train call')
   for line in _ratios(rows):
     print(line)
   return 0

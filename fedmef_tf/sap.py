@@ -446,6 +446,17 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
     return _op(x, w)
 
 
+def _tf_conv2d(x, w, strides, padding):
+    return tf.nn.conv2d(x, w, strides, padding)
+
+
+#: The forward 2-D convolution of every masked conv layer (``sap_conv2d`` and the plain
+#: ``MaskedConv2D``): ``(x, w, strides4, padding) -> y`` with ``tf.nn.conv2d``'s values and
+#: gradients. A TFLite export swaps in a version that bounds the interpreter's workspace
+#: (``tflite_export.chunked_conv``); nothing else changes it.
+conv2d = _tf_conv2d
+
+
 def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
     """2-D convolution whose weight gradient sees only the largest-|x| entries of its input.
 
@@ -464,10 +475,10 @@ def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
     _check(gamma, padding)
     s = _strides4(strides)
     if gamma == 0.0:
-        return tf.nn.conv2d(x, w, s, padding)
+        return conv2d(x, w, s, padding)
     return _sap_op(
         x, w, gamma,
-        forward=lambda x, w: tf.nn.conv2d(x, w, s, padding),
+        forward=lambda x, w: conv2d(x, w, s, padding),
         input_grad=lambda dy, w, x_shape: tf.raw_ops.Conv2DBackpropInput(
             input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
         filter_grad=lambda xp, dy, w_shape: tf.raw_ops.Conv2DBackpropFilter(

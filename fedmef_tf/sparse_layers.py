@@ -466,7 +466,7 @@ class MaskedConv2D(MaskedLayer):
     def _apply_op(self, inputs, w, use_sap):
         if use_sap:
             return sap.sap_conv2d(inputs, w, self.strides, self.padding, self.sap_gamma)
-        return tf.nn.conv2d(inputs, w, (1,) + self.strides + (1,), self.padding)
+        return sap.conv2d(inputs, w, (1,) + self.strides + (1,), self.padding)
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from fedmef_tf import model_io
 from fedmef_tf import models
+from tflite_export import chunked_conv
 from tflite_export import export
 from tflite_export import memprobe
 from tflite_export import verify
@@ -69,12 +70,18 @@ def fedmef_export(workdir, trained_model):
   return str(path), out
 
 
+#: An im2col budget under which every 3x3 conv of the test CNN runs in batch slices
+#: (`tflite_export.chunked_conv`; the default 1 MiB slices nothing at 16x16, batch 8).
+SLICING_KIB = 64
+
+
 @pytest.fixture(scope='module')
 def baseline_export(workdir):
   path = workdir / 'baseline.tflite'
   rc, out, err = _run_export(['--model=cnn', '--variant=baseline', f'--density={DENSITY}',
                               '--input_shape=16,16,3', f'--batch_size={BATCH}',
-                              f'--output={path}', '--nomeasure_memory'])
+                              f'--output={path}', '--nomeasure_memory',
+                              f'--max_im2col_kib={SLICING_KIB}'])
   assert rc == 0, err
   return str(path), out
 
@@ -98,9 +105,31 @@ def _checks(path):
   return _VERIFIED[path]
 
 
-@pytest.fixture(params=['fedmef', 'baseline'])
+@pytest.fixture(scope='module')
+def sliced_fedmef_export(workdir):
+  path = workdir / 'fedmef_sliced.tflite'
+  rc, out, err = _run_export(['--model=cnn', '--variant=fedmef', f'--density={DENSITY}',
+                              '--input_shape=16,16,3', f'--batch_size={BATCH}',
+                              f'--output={path}', '--nomeasure_memory',
+                              f'--max_im2col_kib={SLICING_KIB}'])
+  assert rc == 0, err
+  return str(path), out
+
+
+@pytest.fixture(params=['fedmef', 'baseline', 'sliced_fedmef'])
 def masked_export(request):
   return request.getfixturevalue(request.param + '_export')[0]
+
+
+def _train_ops(path, op_name):
+  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
+  code = getattr(schema.BuiltinOperator, op_name)
+  train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
+  return sum(1 for op in model.subgraphs[train].operators
+             if max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                    model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == code)
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -152,6 +181,25 @@ def test_fedmef_train_graph_uses_the_static_sap_storage(fedmef_export):
   ops = text.getvalue()
   assert ops.count('TOPK_V2(') == 5  # 4 convs and the classifier
   assert 'Bincount' not in ops and ' WHERE(' not in ops
+
+
+def test_train_convolutions_run_in_batch_slices_under_a_budget(fedmef_export,
+                                                               sliced_fedmef_export):
+  # The test CNN has four 3x3 convs; at 16x16, batch 8 the default budget slices none of them;
+  # with 64 KiB each runs in the slices chunked_conv.slice_count asks for (the values are
+  # checked by verify, masked_export).
+  assert _train_ops(fedmef_export[0], 'CONV_2D') == 4
+  expected, size, c_in = 0, INPUT_SHAPE[0], INPUT_SHAPE[2]
+  for filters, stride in models.CNN_LAYERS:
+    work = chunked_conv.im2col_bytes([BATCH, size, size, c_in], [3, 3, c_in, filters],
+                                     (1, stride, stride, 1), 'SAME')
+    expected += chunked_conv.slice_count(BATCH, work, SLICING_KIB * 1024)
+    size, c_in = -(-size // stride), filters
+  assert expected > 4
+  assert _train_ops(sliced_fedmef_export[0], 'CONV_2D') == expected
+  meta = json.loads(tf.lite.Interpreter(model_path=sliced_fedmef_export[0])
+                    .get_signature_runner('metadata')()['json'].item().decode())
+  assert meta['max_im2col_bytes'] == SLICING_KIB * 1024
 
 
 def test_baseline_export_converts(baseline_export):
@@ -307,6 +355,13 @@ def test_unwritable_output(tmp_path):
   rc, _, err = _run_export(['--model=cnn', f'--output={out2}'])
   assert rc != 0 and 'does not exist' in err
   assert not out2.exists()
+
+
+def test_negative_im2col_budget(tmp_path):
+  out = tmp_path / 'm.tflite'
+  rc, _, err = _run_export(['--model=cnn', f'--output={out}', '--max_im2col_kib=-1'])
+  assert rc != 0 and err.strip() == 'error: --max_im2col_kib must be >= 0, got -1'
+  assert not out.exists()
 
 
 @pytest.mark.parametrize('failing', ['convert', 'measure'])

@@ -41,6 +41,8 @@ __all__ = ['ExportError', 'ExportReport', 'export_model', 'load_source', 'kernel
 
 RUN_MODEL_SUBDIR = 'final_model'
 EXPORT_VARIANTS = ('fedmef', 'baseline', 'tfmot')
+#: Default im2col budget of one CONV_2D in `train` (`tflite_export.chunked_conv`), KiB.
+DEFAULT_MAX_IM2COL_KIB = 1024
 
 
 class ExportError(Exception):
@@ -184,7 +186,7 @@ def convert(module) -> bytes:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
 
-  from tflite_export import static_sap  # pylint: disable=import-outside-toplevel
+  from tflite_export import train_module  # pylint: disable=import-outside-toplevel
 
   # The converter re-imports the SavedModel and warns once per function about the custom
   # gradients we chose not to save (they are not needed: the gradients are in the graph).
@@ -192,7 +194,7 @@ def convert(module) -> bytes:
   tmp = tempfile.mkdtemp(prefix='fedmef_tflite_')
   try:
     # Saving may trace the module's functions again: keep the on-device SAP storage in force.
-    with static_sap.topk_sap():
+    with train_module.tflite_tracing(module.max_im2col_bytes):
       signatures = module.signatures(for_tflite=True)
       # Gradients are already in the signatures: do not re-trace custom gradients for the file.
       options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
@@ -224,7 +226,8 @@ def _check_output(output: str) -> str:
 
 def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size: int = 32,
                  learning_rate: float = 0.1, measure_memory: bool = True,
-                 layer_updates: bool = True) -> ExportReport:
+                 layer_updates: bool = True,
+                 max_im2col_kib: int = DEFAULT_MAX_IM2COL_KIB) -> ExportReport:
   """Converts `keras_model` and writes it atomically to `output`.
 
   Args:
@@ -237,6 +240,8 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     layer_updates: update each masked kernel inside its own backward pass in `train`
       (`tflite_export.layer_updates`, the default); False: the plain step (all gradients, then
       all updates), kept for comparison.
+    max_im2col_kib: run masked convolutions of `train` in batch slices whose im2col buffer
+      fits in this many KiB (`tflite_export.chunked_conv`); 0: one CONV_2D per convolution.
 
   Returns:
     An `ExportReport`.
@@ -253,11 +258,14 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     raise ExportError(f'--batch_size must be >= 1, got {batch_size}')
   if not float(learning_rate) > 0.0:
     raise ExportError(f'--learning_rate must be > 0, got {learning_rate}')
+  if int(max_im2col_kib) < 0:
+    raise ExportError(f'--max_im2col_kib must be >= 0, got {max_im2col_kib}')
   metadata = dict(config)
   metadata['sap_storage'] = 'topk_values_int32_indices'
   module = train_module.TrainModule(keras_model, batch_size=int(batch_size),
                                     learning_rate=float(learning_rate), metadata=metadata,
-                                    layer_updates=layer_updates)
+                                    layer_updates=layer_updates,
+                                    max_im2col_bytes=int(max_im2col_kib) * 1024)
   try:
     flatbuffer = convert(module)
   except Exception as e:  # pylint: disable=broad-except
@@ -333,7 +341,10 @@ def _flags():
       (flags.DEFINE_string, 'output', None, 'the .tflite file to write'),
       (flags.DEFINE_bool, 'measure_memory', True, 'measure the on-device train peak'),
       (flags.DEFINE_bool, 'layer_updates', True,
-       'update each masked kernel inside its backward pass (--nolayer_updates: plain step)')):
+       'update each masked kernel inside its backward pass (--nolayer_updates: plain step)'),
+      (flags.DEFINE_integer, 'max_im2col_kib', DEFAULT_MAX_IM2COL_KIB,
+       'im2col workspace per CONV_2D of train, KiB: convolutions run in batch slices that fit '
+       '(0: whole batch)')):
     define(name, default, help_text, flag_values=fv)
   return fv
 
@@ -363,7 +374,7 @@ def run(argv: Sequence[str]) -> int:
         input_shape=_parse_shape(fl.input_shape), seed=fl.seed)
     report = export_model(keras_model, config, fl.output, batch_size=fl.batch_size,
                           learning_rate=fl.learning_rate, measure_memory=fl.measure_memory,
-                          layer_updates=fl.layer_updates)
+                          layer_updates=fl.layer_updates, max_im2col_kib=fl.max_im2col_kib)
   except (ExportError, OSError, ValueError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     print(f'error: {first}', file=sys.stderr)

@@ -24,10 +24,10 @@ FedMef and the baseline variant), every masked layer
 
       kernel <- (kernel - lr * dL/dkernel) * mask,    gain <- gain - lr * dL/dgain,
 
-  reads the kernel back (TFLite keeps the reads and writes of one variable in order) and
-  returns `dx + 0 * kernel_after[0]`, so that nothing of the rest of the backward pass can run
-  before the update: each layer's gradient buffers die with its update, and full-model
-  gradients never coexist.
+  and returns `dx + 0 * new_kernel[0]` (`new_kernel` the assigned value, not a read of the
+  variable: a read has no data input, so it orders nothing), so that nothing of the rest of
+  the backward pass can run before the new kernel is computed: each layer's gradient buffers
+  die with its update, and full-model gradients never coexist.
 
 Biases and BatchNorm parameters are updated by the caller after `tape.gradient`, as before.
 The values are those of the plain step: the kernel is read once in the forward pass and
@@ -107,8 +107,7 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
 def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
   """SGD step of the layer's kernel (and NSConv gain) from `upstream = dL/dW_eff`.
 
-  Returns a scalar that exists only after the kernel's assignment: the first entry of the
-  kernel read back (TFLite keeps the reads and writes of one variable in order).
+  Returns a scalar that exists only once the new kernel does: its first entry.
   """
   layer, ks, mask = slot['layer'], slot['ks'], slot['mask']
   marked = _read(layer.marked)
@@ -139,9 +138,11 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
     d_k = (d_centred - mean_d) * mask + bae
     d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
     layer.gain.assign_sub(rate * d_gain_var)
-  layer.kernel.assign((ks - rate * d_k) * mask)
-  after = _read(layer.kernel)
-  return tf.reshape(tf.slice(tf.reshape(after, [-1]), [0], [1]), [])
+  new_kernel = (ks - rate * d_k) * mask
+  layer.kernel.assign(new_kernel)
+  # Taken from the assigned value, not from a read of the variable: a read has no data input,
+  # and the interpreter's partitioning runs it whenever it likes, so it orders nothing.
+  return tf.reshape(tf.slice(tf.reshape(new_kernel, [-1]), [0], [1]), [])
 
 
 def _joint(x: tf.Tensor, w: tf.Tensor, slot: dict, lr: tf.Variable):

@@ -47,7 +47,7 @@ import tensorflow as tf
 from fedmef_tf import sap
 from fedmef_tf import sap_native
 
-__all__ = ['compress', 'decompress', 'topk_sap', 'stored_bytes_per_element']
+__all__ = ['compress', 'decompress', 'known_nonnegative', 'topk_sap', 'stored_bytes_per_element']
 
 # pylint: disable-next=protected-access
 _ORIGINAL = {'_compress': sap._compress, '_decompress': sap._decompress}
@@ -73,8 +73,34 @@ def compress(x: tf.Tensor, gamma: float):
     return _ORIGINAL['_compress'](x, gamma)
   flat = tf.reshape(x, [-1])
   k = sap.keep_count(int(flat.shape[0]), gamma)
-  _, indices = tf.math.top_k(tf.abs(flat), k=k, sorted=False)
+  # After a ReLU |x| is x: ranking x itself saves the input-sized ABS output.
+  magnitude = flat if known_nonnegative(x) else tf.abs(flat)
+  _, indices = tf.math.top_k(magnitude, k=k, sorted=False)
   return tf.gather(flat, indices), indices
+
+
+#: Ops whose (float) outputs are never negative, and ops that pass their input through unchanged.
+_NONNEGATIVE_OPS = ('Relu', 'Relu6', 'FedmefBitActivation')
+_PASS_THROUGH_OPS = ('Identity', 'IdentityN', 'StopGradient')
+
+
+def known_nonnegative(x: tf.Tensor, max_depth: int = 16) -> bool:
+  """True if the graph shows that `x` is a ReLU / ReLU6 output (through identities).
+
+  Only a structural check of a traced graph (False for eager tensors and anything else), so a
+  False is always safe: the selection then ranks `|x|`.
+  """
+  t = x
+  for _ in range(max_depth):
+    op = getattr(t, 'op', None)
+    if op is None or tf.executing_eagerly():
+      return False
+    if op.type in _NONNEGATIVE_OPS:
+      return True
+    if op.type not in _PASS_THROUGH_OPS:
+      return False
+    t = op.inputs[t.value_index if op.type == 'IdentityN' else 0]
+  return False
 
 
 def decompress(values: tf.Tensor, indices: tf.Tensor, shape) -> tf.Tensor:

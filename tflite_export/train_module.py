@@ -50,16 +50,29 @@ import tensorflow as tf
 
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import sparse_layers
+from tflite_export import chunked_conv
 from tflite_export import layer_updates
 from tflite_export import static_sap
 
-__all__ = ['TrainModule', 'weight_names', 'LR_NAME']
+__all__ = ['TrainModule', 'weight_names', 'tflite_tracing', 'LR_NAME']
 
 #: Name of the learning rate in checkpoints written by the `save` signature.
 LR_NAME = 'learning_rate'
 
 _SIGNATURES = ('train', 'infer', 'set_learning_rate', 'get_weights', 'set_weights', 'save',
                'restore', 'metadata')
+
+
+@contextlib.contextmanager
+def tflite_tracing(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES):
+  """How the graphs of a TFLite file are traced: SAP with static-shape storage
+  (`tflite_export.static_sap`) and, if `max_im2col_bytes > 0`, masked conv forwards in batch
+  slices with at most that much im2col workspace each (`tflite_export.chunked_conv`). Same
+  values as the TF model's graphs."""
+  sliced = (chunked_conv.bounded_im2col(max_im2col_bytes) if max_im2col_bytes > 0
+            else contextlib.nullcontext())
+  with static_sap.topk_sap(), sliced:
+    yield
 
 
 def weight_names(model: tf.keras.Model) -> List[str]:
@@ -101,10 +114,13 @@ class TrainModule(tf.Module):
     metadata: JSON-serialisable export configuration, returned by the `metadata` signature.
     layer_updates: in the TFLite graph, update each masked kernel inside its backward pass
       (`tflite_export.layer_updates`); False: the plain step (gradients, then all updates).
+    max_im2col_bytes: in the TFLite graph, run masked convolutions in batch slices whose im2col
+      buffer fits in this many bytes (`tflite_export.chunked_conv`); 0: one CONV_2D each.
   """
 
   def __init__(self, model: tf.keras.Model, *, batch_size: int, learning_rate: float,
-               metadata: Dict[str, Any], layer_updates: bool = True):
+               metadata: Dict[str, Any], layer_updates: bool = True,
+               max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES):
     super().__init__(name='fedmef_train_module')
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
@@ -119,6 +135,9 @@ class TrainModule(tf.Module):
     self._masked = _masked_pairs(model)
     self._tracing_tflite = False  # True while `signatures(for_tflite=True)` traces
     self.layer_updates = bool(layer_updates)
+    if int(max_im2col_bytes) < 0:
+      raise ValueError(f'max_im2col_bytes must be >= 0, got {max_im2col_bytes}')
+    self.max_im2col_bytes = int(max_im2col_bytes)
     by_ref = {v.ref(): n for n, v in zip(self.names, self._vars)}
     #: Output names of `dense_gradients`: `grad_<kernel weight name>`, prunable layer order.
     self.gradient_names = ['grad_' + by_ref[layer.kernel.ref()]
@@ -128,6 +147,7 @@ class TrainModule(tf.Module):
                  'weight_names': self.names, 'gradient_names': self.gradient_names,
                  'learning_rate': float(learning_rate),
                  'layer_updates': self.layer_updates,
+                 'max_im2col_bytes': self.max_im2col_bytes,
                  'signatures': list(self.signature_names())})
     self.metadata_json = json.dumps(meta, sort_keys=True)
     self._build_functions()
@@ -229,7 +249,8 @@ class TrainModule(tf.Module):
         `tflite_export.static_sap` (top-k values and int32 indices, static shapes); False
         traces `fedmef_tf.sap` as it is (the TF reference of `tflite_export.verify`).
     """
-    context = static_sap.topk_sap() if for_tflite else contextlib.nullcontext()
+    context = (tflite_tracing(self.max_im2col_bytes) if for_tflite
+               else contextlib.nullcontext())
     self._tracing_tflite = bool(for_tflite)
     try:
       with context:

@@ -1,0 +1,134 @@
+"""Pieces of the TFLite train graph traced in TF: batch-sliced convolutions, SAP's ranking.
+
+`tflite_export.chunked_conv` must give `tf.nn.conv2d`'s values and gradients; the static SAP
+storage may rank `x` instead of `|x|` only where the graph shows `x` cannot be negative.
+"""
+
+import contextlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedmef_tf import sap
+from fedmef_tf import sap_native
+from fedmef_tf import sparse_layers
+from tflite_export import chunked_conv
+from tflite_export import static_sap
+
+
+@pytest.mark.parametrize('batch,size,c_in,c_out,k,stride,padding', [
+    (8, 9, 3, 5, 3, 1, 'SAME'),
+    (6, 16, 4, 8, 3, 2, 'SAME'),
+    (4, 11, 5, 3, 3, 2, 'VALID'),
+    (6, 7, 2, 4, 1, 2, 'SAME'),
+])
+def test_sliced_conv_equals_conv2d_with_the_same_gradients(batch, size, c_in, c_out, k, stride,
+                                                           padding):
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.standard_normal((batch, size, size, c_in)), tf.float32)
+  w = tf.Variable(rng.standard_normal((k, k, c_in, c_out)).astype(np.float32))
+  strides = (1, stride, stride, 1)
+  # A budget of one example's im2col buffer: one example per slice.
+  budget = chunked_conv.im2col_bytes([1, size, size, c_in], [k, k], strides, padding)
+  assert chunked_conv.slice_count(batch, budget * batch, budget) == batch
+
+  @tf.function
+  def both(x):
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(x)
+      ref = tf.nn.conv2d(x, w, strides, padding)
+      got = chunked_conv.conv2d(x, w, strides, padding, max_workspace_bytes=budget)
+      up = tf.sin(ref)  # any upstream gradient
+      ref_loss, got_loss = tf.reduce_sum(up * ref), tf.reduce_sum(up * got)
+    grads = [tape.gradient(loss, [x, w]) for loss in (ref_loss, got_loss)]
+    return ref, got, grads
+
+  ref, got, ((dx_ref, dw_ref), (dx_got, dw_got)) = both(x)
+  np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx_got.numpy(), dx_ref.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw_got.numpy(), dw_ref.numpy(), rtol=1e-5, atol=1e-4)
+  graph = both.get_concrete_function(x).graph
+  convs = [op for op in graph.get_operations() if op.type == 'Conv2D']
+  assert len(convs) == 1 + batch  # the reference, plus one per slice
+
+
+def test_slice_count_is_the_smallest_fitting_divisor():
+  assert chunked_conv.slice_count(32, 9 << 20, 1 << 20) == 16  # 9 slices would not divide 32
+  assert chunked_conv.slice_count(32, 1 << 20, 1 << 20) == 1
+  assert chunked_conv.slice_count(12, 10, 3) == 4
+  assert chunked_conv.slice_count(7, 100, 1) == 7  # cannot fit: one example per slice
+  for batch, work, budget in [(32, 9000, 700), (24, 5000, 1000), (10, 99, 10)]:
+    n = chunked_conv.slice_count(batch, work, budget)
+    assert batch % n == 0
+    assert all(batch % m or work > m * budget for m in range(1, n))
+
+
+def test_im2col_bytes_follows_tflite_conv():
+  # 1x1 stride 1 is a plain GEMM on the input: no buffer.
+  assert chunked_conv.im2col_bytes([32, 16, 16, 64], [1, 1, 64, 8], (1, 1, 1, 1), 'SAME') == 0
+  # The small CNN's second conv at batch 32: 32 * 16 * 16 * (3 * 3 * 32) floats = 9 MiB.
+  assert chunked_conv.im2col_bytes([32, 32, 32, 32], [3, 3, 32, 64], (1, 2, 2, 1),
+                                   'SAME') == 9 << 20
+
+
+def test_bounded_im2col_swaps_the_masked_conv_forward_and_restores_it():
+  layer = sparse_layers.MaskedConv2D(4, 3, strides=2, padding='same', normalize=False)
+  x = tf.random.stateless_normal((8, 8, 8, 16), seed=(1, 2))
+  layer(x)  # build
+
+  def traced_convs():
+    fn = tf.function(lambda x: layer(x)).get_concrete_function(x)
+    return sum(1 for op in fn.graph.get_operations() if op.type == 'Conv2D')
+
+  before = traced_convs()
+  with chunked_conv.bounded_im2col(1024):
+    inside = traced_convs()
+  assert before == 1 and inside == 8
+  assert sap.conv2d is sap._tf_conv2d  # pylint: disable=protected-access
+  assert traced_convs() == 1
+
+
+@pytest.mark.parametrize('native', [False, True])
+def test_known_nonnegative_reads_the_graph(native):
+  if native and not sap_native.available():
+    pytest.skip('native SAP kernels not built')
+  seen = {}
+
+  @tf.function
+  def f(x):
+    seen['relu'] = static_sap.known_nonnegative(tf.nn.relu(x))
+    seen['relu6_through_identities'] = static_sap.known_nonnegative(
+        tf.stop_gradient(tf.identity(tf.nn.relu6(x))))
+    seen['bit_relu'] = static_sap.known_nonnegative(sap.bit_relu(x))
+    seen['scaled_relu'] = static_sap.known_nonnegative(2.0 * tf.nn.relu(x))
+    seen['plain'] = static_sap.known_nonnegative(x + 1.0)
+    return x
+
+  with contextlib.nullcontext() if native else sap_native.portable():
+    f(tf.zeros([2, 3]))
+  assert seen == {'relu': True, 'relu6_through_identities': True, 'bit_relu': True,
+                  'scaled_relu': False, 'plain': False}
+  assert not static_sap.known_nonnegative(tf.nn.relu(tf.ones([2])))  # eager: no graph
+
+
+def test_compress_after_relu_keeps_the_largest_entries():
+  rng = np.random.default_rng(3)
+  z = tf.constant(rng.standard_normal((4, 6, 6, 5)), tf.float32)
+  gamma = 0.7
+
+  @tf.function
+  def kept(z):
+    values, indices = static_sap.compress(tf.nn.relu(z), gamma)
+    rebuilt = static_sap.decompress(values, indices, z.shape.as_list())
+    return rebuilt, sap.prune_input(tf.nn.relu(z), gamma)
+
+  rebuilt, reference = kept(z)
+  # Ties only at zero after a ReLU; zeros add nothing, so the rebuilt inputs are equal.
+  np.testing.assert_array_equal(rebuilt.numpy(), reference.numpy())
+  def abs_ops(fn):
+    graph = tf.function(fn).get_concrete_function(z).graph
+    return [op for op in graph.get_operations() if op.type == 'Abs']
+
+  assert not abs_ops(lambda z: static_sap.compress(tf.nn.relu(z), gamma))
+  assert abs_ops(lambda z: static_sap.compress(z, gamma))  # signed input: ranked by |x|
