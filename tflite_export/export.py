@@ -19,6 +19,11 @@ Shapes: `train` and `infer` take a fixed batch of `--batch_size` examples (x flo
 `[B, H, W, C]`, y int32 `[B]`). Learning rate: a variable, initially `--learning_rate`, set on
 the device with `set_learning_rate(lr)` (e.g. each round's eta_t), saved in checkpoints.
 
+Memory layout of `train` (both masked variants alike): each masked kernel is updated inside its
+own backward pass (`tflite_export.layer_updates`; `--nolayer_updates`: the plain step), and each
+masked convolution runs its batch in slices whose im2col workspace fits in `--max_im2col_kib`
+(`tflite_export.chunked_conv`; 0: whole batch).
+
 It prints the file size, the density of each prunable kernel and the measured peak memory of
 one on-device `train` call (`tflite_export.memprobe`). The file is written to a temporary name
 next to `--output` and renamed into place only when everything succeeded; on any error the
