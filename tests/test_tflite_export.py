@@ -75,25 +75,24 @@ def fedmef_export(workdir, trained_model):
 SLICING_KIB = 64
 
 
-@pytest.fixture(scope='module')
-def baseline_export(workdir):
-  path = workdir / 'baseline.tflite'
-  rc, out, err = _run_export(['--model=cnn', '--variant=baseline', f'--density={DENSITY}',
+def _fresh_export(workdir, name, variant, *flags):
+  """In-process export of a fresh registry cnn at the test size, no memory measurement."""
+  path = workdir / f'{name}.tflite'
+  rc, out, err = _run_export(['--model=cnn', f'--variant={variant}', f'--density={DENSITY}',
                               '--input_shape=16,16,3', f'--batch_size={BATCH}',
-                              f'--output={path}', '--nomeasure_memory',
-                              f'--max_im2col_kib={SLICING_KIB}'])
+                              f'--output={path}', '--nomeasure_memory', *flags])
   assert rc == 0, err
   return str(path), out
+
+
+@pytest.fixture(scope='module')
+def baseline_export(workdir):
+  return _fresh_export(workdir, 'baseline', 'baseline', f'--max_im2col_kib={SLICING_KIB}')
 
 
 @pytest.fixture(scope='module')
 def tfmot_export(workdir):
-  path = workdir / 'tfmot.tflite'
-  rc, out, err = _run_export(['--model=cnn', '--variant=tfmot', f'--density={DENSITY}',
-                              '--input_shape=16,16,3', f'--batch_size={BATCH}',
-                              f'--output={path}', '--nomeasure_memory'])
-  assert rc == 0, err
-  return str(path), out
+  return _fresh_export(workdir, 'tfmot', 'tfmot')
 
 
 _VERIFIED = {}
@@ -107,13 +106,7 @@ def _checks(path):
 
 @pytest.fixture(scope='module')
 def sliced_fedmef_export(workdir):
-  path = workdir / 'fedmef_sliced.tflite'
-  rc, out, err = _run_export(['--model=cnn', '--variant=fedmef', f'--density={DENSITY}',
-                              '--input_shape=16,16,3', f'--batch_size={BATCH}',
-                              f'--output={path}', '--nomeasure_memory',
-                              f'--max_im2col_kib={SLICING_KIB}'])
-  assert rc == 0, err
-  return str(path), out
+  return _fresh_export(workdir, 'fedmef_sliced', 'fedmef', f'--max_im2col_kib={SLICING_KIB}')
 
 
 @pytest.fixture(params=['fedmef', 'baseline', 'sliced_fedmef'])
