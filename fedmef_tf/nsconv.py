@@ -13,14 +13,26 @@ is applied again so that pruned entries stay exactly zero in the kernel the op u
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import tensorflow as tf
 
-__all__ = ["standardize_kernel", "EPS", "reduction_axes"]
+__all__ = ["standardize_kernel", "EPS", "reduction_axes", "gain_shape"]
 
 #: Floor of N * var(W[o]) (a sum of squares of kernel entries), unitless.
 EPS = 1e-4
+
+
+def gain_shape(kernel_shape, depthwise: bool) -> List[int]:
+    """Shape that broadcasts a per-output-channel gain against a kernel of `kernel_shape`:
+    1 on the fan-in axes (`reduction_axes`), the kernel's size on the output-channel axes."""
+    rank = len(kernel_shape)
+    shape = [1] * rank
+    if depthwise:
+        shape[2], shape[3] = int(kernel_shape[2]), int(kernel_shape[3])
+    else:
+        shape[-1] = int(kernel_shape[-1])
+    return shape
 
 
 def reduction_axes(rank: int, depthwise: bool) -> Tuple[int, ...]:
@@ -78,12 +90,7 @@ def standardize_kernel(
     centred = kernel - mean
     sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)  # == N * var
     inv_std = tf.math.rsqrt(tf.maximum(sum_sq, tf.cast(EPS, kernel.dtype)))
-    gain_shape = [1] * rank
-    if depthwise:
-        gain_shape[2], gain_shape[3] = int(kernel.shape[2]), int(kernel.shape[3])
-    else:
-        gain_shape[-1] = int(kernel.shape[-1])
-    scale = tf.reshape(gain, gain_shape) * inv_std
+    scale = tf.reshape(gain, gain_shape(kernel.shape, depthwise)) * inv_std
     w_hat = centred * scale * mask
     if return_scale:
         return w_hat, scale

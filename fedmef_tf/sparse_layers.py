@@ -127,11 +127,7 @@ def masked_standardized_kernel(
     """
     rank = kernel.shape.rank
     axes = list(nsconv.reduction_axes(rank, depthwise))
-    gain_shape = [1] * rank
-    if depthwise:
-        gain_shape[2], gain_shape[3] = int(kernel.shape[2]), int(kernel.shape[3])
-    else:
-        gain_shape[-1] = int(kernel.shape[-1])
+    gain_shape = nsconv.gain_shape(kernel.shape, depthwise)
     mask = tf.stop_gradient(tf.cast(mask, kernel.dtype))
     marked = tf.stop_gradient(tf.cast(marked, kernel.dtype))
     two_lambda = tf.stop_gradient(2.0 * tf.cast(bae_lambda, kernel.dtype))

@@ -77,11 +77,7 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   rank = ks.shape.rank
   depthwise = layer._depthwise  # pylint: disable=protected-access
   axes = list(nsconv.reduction_axes(rank, depthwise))
-  gain_shape = [1] * rank
-  if depthwise:
-    gain_shape[2], gain_shape[3] = int(ks.shape[2]), int(ks.shape[3])
-  else:
-    gain_shape[-1] = int(ks.shape[-1])
+  gain_shape = nsconv.gain_shape(ks.shape, depthwise)
   mask = tf.stop_gradient(_read(layer.mask))
   eps = tf.constant(nsconv.EPS, ks.dtype)
   gain = tf.stop_gradient(_read(layer.gain))
