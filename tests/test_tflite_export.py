@@ -256,6 +256,40 @@ def test_learning_rate_is_settable(masked_export):
   assert _checks(masked_export)['set_learning_rate applies'].ok
 
 
+def test_step_tolerance_passes_flips_within_the_reference_spread_only():
+  rng = np.random.RandomState(0)
+  before = {'w': np.zeros(1000, np.float32)}
+  ref = {'w': rng.standard_normal(1000).astype(np.float32)}
+  flipped = {'w': ref['w'].copy()}
+  flipped['w'][7] += 0.05 * np.max(np.abs(ref['w']))  # one entry 5% off: a ReLU flip
+  # Without a measured spread the fixed STEP_RTOL rejects it ...
+  alone = verify._step_mismatch(before, flipped, ref)  # pylint: disable=protected-access
+  assert not alone.ok and alone.max_rel == pytest.approx(0.05, rel=1e-3)
+  # ... a reference that itself moves one entry by 4% under a one-ulp change accepts it ...
+  rerun = {'w': ref['w'].copy()}
+  rerun['w'][300] -= 0.04 * np.max(np.abs(ref['w']))
+  with_spread = verify._step_mismatch(before, flipped, ref, [rerun])  # pylint: disable=protected-access
+  assert with_spread.ok and with_spread.max_allowed == pytest.approx(0.08, rel=1e-3)
+  assert with_spread.l2_rel < verify.STEP_RTOL
+  # ... but not a step 10% too large everywhere, whose norm is 10% off.
+  scaled = {'w': ref['w'] * 1.1}
+  wrong = verify._step_mismatch(before, scaled, ref, [rerun])  # pylint: disable=protected-access
+  assert not wrong.ok and wrong.l2_rel == pytest.approx(0.1, rel=1e-3)
+
+
+def test_verify_fails_a_step_with_the_wrong_learning_rate(monkeypatch, fedmef_export):
+  rebuild = verify._rebuild  # pylint: disable=protected-access
+
+  def off_by_ten_percent(meta):
+    return rebuild(dict(meta, learning_rate=1.1 * float(meta['learning_rate'])))
+
+  monkeypatch.setattr(verify, '_rebuild', off_by_ten_percent)
+  checks = {c.name: c for c in verify.verify(fedmef_export[0], steps=2)}
+  assert checks['dense_gradients matches TF'].ok  # the rate does not enter the gradients
+  assert not checks['train step matches TF'].ok
+  assert not checks['train step with BaE matches TF'].ok
+
+
 def test_verify_cli_exit_status(baseline_export):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   ok = subprocess.run([sys.executable, '-m', 'tflite_export.verify', baseline_export[0],
