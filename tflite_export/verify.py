@@ -297,7 +297,6 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   checks.append(Check('infer matches TF', logits.shape == ref.shape and d <= tol,
                       f'logits {tuple(logits.shape)}, max |diff| {d:.2e} (tol {tol:.2e})'))
 
-  # The reference is rerun on these batches to measure its spread ("Step tolerance").
   # Relative size of the nudge ("Step tolerance"): halved from the TFLite logits' relative
   # distance to TF's until the nudged TF model's logits are no farther from TF's than that.
   gap = d / max(1e-30, float(np.max(np.abs(ref))))
@@ -313,6 +312,7 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
     nudge /= 2
   for v, n in zip(model.variables, names):
     v.assign(w0[n])
+  # The reference is rerun on these batches (and weights) to measure its spread.
   nudge_rngs = [np.random.RandomState(seed + 1 + i) for i in range(SPREAD_DRAWS)]
   nudged = [(_nudged(x, r, nudge), r) for r in nudge_rngs]  # (batch, rng of the weights)
 
