@@ -492,3 +492,22 @@ def test_memprobe_excludes_variable_initialisation(tmp_path):
   # with the initialisation (the variable, and the init graph's own 40 MB constant fill)
   # counted, it measured well above 120 MB.
   assert 0 < peak < 100e6, peak
+
+
+def test_benchmark_target_line_compares_each_variant_at_its_best():
+  from benchmarks import tflite_memory  # pylint: disable=g-import-not-at-top
+  mib = 2**20
+  row = lambda variant, budget, peak: {'model': 'cnn', 'batch': 32, 'variant': variant,
+                                       'budget_kib': budget, 'peak_bytes': peak * mib}
+  # Equal settings flatter FedMef at 1024 KiB (25/48), but the baseline is lowest at 0 (36).
+  rows = [row('fedmef', 1024, 25), row('baseline', 1024, 48), row('fedmef', 0, 27),
+          row('baseline', 0, 36)]
+  lines = tflite_memory._ratios(rows)  # pylint: disable=protected-access
+  assert lines[0].startswith('cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.52x')
+  assert lines[1].startswith('cnn batch 32 im2col 0 KiB: fedmef/baseline 0.75x')
+  assert 'met' not in lines[0] and 'met' not in lines[1]  # no verdict at equal settings
+  assert lines[2].endswith('= 0.69x  (target fedmef <= 0.6x: NOT met)')
+  # One budget: the verdict is at those settings.
+  single = tflite_memory._ratios(rows[:2])  # pylint: disable=protected-access
+  assert single == ['cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.52x  '
+                    '(target fedmef <= 0.6x: met)']
