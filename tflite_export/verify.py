@@ -235,6 +235,12 @@ def _step_mismatch(before, got, ref, reruns: Sequence[Dict[str, np.ndarray]] = (
   return m
 
 
+def _load(model, names: Sequence[str], weights: Dict[str, np.ndarray]) -> None:
+  """Assigns `weights` (by signature name) to the TF model's variables."""
+  for v, n in zip(model.variables, names):
+    v.assign(weights[n])
+
+
 def _equal(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
   return a.keys() == b.keys() and all(
       np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
@@ -286,8 +292,7 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   if [tuple(v.shape) for v in model.variables] != [tuple(w0[n].shape) for n in names]:
     raise ValueError(f'{model_path}: variables of the rebuilt {meta["model"]}/'
                      f'{meta["variant"]} do not match the file')
-  for v, n in zip(model.variables, names):
-    v.assign(w0[n])
+  _load(model, names, w0)
 
   # 1. infer.
   logits = run['infer'](x=x)['logits']
@@ -304,22 +309,19 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   for _ in range(NUDGE_HALVINGS):
     r = np.random.RandomState(seed + 100)
     wn = _nudged_weights(w0, r, nudge)
-    for v, n in zip(model.variables, names):
-      v.assign(wn[n])
+    _load(model, names, wn)
     out = model(_nudged(x, r, nudge), training=False).numpy()
     if float(np.max(np.abs(out - ref))) <= d or nudge <= np.finfo(np.float32).eps:
       break
     nudge /= 2
-  for v, n in zip(model.variables, names):
-    v.assign(w0[n])
+  _load(model, names, w0)
   # The reference is rerun on these batches (and weights) to measure its spread.
   nudge_rngs = [np.random.RandomState(seed + 1 + i) for i in range(SPREAD_DRAWS)]
   nudged = [(_nudged(x, r, nudge), r) for r in nudge_rngs]  # (batch, rng of the weights)
 
   def tf_step(weights, batch):
     """One TF step from `weights` on `batch`: (loss, every variable after it)."""
-    for v, n in zip(model.variables, names):
-      v.assign(weights[n])
+    _load(model, names, weights)
     loss = float(module.train(tf.constant(batch), tf.constant(y))['loss'])
     return loss, {n: v.numpy() for n, v in zip(names, model.variables)}
 
@@ -328,8 +330,7 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
     from fedmef_tf import sparse_layers  # pylint: disable=import-outside-toplevel
 
     def tf_gradients(batch, weights=w0):
-      for v, n in zip(model.variables, names):
-        v.assign(weights[n])
+      _load(model, names, weights)
       g = sparse_layers.dense_kernel_gradients(
           model, tf.constant(batch), tf.constant(y),
           lambda labels, logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
@@ -339,8 +340,7 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
     g_lite = interpreter.get_signature_runner('dense_gradients')(x=x, y=y)
     g_tf = tf_gradients(x)
     reruns = [tf_gradients(xn, _nudged_weights(w0, r, nudge)) for xn, r in nudged]
-    for v, n in zip(model.variables, names):
-      v.assign(w0[n])
+    _load(model, names, w0)
     zeros = {n: np.zeros_like(g) for n, g in g_tf.items()}
     if g_lite.keys() == g_tf.keys():
       m = _step_mismatch(zeros, g_lite, g_tf, reruns)
@@ -367,8 +367,7 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   if float(meta.get('gamma', 0.0)) > 0.0:
     meta0 = dict(meta, gamma=0.0)
     model0, module0 = _rebuild(meta0)
-    for v, n in zip(model0.variables, names):
-      v.assign(w0[n])
+    _load(model0, names, w0)
     module0.train(tf.constant(x), tf.constant(y))
     w_nosap = {n: v.numpy() for n, v in zip(names, model0.variables)}
     effect = _step_mismatch(w0, w_lite, w_nosap)
@@ -407,8 +406,7 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   fall_lr, tf_losses = None, []
   for k in range(FALL_HALVINGS + 1):
     lr = min(lr0, FALL_LR) / 2 ** k
-    for v, n in zip(model.variables, names):
-      v.assign(w0[n])
+    _load(model, names, w0)
     module.set_learning_rate(tf.constant(lr, tf.float32))
     tf_losses = [float(module.train(tf.constant(x), tf.constant(y))['loss'])
                  for _ in range(steps)]
