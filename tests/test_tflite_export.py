@@ -195,6 +195,52 @@ def test_train_convolutions_run_in_batch_slices_under_a_budget(fedmef_export,
   assert meta['max_im2col_bytes'] == SLICING_KIB * 1024
 
 
+def _train_graph(path):
+  """(operators of the `train` subgraph, their builtin names, tensor index -> producing op)."""
+  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
+  names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith('_')}
+  train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
+  graph = model.subgraphs[train]
+  ops = graph.operators
+  kinds = [names.get(max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                         model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode), '?')
+           for op in ops]
+  producer = {t: k for k, op in enumerate(ops) for t in op.outputs}
+  return graph, kinds, producer
+
+
+def _ancestor_kinds(graph, kinds, producer, k):
+  seen, stack = set(), [k]
+  while stack:
+    j = stack.pop()
+    for t in graph.operators[j].inputs:
+      p = producer.get(t)
+      if p is not None and p not in seen:
+        seen.add(p)
+        stack.append(p)
+  return {kinds[j] for j in seen}
+
+
+def test_backward_rebuilds_and_forward_slices_wait_for_their_inputs(sliced_fedmef_export):
+  # The converter drops control dependencies, and the interpreter runs a node as early as its
+  # inputs allow when it partitions the graph around select-TF nodes. Without data
+  # dependencies every SAP layer's input was rebuilt (SCATTER_ND) at the start of the backward
+  # pass, and every slice of a sliced convolution was cut before the first slice's CONV_2D,
+  # all of them held at once.
+  graph, kinds, producer = _train_graph(sliced_fedmef_export[0])
+  rebuilds = [k for k, kind in enumerate(kinds) if kind == 'SCATTER_ND']
+  assert len(rebuilds) == 5  # 4 convs and the classifier
+  for k in rebuilds:  # each waits for the loss gradient (SOFTMAX of the cross-entropy's grad)
+    assert 'SOFTMAX' in _ancestor_kinds(graph, kinds, producer, k), k
+  slices = [op for op, kind in zip(graph.operators, kinds)
+            if kind == 'GATHER' and len(graph.tensors[op.outputs[0]].shape) == 4]
+  assert len(slices) > 4
+  for op in slices:  # rows computed from the previous slice's output, not constant
+    assert op.inputs[1] in producer
+
+
 def test_baseline_export_converts(baseline_export):
   interpreter = tf.lite.Interpreter(model_path=baseline_export[0])
   assert verify.read_metadata(interpreter)['variant'] == 'baseline'
@@ -205,6 +251,7 @@ def test_memprobe_measures_a_positive_train_peak(baseline_export):
   memory = memprobe.measure_train_peak(baseline_export[0])
   assert memory['train_peak'] > 0
   assert memory['idle_delta'] < memory['train_delta']
+  assert memory['steady_peak'] > 0  # a later call's peak still holds the arena
 
 
 # -- verify checks ----------------------------------------------------------------------------

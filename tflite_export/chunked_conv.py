@@ -15,7 +15,7 @@ convolutions) `fedmef_tf.sap.conv2d`, the forward convolution of every masked co
 the batch in `n` slices, one after the other, each its own CONV_2D, and concatenates the
 outputs; `n` is the smallest divisor of the batch for which one slice's im2col buffer fits in
 `max_workspace_bytes` (or the whole batch, one example per slice). The extra memory is one
-input slice and the output twice (the slices' outputs and their concatenation) instead of the
+input slice (cut only once the previous slice's output exists) and the output twice (the slices' outputs and their concatenation) instead of the
 whole im2col buffer. Each example's output is computed by the same kernel from the same numbers
 as before, so the values equal those of one CONV_2D up to the GEMM's summation order.
 
@@ -97,11 +97,15 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
     step = batch // n
     outputs = []
     for i in range(n):
-      part = xs[i * step:(i + 1) * step]
-      if outputs:
-        # Slice i waits for output i-1 (a data dependency: the converter drops control
-        # dependencies), or every slice could be cut first and all held at once.
-        part = part + 0.0 * outputs[-1][0, 0, 0, 0]
+      if not outputs:
+        part = xs[:step]
+      else:
+        # Slice i is cut only once output i-1 exists (a data dependency: the converter drops
+        # control dependencies): a GATHER of rows whose indices carry a zero computed from
+        # output i-1. A STRIDED_SLICE of `xs` has no such input; the converter cut every slice
+        # first and held them all, a second copy of the whole input.
+        rows = sap.after(tf.range(i * step, (i + 1) * step), outputs[-1], always=True)
+        part = tf.gather(xs, rows)
       outputs.append(_ORIGINAL_CONV2D(part, ws, strides, padding))
     y = tf.concat(outputs, axis=0)
 

@@ -22,10 +22,13 @@ This module's storage, used only while the TFLite graph is traced (`topk_sap()`)
 
 * keep set: `tf.math.top_k(|x|, k)` over the flattened input, `k = ceil((1 - gamma) * n)`
   (TFLite's builtin TOPK_V2, which needs O(k) extra memory);
-* stored: the `k` kept values (float32, gathered from `x`) and their flat indices (int32):
-  `8 * (1 - gamma)` bytes per input element (2.4 at gamma 0.7, against 4 for a dense copy and
-  1.325 for values plus bitmask);
-* rebuild in the backward pass: `scatter_nd(indices, values, [n])`, one layer at a time.
+* stored: the `k` kept values (float32: TOPK_V2's own values output where `x` is a ReLU
+  output, gathered from `x` otherwise) and their flat indices (int32): `8 * (1 - gamma)` bytes
+  per input element (2.4 at gamma 0.7, against 4 for a dense copy and 1.325 for values plus
+  bitmask);
+* rebuild in the backward pass: `scatter_nd(indices, values, [n])`, one layer at a time (the
+  values wait for the layer's output gradient, `fedmef_tf.sap.after`; without it the
+  converter rebuilt every layer's input at the start of the backward pass).
 
 The kept set is the same as `fedmef_tf.sap`'s (the `k` largest `|x|`); entries tied with the
 k-th largest may be chosen differently (only matters for exactly equal magnitudes; ties at
@@ -47,10 +50,12 @@ import tensorflow as tf
 from fedmef_tf import sap
 from fedmef_tf import sap_native
 
-__all__ = ['compress', 'decompress', 'known_nonnegative', 'topk_sap', 'stored_bytes_per_element']
+__all__ = ['compress', 'decompress', 'store_mask', 'load_mask', 'known_nonnegative', 'topk_sap',
+           'stored_bytes_per_element']
 
 # pylint: disable-next=protected-access
-_ORIGINAL = {'_compress': sap._compress, '_decompress': sap._decompress}
+_ORIGINAL = {'_compress': sap._compress, '_decompress': sap._decompress,
+             '_store_mask': sap._store_mask, '_load_mask': sap._load_mask}
 
 
 def stored_bytes_per_element(gamma: float) -> float:
@@ -73,9 +78,12 @@ def compress(x: tf.Tensor, gamma: float):
     return _ORIGINAL['_compress'](x, gamma)
   flat = tf.reshape(x, [-1])
   k = sap.keep_count(int(flat.shape[0]), gamma)
-  # After a ReLU |x| is x: ranking x itself saves the input-sized ABS output.
-  magnitude = flat if known_nonnegative(x) else tf.abs(flat)
-  _, indices = tf.math.top_k(magnitude, k=k, sorted=False)
+  if known_nonnegative(x):
+    # After a ReLU |x| is x: ranking x itself saves the input-sized ABS output, and the
+    # ranked values are the kept values (no GATHER, whose k-sized output would sit next to
+    # TOPK_V2's own values output at the forward pass's largest point).
+    return tf.math.top_k(flat, k=k, sorted=False)
+  _, indices = tf.math.top_k(tf.abs(flat), k=k, sorted=False)
   return tf.gather(flat, indices), indices
 
 
@@ -111,11 +119,32 @@ def decompress(values: tf.Tensor, indices: tf.Tensor, shape) -> tf.Tensor:
   return tf.reshape(tf.scatter_nd(indices[:, None], values, [n]), shape)
 
 
+def store_mask(mask: tf.Tensor):
+  """The bool pass mask of a 1-bit activation (BitReLU), kept as it is: 1 byte per element.
+
+  `fedmef_tf.sap.pack_bits` packs 8 per byte with uint64 shifts and bitwise ANDs, which TFLite
+  runs only as select-TF ops. Their outputs are TensorFlow tensors that the interpreter keeps
+  from one call to the next and plans around (every select-TF node ends a stretch of the arena
+  plan), which cost far more than the 7/8 byte per element the packing saves: the small CNN's
+  export at batch 32 measured 17.8 MiB on its first `train` call and 28.5 MiB on later ones
+  with the packed mask (see the module docstring for the bool mask's figures).
+  """
+  return mask, None
+
+
+def load_mask(stored: tf.Tensor, shape, dy: tf.Tensor) -> tf.Tensor:
+  """`store_mask`'s output (the SELECT of the ReLU gradient reads `dy` and runs late anyway)."""
+  del shape, dy
+  return stored
+
+
 @contextlib.contextmanager
 def topk_sap():
-  """Within the block, SAP ops traced by TF store their inputs with `compress` above."""
+  """Within the block, SAP ops traced by TF store their inputs with `compress` above, and
+  1-bit activations their pass mask with `store_mask`."""
   saved = {name: getattr(sap, name) for name in _ORIGINAL}
   sap._compress, sap._decompress = compress, decompress  # pylint: disable=protected-access
+  sap._store_mask, sap._load_mask = store_mask, load_mask  # pylint: disable=protected-access
   try:
     with sap_native.portable():  # TFLite has no kernels of fedmef_tf's native library
       yield

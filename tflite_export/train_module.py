@@ -49,6 +49,7 @@ from typing import Any, Dict, List
 import tensorflow as tf
 
 from fedmef_tf import masks as masks_lib
+from fedmef_tf import sap
 from fedmef_tf import sparse_layers
 from tflite_export import chunked_conv
 from tflite_export import layer_updates
@@ -71,7 +72,7 @@ def tflite_tracing(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BY
   values as the TF model's graphs."""
   sliced = (chunked_conv.bounded_im2col(max_im2col_bytes) if max_im2col_bytes > 0
             else contextlib.nullcontext())
-  with static_sap.topk_sap(), sliced:
+  with static_sap.topk_sap(), sap.data_dependencies(), sliced:
     yield
 
 
