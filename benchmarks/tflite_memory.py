@@ -14,7 +14,7 @@ process without the call; minimum over `--repeats`). The target of the project i
 most 0.6x the baseline.
 
     python -m benchmarks.tflite_memory --models=cnn,resnet18 --batch_sizes=32,64 \
-        [--max_im2col_kib=1024,0]
+        [--max_im2col_kib=1024,0] [--weight_grads=builtin,tf]
 
 Each row also shows the peak of a second `train` call in the same process over the same
 starting point (`steady_peak` of `tflite_export.memprobe`): by then the arena has its full size
@@ -44,7 +44,8 @@ TARGET_RATIO = 0.6
 def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density: float,
                   gamma: float, repeats: int, out_dir: str,
                   layer_updates: bool = True,
-                  max_im2col_kib: Sequence[int] = (1024,)) -> List[Dict[str, object]]:
+                  max_im2col_kib: Sequence[int] = (1024,),
+                  weight_grads: Sequence[str] = ('builtin',)) -> List[Dict[str, object]]:
   """Exports and measures every (model, batch, variant); returns one dict per export.
 
   Args:
@@ -60,10 +61,13 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
     max_im2col_kib: im2col budgets of one CONV_2D in an export's `train`
       (`tflite_export.chunked_conv`; 0: whole-batch convolutions); every variant is exported
       and measured under each.
+    weight_grads: weight gradients of the masked convolutions: 'builtin'
+      (`tflite_export.filter_grad`) and/or 'tf' (select-TF `Conv2DBackpropFilter`); every
+      fedmef and baseline export is made with each (tfmot's Keras layers use neither).
 
   Returns:
-    Rows with keys model, batch, variant, budget_kib, size_bytes, peak_bytes, steady_bytes,
-    density.
+    Rows with keys model, batch, variant, budget_kib, weight_grads, size_bytes, peak_bytes,
+    steady_bytes, density.
   """
   from tflite_export import export  # pylint: disable=import-outside-toplevel
   from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
@@ -73,19 +77,22 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
     variants = ['fedmef', 'baseline'] + (['tfmot'] if model == 'cnn' else [])
     for batch in batch_sizes:
       for budget in max_im2col_kib:
-        for variant in variants:
+        for grads, variant in [(g, v) for g in weight_grads for v in variants
+                               if v != 'tfmot' or g == weight_grads[0]]:
           keras_model, config = export.load_source(model=model, variant=variant,
                                                    density=density, gamma=gamma)
-          path = os.path.join(out_dir, f'{model}_{variant}_b{batch}_k{budget}.tflite')
+          path = os.path.join(out_dir, f'{model}_{variant}_b{batch}_k{budget}_{grads}.tflite')
           report = export.export_model(keras_model, config, path, batch_size=batch,
                                        measure_memory=False, layer_updates=layer_updates,
-                                       max_im2col_kib=budget)
+                                       max_im2col_kib=budget,
+                                       builtin_weight_grads=grads == 'builtin')
           memory = memprobe.measure_train_peak(path, repeats=repeats)
           rows.append({'model': model, 'batch': batch, 'variant': variant, 'budget_kib': budget,
+                       'weight_grads': grads,
                        'size_bytes': report.size_bytes, 'peak_bytes': memory['train_peak'],
                        'steady_bytes': memory['steady_peak'],
                        'density': report.global_density})
-          print(f'{model:10s} b{batch:<4d} {variant:9s} im2col {budget:5d} KiB'
+          print(f'{model:10s} b{batch:<4d} {variant:9s} im2col {budget:5d} KiB {grads:7s}'
                 f'  file {report.size_bytes / 2**20:7.2f} MiB'
                 f'  density {report.global_density:.4f}'
                 f'  train peak {memory["train_peak"] / 2**20:8.2f} MiB'
@@ -94,29 +101,37 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
 
 
 def _ratios(rows) -> List[str]:
-  """Summary lines: ratios at each budget, then best against best where budgets differ."""
+  """Summary lines: ratios at each structure (im2col budget, and weight gradients where more
+  than one kind was measured), then best against best where several structures were."""
   lines = []
   keys = sorted({(r['model'], r['batch']) for r in rows})
   for model, batch in keys:
     mine = [r for r in rows if r['model'] == model and r['batch'] == batch]
-    budgets = sorted({r['budget_kib'] for r in mine}, reverse=True)
+    kinds = sorted({r.get('weight_grads', 'builtin') for r in mine})
+    structures = sorted({(r['budget_kib'], r.get('weight_grads', 'builtin')) for r in mine},
+                        key=lambda s: (-s[0], s[1]))
     lowest = {}
-    for budget in budgets:
-      peaks = {r['variant']: r['peak_bytes'] for r in mine if r['budget_kib'] == budget}
+    for budget, grads in structures:
+      peaks = {r['variant']: r['peak_bytes'] for r in mine
+               if r['budget_kib'] == budget and r.get('weight_grads', 'builtin') == grads}
+      if 'tfmot' not in peaks:  # measured once per budget
+        peaks.update({r['variant']: r['peak_bytes'] for r in mine
+                      if r['variant'] == 'tfmot' and r['budget_kib'] == budget})
       for v, p in peaks.items():
         lowest[v] = min(lowest.get(v, float('inf')), p)
       base = peaks.get('baseline')
       if not base:
         continue
       parts = [f'{v}/baseline {peaks[v] / base:.2f}x' for v in ('fedmef', 'tfmot') if v in peaks]
-      line = f'{model} batch {batch} im2col {budget} KiB: ' + ', '.join(parts)
-      if len(budgets) == 1:
+      label = f'im2col {budget} KiB' + (f', {grads} weight grads' if len(kinds) > 1 else '')
+      line = f'{model} batch {batch} {label}: ' + ', '.join(parts)
+      if len(structures) == 1:
         ok = peaks.get('fedmef', float('inf')) <= TARGET_RATIO * base
         line += f'  (target fedmef <= {TARGET_RATIO}x: {"met" if ok else "NOT met"})'
       lines.append(line)
-    if len(budgets) > 1 and 'baseline' in lowest and 'fedmef' in lowest:
+    if len(structures) > 1 and 'baseline' in lowest and 'fedmef' in lowest:
       ratio = lowest['fedmef'] / lowest['baseline']
-      lines.append(f'{model} batch {batch} lowest of each variant over the budgets: fedmef '
+      lines.append(f'{model} batch {batch} lowest of each variant over the structures: fedmef '
                    f'{lowest["fedmef"] / 2**20:.1f} MiB / baseline '
                    f'{lowest["baseline"] / 2**20:.1f} MiB = {ratio:.2f}x  (target fedmef <= '
                    f'{TARGET_RATIO}x: {"met" if ratio <= TARGET_RATIO else "NOT met"})')
@@ -145,6 +160,10 @@ def main(argv=None) -> int:
   parser.add_argument('--plain_step', action='store_true',
                       help='export every variant with the plain train step (all gradients, then '
                            'all updates) instead of per-layer updates in the backward pass')
+  parser.add_argument('--weight_grads', default='builtin',
+                      help="conv weight gradients: 'builtin' (builtin TFLite ops), 'tf' "
+                           "(select-TF Conv2DBackpropFilter) or 'builtin,tf' (both, every "
+                           'fedmef and baseline export made with each; best against best)')
   parser.add_argument('--max_im2col_kib', default='1024',
                       help='im2col workspace per CONV_2D, KiB (0: whole batch); a comma list '
                            'measures every variant under each and compares best against best')
@@ -155,6 +174,9 @@ def main(argv=None) -> int:
     parser.error(f'--max_im2col_kib must be integers, got {args.max_im2col_kib!r}')
   if not budgets or min(budgets) < 0:
     parser.error('--max_im2col_kib must be one or more integers >= 0')
+  grads = [g.strip() for g in args.weight_grads.split(',') if g.strip()]
+  if not grads or any(g not in ('builtin', 'tf') for g in grads):
+    parser.error(f"--weight_grads must list 'builtin' and/or 'tf', got {args.weight_grads!r}")
   out_dir = args.out_dir or tempfile.mkdtemp(prefix='tflite_memory_')
   os.makedirs(out_dir, exist_ok=True)
   try:
@@ -162,13 +184,14 @@ def main(argv=None) -> int:
                          [int(b) for b in args.batch_sizes.split(',') if b],
                          density=args.density, gamma=args.gamma, repeats=args.repeats,
                          out_dir=out_dir, layer_updates=not args.plain_step,
-                         max_im2col_kib=budgets)
+                         max_im2col_kib=budgets, weight_grads=grads)
   finally:
     if not args.out_dir:
       shutil.rmtree(out_dir, ignore_errors=True)
   step = 'plain step' if args.plain_step else 'per-layer updates in the backward pass'
   print(f'density {args.density}, gamma {args.gamma}, train step: {step}, im2col budgets '
-        f'{budgets} KiB (each for all variants); peak = VmHWM delta of one train call')
+        f'{budgets} KiB, weight gradients {grads} (each for all variants); peak = VmHWM delta '
+        'of one train call')
   for line in _ratios(rows):
     print(line)
   return 0

@@ -519,6 +519,17 @@ def _tf_conv2d(x, w, strides, padding):
 conv2d = _tf_conv2d
 
 
+def _tf_conv2d_filter_grad(x, dy, w_shape, strides, padding):
+    return tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=w_shape, out_backprop=dy,
+                                           strides=strides, padding=padding)
+
+
+#: The weight gradient of those convolutions: ``(x, dy, w_shape, strides4, padding) -> dw``
+#: (``Conv2DBackpropFilter``). A TFLite export swaps in one made of builtin ops
+#: (``tflite_export.filter_grad``); nothing else changes it.
+conv2d_filter_grad = _tf_conv2d_filter_grad
+
+
 def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
     """2-D convolution whose weight gradient sees only the largest-|x| entries of its input.
 
@@ -543,8 +554,7 @@ def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
         forward=lambda x, w: conv2d(x, w, s, padding),
         input_grad=lambda dy, w, x_shape: tf.raw_ops.Conv2DBackpropInput(
             input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
-        filter_grad=lambda xp, dy, w_shape: tf.raw_ops.Conv2DBackpropFilter(
-            input=xp, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding))
+        filter_grad=lambda xp, dy, w_shape: conv2d_filter_grad(xp, dy, w_shape, s, padding))
 
 
 def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:

@@ -241,6 +241,26 @@ def test_backward_rebuilds_and_forward_slices_wait_for_their_inputs(sliced_fedme
     assert op.inputs[1] in producer
 
 
+def test_fedmef_train_graph_needs_no_select_tf_op(fedmef_export, workdir):
+  # Weight gradients from builtin ops (tflite_export.filter_grad), the ReLU mask kept as bool
+  # (static_sap.store_mask): nothing of FedMef's train step runs through the Flex delegate.
+  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  with open(fedmef_export[0], 'rb') as f:
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
+  train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
+  custom = [model.operatorCodes[op.opcodeIndex].customCode
+            for op in model.subgraphs[train].operators
+            if model.operatorCodes[op.opcodeIndex].customCode]
+  assert custom == []
+  flex = _fresh_export(workdir, 'fedmef_tfgrad', 'fedmef', '--nobuiltin_weight_grads')[0]
+  with open(flex, 'rb') as f:
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
+  train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
+  codes = {model.operatorCodes[op.opcodeIndex].customCode
+           for op in model.subgraphs[train].operators}
+  assert b'FlexConv2DBackpropFilter' in codes
+
+
 def test_baseline_export_converts(baseline_export):
   interpreter = tf.lite.Interpreter(model_path=baseline_export[0])
   assert verify.read_metadata(interpreter)['variant'] == 'baseline'
@@ -554,6 +574,14 @@ def test_benchmark_target_line_compares_each_variant_at_its_best():
   assert lines[1].startswith('cnn batch 32 im2col 0 KiB: fedmef/baseline 0.75x')
   assert 'met' not in lines[0] and 'met' not in lines[1]  # no verdict at equal settings
   assert lines[2].endswith('= 0.69x  (target fedmef <= 0.6x: NOT met)')
+  # Two kinds of weight gradient: each structure labelled, the baseline's lowest anywhere.
+  tagged = [dict(r, weight_grads='builtin') for r in rows] + [
+      dict(row('fedmef', 1024, 26), weight_grads='tf'),
+      dict(row('baseline', 1024, 30), weight_grads='tf')]
+  lines = tflite_memory._ratios(tagged)  # pylint: disable=protected-access
+  assert 'cnn batch 32 im2col 1024 KiB, tf weight grads: fedmef/baseline 0.87x' in lines
+  assert lines[-1].endswith('fedmef 25.0 MiB / baseline 30.0 MiB = 0.83x  '
+                            '(target fedmef <= 0.6x: NOT met)')
   # One budget: the verdict is at those settings.
   single = tflite_memory._ratios(rows[:2])  # pylint: disable=protected-access
   assert single == ['cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.52x  '

@@ -1,4 +1,5 @@
-"""Pieces of the TFLite train graph traced in TF: batch-sliced convolutions, SAP's ranking.
+"""Pieces of the TFLite train graph traced in TF: batch-sliced convolutions, SAP's ranking,
+the builtin-op weight gradient.
 
 `tflite_export.chunked_conv` must give `tf.nn.conv2d`'s values and gradients; the static SAP
 storage may rank `x` instead of `|x|` only where the graph shows `x` cannot be negative.
@@ -14,6 +15,7 @@ from fedmef_tf import sap
 from fedmef_tf import sap_native
 from fedmef_tf import sparse_layers
 from tflite_export import chunked_conv
+from tflite_export import filter_grad
 from tflite_export import static_sap
 
 
@@ -132,3 +134,29 @@ def test_compress_after_relu_keeps_the_largest_entries():
 
   assert not abs_ops(lambda z: static_sap.compress(tf.nn.relu(z), gamma))
   assert abs_ops(lambda z: static_sap.compress(z, gamma))  # signed input: ranked by |x|
+
+
+@pytest.mark.parametrize('size,k,stride,padding', [
+    ((9, 7), 3, 1, 'SAME'), ((9, 7), 3, 2, 'SAME'), ((8, 8), 3, 2, 'SAME'),
+    ((9, 7), 3, 2, 'VALID'), ((8, 6), 1, 2, 'SAME'), ((6, 6), 5, 1, 'SAME'),
+    ((5, 5), 5, 3, 'SAME')])
+def test_builtin_filter_grad_equals_conv2d_backprop_filter(size, k, stride, padding):
+  rng = np.random.RandomState(7)
+  x = rng.standard_normal((3, *size, 4)).astype(np.float32)
+  w_shape = [k, k, 4, 5]
+  strides = (1, stride, stride, 1)
+  y = tf.nn.conv2d(x, rng.standard_normal(w_shape).astype(np.float32), strides, padding)
+  dy = rng.standard_normal(y.shape).astype(np.float32)
+  expected = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=w_shape, out_backprop=dy,
+                                             strides=strides, padding=padding).numpy()
+  got = filter_grad.conv2d_filter_grad(x, dy, w_shape, strides, padding).numpy()
+  assert got.shape == tuple(w_shape)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_tap_range_reads_only_inside_the_input():
+  for size, out, k, stride, pad in ((9, 5, 3, 2, 1), (8, 4, 3, 2, 0), (5, 2, 5, 3, 1)):
+    for tap in range(k):
+      first, last = filter_grad.tap_range(size, out, tap, stride, pad)
+      inside = [o for o in range(out) if 0 <= o * stride + tap - pad < size]
+      assert list(range(first, last + 1)) == inside, (size, out, tap, stride, pad)

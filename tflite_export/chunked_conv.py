@@ -19,9 +19,12 @@ input slice (cut only once the previous slice's output exists) and the output tw
 whole im2col buffer. Each example's output is computed by the same kernel from the same numbers
 as before, so the values equal those of one CONV_2D up to the GEMM's summation order.
 
-The gradient is the one `tf.nn.conv2d` has (`Conv2DBackpropInput` and `Conv2DBackpropFilter`
-of the whole batch); FedMef's SAP convolutions define their own backward pass and use only the
-forward. Depthwise convolutions need no im2col and are left alone.
+The gradient is the one `tf.nn.conv2d` has, on the whole batch: `Conv2DBackpropInput`, and
+the weight gradient `fedmef_tf.sap.conv2d_filter_grad` (`Conv2DBackpropFilter`, or in a TFLite
+export the builtin-op version of `tflite_export.filter_grad`); FedMef's SAP convolutions define
+their own backward pass and use only the forward. A convolution that needs no slicing (one
+slice) is one CONV_2D with the same gradient. Depthwise convolutions need no im2col and are
+left alone.
 """
 
 from __future__ import annotations
@@ -87,8 +90,6 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
   batch = int(x.shape[0])
   n = slice_count(batch, im2col_bytes(x.shape.as_list(), w.shape.as_list(), strides, padding),
                   max_workspace_bytes)
-  if n == 1:
-    return _ORIGINAL_CONV2D(x, w, strides, padding)
   x_shape, w_shape = x.shape.as_list(), w.shape.as_list()
 
   @tf.custom_gradient
@@ -112,8 +113,7 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
     def grad(dy):
       dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=x_shape, filter=ws, out_backprop=dy,
                                           strides=strides, padding=padding)
-      dw = tf.raw_ops.Conv2DBackpropFilter(input=xs, filter_sizes=w_shape, out_backprop=dy,
-                                           strides=strides, padding=padding)
+      dw = sap.conv2d_filter_grad(xs, dy, w_shape, strides, padding)
       return dx, dw
 
     return y, grad

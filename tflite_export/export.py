@@ -22,7 +22,9 @@ the device with `set_learning_rate(lr)` (e.g. each round's eta_t), saved in chec
 Memory layout of `train` (both masked variants alike): each masked kernel is updated inside its
 own backward pass (`tflite_export.layer_updates`; `--nolayer_updates`: the plain step), and each
 masked convolution runs its batch in slices whose im2col workspace fits in `--max_im2col_kib`
-(`tflite_export.chunked_conv`; 0: whole batch).
+(`tflite_export.chunked_conv`; 0: whole batch); the convolutions' weight gradients are made
+of builtin ops (`tflite_export.filter_grad`; `--nobuiltin_weight_grads`: the select-TF
+`Conv2DBackpropFilter`).
 
 It prints the file size, the density of each prunable kernel and the measured peak memory of
 one on-device `train` call (`tflite_export.memprobe`). The file is written to a temporary name
@@ -199,7 +201,7 @@ def convert(module) -> bytes:
   tmp = tempfile.mkdtemp(prefix='fedmef_tflite_')
   try:
     # Saving may trace the module's functions again: keep the on-device SAP storage in force.
-    with train_module.tflite_tracing(module.max_im2col_bytes):
+    with train_module.tflite_tracing(module.max_im2col_bytes, module.builtin_weight_grads):
       signatures = module.signatures(for_tflite=True)
       # Gradients are already in the signatures: do not re-trace custom gradients for the file.
       options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
@@ -232,7 +234,8 @@ def _check_output(output: str) -> str:
 def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size: int = 32,
                  learning_rate: float = 0.1, measure_memory: bool = True,
                  layer_updates: bool = True,
-                 max_im2col_kib: int = DEFAULT_MAX_IM2COL_KIB) -> ExportReport:
+                 max_im2col_kib: int = DEFAULT_MAX_IM2COL_KIB,
+                 builtin_weight_grads: bool = True) -> ExportReport:
   """Converts `keras_model` and writes it atomically to `output`.
 
   Args:
@@ -247,6 +250,9 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
       all updates), kept for comparison.
     max_im2col_kib: run masked convolutions of `train` in batch slices whose im2col buffer
       fits in this many KiB (`tflite_export.chunked_conv`); 0: one CONV_2D per convolution.
+    builtin_weight_grads: compute the weight gradients of masked convolutions in `train`
+      from builtin ops (`tflite_export.filter_grad`, the default); False: the select-TF
+      `Conv2DBackpropFilter`.
 
   Returns:
     An `ExportReport`.
@@ -270,7 +276,8 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
   module = train_module.TrainModule(keras_model, batch_size=int(batch_size),
                                     learning_rate=float(learning_rate), metadata=metadata,
                                     layer_updates=layer_updates,
-                                    max_im2col_bytes=int(max_im2col_kib) * 1024)
+                                    max_im2col_bytes=int(max_im2col_kib) * 1024,
+                                    builtin_weight_grads=builtin_weight_grads)
   try:
     flatbuffer = convert(module)
   except Exception as e:  # pylint: disable=broad-except
@@ -349,7 +356,10 @@ def _flags():
        'update each masked kernel inside its backward pass (--nolayer_updates: plain step)'),
       (flags.DEFINE_integer, 'max_im2col_kib', DEFAULT_MAX_IM2COL_KIB,
        'im2col workspace per CONV_2D of train, KiB: convolutions run in batch slices that fit '
-       '(0: whole batch)')):
+       '(0: whole batch)'),
+      (flags.DEFINE_bool, 'builtin_weight_grads', True,
+       'conv weight gradients of train from builtin ops (--nobuiltin_weight_grads: the '
+       'select-TF Conv2DBackpropFilter)')):
     define(name, default, help_text, flag_values=fv)
   return fv
 
@@ -379,7 +389,8 @@ def run(argv: Sequence[str]) -> int:
         input_shape=_parse_shape(fl.input_shape), seed=fl.seed)
     report = export_model(keras_model, config, fl.output, batch_size=fl.batch_size,
                           learning_rate=fl.learning_rate, measure_memory=fl.measure_memory,
-                          layer_updates=fl.layer_updates, max_im2col_kib=fl.max_im2col_kib)
+                          layer_updates=fl.layer_updates, max_im2col_kib=fl.max_im2col_kib,
+                          builtin_weight_grads=fl.builtin_weight_grads)
   except (ExportError, OSError, ValueError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     print(f'error: {first}', file=sys.stderr)

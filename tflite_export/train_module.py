@@ -52,6 +52,7 @@ from fedmef_tf import masks as masks_lib
 from fedmef_tf import sap
 from fedmef_tf import sparse_layers
 from tflite_export import chunked_conv
+from tflite_export import filter_grad
 from tflite_export import layer_updates
 from tflite_export import static_sap
 
@@ -64,15 +65,25 @@ _SIGNATURES = ('train', 'infer', 'set_learning_rate', 'get_weights', 'set_weight
                'restore', 'metadata')
 
 
+#: The im2col budget that slices no convolution (`max_im2col_bytes=0`).
+_UNBOUNDED = 1 << 62
+
+
 @contextlib.contextmanager
-def tflite_tracing(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES):
+def tflite_tracing(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
+                   builtin_weight_grads: bool = True):
   """How the graphs of a TFLite file are traced: SAP with static-shape storage
-  (`tflite_export.static_sap`) and, if `max_im2col_bytes > 0`, masked conv forwards in batch
-  slices with at most that much im2col workspace each (`tflite_export.chunked_conv`). Same
-  values as the TF model's graphs."""
-  sliced = (chunked_conv.bounded_im2col(max_im2col_bytes) if max_im2col_bytes > 0
-            else contextlib.nullcontext())
-  with static_sap.topk_sap(), sap.data_dependencies(), sliced:
+  (`tflite_export.static_sap`), the backward order carried by data dependencies
+  (`fedmef_tf.sap.data_dependencies`), masked conv forwards in batch slices with at most
+  `max_im2col_bytes` of im2col workspace each (`tflite_export.chunked_conv`; 0: whole batch)
+  and, if `builtin_weight_grads`, their weight gradients from builtin ops
+  (`tflite_export.filter_grad`; else the select-TF `Conv2DBackpropFilter`). Same values as the
+  TF model's graphs."""
+  budget = max_im2col_bytes if max_im2col_bytes > 0 else _UNBOUNDED
+  grads = (filter_grad.builtin_filter_grads() if builtin_weight_grads
+           else contextlib.nullcontext())
+  with static_sap.topk_sap(), sap.data_dependencies(), grads, \
+      chunked_conv.bounded_im2col(budget):
     yield
 
 
@@ -117,11 +128,15 @@ class TrainModule(tf.Module):
       (`tflite_export.layer_updates`); False: the plain step (gradients, then all updates).
     max_im2col_bytes: in the TFLite graph, run masked convolutions in batch slices whose im2col
       buffer fits in this many bytes (`tflite_export.chunked_conv`); 0: one CONV_2D each.
+    builtin_weight_grads: in the TFLite graph, compute the weight gradients of masked
+      convolutions from builtin ops (`tflite_export.filter_grad`); False: the select-TF
+      `Conv2DBackpropFilter`.
   """
 
   def __init__(self, model: tf.keras.Model, *, batch_size: int, learning_rate: float,
                metadata: Dict[str, Any], layer_updates: bool = True,
-               max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES):
+               max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
+               builtin_weight_grads: bool = True):
     super().__init__(name='fedmef_train_module')
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
@@ -139,6 +154,7 @@ class TrainModule(tf.Module):
     if int(max_im2col_bytes) < 0:
       raise ValueError(f'max_im2col_bytes must be >= 0, got {max_im2col_bytes}')
     self.max_im2col_bytes = int(max_im2col_bytes)
+    self.builtin_weight_grads = bool(builtin_weight_grads)
     by_ref = {v.ref(): n for n, v in zip(self.names, self._vars)}
     #: Output names of `dense_gradients`: `grad_<kernel weight name>`, prunable layer order.
     self.gradient_names = ['grad_' + by_ref[layer.kernel.ref()]
@@ -149,6 +165,7 @@ class TrainModule(tf.Module):
                  'learning_rate': float(learning_rate),
                  'layer_updates': self.layer_updates,
                  'max_im2col_bytes': self.max_im2col_bytes,
+                 'builtin_weight_grads': self.builtin_weight_grads,
                  'signatures': list(self.signature_names())})
     self.metadata_json = json.dumps(meta, sort_keys=True)
     self._build_functions()
@@ -250,7 +267,7 @@ class TrainModule(tf.Module):
         `tflite_export.static_sap` (top-k values and int32 indices, static shapes); False
         traces `fedmef_tf.sap` as it is (the TF reference of `tflite_export.verify`).
     """
-    context = (tflite_tracing(self.max_im2col_bytes) if for_tflite
+    context = (tflite_tracing(self.max_im2col_bytes, self.builtin_weight_grads) if for_tflite
                else contextlib.nullcontext())
     self._tracing_tflite = bool(for_tflite)
     try:
