@@ -23,7 +23,8 @@ The gradient is the one `tf.nn.conv2d` has, on the whole batch: `Conv2DBackpropI
 the weight gradient `fedmef_tf.sap.conv2d_filter_grad` (`Conv2DBackpropFilter`, or in a TFLite
 export the builtin-op version of `tflite_export.filter_grad`); FedMef's SAP convolutions define
 their own backward pass and use only the forward. A convolution that needs no slicing (one
-slice) is one CONV_2D with the same gradient. Depthwise convolutions need no im2col and are
+slice) is one CONV_2D, with this gradient where the weight gradient is swapped and with
+`tf.nn.conv2d`'s registered one otherwise (exactly the graph of an export without slicing). Depthwise convolutions need no im2col and are
 left alone.
 """
 
@@ -90,6 +91,8 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
   batch = int(x.shape[0])
   n = slice_count(batch, im2col_bytes(x.shape.as_list(), w.shape.as_list(), strides, padding),
                   max_workspace_bytes)
+  if n == 1 and sap.conv2d_filter_grad is sap._tf_conv2d_filter_grad:  # pylint: disable=protected-access
+    return _ORIGINAL_CONV2D(x, w, strides, padding)  # one CONV_2D, tf.nn.conv2d's own gradient
   x_shape, w_shape = x.shape.as_list(), w.shape.as_list()
 
   @tf.custom_gradient
