@@ -102,6 +102,7 @@ __all__ = [
     "bytes_per_element",
     "data_dependencies",
     "after",
+    "late_kernel",
 ]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -152,6 +153,24 @@ def after(t: tf.Tensor, dep: tf.Tensor, *, always: bool = False) -> tf.Tensor:
         return t
     first = tf.reshape(tf.slice(tf.reshape(dep, [-1]), [0], [1]), [])
     return t + tf.cast(tf.greater(first, first), t.dtype)
+
+
+_LATE_KERNEL = [None]
+
+
+def late_kernel(w: tf.Tensor, recompute, call):
+    """Returns ``call()``, during which a SAP op applied to the kernel tensor ``w`` takes the
+    kernel of its input gradient from ``recompute(dw)`` (the same values, made after the
+    weight gradient ``dw``) instead of keeping ``w`` from the forward pass.
+
+    For graphs in which the kernel is cheaper to recompute than to keep (TFLite export:
+    ``tflite_export.layer_updates`` recomputes NSConv's ``W_hat`` from ``kernel * mask``).
+    """
+    _LATE_KERNEL.append((w, recompute))
+    try:
+        return call()
+    finally:
+        _LATE_KERNEL.pop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +499,8 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
     then is ``dx`` computed, so that no two layers hold a rebuilt input at the same time.
     """
     x = tf.convert_to_tensor(x, tf.float32)
+    late = _LATE_KERNEL[-1]
+    recompute = late[1] if late is not None and late[0] is w else None
     w = tf.convert_to_tensor(w, tf.float32)
 
     @tf.custom_gradient
@@ -496,7 +517,9 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
             dw = filter_grad(x_pruned, dy, w_shape)
             with tf.control_dependencies([dw]):
                 # The copy that carries the dependency: the smaller of w and dy.
-                if ws.shape.num_elements() is not None and dy.shape.num_elements() is not None \
+                if recompute is not None:
+                    dx = input_grad(dy, recompute(dw), x_shape)
+                elif ws.shape.num_elements() is not None and dy.shape.num_elements() is not None \
                         and ws.shape.num_elements() <= dy.shape.num_elements():
                     dx = input_grad(dy, after(ws, dw), x_shape)
                 else:

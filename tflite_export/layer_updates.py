@@ -49,6 +49,7 @@ from typing import List
 import tensorflow as tf
 
 from fedmef_tf import nsconv
+from fedmef_tf import sap
 from fedmef_tf import sparse_layers
 
 __all__ = ['in_backward_updates']
@@ -58,19 +59,40 @@ def _read(v) -> tf.Tensor:
   return tf.convert_to_tensor(v)
 
 
+def _late_scalar_one(dep: tf.Tensor) -> tf.Tensor:
+  """1.0, computed from `dep` (so that what uses it runs after `dep`)."""
+  return sap.after(tf.constant(1.0, tf.float32), dep, always=True)
+
+
+def _keep_for_backward(slot: dict, layer, w: tf.Tensor, mask: tf.Tensor) -> None:
+  """What the backward pass of a layer keeps of its kernel: `w = kernel * mask` (float) and
+  the mask and the BaE marked set as bool (1 byte per entry each)."""
+  slot.update(layer=layer, w=w, mask_b=tf.not_equal(mask, 0.0),
+              marked_b=tf.not_equal(_read(layer.marked), 0.0))
+
+
+def _late_masks(slot: dict, dep: tf.Tensor):
+  """The float mask and marked set back from their bools, computed after `dep`."""
+  one = _late_scalar_one(dep)
+  return (tf.where(slot['mask_b'], one, 0.0), tf.where(slot['marked_b'], one, 0.0))
+
+
 def _plain_kernel(layer, slot: dict) -> tf.Tensor:
   """`kernel * mask`, no gradient; `slot` gets what `_update` needs."""
   # Not stop_gradient: the tape must see the kernel behind `_joint`, or it never calls its
   # gradient where the layer's input needs none (the stem). No gradient flows past `_joint`.
   ks = _read(layer.kernel)
   mask = tf.stop_gradient(_read(layer.mask))
-  slot.update(layer=layer, ks=ks, mask=mask, normalize=False)
-  return ks * mask
+  w = ks * mask
+  _keep_for_backward(slot, layer, w, mask)
+  slot.update(normalize=False)
+  return w
 
 
 def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   """NSConv `W_hat` (as `fedmef_tf.sparse_layers.masked_standardized_kernel`), no gradient;
-  `slot` gets the forward tensors that `_update` needs (per-channel ones, and W_hat)."""
+  `slot` gets the forward tensors that `_update` needs (per-channel ones, `kernel * mask` and
+  the bool masks), and `late_w_hat`, which recomputes `W_hat` from them in the backward pass."""
   # Not stop_gradient: the tape must see the kernel behind `_joint`, or it never calls its
   # gradient where the layer's input needs none (the stem). No gradient flows past `_joint`.
   ks = _read(layer.kernel)
@@ -84,7 +106,8 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   if layer.act_gain != 1.0:
     gain = gain * layer.act_gain
   w = ks * mask
-  centred = w - tf.reduce_mean(w, axis=axes, keepdims=True)
+  mean = tf.reduce_mean(w, axis=axes, keepdims=True)  # per channel
+  centred = w - mean
   sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)  # per channel
   inv = tf.math.rsqrt(tf.maximum(sum_sq, eps))
   gb = tf.reshape(gain, gain_shape)
@@ -94,9 +117,22 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   mean_c = tf.reduce_mean(centred, axis=axes, keepdims=True)  # 0 up to rounding
   nonzero = tf.not_equal(scale, 0.0)
   inv_scale = tf.where(nonzero, 1.0 / tf.where(nonzero, scale, 1.0), 0.0)
-  slot.update(layer=layer, ks=ks, mask=mask, normalize=True, axes=axes, eps=eps,
-              sum_sq=sum_sq, inv=inv, gb=gb, scale=scale, w_hat=w_hat, mean_c=mean_c,
-              inv_scale=inv_scale)
+  _keep_for_backward(slot, layer, w, mask)
+  slot.update(normalize=True, axes=axes, eps=eps, sum_sq=sum_sq, inv=inv, gb=gb, scale=scale,
+              mean=mean, mean_c=mean_c, inv_scale=inv_scale)
+
+  def late_w_hat(dep, keep: bool = True):
+    """`W_hat` again, the same operations on the same kept tensors (`w + 0` is `w`), made
+    after `dep`; with `keep`, the first such result is reused by later calls."""
+    if keep and 'w_hat' in slot:
+      return slot['w_hat']
+    mask_f, _ = _late_masks(slot, dep)
+    value = (sap.after(w, dep, always=True) - mean) * scale * mask_f
+    if keep:
+      slot['w_hat'] = value
+    return value
+
+  slot['late_w_hat'] = late_w_hat
   return w_hat
 
 
@@ -105,15 +141,15 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
 
   Returns a scalar that exists only once the new kernel does: its first entry.
   """
-  layer, ks, mask = slot['layer'], slot['ks'], slot['mask']
-  marked = _read(layer.marked)
+  layer, w = slot['layer'], slot['w']
   two_lambda = 2.0 * _read(layer.bae_lambda)
   rate = _read(lr)
   # Every kernel-sized tensor below has an input computed from `upstream`: one computed from
-  # variables alone (e.g. the BaE term `2 lambda kernel * marked`) would be scheduled by the
-  # converter in the forward pass and held until here, for every layer at once.
-  zero = 0.0 * tf.reshape(tf.slice(tf.reshape(upstream, [-1]), [0], [1]), [])
-  bae = (ks * (two_lambda + zero)) * marked
+  # forward tensors alone (e.g. the BaE term) would be scheduled by the converter in the
+  # forward pass and held until here, for every layer at once.
+  mask, marked = _late_masks(slot, upstream)
+  # On the active entries `w` is the kernel itself; elsewhere the update multiplies by 0.
+  bae = (w * marked) * two_lambda  # `w * two_lambda` first would run (and wait) in the forward
   u = upstream * mask
   if not slot['normalize']:
     d_k = u + bae
@@ -122,7 +158,7 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
                                          ('axes', 'eps', 'sum_sq', 'inv', 'gb', 'scale'))
     # The centred kernel on the active entries is `w_hat * inv_scale` (per-channel factor), so
     # sum(u * centred) and the centred-kernel term of dL/dcentred come from w_hat directly.
-    w_hat, inv_scale = slot['w_hat'], slot['inv_scale']
+    w_hat, inv_scale = slot['late_w_hat'](upstream), slot['inv_scale']
     d_scale = tf.reduce_sum(u * w_hat, axis=axes, keepdims=True) * inv_scale  # dL/ds
     d_gain = d_scale * inv
     d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gb * inv * inv * inv,
@@ -134,7 +170,7 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
     d_k = (d_centred - mean_d) * mask + bae
     d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
     layer.gain.assign_sub(rate * d_gain_var)
-  new_kernel = (ks - rate * d_k) * mask
+  new_kernel = (w - rate * d_k) * mask
   layer.kernel.assign(new_kernel)
   # Taken from the assigned value, not from a read of the variable: a read has no data input,
   # and the interpreter's partitioning runs it whenever it likes, so it orders nothing.
@@ -150,7 +186,7 @@ def _joint(x: tf.Tensor, w: tf.Tensor, slot: dict, lr: tf.Variable):
   def _identity(xx, ww):
     def grad(dx, dw):
       if dw is None:  # no gradient reaches the kernel: keep the mask enforced all the same
-        slot['layer'].kernel.assign(slot['ks'] * slot['mask'])
+        slot['layer'].kernel.assign(slot['w'])
         return dx, None
       done = _update(slot, dw, lr)
       return (None if dx is None else dx + 0.0 * done), None
@@ -180,7 +216,7 @@ def in_backward_updates(lr: tf.Variable, updated: List[tf.Variable]):
     if layer._probe is not None:  # pylint: disable=protected-access
       return original_kernel(layer)
     slot = slots.setdefault(id(layer), {})
-    if 'ks' in slot:
+    if 'w' in slot:
       raise ValueError(f'{layer.name}: a masked layer called twice in one train step is not '
                        'supported by tflite_export.layer_updates (use layer_updates=False)')
     updated.append(layer.kernel)
@@ -192,8 +228,17 @@ def in_backward_updates(lr: tf.Variable, updated: List[tf.Variable]):
   def make_apply(c):
     def _apply_op(layer, inputs, w, use_sap):
       slot = slots.get(id(layer))
-      if slot is not None and 'ks' in slot:
-        inputs, w = _joint(tf.convert_to_tensor(inputs), w, slot, lr)
+      if slot is not None and 'w' in slot:
+        inputs = tf.convert_to_tensor(inputs)
+        if 'late_w_hat' in slot:
+          # W_hat once more, made only once the layer's input exists: the one from
+          # `effective_kernel` (then unused, dropped by the converter) would be made with every
+          # other layer's at the start of the step and held until this layer runs.
+          w = slot['late_w_hat'](inputs, keep=False)
+        inputs, w = _joint(inputs, w, slot, lr)
+        if 'late_w_hat' in slot:  # the layer's SAP op recomputes W_hat for its input gradient
+          return sap.late_kernel(w, slot['late_w_hat'],
+                                 lambda: original_apply[c](layer, inputs, w, use_sap))
       return original_apply[c](layer, inputs, w, use_sap)
     return _apply_op
 
