@@ -139,7 +139,7 @@ def test_compress_after_relu_keeps_the_largest_entries():
 @pytest.mark.parametrize('size,k,stride,padding', [
     ((9, 7), 3, 1, 'SAME'), ((9, 7), 3, 2, 'SAME'), ((8, 8), 3, 2, 'SAME'),
     ((9, 7), 3, 2, 'VALID'), ((8, 6), 1, 2, 'SAME'), ((6, 6), 5, 1, 'SAME'),
-    ((5, 5), 5, 3, 'SAME')])
+    ((5, 5), 5, 3, 'SAME'), ((6, 5), 1, 1, 'VALID')])
 def test_builtin_filter_grad_equals_conv2d_backprop_filter(size, k, stride, padding):
   rng = np.random.RandomState(7)
   x = rng.standard_normal((3, *size, 4)).astype(np.float32)

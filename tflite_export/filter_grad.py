@@ -88,6 +88,10 @@ def conv2d_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
       if r0 > r1 or c0 > c1:  # the tap reads only padding
         taps.append(tf.zeros([c_out, c_in], tf.float32))
         continue
+      if (k_h, k_w, s_h, s_w) == (1, 1, 1, 1):  # the one tap reads x as it is: no cut
+        per_example = tf.matmul(dy_t, tf.reshape(x, [batch, h_out * w_out, c_in]))
+        taps.append(tf.reduce_sum(per_example, axis=0))
+        continue
       rows = sap.after(tf.range(r0 * s_h + i - p_t, r1 * s_h + i - p_t + 1, s_h), previous,
                        always=True)
       col_start = c0 * s_w + j - p_l

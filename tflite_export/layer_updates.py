@@ -29,6 +29,20 @@ FedMef and the baseline variant), every masked layer
   the backward pass can run before the new kernel is computed: each layer's gradient buffers
   die with its update, and full-model gradients never coexist.
 
+What a layer keeps from its forward pass for its backward pass, kernel-sized: `w = kernel *
+mask` (float) and the mask and the BaE marked set as bool (1 byte per entry each), 6 bytes per
+entry where the plain reads kept 16 (kernel, mask, marked set and the effective kernel, all
+float: four copies of every kernel alive through the whole step, 172 MiB for ResNet18). This
+takes masks and marked sets to be 0/1 (as everywhere in FedMef): the backward pass turns the
+bools back into 1.0 / 0.0, and uses `w` where the plain step uses the kernel (the same numbers
+on the active entries; the update multiplies the rest by 0). Everything kernel-sized that the
+backward pass makes from these (the float masks, the BaE term, NSConv's `W_hat`) takes an input
+computed from the layer's gradient (`fedmef_tf.sap.after`), or the converter would make it in
+the forward pass and hold it. NSConv's `W_hat` is not kept at all: it is made from `w` and
+per-channel tensors right before the layer's forward op (its input carried as a dependency) and
+again, after the weight gradient, for the input gradient (`fedmef_tf.sap.late_kernel`) and the
+update, with the same operations on the same numbers.
+
 Biases and BatchNorm parameters are updated by the caller after `tape.gradient`, as before.
 The values are those of the plain step: the kernel is read once in the forward pass and
 nothing else writes it during the step. The NSConv backward pass uses `W_hat` (which the input
