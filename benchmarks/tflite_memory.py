@@ -22,9 +22,11 @@ starting point (`steady_peak` of `tflite_export.memprobe`): by then the arena ha
 pages that the select-TF kernels' allocator touches anew.
 
 Prints one row per export and, per (model, batch), the FedMef / baseline ratio at each
-im2col budget (equal settings), and, where several budgets were measured, FedMef's lowest
-peak against the baseline's lowest: each variant at its own best structure. The target line
-uses that best-against-best ratio where there is one.
+structure (im2col budget, and kind of conv weight gradient where both were measured: equal
+settings), and, where several structures were measured, FedMef's lowest peak against the
+baseline's lowest: each variant at its own best structure. The target line uses that
+best-against-best ratio where there is one; a last line does the same for later calls
+(informative: the target is stated for one call in a fresh process).
 """
 
 from __future__ import annotations
