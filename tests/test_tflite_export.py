@@ -115,14 +115,8 @@ def masked_export(request):
 
 
 def _train_ops(path, op_name):
-  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
-  with open(path, 'rb') as f:
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
-  code = getattr(schema.BuiltinOperator, op_name)
-  train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
-  return sum(1 for op in model.subgraphs[train].operators
-             if max(model.operatorCodes[op.opcodeIndex].builtinCode,
-                    model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == code)
+  """How many operators of the `train` subgraph are `op_name`."""
+  return _train_graph(path)[1].count(op_name)
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -196,18 +190,18 @@ def test_train_convolutions_run_in_batch_slices_under_a_budget(fedmef_export,
 
 
 def _train_graph(path):
-  """(operators of the `train` subgraph, their builtin names, tensor index -> producing op)."""
+  """(the `train` subgraph, its operators' names: builtin names, custom codes for custom ops
+  such as `FlexConv2DBackpropFilter`, and tensor index -> producing operator index)."""
   from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
   with open(path, 'rb') as f:
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
   names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith('_')}
   train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
   graph = model.subgraphs[train]
-  ops = graph.operators
-  kinds = [names.get(max(model.operatorCodes[op.opcodeIndex].builtinCode,
-                         model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode), '?')
-           for op in ops]
-  producer = {t: k for k, op in enumerate(ops) for t in op.outputs}
+  codes = [model.operatorCodes[op.opcodeIndex] for op in graph.operators]
+  kinds = [c.customCode.decode() if c.customCode
+           else names.get(max(c.builtinCode, c.deprecatedBuiltinCode), '?') for c in codes]
+  producer = {t: k for k, op in enumerate(graph.operators) for t in op.outputs}
   return graph, kinds, producer
 
 
@@ -244,21 +238,9 @@ def test_backward_rebuilds_and_forward_slices_wait_for_their_inputs(sliced_fedme
 def test_fedmef_train_graph_needs_no_select_tf_op(fedmef_export, workdir):
   # Weight gradients from builtin ops (tflite_export.filter_grad), the ReLU mask kept as bool
   # (static_sap.store_mask): nothing of FedMef's train step runs through the Flex delegate.
-  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
-  with open(fedmef_export[0], 'rb') as f:
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
-  train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
-  custom = [model.operatorCodes[op.opcodeIndex].customCode
-            for op in model.subgraphs[train].operators
-            if model.operatorCodes[op.opcodeIndex].customCode]
-  assert custom == []
+  assert [k for k in _train_graph(fedmef_export[0])[1] if k.startswith('Flex')] == []
   flex = _fresh_export(workdir, 'fedmef_tfgrad', 'fedmef', '--nobuiltin_weight_grads')[0]
-  with open(flex, 'rb') as f:
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
-  train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
-  codes = {model.operatorCodes[op.opcodeIndex].customCode
-           for op in model.subgraphs[train].operators}
-  assert b'FlexConv2DBackpropFilter' in codes
+  assert 'FlexConv2DBackpropFilter' in _train_graph(flex)[1]
 
 
 def test_baseline_export_converts(baseline_export):

@@ -24,10 +24,10 @@ FedMef and the baseline variant), every masked layer
 
       kernel <- (kernel - lr * dL/dkernel) * mask,    gain <- gain - lr * dL/dgain,
 
-  and returns `dx + 0 * new_kernel[0]` (`new_kernel` the assigned value, not a read of the
-  variable: a read has no data input, so it orders nothing), so that nothing of the rest of
-  the backward pass can run before the new kernel is computed: each layer's gradient buffers
-  die with its update, and full-model gradients never coexist.
+  and returns `dx` plus a zero computed from `new_kernel` (`fedmef_tf.sap.after`; the assigned
+  value, not a read of the variable: a read has no data input, so it orders nothing), so that
+  nothing of the rest of the backward pass can run before the new kernel is computed: each
+  layer's gradient buffers die with its update, and full-model gradients never coexist.
 
 What a layer keeps from its forward pass for its backward pass, kernel-sized: `w = kernel *
 mask` (float) and the mask and the BaE marked set as bool (1 byte per entry each), 6 bytes per
@@ -153,7 +153,7 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
 def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
   """SGD step of the layer's kernel (and NSConv gain) from `upstream = dL/dW_eff`.
 
-  Returns a scalar that exists only once the new kernel does: its first entry.
+  Returns the new kernel (the assigned value).
   """
   layer, w = slot['layer'], slot['w']
   two_lambda = 2.0 * _read(layer.bae_lambda)
@@ -186,15 +186,14 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
     layer.gain.assign_sub(rate * d_gain_var)
   new_kernel = (w - rate * d_k) * mask
   layer.kernel.assign(new_kernel)
-  # Taken from the assigned value, not from a read of the variable: a read has no data input,
-  # and the interpreter's partitioning runs it whenever it likes, so it orders nothing.
-  return tf.reshape(tf.slice(tf.reshape(new_kernel, [-1]), [0], [1]), [])
+  return new_kernel
 
 
 def _joint(x: tf.Tensor, w: tf.Tensor, slot: dict, lr: tf.Variable):
   """Identity on `(x, w)` (the layer op's input and kernel) whose gradient applies the kernel
-  update and makes the input gradient wait for it (`dx + 0 * done`): the rest of the backward
-  pass cannot run before this layer's update, nor can its buffers outlive it."""
+  update and makes the input gradient wait for it (`sap.after(dx, new_kernel)`: the assigned
+  value, not a read of the variable, which has no data input and orders nothing): the rest of
+  the backward pass cannot run before this layer's update, nor can its buffers outlive it."""
 
   @tf.custom_gradient
   def _identity(xx, ww):
@@ -202,8 +201,8 @@ def _joint(x: tf.Tensor, w: tf.Tensor, slot: dict, lr: tf.Variable):
       if dw is None:  # no gradient reaches the kernel: keep the mask enforced all the same
         slot['layer'].kernel.assign(slot['w'])
         return dx, None
-      done = _update(slot, dw, lr)
-      return (None if dx is None else dx + 0.0 * done), None
+      new_kernel = _update(slot, dw, lr)
+      return (None if dx is None else sap.after(dx, new_kernel, always=True)), None
 
     return (tf.identity(xx), tf.identity(ww)), grad
 
