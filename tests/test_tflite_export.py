@@ -421,6 +421,18 @@ def test_saved_model_with_unknown_name(tmp_path):
   assert not out.exists()
 
 
+def test_model_with_a_mask_that_is_not_binary(tmp_path):
+  # The on-device step keeps masks as bools (tflite_export.layer_updates): refused, one line.
+  model = models.build_model('cnn', 'fedmef', input_shape=INPUT_SHAPE, density=DENSITY, seed=1)
+  layer = [l for l in model.submodules if getattr(l, 'mask', None) is not None][1]
+  layer.mask.assign(layer.mask * 0.5)
+  out = tmp_path / 'm.tflite'
+  with pytest.raises(export.ExportError, match='must be 0 or 1'):
+    export.export_model(model, {'model': 'cnn', 'variant': 'fedmef'}, str(out),
+                        batch_size=BATCH, measure_memory=False)
+  assert not out.exists()
+
+
 def test_unwritable_output(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')

@@ -231,6 +231,21 @@ def _check_output(output: str) -> str:
   return output
 
 
+def _check_binary_masks(keras_model) -> None:
+  """The per-layer updates of `train` keep masks and BaE marked sets as bools
+  (`tflite_export.layer_updates`): a model whose masks are not 0/1 would train otherwise on the
+  device than in TF, so it is refused."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  for layer in keras_model.submodules:
+    for attr in ('mask', 'marked'):
+      v = getattr(layer, attr, None)
+      if isinstance(v, tf.Variable):
+        values = v.numpy()
+        if not np.all((values == 0.0) | (values == 1.0)):
+          raise ExportError(f'{v.name}: {attr} entries must be 0 or 1 for the on-device step '
+                            '(--nolayer_updates exports any values)')
+
+
 def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size: int = 32,
                  learning_rate: float = 0.1, measure_memory: bool = True,
                  layer_updates: bool = True,
@@ -271,6 +286,8 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     raise ExportError(f'--learning_rate must be > 0, got {learning_rate}')
   if int(max_im2col_kib) < 0:
     raise ExportError(f'--max_im2col_kib must be >= 0, got {max_im2col_kib}')
+  if layer_updates:
+    _check_binary_masks(keras_model)
   metadata = dict(config)
   metadata['sap_storage'] = 'topk_values_int32_indices'
   module = train_module.TrainModule(keras_model, batch_size=int(batch_size),
