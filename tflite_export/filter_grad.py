@@ -88,16 +88,15 @@ def conv2d_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
       if r0 > r1 or c0 > c1:  # the tap reads only padding
         taps.append(tf.zeros([c_out, c_in], tf.float32))
         continue
-      if (k_h, k_w, s_h, s_w) == (1, 1, 1, 1):  # the one tap reads x as it is: no cut
-        per_example = tf.matmul(dy_t, tf.reshape(x, [batch, h_out * w_out, c_in]))
-        taps.append(tf.reduce_sum(per_example, axis=0))
-        continue
-      rows = sap.after(tf.range(r0 * s_h + i - p_t, r1 * s_h + i - p_t + 1, s_h), previous,
-                       always=True)
-      col_start = c0 * s_w + j - p_l
-      part = tf.gather(x, rows, axis=1)[:, :, col_start:c1 * s_w + j - p_l + 1:s_w, :]
-      if (r0, r1, c0, c1) != (0, h_out - 1, 0, w_out - 1):
-        part = tf.pad(part, [[0, 0], [r0, h_out - 1 - r1], [c0, w_out - 1 - c1], [0, 0]])
+      if (k_h, k_w, s_h, s_w) == (1, 1, 1, 1):
+        part = x  # the one tap reads x as it is: no cut
+      else:
+        rows = sap.after(tf.range(r0 * s_h + i - p_t, r1 * s_h + i - p_t + 1, s_h), previous,
+                         always=True)
+        col_start = c0 * s_w + j - p_l
+        part = tf.gather(x, rows, axis=1)[:, :, col_start:c1 * s_w + j - p_l + 1:s_w, :]
+        if (r0, r1, c0, c1) != (0, h_out - 1, 0, w_out - 1):
+          part = tf.pad(part, [[0, 0], [r0, h_out - 1 - r1], [c0, w_out - 1 - c1], [0, 0]])
       per_example = tf.matmul(dy_t, tf.reshape(part, [batch, h_out * w_out, c_in]))
       previous = tf.reduce_sum(per_example, axis=0)  # [C_out, C_in]
       taps.append(previous)
