@@ -516,9 +516,9 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
                 x_pruned = _decompress(after(values, dy), packed, x_shape)
             dw = filter_grad(x_pruned, dy, w_shape)
             with tf.control_dependencies([dw]):
-                # The copy that carries the dependency: the smaller of w and dy.
-                if recompute is not None:
+                if recompute is not None:  # the kernel, made again after dw
                     dx = input_grad(dy, recompute(dw), x_shape)
+                # Else the copy that carries the dependency: the smaller of w and dy.
                 elif ws.shape.num_elements() is not None and dy.shape.num_elements() is not None \
                         and ws.shape.num_elements() <= dy.shape.num_elements():
                     dx = input_grad(dy, after(ws, dw), x_shape)

@@ -15,17 +15,18 @@ convolutions) `fedmef_tf.sap.conv2d`, the forward convolution of every masked co
 the batch in `n` slices, one after the other, each its own CONV_2D, and concatenates the
 outputs; `n` is the smallest divisor of the batch for which one slice's im2col buffer fits in
 `max_workspace_bytes` (or the whole batch, one example per slice). The extra memory is one
-input slice (cut only once the previous slice's output exists) and the output twice (the slices' outputs and their concatenation) instead of the
-whole im2col buffer. Each example's output is computed by the same kernel from the same numbers
-as before, so the values equal those of one CONV_2D up to the GEMM's summation order.
+input slice (cut only once the previous slice's output exists) and the output twice (the
+slices' outputs and their concatenation) instead of the whole im2col buffer. Each example's
+output is computed by the same kernel from the same numbers as before, so the values equal
+those of one CONV_2D up to the GEMM's summation order.
 
 The gradient is the one `tf.nn.conv2d` has, on the whole batch: `Conv2DBackpropInput`, and
 the weight gradient `fedmef_tf.sap.conv2d_filter_grad` (`Conv2DBackpropFilter`, or in a TFLite
 export the builtin-op version of `tflite_export.filter_grad`); FedMef's SAP convolutions define
 their own backward pass and use only the forward. A convolution that needs no slicing (one
 slice) is one CONV_2D, with this gradient where the weight gradient is swapped and with
-`tf.nn.conv2d`'s registered one otherwise (exactly the graph of an export without slicing). Depthwise convolutions need no im2col and are
-left alone.
+`tf.nn.conv2d`'s registered one otherwise (exactly the graph of an export without slicing).
+Depthwise convolutions need no im2col and are left alone.
 """
 
 from __future__ import annotations
