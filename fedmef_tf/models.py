@@ -37,7 +37,7 @@ two builds of the same model have the same variable names whatever else lives in
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -81,37 +81,44 @@ MOBILENET_V2_32_SETTINGS: Tuple[Tuple[int, int, int, int], ...] = (
 MOBILENET_V2_STEM = 32
 
 #: Nonlinearity gain of ReLU for unit-variance Gaussian pre-activations, sqrt(2 / (1 - 1/pi))
-#: (Brock et al., 2021, NF-Nets): relu(z) * RELU_GAIN has unit variance again.
+#: (Brock et al., 2021, NF-Nets): relu(z) * RELU_GAIN has unit variance again. ReLU6 uses the
+#: same gain: for a unit-variance pre-activation it differs from ReLU only above 6 sigma.
 RELU_GAIN = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
 
-#: Gain of the images that the fedmef stem folds into its NSConv kernel, 1 / 0.25. NSConv (like
-#: scaled weight standardisation in NF-Nets, Brock et al. 2021) preserves the variance of its
-#: input, so a BN-free network only sees unit-variance activations if its input has unit
-#: variance. The images enter as pixel / 255 in [0, 1] (`fedmef_tf.data.to_float`, no
-#: per-channel normalisation, so an exported model takes the same input), whose standard
-#: deviation is about 0.25 (CIFAR-10 0.25, CINIC-10 0.24, ImageNet 0.23, the built-in synthetic
-#: set 0.24). Their mean (about 0.5) is removed by the centred kernel where the stem is dense
-#: (ERK keeps the CNN and ResNet18 stems dense at density 0.1); a sparse stem (MobileNetV2's at
-#: 0.1) passes a per-channel offset on, which the gain scales like the signal and the bias can
-#: absorb. Without this gain every activation of the fedmef CNN was about 0.2 instead of 1 at
-#: initialisation, so the classifier saw features 5x too small (its effective learning rate 25x
-#: too small) and each bias step was 5x too large relative to the signal; the BN baseline
-#: normalises after its stem and does not depend on the input scale. A constant, not statistics
-#: of the data at hand, so that a model does not depend on the data it was built with. Folded
-#: into the kernel, so it costs no memory.
-INPUT_GAIN = 4.0
 MOBILENET_V2_LAST = 1280
 
-#: Factor of the residual sums of the fedmef ResNet18 and MobileNetV2, 1 / sqrt(2). Without
-#: BatchNorm nothing rescales a residual stream: NSConv keeps the scale of its input, so a
-#: block's branch has about the variance of the block's input, and an unscaled sum doubles the
-#: variance at each block (ResNet18's fedmef logits had a standard deviation of about 25 at
-#: initialisation, a loss of about 39, and diverged at learning rate 0.02). With the factor the
-#: sum of two uncorrelated unit-variance tensors has unit variance again. NF-ResNets (Brock et
-#: al. 2021) solve the same problem with a branch gain and a tracked input scale; one constant
-#: is enough here because every branch ends in an NSConv. The baseline's BatchNorm makes it
-#: unnecessary there (its sums stay plain). Costs one multiply, no memory.
-RESIDUAL_SCALE = float(1.0 / np.sqrt(2.0))
+#: Branch gain alpha of the fedmef residual networks (NF-ResNets, Brock et al. 2021, whose
+#: default this is). A residual stage is `h_{i+1} = h_i + alpha * f_i(h_i / beta_i)`: the
+#: branch `f_i` (NSConvs with nonlinearity gains) maps a unit-variance input to a unit-variance
+#: output, so the expected variance of the stream grows by exactly `alpha^2` per block,
+#: `beta_{i+1}^2 = beta_i^2 + alpha^2`, and `beta_i` is known analytically at every block (see
+#: `_SignalScale`). A small alpha makes each block start close to the identity, which is what
+#: keeps a normaliser-free residual network trainable at large learning rates.
+RESIDUAL_ALPHA = 0.2
+
+
+class _SignalScale:
+    """Expected standard deviation beta of the residual stream of a fedmef network.
+
+    Tracks the analytic variance of NF-ResNets: a stage whose shortcut is the identity adds
+    alpha^2; a stage whose shortcut is a (strided or widening) NSConv of the scaled input, or a
+    block without a shortcut, restarts the stream at 1 + alpha^2 or 1. Beta is folded into the
+    next NSConv's `act_gain` (as 1 / beta), never applied to an activation.
+    """
+
+    def __init__(self):
+        self.variance = 1.0
+
+    @property
+    def beta(self) -> float:
+        return float(np.sqrt(self.variance))
+
+    def add_branch(self, alpha: float, shortcut_identity: bool) -> None:
+        base = self.variance if shortcut_identity else 1.0
+        self.variance = base + alpha * alpha
+
+    def reset(self) -> None:
+        self.variance = 1.0
 
 
 # -- lean layers (no activation cached for backward) ---------------------------------------------
@@ -206,7 +213,6 @@ class _Builder:
 
     def __init__(self, variant: str, gamma: float, seed: int):
         self.fedmef = variant == "fedmef"
-        self.residual_scale = RESIDUAL_SCALE if self.fedmef else 1.0
         self.gamma = float(gamma) if self.fedmef else 0.0
         self.seed = int(seed)
         self._count = 0
@@ -218,31 +224,27 @@ class _Builder:
             return tf.keras.initializers.HeNormal(seed=s)
         return tf.keras.initializers.GlorotUniform(seed=s)
 
-    def _act_gain(self, after_relu: bool, input_gain) -> float:
-        if not self.fedmef:
-            return 1.0
-        if input_gain is not None:
-            return float(input_gain)
-        return RELU_GAIN if after_relu else 1.0
-
     def conv(self, x, filters: int, kernel_size: int, stride: int, name: str,
-             after_relu: bool = True, input_gain=None):
+             act_gain: float = 1.0, center: bool = True, gain_init: float = 1.0):
         """Masked conv (NSConv + SAP + bias in fedmef, plain without bias in baseline).
 
-        `after_relu`: the input comes from a ReLU/ReLU6, so the fedmef NSConv folds the ReLU
-        gain into its kernel (False for inputs of linear bottlenecks). `input_gain`: the gain
-        to fold instead (`INPUT_GAIN` for the stem, whose input is the images).
+        `act_gain`: the constant the fedmef NSConv folds into its kernel (the nonlinearity gain
+        of the activation in front, over the expected scale of its input); the baseline ignores
+        it, its BatchNorm normalises the output. `center=False` for the stem (see
+        `nsconv`: its input, the normalised images, is centred already).
         """
         return sl.MaskedConv2D(
             filters, kernel_size, strides=stride, padding="same", use_bias=self.fedmef,
             kernel_initializer=self._init("he"), normalize=self.fedmef, sap_gamma=self.gamma,
-            act_gain=self._act_gain(after_relu, input_gain), name=name)(x)
+            act_gain=act_gain if self.fedmef else 1.0, center=center, center_output=center,
+            gain_init=gain_init, name=name)(x)
 
-    def dwconv(self, x, stride: int, name: str, after_relu: bool = True):
+    def dwconv(self, x, stride: int, name: str, act_gain: float = 1.0):
         return sl.MaskedDepthwiseConv2D(
             3, strides=stride, padding="same", use_bias=self.fedmef,
             kernel_initializer=self._init("he"), normalize=self.fedmef, sap_gamma=self.gamma,
-            act_gain=self._act_gain(after_relu, None), name=name)(x)
+            act_gain=act_gain if self.fedmef else 1.0, center=False, center_output=True,
+            name=name)(x)
 
     def norm(self, x, name: str):
         if self.fedmef:
@@ -255,9 +257,9 @@ class _Builder:
             return sap.BitReLU(max_value=max_value, name=name)(x)
         return tf.keras.layers.ReLU(max_value=max_value, name=name)(x)
 
-    def conv_norm_act(self, x, filters, kernel_size, stride, name, relu6=False,
-                      after_relu=True, input_gain=None):
-        x = self.conv(x, filters, kernel_size, stride, name + "_conv", after_relu, input_gain)
+    def conv_norm_act(self, x, filters, kernel_size, stride, name, relu6=False, act_gain=1.0,
+                      center=True):
+        x = self.conv(x, filters, kernel_size, stride, name + "_conv", act_gain, center)
         x = self.norm(x, name + "_bn")
         return self.act(x, name + "_relu", relu6)
 
@@ -265,17 +267,19 @@ class _Builder:
         x = GlobalAvgPool(name="pool")(x)
         return sl.MaskedDense(
             num_classes, use_bias=True, kernel_initializer=self._init("glorot"),
-            normalize=False, sap_gamma=self.gamma, name="classifier")(x)
+            normalize=self.fedmef, sap_gamma=self.gamma, name="classifier")(x)
 
 
 def _cnn(b: _Builder, x, num_classes: int):
+    # The stem sees the normalised images (unit variance); every later conv a ReLU output.
     for i, (filters, stride) in enumerate(CNN_LAYERS):
         x = b.conv_norm_act(x, filters, 3, stride, "stem" if i == 0 else f"conv{i}",
-                            input_gain=INPUT_GAIN if i == 0 else None)
+                            act_gain=1.0 if i == 0 else RELU_GAIN, center=i > 0)
     return b.head(x, num_classes)
 
 
 def _basic_block(b: _Builder, x, filters: int, stride: int, name: str):
+    """Post-activation BasicBlock of the baseline: conv-BN-ReLU-conv-BN, add, ReLU."""
     shortcut = x
     h = b.conv(x, filters, 3, stride, name + "_conv1")
     h = b.norm(h, name + "_bn1")
@@ -285,45 +289,95 @@ def _basic_block(b: _Builder, x, filters: int, stride: int, name: str):
     if stride != 1 or int(x.shape[-1]) != filters:
         shortcut = b.conv(x, filters, 1, stride, name + "_shortcut_conv")
         shortcut = b.norm(shortcut, name + "_shortcut_bn")
-    h = ResidualAdd(scale=b.residual_scale, name=name + "_add")([h, shortcut])
+    h = ResidualAdd(name=name + "_add")([h, shortcut])
     return b.act(h, name + "_relu2")
 
 
+def _nf_basic_block(b: _Builder, x, filters: int, stride: int, name: str,
+                    scale: _SignalScale):
+    """Normaliser-free pre-activation BasicBlock of the fedmef ResNet18 (NF-ResNet form).
+
+    `x` is the residual stream, of expected standard deviation `scale.beta`. The block returns
+    `shortcut + alpha * conv2(relu(conv1(relu(x) / beta)))`, where the ReLU gains, `1 / beta`
+    and `alpha` are folded into the NSConv kernels (`act_gain`), so no op scales an
+    activation. The shortcut is the identity, or in a transition block (stride or width
+    change) a 1x1 NSConv of the same scaled input `relu(x) / beta`, as in NF-ResNets.
+    """
+    transition = stride != 1 or int(x.shape[-1]) != filters
+    a = b.act(x, name + "_relu1")
+    scaled = RELU_GAIN / scale.beta
+    shortcut = x
+    if transition:
+        shortcut = b.conv(a, filters, 1, stride, name + "_shortcut_conv", scaled)
+    h = b.conv(a, filters, 3, stride, name + "_conv1", scaled)
+    h = b.act(h, name + "_relu2")
+    branch_gain = 1.0 if transition else RESIDUAL_ALPHA
+    h = b.conv(h, filters, 3, 1, name + "_conv2", RELU_GAIN, gain_init=branch_gain)
+    scale.add_branch(branch_gain, shortcut_identity=not transition)
+    return ResidualAdd(name=name + "_add")([h, shortcut])
+
+
 def _resnet18(b: _Builder, x, num_classes: int):
-    x = b.conv_norm_act(x, 64, 3, 1, "stem", input_gain=INPUT_GAIN)
+    if not b.fedmef:
+        x = b.conv_norm_act(x, 64, 3, 1, "stem")
+        for s, (filters, stride) in enumerate(RESNET18_STAGES, start=1):
+            for i in range(2):
+                x = _basic_block(b, x, filters, stride if i == 0 else 1, f"layer{s}_{i}")
+        return b.head(x, num_classes)
+    # fedmef: the stem's output starts the residual stream (unit variance on normalised
+    # images); the blocks activate it first (pre-activation), and a last ReLU ends it.
+    scale = _SignalScale()
+    x = b.conv(x, 64, 3, 1, "stem_conv", center=False)
     for s, (filters, stride) in enumerate(RESNET18_STAGES, start=1):
         for i in range(2):
-            x = _basic_block(b, x, filters, stride if i == 0 else 1, f"layer{s}_{i}")
+            x = _nf_basic_block(b, x, filters, stride if i == 0 else 1, f"layer{s}_{i}", scale)
+    x = b.act(x, "final_relu")
     return b.head(x, num_classes)
 
 
-def _inverted_residual(b: _Builder, x, expansion: int, filters: int, stride: int, name: str):
+def _inverted_residual(b: _Builder, x, expansion: int, filters: int, stride: int, name: str,
+                       scale: _SignalScale, input_gain: float):
+    """MobileNetV2 inverted residual; in fedmef the NF form `h + alpha * f(h / beta)`.
+
+    `input_gain` is the gain of the block's input: the nonlinearity gain when it is the stem's
+    ReLU6 output (block 0), else 1 (a linear bottleneck); the fedmef block folds
+    `input_gain / beta` into its first NSConv and `alpha` into its projection when it has a
+    residual connection. Blocks without one restart the stream at unit variance.
+    """
     c_in = int(x.shape[-1])
-    # The block input is the stem's ReLU6 output for block 0 and a linear bottleneck otherwise.
+    residual = stride == 1 and c_in == filters
+    first_gain = input_gain / scale.beta
     h = x
     if expansion != 1:
-        h = b.conv(h, c_in * expansion, 1, 1, name + "_expand", after_relu=False)
+        h = b.conv(h, c_in * expansion, 1, 1, name + "_expand", first_gain)
         h = b.norm(h, name + "_expand_bn")
         h = b.act(h, name + "_expand_relu", relu6=True)
-    h = b.dwconv(h, stride, name + "_dw")
+        first_gain = RELU_GAIN
+    h = b.dwconv(h, stride, name + "_dw", first_gain)
     h = b.norm(h, name + "_dw_bn")
     h = b.act(h, name + "_dw_relu", relu6=True)
-    h = b.conv(h, filters, 1, 1, name + "_project")
+    h = b.conv(h, filters, 1, 1, name + "_project", RELU_GAIN,
+               gain_init=RESIDUAL_ALPHA if residual else 1.0)
     h = b.norm(h, name + "_project_bn")  # linear bottleneck: no activation
-    if stride == 1 and c_in == filters:
-        h = ResidualAdd(scale=b.residual_scale, name=name + "_add")([h, x])
+    if residual:
+        scale.add_branch(RESIDUAL_ALPHA, shortcut_identity=True)
+        h = ResidualAdd(name=name + "_add")([h, x])
+    else:
+        scale.reset()
     return h
 
 
 def _mobilenet_v2(b: _Builder, x, num_classes: int):
-    x = b.conv_norm_act(x, MOBILENET_V2_STEM, 3, 1, "stem", relu6=True, input_gain=INPUT_GAIN)
+    scale = _SignalScale()
+    x = b.conv_norm_act(x, MOBILENET_V2_STEM, 3, 1, "stem", relu6=True, center=False)
     block = 0
     for expansion, filters, repeats, stride in MOBILENET_V2_32_SETTINGS:
         for i in range(repeats):
             x = _inverted_residual(b, x, expansion, filters, stride if i == 0 else 1,
-                                   f"block{block}")
+                                   f"block{block}", scale, RELU_GAIN if block == 0 else 1.0)
             block += 1
-    x = b.conv_norm_act(x, MOBILENET_V2_LAST, 1, 1, "last", relu6=True, after_relu=False)
+    x = b.conv_norm_act(x, MOBILENET_V2_LAST, 1, 1, "last", relu6=True,
+                        act_gain=1.0 / scale.beta)
     return b.head(x, num_classes)
 
 
@@ -339,6 +393,8 @@ def build_model(
     density: float = 1.0,
     gamma: float = 0.0,
     seed: int = 0,
+    input_mean: Optional[Sequence[float]] = None,
+    input_std: Optional[Sequence[float]] = None,
 ) -> tf.keras.Model:
     """Builds an uncompiled Keras functional model of the registry.
 
@@ -356,6 +412,13 @@ def build_model(
         gamma: SAP drop ratio in [0, 1] of the fedmef variant (used when called with
             `training=True`); ignored by the baseline.
         seed: seed of the kernel initializers and of the initial masks.
+        input_mean, input_std: per-channel mean and standard deviation of the training images
+            in the units the model is fed (pixel / 255, see `fedmef_tf.data.channel_stats`).
+            Given, both variants start with a Keras `Normalization` layer ("input_norm",
+            constants, no variables) that maps the images to zero mean and unit variance per
+            channel, so the exported model takes the images as the data pipeline gives them.
+            The fedmef variant's signal propagation assumes that unit variance. None (both):
+            no normalisation.
 
     Returns:
         A `tf.keras.Model` mapping float32 `[B, H, W, C]` images to `[B, num_classes]` logits.
@@ -378,7 +441,21 @@ def build_model(
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     builder = _Builder(variant, gamma, seed)
     inputs = tf.keras.Input(shape=input_shape, name="images")
-    outputs = _ARCHITECTURES[name](builder, inputs, int(num_classes))
+    x = inputs
+    if (input_mean is None) != (input_std is None):
+        raise ValueError("input_mean and input_std must be given together")
+    if input_mean is not None:
+        mean = [float(v) for v in input_mean]
+        std = [float(v) for v in input_std]
+        if len(mean) != input_shape[-1] or len(std) != input_shape[-1]:
+            raise ValueError(f"input_mean and input_std need {input_shape[-1]} channels, got "
+                             f"{len(mean)} and {len(std)}")
+        if not all(np.isfinite(mean)) or not all(np.isfinite(v) and v > 0.0 for v in std):
+            raise ValueError(f"input_mean must be finite and input_std positive, got {mean} "
+                             f"and {std}")
+        x = tf.keras.layers.Normalization(
+            mean=mean, variance=[v * v for v in std], name="input_norm")(x)
+    outputs = _ARCHITECTURES[name](builder, x, int(num_classes))
     model = tf.keras.Model(inputs, outputs, name=f"{name}_{variant}")
     if float(density) < 1.0:
         masks.init_sparse(model, float(density), int(seed))

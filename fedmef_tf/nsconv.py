@@ -9,6 +9,25 @@ each output channel of every (sparse) convolution kernel, as in scaled weight st
 where N is the fan-in of output channel o (k_h * k_w * C_in for Conv2D, k_h * k_w for
 DepthwiseConv2D, d_in for Dense), `var` is the population variance (divide by N) and the mask M
 is applied again so that pruned entries stay exactly zero in the kernel the op uses.
+
+Output centring (`center_spatial`): the models subtract, from every NSConv output but the
+stem's, its per-example, per-channel mean over height and width, before the bias. Centring the
+kernel removes the part of the input that is common to a whole patch; it cannot remove an offset
+that one output channel carries over the whole image (after a ReLU, every channel has one, and
+its size depends on the image: on images with a large uniform background it dominates the
+channel). Such offsets pass unchanged through the identity shortcuts and reach the classifier as
+a large common component of the pooled features, which slows learning (a linear layer on
+uncentred inputs). BatchNorm removes them with batch statistics; `center_spatial` does it per
+example, so it needs no batch, behaves the same in training and inference, keeps no state and
+caches nothing for the backward pass (its gradient is `dy - mean(dy)`).
+
+`center=False` skips the subtraction of the mean (the kernel is only scaled to unit norm per
+output channel). The models use it for a layer whose input is already centred per channel, the
+stem behind the input normalisation: there centring has no mean shift to remove, and it would
+make the output scale depend on the data, because a zero-sum kernel passes only the part of a
+patch that differs from the patch mean (little, for smooth images). A unit-norm kernel with
+random signs passes the input's second moment in expectation, whatever the correlation between
+neighbouring pixels, so the stem's output has unit variance on any normalised images.
 """
 
 from __future__ import annotations
@@ -17,7 +36,7 @@ from typing import List, Tuple, Union
 
 import tensorflow as tf
 
-__all__ = ["standardize_kernel", "EPS", "reduction_axes", "gain_shape"]
+__all__ = ["standardize_kernel", "center_spatial", "EPS", "reduction_axes", "gain_shape"]
 
 #: Floor of N * var(W[o]) (a sum of squares of kernel entries), unitless.
 EPS = 1e-4
@@ -59,6 +78,7 @@ def standardize_kernel(
     gain: tf.Tensor,
     depthwise: bool = False,
     *,
+    center: bool = True,
     return_scale: bool = False,
 ) -> Union[tf.Tensor, Tuple[tf.Tensor, tf.Tensor]]:
     """Scaled weight standardisation of a sparse kernel, per output channel.
@@ -75,6 +95,7 @@ def standardize_kernel(
             (channel index c * mult + m, the order of `tf.nn.depthwise_conv2d`'s output), or
             `(d_out,)`.
         depthwise: whether `kernel` is a depthwise kernel.
+        center: subtract the per-channel mean (the FedMef formula); False only scales.
         return_scale: also return `g / sqrt(max(N var, EPS))`, broadcastable to the kernel.
 
     Returns:
@@ -86,8 +107,10 @@ def standardize_kernel(
     gain = tf.cast(gain, kernel.dtype)
     rank = kernel.shape.rank
     axes = list(reduction_axes(rank, depthwise))
-    mean = tf.reduce_mean(kernel, axis=axes, keepdims=True)
-    centred = kernel - mean
+    if center:
+        centred = kernel - tf.reduce_mean(kernel, axis=axes, keepdims=True)
+    else:
+        centred = kernel
     sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)  # == N * var
     inv_std = tf.math.rsqrt(tf.maximum(sum_sq, tf.cast(EPS, kernel.dtype)))
     scale = tf.reshape(gain, gain_shape(kernel.shape, depthwise)) * inv_std
@@ -95,3 +118,26 @@ def standardize_kernel(
     if return_scale:
         return w_hat, scale
     return w_hat
+
+
+def center_spatial(y: tf.Tensor) -> tf.Tensor:
+    """`y - mean(y over height and width)`, per example and channel; caches nothing.
+
+    Args:
+        y: float tensor `[B, H, W, C]`.
+
+    Returns:
+        The centred tensor, `y`'s shape. Its gradient is `dy - mean(dy over H, W)` (the
+        centring is a linear projection and its own adjoint), computed from `dy` alone.
+    """
+
+    @tf.custom_gradient
+    def _center(v):
+        v = tf.stop_gradient(v)
+
+        def grad(dy):
+            return dy - tf.reduce_mean(dy, axis=[1, 2], keepdims=True)
+
+        return v - tf.reduce_mean(v, axis=[1, 2], keepdims=True), grad
+
+    return _center(y)

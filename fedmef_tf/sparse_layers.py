@@ -96,6 +96,7 @@ def masked_standardized_kernel(
     bae_lambda: tf.Tensor,
     gain: tf.Tensor,
     depthwise: bool = False,
+    center: bool = True,
 ) -> tf.Tensor:
     """NSConv kernel `standardize_kernel(kernel * mask, mask, gain)`, masked-kernel gradient.
 
@@ -111,7 +112,7 @@ def masked_standardized_kernel(
         dL/dg = sum(u * c) / sqrt(max(S, eps))
         dL/dc = s * u + 2 * c * dL/dS,  dL/dS = -sum(u * c) * g / 2 * max(S, eps)^(-3/2)
                 (0 where S < eps)
-        dL/dW = dL/dc - mean(dL/dc)
+        dL/dW = dL/dc - mean(dL/dc)        (dL/dW = dL/dc when not `center`: c = W)
         dL/dkernel = dL/dW * mask + 2 * bae_lambda * kernel * marked
 
     Args:
@@ -121,6 +122,7 @@ def masked_standardized_kernel(
         bae_lambda: float32 scalar.
         gain: per-output-channel gain, shape `(n_out,)` (see `nsconv.standardize_kernel`).
         depthwise: whether the kernel is a depthwise kernel.
+        center: subtract the per-channel mean (see `nsconv.standardize_kernel`).
 
     Returns:
         W_hat, shape of `kernel`.
@@ -135,7 +137,7 @@ def masked_standardized_kernel(
 
     def stats(k, g):
         w = k * mask
-        centred = w - tf.reduce_mean(w, axis=axes, keepdims=True)
+        centred = w - tf.reduce_mean(w, axis=axes, keepdims=True) if center else w
         sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)
         inv_std = tf.math.rsqrt(tf.maximum(sum_sq, eps))
         return centred, sum_sq, inv_std, tf.reshape(g, gain_shape)
@@ -157,7 +159,9 @@ def masked_standardized_kernel(
             d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gb * inv * inv * inv,
                                 tf.zeros_like(sum_sq))
             d_centred = (gb * inv) * u + 2.0 * d_sum_sq * c
-            d_w = d_centred - tf.reduce_mean(d_centred, axis=axes, keepdims=True)
+            d_w = d_centred
+            if center:
+                d_w = d_centred - tf.reduce_mean(d_centred, axis=axes, keepdims=True)
             d_k = d_w * mask + bae
             return d_k, tf.reshape(d_gain, tf.shape(gs))
 
@@ -241,6 +245,15 @@ class MaskedLayer(tf.keras.layers.Layer):
             (NF-Nets' gamma, sqrt(2 / (1 - 1/pi)) for ReLU) so that the signal keeps its scale
             through depth without BatchNorm. Folding it into the kernel costs no activation
             memory, unlike a scaling op on the activation. Ignored unless `normalize`.
+        center: NSConv subtracts the per-channel kernel mean (the FedMef formula, default);
+            False only scales each channel to unit norm (`nsconv.standardize_kernel`), for a
+            layer whose input is centred already. Ignored unless `normalize`.
+        center_output: subtract the per-example, per-channel spatial mean of the op's output
+            before the bias (`nsconv.center_spatial`; convolutions only). Ignored unless
+            `normalize`.
+        gain_init: initial value of the NSConv gain g (1.0: the FedMef formula). Unlike
+            `act_gain` it is learned: a residual branch's last NSConv starts at the branch gain
+            alpha and learns its scale at the rate of every other gain.
         activation: optional Keras activation applied to the output (None: linear). Note that a
             plain `relu` keeps its float output for the backward pass; memory-lean models use
             `sap.BitReLU` layers instead.
@@ -248,6 +261,11 @@ class MaskedLayer(tf.keras.layers.Layer):
     """
 
     _depthwise = False
+
+    @property
+    def depthwise(self) -> bool:
+        """Whether the kernel is a depthwise kernel `(kh, kw, c_in, multiplier)`."""
+        return self._depthwise
 
     def __init__(
         self,
@@ -258,6 +276,9 @@ class MaskedLayer(tf.keras.layers.Layer):
         normalize: bool = False,
         sap_gamma: float = 0.0,
         act_gain: float = 1.0,
+        center: bool = True,
+        center_output: bool = False,
+        gain_init: float = 1.0,
         activation=None,
         **kwargs,
     ):
@@ -272,6 +293,11 @@ class MaskedLayer(tf.keras.layers.Layer):
         if not float(act_gain) > 0.0:
             raise ValueError(f"act_gain must be > 0, got {act_gain}")
         self.act_gain = float(act_gain)
+        self.center = bool(center)
+        self.center_output = bool(center_output)
+        if not float(gain_init) >= 0.0:
+            raise ValueError(f"gain_init must be >= 0, got {gain_init}")
+        self.gain_init = float(gain_init)
         self.activation = tf.keras.activations.get(activation)
         # Set only by `dense_kernel_gradients` for the duration of one forward pass.
         self._probe = None
@@ -311,7 +337,8 @@ class MaskedLayer(tf.keras.layers.Layer):
         self.gain = None
         if self.normalize:
             self.gain = self.add_weight(
-                name="gain", shape=(n_out,), initializer="ones", trainable=True,
+                name="gain", shape=(n_out,),
+                initializer=tf.keras.initializers.Constant(self.gain_init), trainable=True,
                 dtype=tf.float32)
         super().build(input_shape)
 
@@ -369,12 +396,13 @@ class MaskedLayer(tf.keras.layers.Layer):
         gain = tf.convert_to_tensor(self.gain)
         if self.act_gain != 1.0:
             gain = gain * self.act_gain
-        w = masked_standardized_kernel(kernel, mask, marked, bae_lambda, gain, self._depthwise)
+        w = masked_standardized_kernel(kernel, mask, marked, bae_lambda, gain, self._depthwise,
+                                       self.center)
         if self._probe is not None:
             # First-order gradient of the raw weight were it active: dL/dW_hat * g / std.
             _, scale = nsconv.standardize_kernel(
                 tf.stop_gradient(kernel * mask), mask, tf.stop_gradient(gain), self._depthwise,
-                return_scale=True)
+                center=self.center, return_scale=True)
             w = w + self._probe * scale
         return w
 
@@ -391,6 +419,8 @@ class MaskedLayer(tf.keras.layers.Layer):
                     lambda: self._apply_op(inputs, w, False))
             else:
                 y = self._apply_op(inputs, w, static)
+        if self.normalize and self.center_output and y.shape.rank == 4:
+            y = nsconv.center_spatial(y)
         if self.bias is not None:
             y = _bias_add(y, self.bias)
         if self.activation is not None:
@@ -406,6 +436,9 @@ class MaskedLayer(tf.keras.layers.Layer):
             "normalize": self.normalize,
             "sap_gamma": self.sap_gamma,
             "act_gain": self.act_gain,
+            "center": self.center,
+            "center_output": self.center_output,
+            "gain_init": self.gain_init,
             "activation": tf.keras.activations.serialize(self.activation),
         })
         return config

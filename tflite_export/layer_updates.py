@@ -111,7 +111,7 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   # gradient where the layer's input needs none (the stem). No gradient flows past `_joint`.
   ks = _read(layer.kernel)
   rank = ks.shape.rank
-  depthwise = layer._depthwise  # pylint: disable=protected-access
+  depthwise = layer.depthwise
   axes = list(nsconv.reduction_axes(rank, depthwise))
   gain_shape = nsconv.gain_shape(ks.shape, depthwise)
   mask = tf.stop_gradient(_read(layer.mask))
@@ -120,7 +120,10 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   if layer.act_gain != 1.0:
     gain = gain * layer.act_gain
   w = ks * mask
-  mean = tf.reduce_mean(w, axis=axes, keepdims=True)  # per channel
+  if layer.center:
+    mean = tf.reduce_mean(w, axis=axes, keepdims=True)  # per channel
+  else:
+    mean = tf.zeros_like(tf.reduce_sum(w, axis=axes, keepdims=True))
   centred = w - mean
   sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)  # per channel
   inv = tf.math.rsqrt(tf.maximum(sum_sq, eps))
@@ -132,7 +135,7 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   nonzero = tf.not_equal(scale, 0.0)
   inv_scale = tf.where(nonzero, 1.0 / tf.where(nonzero, scale, 1.0), 0.0)
   _keep_for_backward(slot, layer, w, mask)
-  slot.update(normalize=True, axes=axes, eps=eps, sum_sq=sum_sq, inv=inv, gb=gb, scale=scale,
+  slot.update(normalize=True, center=layer.center, axes=axes, eps=eps, sum_sq=sum_sq, inv=inv, gb=gb, scale=scale,
               mean=mean, mean_c=mean_c, inv_scale=inv_scale)
 
   def late_w_hat(dep, keep: bool = True):
@@ -179,9 +182,11 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
                         tf.zeros_like(sum_sq))
     # dL/dcentred on the active entries, and its mean over the fan-in (all entries).
     d_centred = scale * u + (2.0 * d_sum_sq * inv_scale) * w_hat
-    mean_d = (scale * tf.reduce_mean(u, axis=axes, keepdims=True)
-              + 2.0 * d_sum_sq * slot['mean_c'])
-    d_k = (d_centred - mean_d) * mask + bae
+    if slot['center']:
+      mean_d = (scale * tf.reduce_mean(u, axis=axes, keepdims=True)
+                + 2.0 * d_sum_sq * slot['mean_c'])
+      d_centred = d_centred - mean_d
+    d_k = d_centred * mask + bae
     d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
     layer.gain.assign_sub(rate * d_gain_var)
   new_kernel = (w - rate * d_k) * mask
