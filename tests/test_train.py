@@ -273,10 +273,11 @@ def test_plots_are_png(tmp_path):
 
 def test_state_manager_removes_half_written_saves(tmp_path):
   ckpt = tmp_path / 'checkpoints'
-  (ckpt / 'program_state_3_temp1234').mkdir(parents=True)
-  (ckpt / 'program_state_2').mkdir()
+  ckpt.mkdir()
+  (ckpt / '.program_state_3.npz.k2j_x9.tmp').write_bytes(b'PK half')
+  (ckpt / 'program_state_2.npz').write_bytes(b'')
   program_io.state_manager(str(tmp_path))
-  assert sorted(os.listdir(ckpt)) == ['program_state_2']
+  assert sorted(os.listdir(ckpt)) == ['program_state_2.npz']
 
 
 def test_write_json_atomic(tmp_path):
@@ -389,7 +390,7 @@ def test_end_to_end_writes_every_artifact(uninterrupted):
   assert model_cfg['model'] == 'cnn' and model_cfg['variant'] == 'fedmef'
   assert model_cfg['num_classes'] == 10 and model_cfg['input_shape'] == [32, 32, 3]
   assert model_cfg['gamma'] == 0.7
-  assert sorted(os.listdir(root / 'checkpoints')) == ['program_state_2', 'program_state_3']
+  assert sorted(os.listdir(root / 'checkpoints')) == ['program_state_2.npz', 'program_state_3.npz']
   # The saved model loads in the exporter's reader with its masks.
   from fedmef_tf import masks, model_io  # pylint: disable=import-outside-toplevel
   model, _ = model_io.load_model(str(root / 'final_model'))
@@ -415,7 +416,7 @@ def test_resume_after_sigkill_gives_the_same_final_weights(uninterrupted, tmp_pa
   proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   try:
-    _wait_for(str(root / 'checkpoints' / 'program_state_2'), proc, timeout=200)
+    _wait_for(str(root / 'checkpoints' / 'program_state_2.npz'), proc, timeout=200)
     workers = _worker_children(proc.pid)
   finally:
     proc.kill()
@@ -446,7 +447,7 @@ def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
   proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
-    _wait_for(str(root / 'checkpoints' / 'program_state_1'), proc, timeout=200)
+    _wait_for(str(root / 'checkpoints' / 'program_state_1.npz'), proc, timeout=200)
     workers = _worker_children(proc.pid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -458,8 +459,9 @@ def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
   assert 'stopped after round' in out
   assert workers and _gone(workers), f'TFF worker(s) {workers} outlived the program'
   assert len([l for l in err.splitlines() if l.strip()]) <= 2, err  # no traceback
-  versions = sorted(int(n.rsplit('_', 1)[1]) for n in os.listdir(root / 'checkpoints')
-                    if n.startswith('program_state_') and n.rsplit('_', 1)[1].isdigit())
+  versions = sorted(int(n[len('program_state_'):-len('.npz')])
+                    for n in os.listdir(root / 'checkpoints')
+                    if n.startswith('program_state_') and n.endswith('.npz'))
   assert versions and versions[-1] < 40
   rows = program_io.read_metrics(str(root))
   assert rows[-1]['round'] == versions[-1]

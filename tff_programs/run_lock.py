@@ -21,6 +21,8 @@ import fcntl
 import os
 from typing import Optional
 
+from tff_programs import program_io
+
 LOCK_FILE = '.lock'
 
 
@@ -57,7 +59,7 @@ def _command_line(pid: int) -> str:
       parts = f.read().split(b'\0')
   except OSError:
     return ''
-  text = ' '.join(p.decode('utf-8', 'replace') for p in parts if p)
+  text = program_io.escape(' '.join(os.fsdecode(p) for p in parts if p))
   return text if len(text) <= 120 else text[:117] + '...'
 
 
