@@ -117,6 +117,9 @@ def test_damaged_newest_version_is_reported_and_the_one_before_is_loaded(tmp_pat
   _assert_equal_states(loaded, _state(scale=1))
   assert len(reported) == 1 and '\n' not in reported[0]
   assert reported[0].startswith(f'{tmp_path}/program_state_2.npz: ')
+  assert reported[0].endswith(f'kept as {tmp_path}/program_state_2.npz.damaged')
+  assert asyncio.run(manager.get_versions()) == [1]  # round 2 is saved again after retraining
+  _save(manager, _state(scale=2), 2)
 
 
 def test_no_intact_version_raises_naming_the_damaged_files(tmp_path):
@@ -130,6 +133,8 @@ def test_no_intact_version_raises_naming_the_damaged_files(tmp_path):
   message = str(caught.value)
   assert 'program_state_1.npz' in message and 'program_state_2.npz' in message
   assert '\n' not in message
+  # Nothing renamed: a rerun is refused the same way instead of starting afresh.
+  assert sorted(os.listdir(tmp_path)) == ['program_state_1.npz', 'program_state_2.npz']
 
 
 def test_a_checkpoint_of_another_structure_is_refused(tmp_path):

@@ -16,7 +16,9 @@ versions are kept.
 
 `load_latest` checks the newest version and, when it is damaged (truncated, changed bytes: the
 zip container's CRC-32 of every array detects them; missing arrays; another structure), reports
-it through `on_damaged` and falls back to the next older one. When no version is intact it
+it through `on_damaged`, renames it to `program_state_<version>.npz.damaged` (kept for
+inspection, no longer a version: the round is trained and saved again) and falls back to the
+next older one. When no version is intact it
 raises `CheckpointError` naming the damaged files.
 """
 
@@ -35,6 +37,7 @@ import tensorflow_federated as tff
 _NAME = re.compile(r'program_state_(\d+)\.npz')
 _TEMP = re.compile(r'\.program_state_\d+\.npz\.[A-Za-z0-9_]+\.tmp')
 _PATHS_KEY = 'leaf_paths'
+DAMAGED_SUFFIX = '.damaged'
 
 
 class CheckpointError(Exception):
@@ -162,6 +165,9 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
       structure: the program state the run expects (freshly initialised).
       on_damaged: called with a one-line message for each damaged version passed over.
 
+    Damaged versions newer than the one loaded are renamed (`DAMAGED_SUFFIX`); when none is
+    intact, nothing is renamed.
+
     Raises:
       CheckpointError: when versions exist and none of them is intact.
     """
@@ -171,11 +177,17 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
     problems = []
     for version in reversed(versions):
       try:
-        return self.read(version, structure), version
+        state = self.read(version, structure)
       except CheckpointError as e:
-        problems.append(str(e))
+        problems.append((version, str(e)))
+        continue
+      for damaged, problem in problems:
+        kept = self.path(damaged) + DAMAGED_SUFFIX
+        os.replace(self.path(damaged), kept)
         if on_damaged is not None:
-          on_damaged(str(e))
+          on_damaged(f'{problem}; kept as {kept}')
+      return state, version
+    problems = [problem for _, problem in problems]
     raise CheckpointError(f'no intact checkpoint in {self._root_dir}: {"; ".join(problems)}')
 
   async def save(self, program_state, version: int) -> None:
