@@ -1,7 +1,7 @@
 """The TFF runtime of every fedmef-tf program and test: one worker, started and always ended.
 
 TensorFlow Federated's local C++ execution context runs computations in a separate process,
-`tensorflow_federated/data/worker_binary`, reached over gRPC on localhost. TFF starts that
+`tensorflow_federated/data/worker_binary`, reached over gRPC. TFF starts that
 process lazily and only stops it when its context object is garbage-collected, which leaves it
 running after a plain exit, after SIGKILL of the parent (holding the parent's output pipes open),
 and hangs teardown when SIGINT is ignored (see ../shared/ENVIRONMENT.md).
@@ -17,6 +17,15 @@ that talks to it, so that it owns the worker's PID and ends it on every exit pat
   kernel ends it when the thread that started it dies; it is started from the main thread for
   that reason. It runs in its own session, so a Ctrl-C typed in a terminal reaches the program
   (which decides when to stop) and not the worker directly.
+
+The worker binary listens on every network interface, with no authentication, and has no flag
+to change that. `LocalRuntime` therefore starts it in a network namespace of its own (Linux
+`unshare(CLONE_NEWNET)`, where the only interface is its own loopback) and reaches it through a
+Unix socket in a directory only this user may enter, relayed into that namespace by a thread of
+this process (`_NamespaceRelay`): no other host, and no other user of this one, can send it
+computations. Where the kernel does not allow a new namespace (no CAP_SYS_ADMIN) it says so in a
+warning and starts the worker as before. Workers for remote use (`tff_programs.worker`) listen
+on the network by design (docs/DISTRIBUTED.md).
 
 Only processes started here are ever signalled, by their PID.
 
