@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from fedmef_tf import text
 from tff_programs import program_io
 from tff_programs import train
 
@@ -486,10 +487,12 @@ def test_clientless_rounds_have_no_loss_and_a_run_of_them_warns_once():
   assert program_io.any_client_used([{'clients_used': 0.0}, {'clients_used': 1.0}])
 
 
-def test_escape_keeps_a_file_name_on_one_line():
-  assert program_io.escape('runs/a\nb') == 'runs/a\\nb'
-  assert program_io.escape(os.fsdecode(b'img_\xff.png')) == 'img_\\xff.png'
-  assert program_io.escape('caf\u00e9 ok') == 'caf\u00e9 ok'
+def test_one_line_escapes_control_characters_and_undecodable_bytes_of_file_names():
+  assert text.one_line('runs/a\nb') == 'runs/a\\nb'
+  assert text.one_line(os.fsdecode(b'img_\xff.png')) == 'img_\\xff.png'
+  assert text.one_line('caf\u00e9 ok') == 'caf\u00e9 ok'
+  with_newline = program_io.RunDirError('--root_dir=runs/a\nb: exists and is not a directory')
+  assert '\n' not in str(with_newline) and 'runs/a\\nb' in str(with_newline)
 
 
 @needs_process

@@ -28,6 +28,8 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from fedmef_tf import text
+
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.csv'
@@ -42,6 +44,9 @@ _KEEP_CHECKPOINTS = 2
 
 class RunDirError(Exception):
   """The run directory cannot be used (one-line message naming it and why)."""
+
+  def __init__(self, message: str):
+    super().__init__(text.one_line(message))
 
 
 def write_json(path: str, value: Any) -> None:
@@ -164,9 +169,10 @@ def disk_full_message(error: BaseException, root_dir: str) -> Optional[str]:
   if not full:
     return None
   where = getattr(error, 'path', None) or getattr(error, 'filename', None) or root_dir
-  return (f'disk full while writing {escape(os.fsdecode(where))}; the rounds saved before it are '
-          f'intact: free space on that disk (or copy --root_dir={escape(root_dir)} to a larger '
-          'one and point --root_dir at the copy), then rerun the same command to resume')
+  return (f'disk full while writing {text.one_line(os.fsdecode(where))}; the rounds saved '
+          'before it are intact: free space on that disk (or copy '
+          f'--root_dir={text.one_line(root_dir)} to a larger one and point --root_dir at the '
+          'copy), then rerun the same command to resume')
 
 
 def state_manager(root_dir: str):
@@ -186,30 +192,12 @@ def state_manager(root_dir: str):
                           if re.fullmatch(r'program_state_\d+(_temp\d+)?', n))
     if saved_models:
       raise RunDirError(
-          f'{escape(os.path.join(directory, saved_models[-1]))} is a SavedModel checkpoint, '
+          f'{os.path.join(directory, saved_models[-1])} is a SavedModel checkpoint, '
           'which is not loaded (loading one runs the graph it holds); rerun with --overwrite '
           'to start afresh, or move it away')
   manager = checkpoints.NpzProgramStateManager(directory, keep=_KEEP_CHECKPOINTS)
   manager.remove_temporary_files()
   return manager
-
-
-def escape(text: str) -> str:
-  """`text` made fit for a one-line message.
-
-  Control characters (a newline in a file name, ...) are written as Python escapes (`\\n`),
-  and bytes of a file name that are not UTF-8 (which Python decodes to lone surrogates) as
-  `\\xNN`.
-  """
-  out = []
-  for ch in text:
-    if 0xDC80 <= ord(ch) <= 0xDCFF:
-      out.append(f'\\x{ord(ch) - 0xDC00:02x}')
-    elif ch.isprintable():
-      out.append(ch)
-    else:
-      out.append(ch.encode('unicode_escape').decode('ascii'))
-  return ''.join(out)
 
 
 class MetricsReleaser:

@@ -21,7 +21,7 @@ import fcntl
 import os
 from typing import Optional
 
-from tff_programs import program_io
+from fedmef_tf import text
 
 LOCK_FILE = '.lock'
 
@@ -47,10 +47,10 @@ def read_holder(root_dir: str) -> Optional[int]:
   """The PID written in `root_dir`'s lock file, or None when there is none or it is unreadable."""
   try:
     with open(os.path.join(root_dir, LOCK_FILE)) as f:
-      text = f.read().strip()
+      content = f.read().strip()
   except OSError:
     return None
-  return int(text) if text.isdigit() else None
+  return int(content) if content.isdigit() else None
 
 
 def _command_line(pid: int) -> str:
@@ -59,8 +59,8 @@ def _command_line(pid: int) -> str:
       parts = f.read().split(b'\0')
   except OSError:
     return ''
-  text = program_io.escape(' '.join(os.fsdecode(p) for p in parts if p))
-  return text if len(text) <= 120 else text[:117] + '...'
+  command = text.one_line(' '.join(os.fsdecode(p) for p in parts if p))
+  return command if len(command) <= 120 else command[:117] + '...'
 
 
 class RunLock:

@@ -59,6 +59,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from fedmef_tf import text
+
 from tff_programs import program_io
 from tff_programs import run_lock
 from tff_programs import runtime  # sets quiet TF logging before TensorFlow is imported
@@ -335,7 +337,7 @@ def _log(msg: str) -> None:
 
 
 def _warn_damaged(message: str) -> None:
-  print(f'train: warning: {program_io.escape(message)}; falling back to the round before',
+  print(f'train: warning: {text.one_line(message)}; falling back to the round before',
         file=sys.stderr, flush=True)
 
 
@@ -476,7 +478,7 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
       try:
         saved, version = asyncio.run(manager.load_latest(template, on_damaged=_warn_damaged))
       except checkpoints.CheckpointError as e:
-        print(f'train: error: {program_io.escape(str(e))}; rerun with --overwrite to start '
+        print(f'train: error: {text.one_line(str(e))}; rerun with --overwrite to start '
               'afresh', file=sys.stderr)
         return EXIT_USAGE
       if saved is not None:
@@ -724,7 +726,7 @@ def main(argv: List[str]) -> int:
     with run_lock.RunLock(FLAGS.root_dir):
       return run(FLAGS.flag_values_dict())
   except run_lock.LockedError as e:
-    print(f'train: error: {program_io.escape(str(e))}', file=sys.stderr)
+    print(f'train: error: {text.one_line(str(e))}', file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:
     print('train: interrupted; rerun the same command to resume from the last saved round',
