@@ -28,8 +28,12 @@ of builtin ops (`tflite_export.filter_grad`; `--nobuiltin_weight_grads`: the sel
 
 It prints the file size, the density of each prunable kernel and the measured peak memory of
 one on-device `train` call (`tflite_export.memprobe`). The file is written to a temporary name
-next to `--output` and renamed into place only when everything succeeded; on any error the
-program prints one line on stderr, exits with status 1 and leaves no file at `--output`.
+next to `--output` (`.NAME.PID.XXXX.tmp`) and renamed into place only when everything
+succeeded; on any error the program prints one line on stderr, exits with status 1 and leaves no
+file at `--output` (an earlier file there is kept). Ctrl-C gives one line and status 130. A
+temporary file that a killed export left behind is removed by the next export to the same
+name; the memory probe's subprocess is killed by the kernel when the exporter dies. A model
+with a NaN or infinite weight is refused.
 """
 
 from __future__ import annotations
