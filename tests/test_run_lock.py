@@ -84,6 +84,13 @@ def test_release_frees_the_lock_and_with_releases_on_an_exception(tmp_path):
     assert again.held and again.stale_pid is None
 
 
+def test_an_unwritable_root_dir_is_a_one_line_lock_error(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(run_lock.LockError, match=r'cannot be written \(Not a directory\)'):
+    run_lock.RunLock(str(blocker / 'run')).acquire()
+
+
 def test_a_lock_file_with_a_dead_pid_is_taken_over(tmp_path):
   dead = subprocess.Popen(['true'])
   dead.wait()

@@ -26,7 +26,11 @@ from fedmef_tf import text
 LOCK_FILE = '.lock'
 
 
-class LockedError(Exception):
+class LockError(Exception):
+  """The run directory cannot be locked (one-line message naming it and why)."""
+
+
+class LockedError(LockError):
   """Another live process holds the run directory (one-line message naming it)."""
 
 
@@ -77,9 +81,18 @@ class RunLock:
     self._fd: Optional[int] = None
 
   def acquire(self) -> 'RunLock':
-    """Takes the lock; raises `LockedError` naming the holder when a live process has it."""
-    os.makedirs(self.root_dir, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Takes the lock; raises `LockedError` naming the holder when a live process has it.
+
+    Raises:
+      LockedError: another live process holds it.
+      LockError: the directory or its lock file cannot be created.
+    """
+    try:
+      os.makedirs(self.root_dir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+      raise LockError(f'--root_dir={self.root_dir}: cannot be written ({e.strerror or e})'
+                      ) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -11,10 +11,10 @@ in the TFF C++ runtime (`tff_programs.runtime`, which always ends its worker). E
 writes lives under `--root_dir` (see `tff_programs.program_io` for the layout):
 
 * the program state after every round, as tensors only (`tff_programs.checkpoints`: written to
-  a temporary file and renamed, atomic; loaded as data and checked against this run's state,
-  a damaged newest one is passed over for the one before). Running the same command again resumes after
-  the last saved round and ends with the same model as an uninterrupted run, because the clients
-  of round t and the order of their examples are functions of `(--seed, t)` only;
+  a temporary file and renamed, atomic; loaded as data and checked against this run's state; a
+  damaged newest one is passed over for the one before). Running the same command again resumes
+  after the last saved round and ends with the same model as an uninterrupted run, because the
+  clients of round t and the order of their examples are functions of `(--seed, t)` only;
 * `config.json`: a `--root_dir` holding a run of another configuration is refused (one line,
   exit code 2) unless `--overwrite`;
 * each round's metrics in `metrics.csv` and TensorBoard (`tff.program` release managers), and a
@@ -60,7 +60,6 @@ from absl import flags
 import numpy as np
 
 from fedmef_tf import text
-
 from tff_programs import program_io
 from tff_programs import run_lock
 from tff_programs import runtime  # sets quiet TF logging before TensorFlow is imported
@@ -725,7 +724,7 @@ def main(argv: List[str]) -> int:
   try:
     with run_lock.RunLock(FLAGS.root_dir):
       return run(FLAGS.flag_values_dict())
-  except run_lock.LockedError as e:
+  except run_lock.LockError as e:
     print(f'train: error: {text.one_line(str(e))}', file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:
