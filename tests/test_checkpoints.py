@@ -172,6 +172,18 @@ def test_security_a_pickled_object_in_a_checkpoint_is_refused_and_never_run(tmp_
   assert not marker.exists()
 
 
+def test_security_an_oversized_tensor_is_refused_before_it_is_unpacked(tmp_path):
+  manager = checkpoints.NpzProgramStateManager(str(tmp_path))
+  _save(manager, _state(), 1)
+  with np.load(tmp_path / 'program_state_1.npz') as data:
+    arrays = {k: data[k] for k in data.files}
+  arrays['leaf_00001'] = np.zeros((2 ** 20,), np.float32)  # 4 MB of zeros, packed small
+  np.savez_compressed(tmp_path / 'program_state_2.npz', **arrays)
+  assert (tmp_path / 'program_state_2.npz').stat().st_size < 2 ** 16
+  with pytest.raises(checkpoints.CheckpointError, match='larger than this run needs'):
+    manager.read(2, _state())
+
+
 def test_security_saved_model_checkpoints_are_refused_not_loaded(tmp_path):
   saved_model = tmp_path / 'checkpoints' / 'program_state_4'
   saved_model.mkdir(parents=True)

@@ -38,6 +38,7 @@ _NAME = re.compile(r'program_state_(\d+)\.npz')
 _TEMP = re.compile(r'\.program_state_\d+\.npz\.[A-Za-z0-9_]+\.tmp')
 _PATHS_KEY = 'leaf_paths'
 DAMAGED_SUFFIX = '.damaged'
+_NPY_HEADER_MAX = 4096  # bytes of an .npy member before its data (magic, version, header)
 
 
 class CheckpointError(Exception):
@@ -133,6 +134,10 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
       with np.load(path, allow_pickle=False) as data:
         if _PATHS_KEY not in data.files:
           raise CheckpointError(f'{path}: not a checkpoint of this program (no {_PATHS_KEY})')
+        want_names = np.asarray(want_paths, dtype=np.str_)
+        if data.zip.getinfo(_PATHS_KEY + '.npy').file_size > want_names.nbytes + _NPY_HEADER_MAX:
+          raise CheckpointError(f'{path}: holds another structure than this run\'s program '
+                                'state (its tensor names are longer)')
         paths = [str(p) for p in data[_PATHS_KEY]]
         if paths != want_paths:
           raise CheckpointError(f'{path}: holds another structure than this run\'s program '
@@ -142,6 +147,11 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
           key = f'leaf_{i:05d}'
           if key not in data.files:
             raise CheckpointError(f'{path}: tensor {name} is missing')
+          # The size the member unpacks to is checked before it is read, so that a small
+          # compressed file cannot make the reader allocate more than this run's state needs.
+          if data.zip.getinfo(key + '.npy').file_size > want.nbytes + _NPY_HEADER_MAX:
+            raise CheckpointError(f'{path}: tensor {name} is larger than this run needs '
+                                  f'({want.dtype}{list(want.shape)})')
           value = data[key]
           if value.dtype != want.dtype or value.shape != want.shape:
             raise CheckpointError(
