@@ -33,12 +33,16 @@ Partitions: `dirichlet_partition` (label skew, Dirichlet parameter `a`, minimum 
 client. `label_skew` measures how skewed a partition is.
 """
 
+import contextlib
 import dataclasses
 import os
+import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
+
+from fedmef_tf import text
 
 DATASET_NAMES = ('synthetic', 'cifar10', 'cifar100', 'cinic10', 'tinyimagenet')
 
@@ -56,8 +60,12 @@ CINIC10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 class DataError(Exception):
   """A dataset file or directory is missing, has the wrong size, or cannot be decoded.
 
-  The message is one line and names the file (or directory) and what is wrong with it.
+  The message is one line and names the file (or directory) and what is wrong with it
+  (control characters and undecodable bytes of file names escaped: `fedmef_tf.text`).
   """
+
+  def __init__(self, message: str):
+    super().__init__(text.one_line(message))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,11 +310,37 @@ def load_cifar100(data_dir: str) -> ImageDataset:
   return ImageDataset('cifar100', splits[0][0], splits[0][1], splits[1][0], splits[1][1], 100)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+  """Sends what C code writes to stderr (file descriptor 2) to /dev/null while inside.
+
+  libjpeg prints its warnings about damaged data ('Corrupt JPEG data', 'Input file read
+  error') straight to stderr; the error that follows them names the file in one line.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
 def _decode_image(path: str, size: int) -> np.ndarray:
   """Decodes a PNG or JPEG file to uint8 `[size, size, 3]` (grey images are made RGB)."""
   try:
-    data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    # Read by Python, which takes any file name the file system holds (TensorFlow's file
+    # functions refuse names that are not UTF-8).
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise DataError(f'{path}: cannot be read ({e.strerror or e})') from None
+  try:
+    with _native_stderr_silenced():
+      image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
   except (tf.errors.OpError, ValueError) as e:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataError(f'{path}: unreadable image ({msg})') from None

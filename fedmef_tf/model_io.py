@@ -103,7 +103,9 @@ def load_model(directory: str, **overrides) -> Tuple[tf.keras.Model, Dict[str, A
       density=1.0, seed=int(config.get('seed', 0)))
   try:
     model.load_weights(os.path.join(directory, WEIGHTS_FILE))
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, KeyError) as e:
+    # h5py raises KeyError for a dataset missing from the file.
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ModelFileError(f'{directory}: weights do not fit model {config["model"]}/'
-                         f'{config["variant"]} ({e})') from e
+                         f'{config["variant"]} ({type(e).__name__}: {reason})') from e
   return model, config

@@ -6,6 +6,8 @@ them, which must raise `DataError` with a one-line message naming the file.
 """
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -482,3 +484,44 @@ def test_as_float_client_data_equals_uint8_pipeline():
                                shuffle_seed=4).as_numpy_iterator())
   np.testing.assert_allclose(np.stack([x for x, _ in a]), np.stack([x for x, _ in b]), atol=1e-7)
   np.testing.assert_array_equal([y for _, y in a], [y for _, y in b])
+
+
+# ------------------------------------------------------------------------------------------------
+# File names and damaged images as a user's folders hold them.
+
+
+def test_image_with_a_non_utf8_name_is_read(tmp_path):
+  written = _write_cinic(str(tmp_path))
+  image = next(iter(written.values()))
+  odd = os.path.join(os.fsencode(str(tmp_path)), b'train', b'bird', b'img_\xff.png')
+  with open(odd, 'wb') as f:
+    f.write(tf.io.encode_png(image).numpy())
+  ds = data.load_cinic10(str(tmp_path))
+  assert len(ds.train_labels) == len(data.CINIC10_CLASSES) + 1
+  assert any(np.array_equal(x, image) for x in ds.train_images[ds.train_labels == 2])
+
+
+def test_a_newline_in_a_damaged_file_name_stays_on_one_line(tmp_path):
+  _write_cinic(str(tmp_path))
+  bad = tmp_path / 'test' / 'horse' / 'img\n1.png'
+  bad.write_bytes(b'not a png')
+  with pytest.raises(data.DataError) as e:
+    data.load_cinic10(str(tmp_path))
+  _one_line_error(e, 'img\\n1.png', 'unreadable image')
+
+
+def test_random_bytes_jpeg_is_one_line_error_without_library_warnings(tmp_path):
+  _write_tiny(str(tmp_path))
+  bad = tmp_path / 'val' / 'images' / 'val_1.JPEG'
+  bad.write_bytes(b'\xff\xd8\xff\xe0' + np.random.RandomState(0).bytes(3000))
+  code = ('import sys; from fedmef_tf import data\n'
+          'try:\n  data.load_tinyimagenet(sys.argv[1])\n'
+          'except data.DataError as e:\n  print(e, file=sys.stderr)\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
+             PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run([sys.executable, '-c', code, str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=120, check=False)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith(f'{bad}: unreadable image')

@@ -1,6 +1,7 @@
 """The TFF runtime ends its worker on every exit path, and computes through it correctly."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -124,3 +125,27 @@ def test_worker_is_in_its_own_session_and_owned_by_this_process(tff_runtime):
   ppid, sid = int(fields[1]), int(fields[3])
   assert ppid == os.getpid()
   assert sid == pid  # start_new_session: a terminal Ctrl-C goes to the program, not the worker
+
+
+def _non_loopback_address():
+  """An IPv4 address of this host other than loopback (None when it has none)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    try:
+      s.connect(('192.0.2.123', 9))  # no packet is sent: this only picks a source address
+    except OSError:
+      return None
+    address = s.getsockname()[0]
+  return None if address.startswith('127.') else address
+
+
+def test_security_local_worker_is_not_reachable_over_the_network(tff_runtime):
+  address = _non_loopback_address()
+  if address is None:
+    pytest.skip('this host has no non-loopback IPv4 address')
+  port = tff_runtime.worker.port
+  for host in (address, '127.0.0.1'):
+    with pytest.raises(ConnectionRefusedError):
+      socket.create_connection((host, port), timeout=5).close()
+  assert tff_runtime.worker.target.startswith('unix:')
+  directory = os.path.dirname(tff_runtime.worker.target[len('unix:'):])
+  assert os.stat(directory).st_mode & 0o077 == 0  # only this user may reach the socket

@@ -7,8 +7,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -580,3 +582,165 @@ def test_benchmark_target_line_compares_each_variant_at_its_best():
   single = tflite_memory._ratios(rows[:2])  # pylint: disable=protected-access
   assert single == ['cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.52x  '
                     '(target fedmef <= 0.6x: met)']
+
+
+# -- faults: non-finite weights, damaged files, interrupted exports --------------------------------
+
+
+def _one_error_line(text):
+  # The TFLite runtime's own notices ('INFO: Created TensorFlow Lite delegate ...') aside.
+  lines = [l for l in text.strip().splitlines() if l.strip() and not l.startswith('INFO: ')]
+  assert len(lines) == 1, text
+  assert lines[0].startswith('error: '), lines[0]
+  return lines[0]
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+  model = models.build_model('cnn', 'baseline', input_shape=INPUT_SHAPE, density=DENSITY, seed=1)
+  kernel = model.trainable_variables[0]
+  kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0, 0, 0]], [float('nan')]))
+  out = tmp_path / 'm.tflite'
+  with pytest.raises(export.ExportError, match=r'1 of \d+ values are NaN or infinite'):
+    export.export_model(model, {'model': 'cnn', 'variant': 'baseline'}, str(out),
+                        batch_size=BATCH, measure_memory=False)
+  assert os.listdir(tmp_path) == []
+
+
+def test_weights_file_with_a_dataset_deleted_is_one_line_error(tmp_path):
+  import h5py  # pylint: disable=import-outside-toplevel
+  model = models.build_model('cnn', 'baseline', input_shape=INPUT_SHAPE, density=DENSITY, seed=1)
+  model_dir = tmp_path / 'saved'
+  model_io.save_model(model, {'model': 'cnn', 'variant': 'baseline', 'num_classes': 10,
+                              'input_shape': list(INPUT_SHAPE)}, str(model_dir))
+  with h5py.File(model_dir / model_io.WEIGHTS_FILE, 'r+') as f:
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    del f[names[0]]
+  out = tmp_path / 'm.tflite'
+  rc, _, err = _run_export([f'--model_dir={model_dir}', f'--output={out}'])
+  assert rc == 1
+  assert 'weights do not fit' in _one_error_line(err) and 'KeyError' in err
+  assert not out.exists()
+
+
+def test_stale_temporaries_of_killed_exports_are_removed_live_ones_kept(tmp_path):
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  out = tmp_path / 'm.tflite'
+  stale = tmp_path / f'.m.tflite.{dead.pid}.abc123.tmp'
+  live = tmp_path / f'.m.tflite.{os.getpid()}.def456.tmp'
+  other = tmp_path / f'.other.tflite.{dead.pid}.abc123.tmp'
+  for p in (stale, live, other):
+    p.write_bytes(b'half')
+  assert export.remove_stale_temporaries(str(out)) == [stale.name]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def _children(pid):
+  found = []
+  for entry in os.listdir('/proc'):
+    if entry.isdigit():
+      try:
+        with open(f'/proc/{entry}/stat') as f:
+          stat = f.read()
+      except OSError:
+        continue
+      fields = stat[stat.rindex(')') + 2:].split()
+      if fields[1] == str(pid) and fields[0] != 'Z':
+        found.append(int(entry))
+  return found
+
+
+def _alive(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+def test_memory_probe_dies_with_its_killed_parent(tmp_path):
+  model = tmp_path / 'm.tflite'
+  model.write_bytes(b'\0' * 64)
+  code = ('import sys; from tflite_export import memprobe; '
+          'memprobe.measure_train_peak(sys.argv[1])')
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  parent = subprocess.Popen([sys.executable, '-c', code, str(model)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 60
+    probes = []
+    while not probes and time.monotonic() < deadline and parent.poll() is None:
+      probes = _children(parent.pid)
+      time.sleep(0.01)
+    assert probes, 'the probe subprocess was not seen'
+  finally:
+    parent.kill()
+    parent.wait()
+  deadline = time.monotonic() + 10
+  while any(_alive(p) for p in probes) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not any(_alive(p) for p in probes), f'probe {probes} outlived its parent'
+
+
+def test_ctrl_c_during_export_is_one_line_and_keeps_the_old_file(tmp_path):
+  out = tmp_path / 'm.tflite'
+  out.write_bytes(b'old')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  proc = subprocess.Popen([sys.executable, '-m', 'tflite_export.export', '--model=cnn',
+                           '--input_shape=16,16,3', f'--batch_size={BATCH}', f'--output={out}'],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  time.sleep(8)  # inside the export (TensorFlow imported, model being built or converted)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert 'interrupted' in _one_error_line(err)
+  assert out.read_bytes() == b'old'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['m.tflite']
+
+
+def _verify_cli(path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-m', 'tflite_export.verify', str(path), '--steps=2'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+def test_verify_reports_damaged_files_in_one_line_without_crashing(baseline_export, tmp_path):
+  data = open(baseline_export[0], 'rb').read()
+  rng = np.random.RandomState(0)
+  changed = bytearray(data)
+  for i in rng.choice(np.arange(8, len(data)), 50, replace=False):
+    changed[i] = rng.randint(256)
+  random_tfl3 = bytearray(rng.bytes(4096))
+  random_tfl3[0:4] = (16).to_bytes(4, 'little')
+  random_tfl3[4:8] = b'TFL3'
+  cases = {'half.tflite': data[:len(data) // 2], 'changed.tflite': bytes(changed),
+           'random.tflite': bytes(random_tfl3), 'plain.tflite': rng.bytes(4096)}
+  for name, content in cases.items():
+    path = tmp_path / name
+    path.write_bytes(content)
+    proc = _verify_cli(path)
+    assert proc.returncode == 2 or (name == 'changed.tflite' and proc.returncode == 1), (
+        name, proc.returncode, proc.stderr)
+    if proc.returncode == 2:
+      assert str(path) in _one_error_line(proc.stderr), name
+
+
+def test_verify_refuses_non_finite_weights(tmp_path):
+  model = models.build_model('cnn', 'baseline', input_shape=INPUT_SHAPE, density=DENSITY, seed=1)
+  bias = model.trainable_variables[1]
+  marker = np.float32(1234.5678)
+  bias.assign(tf.tensor_scatter_nd_update(bias, [[0]], [marker]))
+  path = tmp_path / 'm.tflite'
+  export.export_model(model, {'model': 'cnn', 'variant': 'baseline', 'num_classes': 10,
+                              'input_shape': list(INPUT_SHAPE)}, str(path),
+                      batch_size=BATCH, measure_memory=False)
+  data = path.read_bytes()
+  assert data.count(marker.tobytes()) == 1  # the bias's initial value, stored once
+  path.write_bytes(data.replace(marker.tobytes(), np.float32(np.nan).tobytes()))
+  with pytest.raises(ValueError, match='holds 1 NaN or infinite values'):
+    verify.verify(str(path), steps=2)
+  proc = _verify_cli(path)
+  assert proc.returncode == 2 and 'NaN or infinite' in _one_error_line(proc.stderr)

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from fedmef_tf import text
 from tff_programs import program_io
 from tff_programs import train
 
@@ -273,10 +274,11 @@ def test_plots_are_png(tmp_path):
 
 def test_state_manager_removes_half_written_saves(tmp_path):
   ckpt = tmp_path / 'checkpoints'
-  (ckpt / 'program_state_3_temp1234').mkdir(parents=True)
-  (ckpt / 'program_state_2').mkdir()
+  ckpt.mkdir()
+  (ckpt / '.program_state_3.npz.k2j_x9.tmp').write_bytes(b'PK half')
+  (ckpt / 'program_state_2.npz').write_bytes(b'')
   program_io.state_manager(str(tmp_path))
-  assert sorted(os.listdir(ckpt)) == ['program_state_2']
+  assert sorted(os.listdir(ckpt)) == ['program_state_2.npz']
 
 
 def test_write_json_atomic(tmp_path):
@@ -389,7 +391,7 @@ def test_end_to_end_writes_every_artifact(uninterrupted):
   assert model_cfg['model'] == 'cnn' and model_cfg['variant'] == 'fedmef'
   assert model_cfg['num_classes'] == 10 and model_cfg['input_shape'] == [32, 32, 3]
   assert model_cfg['gamma'] == 0.7
-  assert sorted(os.listdir(root / 'checkpoints')) == ['program_state_2', 'program_state_3']
+  assert sorted(os.listdir(root / 'checkpoints')) == ['program_state_2.npz', 'program_state_3.npz']
   # The saved model loads in the exporter's reader with its masks.
   from fedmef_tf import masks, model_io  # pylint: disable=import-outside-toplevel
   model, _ = model_io.load_model(str(root / 'final_model'))
@@ -415,7 +417,7 @@ def test_resume_after_sigkill_gives_the_same_final_weights(uninterrupted, tmp_pa
   proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   try:
-    _wait_for(str(root / 'checkpoints' / 'program_state_2'), proc, timeout=200)
+    _wait_for(str(root / 'checkpoints' / 'program_state_2.npz'), proc, timeout=200)
     workers = _worker_children(proc.pid)
   finally:
     proc.kill()
@@ -446,7 +448,7 @@ def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
   proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
-    _wait_for(str(root / 'checkpoints' / 'program_state_1'), proc, timeout=200)
+    _wait_for(str(root / 'checkpoints' / 'program_state_1.npz'), proc, timeout=200)
     workers = _worker_children(proc.pid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -458,11 +460,105 @@ def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
   assert 'stopped after round' in out
   assert workers and _gone(workers), f'TFF worker(s) {workers} outlived the program'
   assert len([l for l in err.splitlines() if l.strip()]) <= 2, err  # no traceback
-  versions = sorted(int(n.rsplit('_', 1)[1]) for n in os.listdir(root / 'checkpoints')
-                    if n.startswith('program_state_') and n.rsplit('_', 1)[1].isdigit())
+  versions = sorted(int(n[len('program_state_'):-len('.npz')])
+                    for n in os.listdir(root / 'checkpoints')
+                    if n.startswith('program_state_') and n.endswith('.npz'))
   assert versions and versions[-1] < 40
   rows = program_io.read_metrics(str(root))
   assert rows[-1]['round'] == versions[-1]
+  assert not (root / 'summary.json').exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults: a damaged checkpoint, a second run on the same directory, rounds without clients.
+
+
+def test_clientless_rounds_have_no_loss_and_a_run_of_them_warns_once():
+  row = {'train_loss': 0.0, 'train_accuracy': 0.0, 'clients_used': 0.0}
+  marked = program_io.mark_clientless_round(row)
+  assert math.isnan(marked['train_loss']) and math.isnan(marked['train_accuracy'])
+  used = {'train_loss': 1.5, 'train_accuracy': 0.25, 'clients_used': 2.0}
+  assert program_io.mark_clientless_round(used) == used
+  watch = program_io.ClientlessRounds(warn_after=3)
+  said = [watch.record(t, n) for t, n in enumerate([0, 0, 2, 0, 0, 0, 0, 1], start=1)]
+  assert [t for t, w in enumerate(said, start=1) if w] == [6]
+  assert said[5].startswith('warning: rounds 4..6 used no client')
+  assert not program_io.any_client_used([{'clients_used': 0.0}, {'clients_used': float('nan')}])
+  assert program_io.any_client_used([{'clients_used': 0.0}, {'clients_used': 1.0}])
+
+
+def test_one_line_escapes_control_characters_and_undecodable_bytes_of_file_names():
+  assert text.one_line('runs/a\nb') == 'runs/a\\nb'
+  assert text.one_line(os.fsdecode(b'img_\xff.png')) == 'img_\\xff.png'
+  assert text.one_line('caf\u00e9 ok') == 'caf\u00e9 ok'
+  with_newline = program_io.RunDirError('--root_dir=runs/a\nb: exists and is not a directory')
+  assert '\n' not in str(with_newline) and 'runs/a\\nb' in str(with_newline)
+
+
+@needs_process
+def test_damaged_newest_checkpoint_is_reported_and_the_round_before_resumed(uninterrupted,
+                                                                            tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  reference_root, _ = uninterrupted
+  root = tmp_path / 'damaged'
+  shutil.copytree(reference_root, root)
+  os.remove(root / 'summary.json')
+  newest = root / 'checkpoints' / 'program_state_3.npz'
+  newest.write_bytes(newest.read_bytes()[:100000])
+  proc = _cli([f'--root_dir={root}', '--rounds=3'] + TINY)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  warnings = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(warnings) == 1, proc.stderr
+  assert warnings[0].startswith(f'train: warning: {newest}: damaged')
+  assert 'resuming after round 2' in proc.stdout and 'round 3/3' in proc.stdout
+  want = _h5_weights(reference_root / 'final_model' / 'weights.h5')
+  got = _h5_weights(root / 'final_model' / 'weights.h5')
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@needs_process
+def test_second_run_on_a_busy_root_dir_is_refused_and_sigterm_exits_143(tmp_path):
+  from tff_programs import run_lock  # pylint: disable=import-outside-toplevel
+  root = tmp_path / 'busy'
+  args = [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root}', '--rounds=60'] + TINY
+  first = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for(str(root / 'checkpoints' / 'program_state_1.npz'), first, timeout=200)
+    second = _cli([f'--root_dir={root}', '--rounds=60'] + TINY)
+    assert first.poll() is None, 'the first run ended before the second was refused'
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.wait()
+  assert second.returncode == 2, second.stdout + second.stderr
+  line = _error_line(second)
+  assert f'is in use by process {first.pid} ' in line, line
+  assert first.returncode == 143, first.stderr.read()
+  rounds = [r['round'] for r in program_io.read_metrics(str(root))]
+  assert rounds == list(range(1, len(rounds) + 1)), rounds  # each round once
+  with run_lock.RunLock(str(root)) as lock:  # released by the terminated run
+    assert lock.held
+
+
+@needs_process
+def test_a_run_in_which_no_client_survives_warns_has_no_loss_and_fails(tmp_path):
+  root = tmp_path / 'diverged'
+  proc = _cli([f'--root_dir={root}', '--rounds=3', '--client_lr=100'] + TINY)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 2, proc.stderr
+  assert lines[0].startswith('train: warning: rounds 1..3 used no client')
+  assert lines[1].startswith('train: error: no round of 1..3 used any client')
+  rows = program_io.read_metrics(str(root))
+  assert [r['round'] for r in rows] == [1, 2, 3]
+  assert all(r['clients_used'] == 0 for r in rows)
+  assert all(math.isnan(r['train_loss']) and math.isnan(r['train_accuracy']) for r in rows)
+  with open(root / 'metrics.csv') as f:
+    assert ',0.0,0.0\n' not in f.read()  # no 0 loss recorded
   assert not (root / 'summary.json').exists()
 
 

@@ -3,9 +3,10 @@
 Layout of a run directory:
 
 - `config.json` (`prepare_root_dir`): every flag that changes the result; a rerun must match.
-- `checkpoints/program_state_<round>/` (`tff.program.FileProgramStateManager`): the program
-  state after each round, as a SavedModel written to a temporary directory and renamed (atomic);
-  the last two are kept.
+- `checkpoints/program_state_<round>.npz` (`tff_programs.checkpoints`): the program state after
+  each round, as tensors only (loaded as data, never run), written to a temporary file and
+  renamed (atomic); the last two are kept.
+- `.lock` (`tff_programs.run_lock`): held by the running program, holds its PID.
 - `metrics.csv` (`tff.program.CSVFileReleaseManager`): one row per round, key `round`.
 - `tensorboard/` (`tff.program.TensorBoardReleaseManager`): the same scalars as events.
 - `summary.json` (`write_json`): the end-of-run report.
@@ -18,13 +19,16 @@ Layout of a run directory:
 
 import asyncio
 import csv
+import errno
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from fedmef_tf import text
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -40,6 +44,9 @@ _KEEP_CHECKPOINTS = 2
 
 class RunDirError(Exception):
   """The run directory cannot be used (one-line message naming it and why)."""
+
+  def __init__(self, message: str):
+    super().__init__(text.one_line(message))
 
 
 def write_json(path: str, value: Any) -> None:
@@ -151,20 +158,46 @@ def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) 
   return False
 
 
-def state_manager(root_dir: str):
-  """The `tff.program.FileProgramStateManager` of the run (versions are round numbers).
+def disk_full_message(error: BaseException, root_dir: str) -> Optional[str]:
+  """The one-line message for `error` when it is a full disk (or quota) while writing the run.
 
-  Leftovers of a save that was killed midway (`program_state_<t>_temp<n>`, which the manager
-  writes before renaming and never lists as a version) are removed first.
+  Returns None for any other error. Every checkpoint write is atomic, so the rounds saved
+  before the failure are intact and the same command resumes after them.
   """
-  import tensorflow_federated as tff  # pylint: disable=import-outside-toplevel
+  full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+  full = full or 'No space left on device' in str(error)
+  if not full:
+    return None
+  where = getattr(error, 'path', None) or getattr(error, 'filename', None) or root_dir
+  return (f'disk full while writing {text.one_line(os.fsdecode(where))}; the rounds saved '
+          'before it are intact: free space on that disk (or copy '
+          f'--root_dir={text.one_line(root_dir)} to a larger one and point --root_dir at the '
+          'copy), then rerun the same command to resume')
+
+
+def state_manager(root_dir: str):
+  """The run's `tff_programs.checkpoints.NpzProgramStateManager` (versions are round numbers).
+
+  Temporary files of a save that was killed midway are removed first. Checkpoint directories
+  `program_state_<t>/` (TFF's `FileProgramStateManager` SavedModel format) are refused, not
+  loaded: loading a SavedModel runs the graph it holds.
+
+  Raises:
+    RunDirError: when the checkpoint directory holds SavedModel checkpoints.
+  """
+  from tff_programs import checkpoints  # pylint: disable=import-outside-toplevel
   directory = os.path.join(root_dir, CHECKPOINT_DIR)
   if os.path.isdir(directory):
-    for name in os.listdir(directory):
-      if re.fullmatch(r'program_state_\d+_temp\d+', name):
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-  return tff.program.FileProgramStateManager(
-      os.path.join(root_dir, CHECKPOINT_DIR), keep_total=_KEEP_CHECKPOINTS, keep_first=False)
+    saved_models = sorted(n for n in os.listdir(directory)
+                          if re.fullmatch(r'program_state_\d+(_temp\d+)?', n))
+    if saved_models:
+      raise RunDirError(
+          f'{os.path.join(directory, saved_models[-1])} is a SavedModel checkpoint, '
+          'which is not loaded (loading one runs the graph it holds); rerun with --overwrite '
+          'to start afresh, or move it away')
+  manager = checkpoints.NpzProgramStateManager(directory, keep=_KEEP_CHECKPOINTS)
+  manager.remove_temporary_files()
+  return manager
 
 
 class MetricsReleaser:
@@ -193,6 +226,48 @@ class MetricsReleaser:
       await self._tensorboard.release(finite, round_num)
 
     asyncio.run(_release())
+
+
+def mark_clientless_round(row: Dict[str, float]) -> Dict[str, float]:
+  """Sets `train_loss` and `train_accuracy` of a round that used no client to NaN.
+
+  Such a round trained nothing (every sampled client's update was rejected as non-finite, or
+  was empty): it has no training loss, and a 0 would read as a perfect one.
+  """
+  if row.get('clients_used') == 0:
+    row = dict(row, train_loss=float('nan'), train_accuracy=float('nan'))
+  return row
+
+
+class ClientlessRounds:
+  """Follows rounds that used no client and says when several of them come in a row.
+
+  Args:
+    warn_after: how many such rounds in a row make a warning.
+  """
+
+  def __init__(self, warn_after: int = 3):
+    self._warn_after = warn_after
+    self._first = None
+    self._count = 0
+
+  def record(self, round_num: int, clients_used: float) -> Optional[str]:
+    """Takes a round's `clients_used`; returns a warning line when a run of them is long enough."""
+    if clients_used:
+      self._first, self._count = None, 0
+      return None
+    if self._first is None:
+      self._first = round_num
+    self._count += 1
+    if self._count != self._warn_after:
+      return None
+    return (f'warning: rounds {self._first}..{round_num} used no client (every client update was '
+            'non-finite or empty, so the model did not change); a lower --client_lr may help')
+
+
+def any_client_used(rows: Sequence[Mapping[str, float]]) -> bool:
+  """Whether any round of `read_metrics`' rows used at least one client."""
+  return any(r.get('clients_used', 0) > 0 for r in rows)
 
 
 def read_metrics(root_dir: str) -> List[Dict[str, float]]:

@@ -1,7 +1,7 @@
 """The TFF runtime of every fedmef-tf program and test: one worker, started and always ended.
 
 TensorFlow Federated's local C++ execution context runs computations in a separate process,
-`tensorflow_federated/data/worker_binary`, reached over gRPC on localhost. TFF starts that
+`tensorflow_federated/data/worker_binary`, reached over gRPC. TFF starts that
 process lazily and only stops it when its context object is garbage-collected, which leaves it
 running after a plain exit, after SIGKILL of the parent (holding the parent's output pipes open),
 and hangs teardown when SIGINT is ignored (see ../shared/ENVIRONMENT.md).
@@ -18,6 +18,15 @@ that talks to it, so that it owns the worker's PID and ends it on every exit pat
   that reason. It runs in its own session, so a Ctrl-C typed in a terminal reaches the program
   (which decides when to stop) and not the worker directly.
 
+The worker binary listens on every network interface, with no authentication, and has no flag
+to change that. `LocalRuntime` therefore starts it in a network namespace of its own (Linux
+`unshare(CLONE_NEWNET)`, where the only interface is its own loopback) and reaches it through a
+Unix socket in a directory only this user may enter, relayed into that namespace by a thread of
+this process (`_NamespaceRelay`): no other host, and no other user of this one, can send it
+computations. Where the kernel does not allow a new namespace (no CAP_SYS_ADMIN) it says so in a
+warning and starts the worker as before. Workers for remote use (`tff_programs.worker`) listen
+on the network by design (docs/DISTRIBUTED.md).
+
 Only processes started here are ever signalled, by their PID.
 
 Typical use::
@@ -30,9 +39,13 @@ Typical use::
 
 import atexit
 import ctypes
+import fcntl
 import logging as py_logging
 import os
+import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -58,6 +71,10 @@ if not _wants_verbose():
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
 
 _PR_SET_PDEATHSIG = 1
+_CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
 _WORKER_READY_TIMEOUT_S = 60.0
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 _GRPC_OPTIONS = [
@@ -104,6 +121,119 @@ def _set_parent_death_signal() -> None:
     pass
 
 
+def _isolate_network() -> None:
+  """Runs in the child between fork and exec: a network namespace of its own, loopback up.
+
+  The worker binary listens on every interface and has no flag to change that; in a new
+  network namespace the only interface is its own loopback, which nothing outside can reach.
+  Raises OSError when the kernel refuses (no CAP_SYS_ADMIN): `Popen` then fails.
+  """
+  _set_parent_death_signal()
+  libc = ctypes.CDLL('libc.so.6', use_errno=True)
+  if libc.unshare(_CLONE_NEWNET) != 0:
+    raise OSError(ctypes.get_errno(), 'unshare(CLONE_NEWNET) failed')
+  with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    request = struct.pack('16sH14x', b'lo', 0)
+    flags = struct.unpack('16sH14x', fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
+    fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack('16sH14x', b'lo', flags | _IFF_UP))
+
+
+class _NamespaceRelay:
+  """Connects a Unix socket of this host to a worker's port inside its network namespace.
+
+  A thread of this process enters the worker's namespace (`setns`, thread-local) and accepts
+  connections on `socket_path` (a file in a directory only this user may enter); for each it
+  opens a TCP connection to the worker's loopback port from inside the namespace, and two
+  threads copy bytes both ways. gRPC clients reach the worker as `unix:<socket_path>`.
+  """
+
+  def __init__(self, worker_pid: int, port: int):
+    self._netns = f'/proc/{worker_pid}/ns/net'
+    self._port = port
+    self._dir = tempfile.mkdtemp(prefix='tff_worker_')  # mode 0700
+    self.socket_path = os.path.join(self._dir, 'worker.sock')
+    self._listener: Optional[socket.socket] = None
+    self._connections = []
+    self._stopping = threading.Event()
+    self._ready = threading.Event()
+    self._error: Optional[BaseException] = None
+    self._thread = threading.Thread(target=self._serve, name='tff-worker-relay', daemon=True)
+
+  def start(self) -> None:
+    self._thread.start()
+    self._ready.wait(10)
+    if self._error is not None or not self._ready.is_set():
+      self.stop()
+      raise WorkerError(f'cannot enter the worker\'s network namespace ({self._error})')
+
+  def _serve(self) -> None:
+    try:
+      libc = ctypes.CDLL('libc.so.6', use_errno=True)
+      fd = os.open(self._netns, os.O_RDONLY)
+      try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+          raise OSError(ctypes.get_errno(), 'setns failed')
+      finally:
+        os.close(fd)
+      self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+      self._listener.bind(self.socket_path)
+      self._listener.listen(16)
+      self._listener.settimeout(0.2)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._error = e
+      return
+    finally:
+      self._ready.set()
+    while not self._stopping.is_set():
+      try:
+        client, _ = self._listener.accept()
+      except socket.timeout:
+        continue
+      except OSError:
+        return
+      try:
+        upstream = socket.create_connection(('127.0.0.1', self._port), timeout=5)
+        upstream.settimeout(None)
+      except OSError:
+        client.close()  # the worker is not listening yet: gRPC retries
+        continue
+      client.settimeout(None)
+      self._connections += [client, upstream]
+      for src, dst in ((client, upstream), (upstream, client)):
+        threading.Thread(target=_pump, args=(src, dst), daemon=True,
+                         name='tff-worker-relay-copy').start()
+
+  def stop(self) -> None:
+    self._stopping.set()
+    if self._thread.is_alive() and self._thread is not threading.current_thread():
+      self._thread.join(timeout=2)
+    for conn in [self._listener] + self._connections:
+      if conn is not None:
+        try:
+          conn.close()
+        except OSError:
+          pass
+    self._connections = []
+    shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+  try:
+    while True:
+      data = src.recv(1 << 20)
+      if not data:
+        break
+      dst.sendall(data)
+  except OSError:
+    pass
+  finally:
+    for sock, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
+      try:
+        sock.shutdown(how)
+      except OSError:
+        pass
+
+
 def worker_binary_path() -> str:
   """Absolute path of the C++ worker binary shipped inside the TFF package."""
   import tensorflow_federated  # pylint: disable=g-import-not-at-top
@@ -131,10 +261,21 @@ def _raise_system_exit(signum, frame):  # pylint: disable=unused-argument
 
 
 class WorkerProcess:
-  """One TFF C++ worker service started by this process (owned by PID)."""
+  """One TFF C++ worker service started by this process (owned by PID).
+
+  Args:
+    port: its port; a free one when None.
+    max_concurrent_computation_calls: passed to the worker; -1 is unbounded.
+    log_path: file for its output (a temporary one when None and not `verbose`).
+    verbose: let it write to this console.
+    isolated: run it in a network namespace of its own, reachable only through a Unix socket
+      of this host (`_NamespaceRelay`); `target` is then `unix:<path>`. Raises WorkerError
+      when the kernel does not allow it. Otherwise it listens on every interface and `target`
+      is `localhost:<port>`.
+  """
 
   def __init__(self, port: Optional[int] = None, *, max_concurrent_computation_calls: int = -1,
-               log_path: Optional[str] = None, verbose: bool = False):
+               log_path: Optional[str] = None, verbose: bool = False, isolated: bool = False):
     import portpicker  # pylint: disable=g-import-not-at-top
     self.port = port or portpicker.pick_unused_port()
     args = [worker_binary_path(), f'--port={self.port}',
@@ -149,11 +290,27 @@ class WorkerProcess:
       self.log_path = log_path
       out = open(log_path, 'ab')  # pylint: disable=consider-using-with
     self._out = out
-    self.process = subprocess.Popen(  # pylint: disable=consider-using-with
-        args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-        preexec_fn=_set_parent_death_signal, start_new_session=True, close_fds=True)
+    self._relay: Optional[_NamespaceRelay] = None
+    try:
+      self.process = subprocess.Popen(  # pylint: disable=consider-using-with
+          args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+          preexec_fn=_isolate_network if isolated else _set_parent_death_signal,
+          start_new_session=True, close_fds=True)
+    except subprocess.SubprocessError as e:
+      self._close_log()
+      raise WorkerError(f'cannot start the TFF worker in a network namespace of its own ({e})'
+                        ) from None
     self.pid = self.process.pid
     _LIVE_WORKERS.add(self)
+    self.target = f'localhost:{self.port}'
+    if isolated:
+      self._relay = _NamespaceRelay(self.pid, self.port)
+      try:
+        self._relay.start()
+      except WorkerError:
+        self.stop()
+        raise
+      self.target = f'unix:{self._relay.socket_path}'
 
   def alive(self) -> bool:
     return self.process.poll() is None
@@ -169,12 +326,18 @@ class WorkerProcess:
         self.process.wait()
       except ProcessLookupError:
         pass
+    if self._relay is not None:
+      self._relay.stop()
+      self._relay = None
+    self._close_log()
+    _LIVE_WORKERS.discard(self)
+
+  def _close_log(self) -> None:
     if self._out is not None:
       self._out.close()
       self._out = None
     if self.log_path and os.path.exists(self.log_path) and os.path.getsize(self.log_path) == 0:
       os.remove(self.log_path)
-    _LIVE_WORKERS.discard(self)
 
 
 _LIVE_WORKERS: 'set[WorkerProcess]' = set()
@@ -268,9 +431,16 @@ class LocalRuntime:
     configure_logging(self._verbose)
     restore_signal_handlers()
     from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context  # pylint: disable=g-import-not-at-top
-    self.worker = WorkerProcess(max_concurrent_computation_calls=self._max_calls,
-                                log_path=self._worker_log, verbose=self._verbose)
-    target = f'localhost:{self.worker.port}'
+    try:
+      self.worker = WorkerProcess(max_concurrent_computation_calls=self._max_calls,
+                                  log_path=self._worker_log, verbose=self._verbose,
+                                  isolated=True)
+    except WorkerError as e:
+      print(f'warning: {e}; the TFF worker listens on every network interface instead',
+            file=sys.stderr, flush=True)
+      self.worker = WorkerProcess(max_concurrent_computation_calls=self._max_calls,
+                                  log_path=self._worker_log, verbose=self._verbose)
+    target = self.worker.target
     try:
       stub = _make_stub(target)
       _wait_ready(stub, target, _WORKER_READY_TIMEOUT_S, self.worker)

@@ -10,10 +10,11 @@ learning process (`tff_programs.fedmef_process.build_fedmef_process`) and runs `
 in the TFF C++ runtime (`tff_programs.runtime`, which always ends its worker). Everything it
 writes lives under `--root_dir` (see `tff_programs.program_io` for the layout):
 
-* the program state after every round, through `tff.program.FileProgramStateManager` (written
-  to a temporary directory and renamed: atomic). Running the same command again resumes after
-  the last saved round and ends with the same model as an uninterrupted run, because the clients
-  of round t and the order of their examples are functions of `(--seed, t)` only;
+* the program state after every round, as tensors only (`tff_programs.checkpoints`: written to
+  a temporary file and renamed, atomic; loaded as data and checked against this run's state; a
+  damaged newest one is passed over for the one before). Running the same command again resumes
+  after the last saved round and ends with the same model as an uninterrupted run, because the
+  clients of round t and the order of their examples are functions of `(--seed, t)` only;
 * `config.json`: a `--root_dir` holding a run of another configuration is refused (one line,
   exit code 2) unless `--overwrite`;
 * each round's metrics in `metrics.csv` and TensorBoard (`tff.program` release managers), and a
@@ -29,8 +30,12 @@ rounds of one local epoch, the small cnn at density 0.2, FedMef with gamma 0.7) 
 accuracy (chance 10%) with seed 0; training took 4m17s to 5m23s of wall time on 2 cores shared
 with other jobs (about 4 minutes of CPU time), plus about 40 s of set-up and final report.
 
-Exit codes: 0 done; 1 failure while running; 2 bad flag, unusable `--root_dir` or data files;
-130 interrupted.
+The program holds a lock on `--root_dir` for the whole run (`tff_programs.run_lock`): a second
+start on the same directory is refused in one line naming the running process.
+
+Exit codes: 0 done; 1 failure while running (disk full, a worker lost, no round used any
+client); 2 bad flag, unusable `--root_dir` (another configuration, in use, no intact checkpoint)
+or data files; 130 interrupted (SIGINT); 143 terminated (SIGTERM), the last saved round intact.
 
 Examples:
 
@@ -54,7 +59,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from fedmef_tf import text
 from tff_programs import program_io
+from tff_programs import run_lock
 from tff_programs import runtime  # sets quiet TF logging before TensorFlow is imported
 
 ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'feddst', 'static', 'tfmot',
@@ -328,6 +335,11 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
+def _warn_damaged(message: str) -> None:
+  print(f'train: warning: {text.one_line(message)}; falling back to the round before',
+        file=sys.stderr, flush=True)
+
+
 def _default_process_builder(model_fn, cfg, spec, element_spec):
   """Builds the learning process with `tff_programs.fedmef_process.build_fedmef_process`."""
   del spec  # the process derives the variant and SAP ratio from the algorithm
@@ -372,6 +384,7 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from fedmef_tf import data as data_lib
   from fedmef_tf import masks as masks_lib
+  from tff_programs import checkpoints
   from tff_programs import client_data as client_data_lib
 
   setup_start = time.monotonic()
@@ -452,12 +465,21 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   try:
     stop.install()
     state = process.initialize()
-    manager = program_io.state_manager(root_dir)
+    try:
+      manager = program_io.state_manager(root_dir)
+    except program_io.RunDirError as e:
+      print(f'train: error: {e}', file=sys.stderr)
+      return EXIT_USAGE
     totals = {'down_bytes': 0.0, 'up_bytes': 0.0, 'train_seconds': 0.0}
     start_round = 0
     if resumable:
       template = {'round': np.int64(0), 'process': state, 'totals': totals}
-      saved, version = asyncio.run(manager.load_latest(template))
+      try:
+        saved, version = asyncio.run(manager.load_latest(template, on_damaged=_warn_damaged))
+      except checkpoints.CheckpointError as e:
+        print(f'train: error: {text.one_line(str(e))}; rerun with --overwrite to start '
+              'afresh', file=sys.stderr)
+        return EXIT_USAGE
       if saved is not None:
         state = saved['process']
         start_round = int(saved['round'])
@@ -469,6 +491,7 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
          f'{f["clients_per_round"]} of {f["num_clients"]} clients per round; set-up '
          f'{time.monotonic() - setup_start:.1f}s')
 
+    clientless = program_io.ClientlessRounds()
     round_times: List[float] = []
     last_acc = float('nan')
     completed = start_round
@@ -509,6 +532,10 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
           adjusted=_num(m.get('adjusted'), 0.0),
           learning_rate=_num(m.get('learning_rate')),
       )
+      row = program_io.mark_clientless_round(row)
+      warning = clientless.record(t, row['clients_used'])
+      if warning:
+        print(f'train: {warning}', file=sys.stderr, flush=True)
       # Release first, then save: a run killed in between redoes round t on resume, and the CSV
       # release manager replaces rows >= t, so metrics.csv never misses a saved round.
       releaser.release(row, t)
@@ -530,6 +557,11 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
       _log(f'stopped after round {completed} of {f["rounds"]}; rerun the same command to '
            'resume')
       return EXIT_INTERRUPTED
+    if not program_io.any_client_used(program_io.read_metrics(root_dir)):
+      print(f'train: error: no round of 1..{f["rounds"]} used any client (every client update was '
+            'non-finite or empty): the model is untrained; a lower --client_lr may help',
+            file=sys.stderr)
+      return EXIT_FAILURE
     load_weights(state)
     _finish(f, cfg, spec, dataset, eval_model, model_fn, totals, masks_lib, evaluate)
     return EXIT_OK
@@ -690,7 +722,11 @@ def main(argv: List[str]) -> int:
   """Runs the program on the parsed, checked flags (see `_parse_flags`); returns the exit code."""
   del argv
   try:
-    return run(FLAGS.flag_values_dict())
+    with run_lock.RunLock(FLAGS.root_dir):
+      return run(FLAGS.flag_values_dict())
+  except run_lock.LockError as e:
+    print(f'train: error: {text.one_line(str(e))}', file=sys.stderr)
+    return EXIT_USAGE
   except KeyboardInterrupt:
     print('train: interrupted; rerun the same command to resume from the last saved round',
           file=sys.stderr)
@@ -699,6 +735,10 @@ def main(argv: List[str]) -> int:
     print(f'train: error: {e}', file=sys.stderr)
     return EXIT_FAILURE
   except Exception as e:  # pylint: disable=broad-except
+    disk_full = program_io.disk_full_message(e, FLAGS.root_dir)
+    if disk_full:
+      print(f'train: error: {disk_full}', file=sys.stderr)
+      return EXIT_FAILURE
     if not FLAGS.workers or 'grpc' not in repr(e).lower() + type(e).__module__:
       raise
     # A remote worker failed during a round: the last finished round's checkpoint is intact.

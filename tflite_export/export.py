@@ -28,8 +28,12 @@ of builtin ops (`tflite_export.filter_grad`; `--nobuiltin_weight_grads`: the sel
 
 It prints the file size, the density of each prunable kernel and the measured peak memory of
 one on-device `train` call (`tflite_export.memprobe`). The file is written to a temporary name
-next to `--output` and renamed into place only when everything succeeded; on any error the
-program prints one line on stderr, exits with status 1 and leaves no file at `--output`.
+next to `--output` (`.NAME.PID.XXXX.tmp`) and renamed into place only when everything
+succeeded; on any error the program prints one line on stderr, exits with status 1 and leaves no
+file at `--output` (an earlier file there is kept). Ctrl-C gives one line and status 130. A
+temporary file that a killed export left behind is removed by the next export to the same
+name; the memory probe's subprocess is killed by the kernel when the exporter dies. A model
+with a NaN or infinite weight is refused.
 """
 
 from __future__ import annotations
@@ -246,6 +250,52 @@ def _check_binary_masks(keras_model) -> None:
                             '(--nolayer_updates exports any values)')
 
 
+def _check_finite(keras_model) -> None:
+  """Refuses a model with a NaN or infinite weight (a diverged training run)."""
+  for v in keras_model.weights:
+    values = v.numpy()
+    if values.dtype.kind == 'f' and not np.all(np.isfinite(values)):
+      bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+      raise ExportError(f'{v.name}: {bad} of {values.size} values are NaN or infinite; the '
+                        'model is not exported (did its training diverge?)')
+
+
+def remove_stale_temporaries(output: str) -> List[str]:
+  """Removes temporary files of earlier exports to `output` whose process is gone.
+
+  An export writes `.<name>.<pid>.<random>.tmp` beside `output` and renames it when done; a
+  killed export leaves it behind. Files of a live process (an export running now) are kept.
+
+  Returns:
+    The names removed.
+  """
+  parent = os.path.dirname(os.path.abspath(output))
+  prefix = f'.{os.path.basename(output)}.'
+  removed = []
+  for name in sorted(os.listdir(parent)):
+    if not (name.startswith(prefix) and name.endswith('.tmp')):
+      continue
+    pid = name[len(prefix):].split('.', 1)[0]
+    if not pid.isdigit() or _pid_alive(int(pid)):
+      continue
+    try:
+      os.remove(os.path.join(parent, name))
+      removed.append(name)
+    except FileNotFoundError:
+      pass
+  return removed
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size: int = 32,
                  learning_rate: float = 0.1, measure_memory: bool = True,
                  layer_updates: bool = True,
@@ -286,6 +336,7 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     raise ExportError(f'--learning_rate must be > 0, got {learning_rate}')
   if int(max_im2col_kib) < 0:
     raise ExportError(f'--max_im2col_kib must be >= 0, got {max_im2col_kib}')
+  _check_finite(keras_model)
   if layer_updates:
     _check_binary_masks(keras_model)
   metadata = dict(config)
@@ -301,8 +352,9 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     msg = str(e).strip().splitlines()
     raise ExportError(f'TFLite conversion failed: {msg[0] if msg else type(e).__name__}') from e
   parent = os.path.dirname(output)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(output) + '.', suffix='.tmp',
-                             dir=parent)
+  remove_stale_temporaries(output)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(output)}.{os.getpid()}.',
+                             suffix='.tmp', dir=parent)
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(flatbuffer)
@@ -417,7 +469,12 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return run(sys.argv if argv is None else argv)
+  try:
+    return run(sys.argv if argv is None else argv)
+  except KeyboardInterrupt:
+    print('error: interrupted; no file was written at --output (an earlier one there is kept)',
+          file=sys.stderr)
+    return 130
 
 
 if __name__ == '__main__':

@@ -38,9 +38,11 @@ same op types. It excludes the model file and the variables, which are resident 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Dict
@@ -48,6 +50,7 @@ from typing import Dict
 __all__ = ['measure_train_peak', 'probe']
 
 _STATUS = '/proc/self/status'
+_PR_SET_PDEATHSIG = 1
 
 
 def _status_kib(field: str) -> int:
@@ -132,6 +135,18 @@ def probe(model_path: str, mode: str, seed: int = 0, warmup: bool = True,
           'steady_delta': (hwm_second - rss_before) * 1024, 'reset': int(reset)}
 
 
+def die_with_parent() -> None:
+  """Runs in a child between fork and exec: the kernel sends it SIGKILL when its parent dies.
+
+  (Linux `prctl(PR_SET_PDEATHSIG)`; elsewhere nothing is done.)
+  """
+  try:
+    libc = ctypes.CDLL('libc.so.6', use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+  except OSError:
+    pass
+
+
 def _run_child(model_path: str, mode: str, timeout_s: float) -> Dict[str, int]:
   env = dict(os.environ)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -144,7 +159,8 @@ def _run_child(model_path: str, mode: str, timeout_s: float) -> Dict[str, int]:
   env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
   proc = subprocess.run(
       [sys.executable, '-m', 'tflite_export.memprobe', model_path, f'--mode={mode}'],
-      capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+      capture_output=True, text=True, env=env, timeout=timeout_s, check=False,
+      preexec_fn=die_with_parent)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode != 0 or not lines:
     tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]

@@ -2,6 +2,10 @@
 
     python -m tflite_export.verify model.tflite [--steps=5] [--seed=0]
 
+The checks run in a child process, so that a damaged file that crashes the TFLite interpreter
+(which does not validate a file before using it) gives one line and exit status 2, as does a
+file that is not a TFLite file or holds NaN or infinite weights.
+
 The file's `metadata` signature names the model (registry name, variant, classes, input shape,
 gamma, batch size, weight names), so the TF model is rebuilt from it and loaded with the
 file's own weights (`get_weights`). On one random batch (seeded; images uniform in [0, 1), the
@@ -281,6 +285,11 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   checks: List[Check] = []
 
   w0 = run['get_weights']()
+  for name, value in w0.items():
+    if not np.all(np.isfinite(value)):
+      bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+      raise ValueError(f'{model_path}: weight {name} holds {bad} NaN or infinite values of '
+                       f'{np.size(value)}; the file is not checked')
   lr0 = float(meta['learning_rate'])
 
   def reset():
@@ -480,6 +489,43 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
   return checks
 
 
+def check_header(model_path: str) -> None:
+  """Raises ValueError unless `model_path` starts like a TFLite flatbuffer (`TFL3`, root offset
+  inside the file)."""
+  size = os.path.getsize(model_path)
+  with open(model_path, 'rb') as f:
+    head = f.read(8)
+  if len(head) < 8 or head[4:8] != b'TFL3':
+    raise ValueError(f'{model_path}: not a TFLite file (no TFL3 identifier)')
+  if not 8 <= int.from_bytes(head[:4], 'little') < size:
+    raise ValueError(f'{model_path}: damaged TFLite file (its root table lies outside the file)')
+
+
+def run_isolated(model_path: str, steps: int, seed: int) -> int:
+  """Runs the checks in a child process (`--in_process`); returns its exit status.
+
+  The TFLite interpreter does not validate a file before using it: a damaged file can make it
+  crash (SIGSEGV). In a child the crash is reported in one line instead of ending this program.
+  The child is killed when this process dies (`memprobe.die_with_parent`).
+  """
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ)
+  env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tflite_export.verify', model_path, f'--steps={steps}',
+       f'--seed={seed}', '--in_process'], env=env, check=False,
+      preexec_fn=memprobe.die_with_parent)
+  if proc.returncode < 0:
+    name = signal.Signals(-proc.returncode).name
+    print(f'error: {model_path}: the TFLite interpreter crashed on this file ({name}): it is '
+          'damaged or not written by tflite_export.export', file=sys.stderr)
+    return 2
+  return proc.returncode
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
 
@@ -488,10 +534,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('model_path')
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--in_process', action='store_true',
+                      help='run the checks in this process, without crash isolation')
   args = parser.parse_args(argv)
   if not os.path.isfile(args.model_path):
     print(f'error: {args.model_path}: no such file', file=sys.stderr)
     return 2
+  try:
+    check_header(args.model_path)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if not args.in_process:
+    try:
+      return run_isolated(args.model_path, args.steps, args.seed)
+    except KeyboardInterrupt:
+      print('error: interrupted', file=sys.stderr)
+      return 130
   try:
     checks = verify(args.model_path, steps=args.steps, seed=args.seed)
   except (ValueError, KeyError, RuntimeError) as e:
