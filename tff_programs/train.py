@@ -331,6 +331,12 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
+def _split_name(f: Mapping[str, Any]) -> str:
+  if f['dataset'] == 'client_data':
+    return 'the data\'s own clients'
+  return 'IID' if f['iid'] else f'Dirichlet a={f["dirichlet_alpha"]:g}'
+
+
 def _default_process_builder(model_fn, cfg, spec, element_spec):
   """Builds the learning process with `tff_programs.fedmef_process.build_fedmef_process`."""
   del spec  # the process derives the variant and SAP ratio from the algorithm
@@ -383,23 +389,29 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   from tff_programs import client_data as client_data_lib
 
   setup_start = time.monotonic()
+  own_split = f['dataset'] == 'client_data'
   try:
-    dataset = data_lib.load_dataset(
-        f['dataset'], f['data_dir'] or None, seed=f['seed'],
-        synthetic_train=f['synthetic_train_size'], synthetic_test=f['synthetic_test_size'])
+    if own_split:
+      from tff_programs import user_data  # pylint: disable=import-outside-toplevel
+      dataset, partitions, _ = user_data.load_sql_client_data(f['data_dir'], f['num_clients'])
+    else:
+      dataset = data_lib.load_dataset(
+          f['dataset'], f['data_dir'] or None, seed=f['seed'],
+          synthetic_train=f['synthetic_train_size'], synthetic_test=f['synthetic_test_size'])
   except data_lib.DataError as e:
     print(f'train: error: {e}', file=sys.stderr)
     return EXIT_USAGE
   n_train = len(dataset.train_labels)
   min_size = 1 if f['iid'] else f['min_client_size']
-  if f['num_clients'] * min_size > n_train:
+  if not own_split and f['num_clients'] * min_size > n_train:
     print(f'train: error: --num_clients={f["num_clients"]} is out of range for {f["dataset"]}: '
           f'{f["num_clients"]} clients * {min_size} examples > {n_train} training examples',
           file=sys.stderr)
     return EXIT_USAGE
-  partitions = data_lib.partition(
-      dataset.train_labels, f['num_clients'], 0.0 if f['iid'] else f['dirichlet_alpha'],
-      f['seed'], min_size=min_size)
+  if not own_split:
+    partitions = data_lib.partition(
+        dataset.train_labels, f['num_clients'], 0.0 if f['iid'] else f['dirichlet_alpha'],
+        f['seed'], min_size=min_size)
   skew = data_lib.label_skew(dataset.train_labels, partitions, dataset.num_classes)
   federated = client_data_lib.make_client_data(
       dataset.train_images, dataset.train_labels, partitions, as_float=True)
@@ -407,7 +419,7 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
                                   f['eval_batch_size'])
   _log(f'data: {f["dataset"]} {n_train} train / {len(dataset.test_labels)} test, '
        f'{dataset.num_classes} classes, {f["num_clients"]} clients '
-       f'({"IID" if f["iid"] else "Dirichlet a=%g" % f["dirichlet_alpha"]}: sizes '
+       f'({_split_name(f)}: sizes '
        f'{min(len(p) for p in partitions)}..{max(len(p) for p in partitions)}, '
        f'mean KL {skew["mean_kl"]:.2f})')
 
