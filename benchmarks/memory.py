@@ -38,6 +38,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 from fedmef_tf import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fedmef_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tff_programs import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODELS = flags.DEFINE_list("models", ["resnet18", "mobilenet_v2"],
                             "Models of fedmef_tf.models to measure.")
@@ -158,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("memory", cli.program_help(__doc__, [__name__])))

@@ -27,6 +27,7 @@ import time
 from absl import app
 from absl import flags
 
+from tff_programs import cli
 from tff_programs import runtime  # Sets quiet logging before TensorFlow is imported.
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
@@ -150,4 +151,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('rounds', cli.program_help(__doc__, [__name__])))

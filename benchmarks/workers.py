@@ -19,6 +19,8 @@ import tempfile
 from absl import app
 from absl import flags
 
+from tff_programs import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Rounds per run (the first is not timed).')
@@ -62,4 +64,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('workers', cli.program_help(__doc__, [__name__])))

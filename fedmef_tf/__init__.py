@@ -1,1 +1,37 @@
-"""FedMef in plain TensorFlow/Keras: masks, sparse layers, NSConv, SAP, models, memory model."""
+"""FedMef in plain TensorFlow/Keras: masks, sparse layers, NSConv, SAP, models, memory model.
+
+The public names, re-exported here (tfmot's pattern) and imported on first use, so that
+`import fedmef_tf` stays light; this package never imports TensorFlow Federated:
+
+* `build_model`, `MODEL_NAMES`, `VARIANTS`, `CUSTOM_OBJECTS` (`fedmef_tf.models`);
+* `custom_object_scope`, `save_model`, `load_model` (`fedmef_tf.model_io`);
+* `init_sparse`, `global_density`, `prunable_layers`, `erk_densities` (`fedmef_tf.masks`);
+* `analytic_footprint`, `measure_train_step_peak` (`fedmef_tf.memory`);
+* the modules `data`, `masks`, `memory`, `model_io`, `models`.
+"""
+
+import importlib
+
+_EXPORTS = {
+    'build_model': 'models', 'MODEL_NAMES': 'models', 'VARIANTS': 'models',
+    'CUSTOM_OBJECTS': 'models',
+    'custom_object_scope': 'model_io', 'save_model': 'model_io', 'load_model': 'model_io',
+    'init_sparse': 'masks', 'global_density': 'masks', 'prunable_layers': 'masks',
+    'erk_densities': 'masks',
+    'analytic_footprint': 'memory', 'measure_train_step_peak': 'memory',
+}
+_MODULES = ('data', 'masks', 'memory', 'model_io', 'models')
+
+__all__ = sorted(_EXPORTS) + list(_MODULES)
+
+
+def __getattr__(name):
+  if name in _MODULES:
+    return importlib.import_module(f'{__name__}.{name}')
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

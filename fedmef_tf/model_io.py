@@ -30,6 +30,20 @@ class ModelFileError(ValueError):
   """A saved model directory is missing, incomplete, or names an unknown model."""
 
 
+def custom_object_scope():
+  """The scope in which Keras reads FedMef models: their layer classes by name.
+
+  `tf.keras.models.load_model` of a whole saved FedMef model (`model.save(path)`) needs it:
+
+      with fedmef_tf.custom_object_scope():
+        model = tf.keras.models.load_model(path)
+
+  Returns:
+    A `tf.keras.utils.custom_object_scope` of `fedmef_tf.models.CUSTOM_OBJECTS`.
+  """
+  return tf.keras.utils.custom_object_scope(models.CUSTOM_OBJECTS)
+
+
 def save_model(model: tf.keras.Model, config: Dict[str, Any], directory: str) -> str:
   """Writes `model`'s weights and `config` to `directory` atomically; returns the directory.
 

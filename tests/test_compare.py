@@ -56,7 +56,10 @@ def test_child_runs_share_every_flag_but_algorithm_and_root_dir():
   shared_a = [x for x in a[3:] if not x.startswith(('--algorithm=', '--root_dir='))]
   shared_b = [x for x in b[3:] if not x.startswith(('--algorithm=', '--root_dir='))]
   assert shared_a == shared_b
-  assert len(shared_a) == len(values) - 2
+  # Flags left to their derived defaults are not passed: each run derives them from --rounds.
+  derived = [n for n in ('delta_t', 't_end', 'eval_every') if values[n] is None]
+  assert derived and not any(x.startswith(tuple(f'--{n}=' for n in derived)) for x in shared_a)
+  assert len(shared_a) == len(values) - 2 - len(derived)
 
 
 TINY = ['--rounds=2', '--num_clients=4', '--clients_per_round=2', '--synthetic_train_size=240',
@@ -102,3 +105,26 @@ def test_unknown_algorithm_is_refused(tmp_path):
        '--algorithms=fedmef,nope'], capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 2
   assert 'nope' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_errors_are_reported_under_the_name_compare(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={tmp_path / "cmp"}',
+       '--rounds=0', '--algorithms=fedmef,nope'], capture_output=True, text=True, cwd=ROOT,
+      timeout=120)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('compare: error: '), proc.stderr
+  assert 'nope' in lines[0] and '--rounds=0' in lines[0]
+  assert not (tmp_path / 'cmp').exists()
+
+
+def test_help_lists_the_shared_flags():
+  proc = subprocess.run([sys.executable, '-m', 'tff_programs.compare', '--help'],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  for flag in ('--algorithms:', '--rounds:', '--density:', '--delta_t:', '--dataset:',
+               '--root_dir:'):
+    assert flag in proc.stdout, flag
+  assert '--algorithm:' not in proc.stdout  # set per run by the comparison
+  assert "(default: 'runs/compare')" in proc.stdout

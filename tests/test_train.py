@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from fedmef_tf import text
+from tff_programs import cli
 from tff_programs import program_io
 from tff_programs import train
 
@@ -132,12 +133,55 @@ def test_validate_accepts_the_defaults_and_paper_protocol():
 
 def test_flag_lists_match_the_registries():
   from fedmef_tf import data  # pylint: disable=import-outside-toplevel
-  assert train.DATASETS == data.DATASET_NAMES
+  assert train.DATASETS == data.DATASET_NAMES + ('client_data',)
   try:
     from fedmef_tf import models  # pylint: disable=import-outside-toplevel
   except ImportError:
     return
   assert train.MODELS == tuple(models.MODEL_NAMES)
+
+
+def test_defaults_that_follow_rounds():
+  assert cli.round_defaults(500) == {'delta_t': 10, 't_end': 300, 'eval_every': 63}
+  assert cli.round_defaults(40) == {'delta_t': 1, 't_end': 24, 'eval_every': 5}
+  assert cli.round_defaults(10) == {'delta_t': 1, 't_end': 6, 'eval_every': 1}
+  assert cli.round_defaults(75) == {'delta_t': 2, 't_end': 45, 'eval_every': 9}
+  assert cli.round_defaults(1) == {'delta_t': 1, 't_end': 1, 'eval_every': 1}
+  train.FLAGS.unparse_flags()
+  train.FLAGS(['train'])
+  defaults = train.FLAGS.flag_values_dict()
+  assert defaults['delta_t'] is None and defaults['t_end'] is None
+  for rounds in range(1, 120):
+    train.validate(dict(defaults, rounds=rounds))
+  # A value given on the command line wins over the derived one.
+  resolved = cli.resolve_defaults(dict(defaults, rounds=100, t_end=7))
+  assert (resolved['delta_t'], resolved['t_end'], resolved['eval_every']) == (2, 7, 13)
+  assert train.run_config(dict(defaults, rounds=100))['t_end'] == 60
+
+
+def test_every_conflict_is_reported_at_once(tmp_path):
+  root = tmp_path / 'run'
+  proc = _cli([f'--root_dir={root}', '--rounds=10', '--delta_t=20', '--t_end=30',
+               '--eval_every=50', '--gamma=1', '--clients_per_round=30'], timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  line = _error_line(proc)
+  for part in ('--delta_t=20', '[1, 10]', '--t_end=30', '[0, 10]', '--eval_every=50',
+               '--gamma=1', '--clients_per_round=30'):
+    assert part in line, line
+  assert not root.exists()
+
+
+def test_help_exits_0_with_ranges_and_derived_defaults():
+  proc = _cli(['--help'], timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  assert '--delta_t: dT' in out and 'in [1, --rounds]' in out and 'derived from --rounds' in out
+  assert '--clients_per_round:' in out and 'in [1, --num_clients]' in out
+  for module in ('tff_programs.worker', 'tff_programs.compare'):
+    proc = subprocess.run([sys.executable, '-m', module, '--help'], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (module, proc.stderr)
+    assert '--' in proc.stdout and not proc.stderr.strip(), (module, proc.stderr)
 
 
 def test_model_spec_per_algorithm():
@@ -181,9 +225,29 @@ def test_root_dir_new_same_config_resumes_foreign_refused(tmp_path):
   assert program_io.read_json(os.path.join(root, 'config.json')) == cfg
   assert program_io.prepare_root_dir(root, dict(cfg), overwrite=False) is True
   with pytest.raises(program_io.RunDirError) as e:
-    program_io.prepare_root_dir(root, dict(cfg, rounds=5), overwrite=False)
+    program_io.prepare_root_dir(root, dict(cfg, gamma=0.5), overwrite=False)
   msg = str(e.value)
-  assert '\n' not in msg and '--rounds=3 there, 5 now' in msg and '--overwrite' in msg
+  assert '\n' not in msg and '--gamma=0.7 there, 0.5 now' in msg and '--overwrite' in msg
+
+
+def test_another_length_is_refused_with_the_reason(tmp_path):
+  root = str(tmp_path / 'run')
+  cfg = {'algorithm': 'fedmef', 'rounds': 10, 'delta_t': 1, 't_end': 6, 'eval_every': 1}
+  program_io.prepare_root_dir(root, cfg, overwrite=False)
+  with pytest.raises(program_io.RunDirError) as e:
+    program_io.check_root_dir(root, dict(cfg, rounds=20, t_end=12, eval_every=3), False)
+  msg = str(e.value)
+  assert '\n' not in msg and 'unfinished run of --rounds=10' in msg
+  assert 'cannot extend' in msg and 'learning-rate decay' in msg and '--overwrite' in msg
+  program_io.write_json(os.path.join(root, 'summary.json'), {'rounds_completed': 10})
+  with pytest.raises(program_io.RunDirError, match='finished run of --rounds=10'):
+    program_io.check_root_dir(root, dict(cfg, rounds=20), False)
+  # Another change besides the length gets the list of differences.
+  with pytest.raises(program_io.RunDirError, match='another configuration'):
+    program_io.check_root_dir(root, dict(cfg, rounds=20, algorithm='rigl'), False)
+  assert program_io.check_root_dir(root, dict(cfg, rounds=20), True) is False
+  assert program_io.finished_summary(root, 10) == {'rounds_completed': 10}
+  assert program_io.finished_summary(root, 11) is None
 
 
 def test_overwrite_removes_only_run_entries(tmp_path):
@@ -586,6 +650,81 @@ def test_truncated_dataset_file_is_one_line_error_exit_2(tmp_path):
   assert proc.returncode == 2, proc.stdout + proc.stderr
   line = _error_line(proc)
   assert str(bad) in line and 'wrong size' in line
+
+
+def test_failed_data_load_leaves_the_root_dir_reusable(tmp_path):
+  data_dir = tmp_path / 'cifar-10-batches-bin'
+  _write_tiny_cifar10(data_dir)
+  bad = data_dir / 'test_batch.bin'
+  bad.write_bytes(bad.read_bytes()[:-7])
+  root = tmp_path / 'run'
+  proc = _cli([f'--root_dir={root}', '--dataset=cifar10', f'--data_dir={data_dir}'], timeout=120)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert 'wrong size' in _error_line(proc)
+  # Nothing of a run was written: any other command may use the directory.
+  present = [n for n in program_io.RUN_ENTRIES if (root / n).exists()]
+  assert not present, present
+  assert program_io.check_root_dir(str(root), {'dataset': 'synthetic'}, False) is False
+  # With --overwrite, a foreign run is not cleared by a start that fails.
+  foreign = tmp_path / 'foreign'
+  foreign.mkdir()
+  (foreign / 'config.json').write_text(json.dumps({'algorithm': 'rigl'}))
+  (foreign / 'metrics.csv').write_text('round\n1\n')
+  proc = _cli([f'--root_dir={foreign}', '--dataset=cifar10', f'--data_dir={data_dir}',
+               '--overwrite'], timeout=120)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert json.loads((foreign / 'config.json').read_text()) == {'algorithm': 'rigl'}
+  assert (foreign / 'metrics.csv').read_text() == 'round\n1\n'
+
+
+# Tiny data without --delta_t, --t_end or --eval_every: their defaults follow --rounds.
+TINY_DATA = ['--synthetic_train_size=240', '--synthetic_test_size=60', '--num_clients=4',
+             '--clients_per_round=2', '--min_client_size=20', '--batch_size=16', '--seed=5']
+
+
+@pytest.fixture(scope='module')
+def ten_rounds(tmp_path_factory):
+  """A finished tiny run of `--rounds=10` with the derived defaults."""
+  if not _HAVE_PROCESS:
+    pytest.skip('tff_programs/fedmef_process.py has not landed yet')
+  root = tmp_path_factory.mktemp('ten_rounds') / 'run'
+  proc = _cli([f'--root_dir={root}', '--rounds=10'] + TINY_DATA, timeout=400)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return root, proc
+
+
+@needs_process
+def test_rounds_10_runs_with_the_derived_defaults(ten_rounds):
+  root, proc = ten_rounds
+  assert 'round 10/10' in proc.stdout and 'done: 10 rounds' in proc.stdout
+  config = json.loads((root / 'config.json').read_text())
+  assert (config['delta_t'], config['t_end'], config['eval_every']) == (1, 6, 1)
+  rows = program_io.read_metrics(str(root))
+  assert [r['round'] for r in rows] == list(range(1, 11))
+  assert all(not math.isnan(r['test_accuracy']) for r in rows)  # eval_every = 1
+  assert all(r['adjusted'] == 0 for r in rows if r['round'] > 6)  # t_end = 6
+
+
+@needs_process
+def test_rerun_of_a_finished_run_prints_its_summary_and_rewrites_nothing(ten_rounds):
+  root, first = ten_rounds
+  summary = root / 'summary.json'
+  before = (summary.read_bytes(), summary.stat().st_mtime_ns)
+  config_before = (root / 'config.json').read_bytes()
+  proc = _cli([f'--root_dir={root}', '--rounds=10'] + TINY_DATA, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'finished; nothing to do' in proc.stdout
+  done = [l for l in first.stdout.splitlines() if l.startswith('done: ')]
+  assert done and done[0] in proc.stdout  # the same report line, from summary.json
+  assert 'data: ' not in proc.stdout and 'round 1/' not in proc.stdout  # no set-up, no round
+  assert (summary.read_bytes(), summary.stat().st_mtime_ns) == before
+  # A longer run is refused with the reason, and the directory is left as it was.
+  longer = _cli([f'--root_dir={root}', '--rounds=12'] + TINY_DATA, timeout=60)
+  assert longer.returncode == 2
+  line = _error_line(longer)
+  assert 'finished run of --rounds=10' in line and 'cannot extend' in line
+  assert (root / 'config.json').read_bytes() == config_before
+  assert (summary.read_bytes(), summary.stat().st_mtime_ns) == before
 
 
 @needs_process

@@ -1,1 +1,36 @@
-"""TensorFlow Federated computations and programs for FedMef."""
+"""TensorFlow Federated computations and programs for FedMef.
+
+The public names, re-exported here (tfmot's pattern) and imported on first use, so that
+`import tff_programs` imports neither TensorFlow nor TFF and starts no TFF worker:
+
+* `build_fedmef_process`, `make_model_fn`, `ALGORITHMS` (`tff_programs.fedmef_process`);
+* `LocalRuntime`, `RemoteRuntime`, `make_runtime` (`tff_programs.runtime`: the owner of the TFF
+  worker; use one as a context manager around any federated computation);
+* `make_client_data` (`tff_programs.client_data`), `load_sql_client_data`
+  (`tff_programs.user_data`);
+* the modules `fedmef_process`, `runtime`, `client_data`, `user_data`.
+"""
+
+import importlib
+
+_EXPORTS = {
+    'build_fedmef_process': 'fedmef_process', 'make_model_fn': 'fedmef_process',
+    'ALGORITHMS': 'fedmef_process',
+    'LocalRuntime': 'runtime', 'RemoteRuntime': 'runtime', 'make_runtime': 'runtime',
+    'make_client_data': 'client_data', 'load_sql_client_data': 'user_data',
+}
+_MODULES = ('fedmef_process', 'runtime', 'client_data', 'user_data')
+
+__all__ = sorted(_EXPORTS) + list(_MODULES)
+
+
+def __getattr__(name):
+  if name in _MODULES:
+    return importlib.import_module(f'{__name__}.{name}')
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

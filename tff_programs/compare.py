@@ -27,11 +27,12 @@ import math
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 from absl import app
 from absl import flags
 
+from tff_programs import cli
 from tff_programs import program_io
 from tff_programs import train  # Defines the shared flags of the training program.
 
@@ -69,6 +70,8 @@ def child_argv(algorithm: str, root_dir: str, values: Mapping[str, Any]) -> List
     if name in _PER_RUN_FLAGS:
       continue
     value = values[name]
+    if value is None:  # derived from the other flags by the training program itself
+      continue
     if isinstance(value, bool):
       argv.append(f'--{name}' if value else f'--no{name}')
     elif isinstance(value, (list, tuple)):
@@ -222,31 +225,39 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
   program_io._save(fig, plt, path)  # pylint: disable=protected-access
 
 
-def _validate(values: Mapping[str, Any]) -> Optional[str]:
+def validate(values: Mapping[str, Any]) -> None:
+  """Checks `--algorithms` and every shared flag (`train.validate`), reporting all at once.
+
+  Raises:
+    train.UsageError: one line naming each bad flag.
+  """
+  problems = cli.Problems()
   algos = values['algorithms']
   if not algos:
-    return '--algorithms is empty'
+    problems.add('--algorithms is empty')
   unknown = [a for a in algos if a not in train.ALGORITHMS]
   if unknown:
-    return f'--algorithms: unknown {unknown} (known: {", ".join(train.ALGORITHMS)})'
+    problems.add(f'--algorithms: unknown {unknown} (known: {", ".join(train.ALGORITHMS)})')
   if len(set(algos)) != len(algos):
-    return f'--algorithms repeats a name: {",".join(algos)}'
+    problems.add(f'--algorithms repeats a name: {",".join(algos)}')
   try:
     train.validate(values)
   except train.UsageError as e:
-    return str(e)
-  return None
+    problems.add(str(e))
+  problems.raise_if_any()
+
+
+def help_text() -> str:
+  """What `--help` prints: the docstring, the flags of the comparison and the shared ones."""
+  shared = cli.flags_help([train.__name__], skip=('algorithm',))
+  return (f'{__doc__.strip()}\n\nFlags of the comparison:\n{cli.flags_help([__name__])}\n\n'
+          'Flags of python -m tff_programs.train, shared by every run (each run goes to '
+          f'<--root_dir>/<algorithm>):\n{shared}')
 
 
 def main(argv: List[str]) -> int:
-  if len(argv) > 1:
-    print(f'compare: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    return train.EXIT_USAGE
+  del argv  # checked by `cli.flags_parser`, with `validate`
   values = FLAGS.flag_values_dict()
-  error = _validate(values)
-  if error:
-    print(f'compare: error: {error}', file=sys.stderr)
-    return train.EXIT_USAGE
   root_dir = values['root_dir']
   os.makedirs(root_dir, exist_ok=True)
   results = []
@@ -283,4 +294,4 @@ def _apply_defaults() -> None:
 
 if __name__ == '__main__':
   _apply_defaults()
-  app.run(main, flags_parser=train._parse_flags)  # pylint: disable=protected-access
+  app.run(main, flags_parser=cli.flags_parser('compare', help_text, validate))

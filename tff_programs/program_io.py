@@ -2,7 +2,9 @@
 
 Layout of a run directory:
 
-- `config.json` (`prepare_root_dir`): every flag that changes the result; a rerun must match.
+- `config.json` (`prepare_root_dir`, called when the first round starts): every flag that changes
+  the result; a rerun must match. A run of another length (`--rounds`) is refused with the
+  reason: its schedules follow `--rounds` (`LENGTH_KEYS`).
 - `checkpoints/program_state_<round>.npz` (`tff_programs.checkpoints`): the program state after
   each round, as tensors only (loaded as data, never run), written to a temporary file and
   renamed (atomic); the last two are kept.
@@ -116,6 +118,10 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) ->
       old = {'(unreadable config.json)': str(e).splitlines()[0] if str(e) else 'error'}
     if old == config:
       return True
+    if not overwrite and isinstance(old, dict):
+      refusal = _length_refusal(root_dir, old, config)
+      if refusal:
+        raise RunDirError(refusal)
     if not overwrite:
       diffs = _differences(old, config) if isinstance(old, dict) else ['config.json unreadable']
       more = f' (and {len(diffs) - 2} more)' if len(diffs) > 2 else ''
@@ -128,6 +134,43 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) ->
       raise RunDirError(f'--root_dir={root_dir} holds {", ".join(present)} but no {CONFIG_FILE}; '
                         'rerun with --overwrite to replace them, or choose another --root_dir')
   return False
+
+
+# The configuration keys of the run's length and of the schedules derived from it.
+LENGTH_KEYS = ('rounds', 'delta_t', 't_end', 'eval_every')
+
+
+def _length_refusal(root_dir: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+  """The refusal of a run that differs from the one in `root_dir` only in its length, or ''.
+
+  Such a run does not continue the stored one: the client learning rate of every round decays
+  exponentially to `client_lr_min` at round `rounds`, and the mask adjustments follow
+  `delta_t` and `t_end`, so the rounds already run would have been different.
+  """
+  changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if 'rounds' not in changed or not set(changed) <= set(LENGTH_KEYS):
+    return ''
+  state = 'finished' if os.path.isfile(os.path.join(root_dir, SUMMARY_FILE)) else 'unfinished'
+  return (f'--root_dir={root_dir} holds a {state} run of --rounds={old.get("rounds")} that '
+          f'--rounds={new.get("rounds")} cannot extend or reuse: the learning-rate decay (to '
+          '--client_lr_min at the last round) and the mask schedule (--delta_t, --t_end) of '
+          'every round follow --rounds, so a run of another length is a new run; choose another '
+          '--root_dir, or rerun with --overwrite to replace it')
+
+
+def finished_summary(root_dir: str, rounds: int) -> Any:
+  """The `summary.json` of a finished run of `rounds` rounds in `root_dir`, or None.
+
+  A run is finished when its summary (written last) is readable and reports `rounds`
+  completed rounds.
+  """
+  try:
+    summary = read_json(os.path.join(root_dir, SUMMARY_FILE))
+  except (OSError, ValueError):
+    return None
+  if not isinstance(summary, dict) or summary.get('rounds_completed') != rounds:
+    return None
+  return summary
 
 
 def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) -> bool:

@@ -15,8 +15,12 @@ writes lives under `--root_dir` (see `tff_programs.program_io` for the layout):
   damaged newest one is passed over for the one before). Running the same command again resumes
   after the last saved round and ends with the same model as an uninterrupted run, because the
   clients of round t and the order of their examples are functions of `(--seed, t)` only;
-* `config.json`: a `--root_dir` holding a run of another configuration is refused (one line,
-  exit code 2) unless `--overwrite`;
+* `config.json`, written when the first round starts (a run that fails while loading its data
+  leaves `--root_dir` as it was): a `--root_dir` holding a run of another configuration is
+  refused (one line, exit code 2) unless `--overwrite`. A run of another `--rounds` is refused
+  with the reason: the learning-rate decay and the mask schedule of every round follow
+  `--rounds`, so a longer run is a new run, not a continuation. Running a finished run's command
+  again prints its report from `summary.json` and does nothing else;
 * each round's metrics in `metrics.csv` and TensorBoard (`tff.program` release managers), and a
   console line per round with an ETA;
 * at the end `summary.json`, PNG plots and `final_model/` (weights and masks in `weights.h5`,
@@ -25,10 +29,10 @@ writes lives under `--root_dir` (see `tff_programs.program_io` for the layout):
 Ctrl-C (SIGINT) once: the running round finishes, is saved, and the program stops (exit 130);
 rerun the command to go on. Ctrl-C twice: it stops at once, the last saved round intact.
 
-The defaults (built-in synthetic data, 20 clients with Dirichlet a = 0.5, 5 per round, 40
-rounds of one local epoch, the small cnn at density 0.2, FedMef with gamma 0.7) end at 77.0% test
-accuracy (chance 10%) with seed 0; training took 4m17s to 5m23s of wall time on 2 cores shared
-with other jobs (about 4 minutes of CPU time), plus about 40 s of set-up and final report.
+The defaults of `--delta_t`, `--t_end` and `--eval_every` follow `--rounds` (`cli.round_defaults`:
+the paper's dT = R/50 and T_end = 0.6 R, and R/8, rounded half up and at least 1), so any
+`--rounds` runs with the other defaults; a value given on the command line wins. Every bad flag
+value is reported, all in one line. The figures of the default run are in README.md.
 
 The program holds a lock on `--root_dir` for the whole run (`tff_programs.run_lock`): a second
 start on the same directory is refused in one line naming the running process.
@@ -60,6 +64,7 @@ from absl import flags
 import numpy as np
 
 from fedmef_tf import text
+from tff_programs import cli
 from tff_programs import program_io
 from tff_programs import run_lock
 from tff_programs import runtime  # sets quiet TF logging before TensorFlow is imported
@@ -67,7 +72,7 @@ from tff_programs import runtime  # sets quiet TF logging before TensorFlow is i
 ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'feddst', 'static', 'tfmot',
               'fedavg')
 MODELS = ('cnn', 'resnet18', 'mobilenet_v2')
-DATASETS = ('synthetic', 'cifar10', 'cifar100', 'cinic10', 'tinyimagenet')
+DATASETS = ('synthetic', 'cifar10', 'cifar100', 'cinic10', 'tinyimagenet', 'client_data')
 _MAX_INT32 = 2 ** 31 - 1
 
 EXIT_OK = 0
@@ -80,34 +85,52 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('algorithm', 'fedmef', f'One of: {", ".join(ALGORITHMS)}.')
 flags.DEFINE_string('model', 'cnn', f'One of: {", ".join(MODELS)}.')
 flags.DEFINE_string('dataset', 'synthetic',
-                    f'One of: {", ".join(DATASETS)}. "synthetic" is generated from --seed.')
-flags.DEFINE_string('data_dir', '', 'Directory of the dataset files (all but synthetic).')
+                    f'One of: {", ".join(DATASETS)}. "synthetic" is generated from --seed; '
+                    '"client_data" reads a federated dataset of your own (see --data_dir).')
+flags.DEFINE_string('data_dir', '',
+                    'Directory of the dataset files (all but synthetic). For client_data: a '
+                    'directory with train.sqlite and test.sqlite in the format of TFF\'s SQL '
+                    'client data (tff_programs/user_data.py documents the element structure).')
 flags.DEFINE_string('root_dir', os.path.join('runs', 'train'),
-                    'Run directory: checkpoints, metrics, report, final model.')
+                    'Run directory: checkpoints, metrics, report, final model. Not empty.')
 flags.DEFINE_bool('overwrite', False, 'Replace a run of another configuration in --root_dir.')
-flags.DEFINE_integer('num_clients', 20, 'K, clients in total.')
-flags.DEFINE_integer('clients_per_round', 5, 'S, clients sampled per round.')
-flags.DEFINE_integer('rounds', 40, 'R, federated rounds.')
-flags.DEFINE_integer('local_epochs', 1, 'E, local epochs per round.')
-flags.DEFINE_integer('batch_size', 32, 'B, client batch size (also of the memory measurement).')
-flags.DEFINE_float('client_lr', 0.1, 'eta_0, client SGD learning rate of round 1.')
+flags.DEFINE_integer('num_clients', 20, 'K, clients in total; in [1, 100000].')
+flags.DEFINE_integer('clients_per_round', 5, 'S, clients sampled per round; in [1, --num_clients].')
+flags.DEFINE_integer('rounds', 40, 'R, federated rounds; in [1, 1000000]. The defaults of '
+                     '--delta_t, --t_end and --eval_every follow it.')
+flags.DEFINE_integer('local_epochs', 1, 'E, local epochs per round; in [1, 1000].')
+flags.DEFINE_integer('batch_size', 32, 'B, client batch size (also of the memory measurement); '
+                     'in [1, 65536].')
+flags.DEFINE_float('client_lr', 0.1, 'eta_0, client SGD learning rate of round 1; in (0, 100].')
 flags.DEFINE_float('client_lr_min', 0.01,
-                   'eta_min, client learning rate of the last round (exponential decay).')
-flags.DEFINE_float('density', 0.2, 'd, target density of the prunable kernels (fedavg: 1).')
-flags.DEFINE_integer('delta_t', 5, 'dT, rounds between mask adjustments.')
-flags.DEFINE_integer('t_end', 30, 'T_end, last round that may adjust masks.')
-flags.DEFINE_float('alpha', 0.2, 'alpha, initial adjustment fraction.')
-flags.DEFINE_float('lambda_bae', 0.01, 'lambda, BaE penalty weight.')
-flags.DEFINE_float('gamma', 0.7, 'gamma, SAP drop ratio of the activation cache.')
-flags.DEFINE_float('dirichlet_alpha', 0.5, 'a, Dirichlet label-skew parameter.')
+                   'eta_min, client learning rate of the last round (exponential decay); in '
+                   '(0, --client_lr].')
+flags.DEFINE_float('density', 0.2, 'd, target density of the prunable kernels (fedavg: 1); in '
+                   '(0, 1].')
+flags.DEFINE_integer('delta_t', None, 'dT, rounds between mask adjustments; in [1, --rounds]. '
+                     'Default: --rounds / 50 rounded half up, at least 1 (1 for 40 rounds, 10 '
+                     'for 500).')
+flags.DEFINE_integer('t_end', None, 'T_end, last round that may adjust masks; in [0, --rounds]. '
+                     'Default: 0.6 * --rounds rounded half up, at least 1 (24 for 40 rounds, '
+                     '300 for 500).')
+flags.DEFINE_float('alpha', 0.2, 'alpha, initial adjustment fraction; in [0, 1].')
+flags.DEFINE_float('lambda_bae', 0.01, 'lambda, BaE penalty weight; in [0, 100].')
+flags.DEFINE_float('gamma', 0.7, 'gamma, SAP drop ratio of the activation cache; in [0, 1).')
+flags.DEFINE_float('dirichlet_alpha', 0.5, 'a, Dirichlet label-skew parameter; in (0, 1e6].')
 flags.DEFINE_bool('iid', False, 'Split the data IID instead of by Dirichlet label skew.')
-flags.DEFINE_integer('min_client_size', 10, 'Minimum examples per client (Dirichlet split).')
-flags.DEFINE_integer('eval_every', 5, 'Evaluate the global model every this many rounds '
-                     '(and after the last round).')
-flags.DEFINE_integer('eval_batch_size', 500, 'Batch size of the test-set evaluation.')
-flags.DEFINE_integer('seed', 0, 'Seed of the data, split, model, masks and client sampling.')
-flags.DEFINE_integer('synthetic_train_size', 10000, 'Training examples of the synthetic data.')
-flags.DEFINE_integer('synthetic_test_size', 2000, 'Test examples of the synthetic data.')
+flags.DEFINE_integer('min_client_size', 10, 'Minimum examples per client (Dirichlet split); in '
+                     '[1, 1000000].')
+flags.DEFINE_integer('eval_every', None, 'Evaluate the global model every this many rounds '
+                     '(and after the last round); in [1, --rounds]. Default: --rounds / 8 '
+                     'rounded half up, at least 1 (5 for 40 rounds).')
+flags.DEFINE_integer('eval_batch_size', 500, 'Batch size of the test-set evaluation; in '
+                     '[1, 65536].')
+flags.DEFINE_integer('seed', 0, 'Seed of the data, split, model, masks and client sampling; in '
+                     '[0, 2147483647].')
+flags.DEFINE_integer('synthetic_train_size', 10000, 'Training examples of the synthetic data; in '
+                     '[10, 10000000] and >= --num_clients * --min_client_size.')
+flags.DEFINE_integer('synthetic_test_size', 2000, 'Test examples of the synthetic data; in '
+                     '[10, 10000000].')
 flags.DEFINE_bool('verbose', False, 'Show TensorFlow and TFF logs.')
 flags.DEFINE_string('workers', '',
                     'Comma-separated host:port of TFF worker services (python -m '
@@ -119,86 +142,62 @@ flags.DEFINE_string('workers', '',
 # Flag checks (no TensorFlow needed).
 
 
-class UsageError(Exception):
-  """A flag value is out of range (one-line message naming the flag and the range)."""
-
-
-def _fmt(x) -> str:
-  return f'{x:g}' if isinstance(x, float) else str(x)
-
-
-def _check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
-  ok = True
-  if lo is not None:
-    ok &= value > lo if lo_open else value >= lo
-  if hi is not None:
-    ok &= value < hi if hi_open else value <= hi
-  if isinstance(value, float) and not math.isfinite(value):
-    ok = False
-  if not ok:
-    left = '(' if lo_open else '['
-    right = ')' if hi_open else ']'
-    lo_s = _fmt(lo) if lo is not None else '-inf'
-    hi_s = _fmt(hi) if hi is not None else 'inf'
-    raise UsageError(f'--{name}={_fmt(value)} is out of range: must be in '
-                     f'{left}{lo_s}, {hi_s}{right}')
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-  if value not in choices:
-    raise UsageError(f'--{name}={value!r} is not allowed: must be one of {", ".join(choices)}')
+UsageError = cli.UsageError
 
 
 def validate(f: Mapping[str, Any]) -> None:
-  """Checks every flag value; raises `UsageError` on the first bad one.
+  """Checks every flag value; raises `UsageError` naming every bad one at once.
 
   Args:
-    f: flag name -> value (for example `FLAGS.flag_values_dict()`).
+    f: flag name -> value (for example `FLAGS.flag_values_dict()`); the flags whose defaults
+      follow `--rounds` (`cli.ROUND_DERIVED`) may be None, meaning derived.
 
   Raises:
-    UsageError: with a one-line message naming the flag and its allowed range.
+    UsageError: with a one-line message naming each bad flag and its allowed range.
   """
-  _check_choice('algorithm', f['algorithm'], ALGORITHMS)
-  _check_choice('model', f['model'], MODELS)
-  _check_choice('dataset', f['dataset'], DATASETS)
-  if f['dataset'] != 'synthetic':
+  f = cli.resolve_defaults(f)
+  p = cli.Problems()
+  p.check_choice('algorithm', f['algorithm'], ALGORITHMS)
+  p.check_choice('model', f['model'], MODELS)
+  if p.check_choice('dataset', f['dataset'], DATASETS) and f['dataset'] != 'synthetic':
     if not f['data_dir']:
-      raise UsageError(f'--data_dir is required with --dataset={f["dataset"]}: the directory of '
-                       'its files')
-    if not os.path.isdir(f['data_dir']):
-      raise UsageError(f'--data_dir={f["data_dir"]} is not an existing directory')
+      p.add(f'--data_dir is required with --dataset={f["dataset"]}: the directory of its files')
+    elif not os.path.isdir(f['data_dir']):
+      p.add(f'--data_dir={f["data_dir"]} is not an existing directory')
   if not f['root_dir']:
-    raise UsageError('--root_dir must not be empty')
-  _check_range('num_clients', f['num_clients'], 1, 100000)
-  _check_range('clients_per_round', f['clients_per_round'], 1, f['num_clients'])
-  _check_range('rounds', f['rounds'], 1, 1000000)
-  _check_range('local_epochs', f['local_epochs'], 1, 1000)
-  _check_range('batch_size', f['batch_size'], 1, 65536)
-  _check_range('client_lr', f['client_lr'], 0.0, 100.0, lo_open=True)
-  _check_range('client_lr_min', f['client_lr_min'], 0.0, f['client_lr'], lo_open=True)
-  _check_range('density', f['density'], 0.0, 1.0, lo_open=True)
-  _check_range('delta_t', f['delta_t'], 1, f['rounds'])
-  _check_range('t_end', f['t_end'], 0, f['rounds'])
-  _check_range('alpha', f['alpha'], 0.0, 1.0)
-  _check_range('lambda_bae', f['lambda_bae'], 0.0, 100.0)
-  _check_range('gamma', f['gamma'], 0.0, 1.0, hi_open=True)
-  _check_range('dirichlet_alpha', f['dirichlet_alpha'], 0.0, 1e6, lo_open=True)
-  _check_range('min_client_size', f['min_client_size'], 1, 1000000)
-  _check_range('eval_every', f['eval_every'], 1, f['rounds'])
-  _check_range('eval_batch_size', f['eval_batch_size'], 1, 65536)
-  _check_range('seed', f['seed'], 0, _MAX_INT32)
-  _check_range('synthetic_train_size', f['synthetic_train_size'], 10, 10000000)
-  _check_range('synthetic_test_size', f['synthetic_test_size'], 10, 10000000)
+    p.add('--root_dir must not be empty')
+  p.check_range('num_clients', f['num_clients'], 1, 100000)
+  p.check_range('clients_per_round', f['clients_per_round'], 1, f['num_clients'])
+  # The ranges that end at --rounds are checked against it only when it is valid itself.
+  last_round = f['rounds'] if p.check_range('rounds', f['rounds'], 1, 1000000) else None
+  p.check_range('local_epochs', f['local_epochs'], 1, 1000)
+  p.check_range('batch_size', f['batch_size'], 1, 65536)
+  p.check_range('client_lr', f['client_lr'], 0.0, 100.0, lo_open=True)
+  p.check_range('client_lr_min', f['client_lr_min'], 0.0, f['client_lr'], lo_open=True)
+  p.check_range('density', f['density'], 0.0, 1.0, lo_open=True)
+  p.check_range('delta_t', f['delta_t'], 1, last_round)
+  p.check_range('t_end', f['t_end'], 0, last_round)
+  p.check_range('alpha', f['alpha'], 0.0, 1.0)
+  p.check_range('lambda_bae', f['lambda_bae'], 0.0, 100.0)
+  p.check_range('gamma', f['gamma'], 0.0, 1.0, hi_open=True)
+  p.check_range('dirichlet_alpha', f['dirichlet_alpha'], 0.0, 1e6, lo_open=True)
+  p.check_range('min_client_size', f['min_client_size'], 1, 1000000)
+  p.check_range('eval_every', f['eval_every'], 1, last_round)
+  p.check_range('eval_batch_size', f['eval_batch_size'], 1, 65536)
+  p.check_range('seed', f['seed'], 0, _MAX_INT32)
+  train_size_ok = p.check_range('synthetic_train_size', f['synthetic_train_size'], 10, 10000000)
+  p.check_range('synthetic_test_size', f['synthetic_test_size'], 10, 10000000)
   if f.get('workers'):
     try:
       runtime.parse_workers(f['workers'])
     except ValueError as e:
-      raise UsageError(f'--workers={f["workers"]}: {e}') from e
-  if f['dataset'] == 'synthetic':
+      p.add(f'--workers={f["workers"]}: {e}')
+  if f['dataset'] == 'synthetic' and train_size_ok:
     need = f['num_clients'] * (1 if f['iid'] else f['min_client_size'])
     if need > f['synthetic_train_size']:
-      raise UsageError(f'--synthetic_train_size={f["synthetic_train_size"]} is out of range: '
-                       f'must be >= --num_clients * --min_client_size = {need}')
+      p.add(f'--synthetic_train_size={f["synthetic_train_size"]} is out of range: '
+            f'must be >= --num_clients * --min_client_size = {need}')
+  p.raise_if_any()
 
 
 # Flags that do not change the result are left out of the configuration check.
@@ -206,7 +205,11 @@ _NOT_IN_CONFIG = ('root_dir', 'overwrite', 'verbose', 'data_dir', 'eval_batch_si
 
 
 def run_config(f: Mapping[str, Any]) -> Dict[str, Any]:
-  """The configuration stored in `config.json`: every flag that changes the result."""
+  """The configuration stored in `config.json`: every flag that changes the result.
+
+  The flags whose defaults follow `--rounds` are stored with their derived values.
+  """
+  f = cli.resolve_defaults(f)
   names = [n for n in _flag_names() if n not in _NOT_IN_CONFIG]
   config = {n: f[n] for n in names}
   if config['iid']:
@@ -340,6 +343,12 @@ def _warn_damaged(message: str) -> None:
         file=sys.stderr, flush=True)
 
 
+def _split_name(f: Mapping[str, Any]) -> str:
+  if f['dataset'] == 'client_data':
+    return 'the data\'s own clients'
+  return 'IID' if f['iid'] else f'Dirichlet a={f["dirichlet_alpha"]:g}'
+
+
 def _default_process_builder(model_fn, cfg, spec, element_spec):
   """Builds the learning process with `tff_programs.fedmef_process.build_fedmef_process`."""
   del spec  # the process derives the variant and SAP ratio from the algorithm
@@ -373,13 +382,18 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   Returns:
     An exit code (`EXIT_*`).
   """
+  f = cli.resolve_defaults(f)
   root_dir = f['root_dir']
   cfg = run_config(f)
   try:
-    resumable = program_io.prepare_root_dir(root_dir, cfg, f['overwrite'])
+    resumable = program_io.check_root_dir(root_dir, cfg, f['overwrite'])
   except program_io.RunDirError as e:
     print(f'train: error: {e}', file=sys.stderr)
     return EXIT_USAGE
+  finished = program_io.finished_summary(root_dir, f['rounds']) if resumable else None
+  if finished is not None:
+    _log(f'{root_dir} holds this run, finished; nothing to do. {done_line(finished, root_dir)}')
+    return EXIT_OK
 
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from fedmef_tf import data as data_lib
@@ -388,23 +402,29 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   from tff_programs import client_data as client_data_lib
 
   setup_start = time.monotonic()
+  own_split = f['dataset'] == 'client_data'
   try:
-    dataset = data_lib.load_dataset(
-        f['dataset'], f['data_dir'] or None, seed=f['seed'],
-        synthetic_train=f['synthetic_train_size'], synthetic_test=f['synthetic_test_size'])
+    if own_split:
+      from tff_programs import user_data  # pylint: disable=import-outside-toplevel
+      dataset, partitions, _ = user_data.load_sql_client_data(f['data_dir'], f['num_clients'])
+    else:
+      dataset = data_lib.load_dataset(
+          f['dataset'], f['data_dir'] or None, seed=f['seed'],
+          synthetic_train=f['synthetic_train_size'], synthetic_test=f['synthetic_test_size'])
   except data_lib.DataError as e:
     print(f'train: error: {e}', file=sys.stderr)
     return EXIT_USAGE
   n_train = len(dataset.train_labels)
   min_size = 1 if f['iid'] else f['min_client_size']
-  if f['num_clients'] * min_size > n_train:
+  if not own_split and f['num_clients'] * min_size > n_train:
     print(f'train: error: --num_clients={f["num_clients"]} is out of range for {f["dataset"]}: '
           f'{f["num_clients"]} clients * {min_size} examples > {n_train} training examples',
           file=sys.stderr)
     return EXIT_USAGE
-  partitions = data_lib.partition(
-      dataset.train_labels, f['num_clients'], 0.0 if f['iid'] else f['dirichlet_alpha'],
-      f['seed'], min_size=min_size)
+  if not own_split:
+    partitions = data_lib.partition(
+        dataset.train_labels, f['num_clients'], 0.0 if f['iid'] else f['dirichlet_alpha'],
+        f['seed'], min_size=min_size)
   skew = data_lib.label_skew(dataset.train_labels, partitions, dataset.num_classes)
   federated = client_data_lib.make_client_data(
       dataset.train_images, dataset.train_labels, partitions, as_float=True)
@@ -412,7 +432,7 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
                                   f['eval_batch_size'])
   _log(f'data: {f["dataset"]} {n_train} train / {len(dataset.test_labels)} test, '
        f'{dataset.num_classes} classes, {f["num_clients"]} clients '
-       f'({"IID" if f["iid"] else "Dirichlet a=%g" % f["dirichlet_alpha"]}: sizes '
+       f'({_split_name(f)}: sizes '
        f'{min(len(p) for p in partitions)}..{max(len(p) for p in partitions)}, '
        f'mean KL {skew["mean_kl"]:.2f})')
 
@@ -465,7 +485,11 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   try:
     stop.install()
     state = process.initialize()
+    # The run directory is claimed (config.json written, or a foreign run cleared with
+    # --overwrite) only now: a run that fails while loading its data or building its process
+    # leaves it as it was.
     try:
+      resumable = program_io.prepare_root_dir(root_dir, cfg, f['overwrite'])
       manager = program_io.state_manager(root_dir)
     except program_io.RunDirError as e:
       print(f'train: error: {e}', file=sys.stderr)
@@ -626,13 +650,20 @@ def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate)
       'final_model': os.path.relpath(model_dir, root_dir),
   }
   program_io.write_json(os.path.join(root_dir, program_io.SUMMARY_FILE), summary)
-  _log(f'done: {f["rounds"]} rounds, test accuracy {test_acc:.4f}, density {density:.4f}, '
-       f'traffic down {_human_bytes(totals["down_bytes"])} up '
-       f'{_human_bytes(totals["up_bytes"])}, training {_human_seconds(totals["train_seconds"])}'
-       f'; memory of a training step (batch {f["batch_size"]}): analytic '
-       f'{_human_bytes(memory["analytic_bytes"] or 0)}, measured peak '
-       f'{_human_bytes(memory["measured_peak_bytes"] or 0)}; report in '
-       f'{os.path.join(root_dir, program_io.SUMMARY_FILE)}')
+  _log(done_line(summary, root_dir))
+
+
+def done_line(summary: Mapping[str, Any], root_dir: str) -> str:
+  """The console line that reports a finished run, from its `summary.json` contents."""
+  memory = summary['memory']
+  traffic = summary['traffic']
+  return (f'done: {summary["rounds_completed"]} rounds, test accuracy '
+          f'{summary["final_accuracy"]:.4f}, density {summary["density"]:.4f}, traffic down '
+          f'{_human_bytes(traffic["down_bytes"])} up {_human_bytes(traffic["up_bytes"])}, '
+          f'training {_human_seconds(summary["train_seconds"])}; memory of a training step '
+          f'(batch {memory["batch_size"]}): analytic {_human_bytes(memory["analytic_bytes"] or 0)}'
+          f', measured peak {_human_bytes(memory["measured_peak_bytes"] or 0)}; report in '
+          f'{os.path.join(root_dir, program_io.SUMMARY_FILE)}')
 
 
 def _as_dict(value) -> Dict[str, Any]:
@@ -688,38 +719,42 @@ def memory_report(model, batch_size: int) -> Dict[str, Any]:
 # Entry point.
 
 
-def _parse_flags(argv: List[str]) -> List[str]:
-  """Parses and checks the flags; one-line errors and exit code 2 instead of absl's usage dump.
+def check_command_line(values: Mapping[str, Any]) -> None:
+  """Every check of the command line before any work: `validate`, then the run directory.
 
-  Runs as absl's `flags_parser`, before `main`; also refuses a `--root_dir` of another
-  configuration (`program_io.check_root_dir`). Once the flags are valid it imports TensorFlow
-  Federated: importing TFF 0.87 for the first time inside absl's `main` leaves Keras unable to
-  build functional models ('SymbolicTensor' object has no attribute 'node'), importing it here
-  does not.
+  Raises:
+    UsageError: naming every bad flag, or why `--root_dir` cannot hold this run
+      (`program_io.check_root_dir`).
   """
+  validate(values)
+  values = cli.resolve_defaults(values)
   try:
-    rest = FLAGS(argv)
-  except flags.Error as e:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f'train: error: {msg}', file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-  if len(rest) > 1:
-    print(f'train: error: unexpected arguments: {" ".join(rest[1:])}', file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-  values = FLAGS.flag_values_dict()
-  try:
-    validate(values)
     program_io.check_root_dir(values['root_dir'], run_config(values), values['overwrite'])
-  except (UsageError, program_io.RunDirError) as e:
-    print(f'train: error: {e}', file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+  except program_io.RunDirError as e:
+    raise UsageError(str(e)) from None
+
+
+def help_text() -> str:
+  """What `--help` prints: this module's docstring and every flag with its range and default."""
+  return f'{__doc__.strip()}\n\nFlags:\n{cli.flags_help([__name__])}'
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+  """absl's `flags_parser`: `--help` (exit 0), one-line errors with exit code 2, then TFF.
+
+  Runs before `main` (`cli.flags_parser` with `check_command_line`). Once the flags are valid it
+  imports TensorFlow Federated: importing TFF 0.87 for the first time inside absl's `main` leaves
+  Keras unable to build functional models ('SymbolicTensor' object has no attribute 'node'),
+  importing it here does not.
+  """
+  rest = cli.flags_parser('train', help_text, check_command_line)(argv)
   runtime.configure_logging(FLAGS.verbose)
   import tensorflow_federated  # pylint: disable=import-outside-toplevel,unused-import
   return rest
 
 
 def main(argv: List[str]) -> int:
-  """Runs the program on the parsed, checked flags (see `_parse_flags`); returns the exit code."""
+  """Runs the program on the parsed, checked flags (see `parse_flags`); returns the exit code."""
   del argv
   try:
     with run_lock.RunLock(FLAGS.root_dir):
@@ -750,4 +785,4 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -14,6 +14,7 @@ import time
 from absl import app
 from absl import flags
 
+from tff_programs import cli
 from tff_programs import runtime
 
 _PORT = flags.DEFINE_integer('port', 8000, 'TCP port to serve on (1..65535), on all interfaces.')
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('worker', cli.program_help(__doc__, [__name__])))
