@@ -44,6 +44,12 @@ EPS = 1e-3
 UnitAxes = Optional[Tuple[int, ...]]
 
 
+def clipping_for(variant: str) -> Optional[float]:
+  """The clipping threshold a model variant trains with: `CLIPPING` for 'fedmef' (no
+  normaliser), None (no clipping) for 'baseline' and the other BatchNorm models."""
+  return CLIPPING if variant == 'fedmef' else None
+
+
 def unit_axes(model: tf.keras.Model) -> List[UnitAxes]:
   """The unit axes of each of `model.trainable_weights`, in that order.
 
@@ -116,3 +122,33 @@ def clip_gradients(grads: Sequence[Optional[tf.Tensor]], variables: Sequence[tf.
     raise ValueError(f'clip_gradients: {len(grads)} gradients, {len(variables)} variables and '
                      f'{len(axes)} unit axes')
   return [clip_gradient(g, v, a, clipping, eps) for g, v, a in zip(grads, variables, axes)]
+
+
+def clip_model_gradients(model: tf.keras.Model, grads: Sequence[Optional[tf.Tensor]],
+                         clipping: float = CLIPPING, eps: float = EPS,
+                         skip: Sequence[tf.Variable] = ()) -> List[Optional[tf.Tensor]]:
+  """AGC of the gradients of `model.trainable_weights` (see `unit_axes`).
+
+  The weight of a prunable kernel is `kernel * mask`, so that entries under the mask (zero
+  after every step, but a caller may have loaded other values) do not count in its norms.
+
+  Args:
+    model: the model the gradients belong to.
+    grads: gradients parallel to `model.trainable_weights` (None allowed).
+    clipping, eps: see `clip_gradient`.
+    skip: variables whose gradients are returned unchanged (updated elsewhere).
+
+  Returns:
+    The clipped gradients, same order.
+  """
+  masked = {layer.kernel.ref(): layer for layer in masks.prunable_layers(model)}
+  skipped = {v.ref() for v in skip}
+  out = []
+  for g, v, axes in zip(grads, model.trainable_weights, unit_axes(model)):
+    if g is None or v.ref() in skipped:
+      out.append(g)
+      continue
+    layer = masked.get(v.ref())
+    weight = v * layer.mask if layer is not None else v
+    out.append(clip_gradient(g, weight, axes, clipping, eps))
+  return out

@@ -32,11 +32,12 @@ prunable layers follow the masked layer contract of `docs/DESIGN.md`.
 """
 
 import collections
-from typing import Callable, List, NamedTuple, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from fedmef_tf import agc
 from fedmef_tf import mask_updates
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import schedules
@@ -153,6 +154,42 @@ def default_loss_fn(y_true, logits):
       tf.keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True))
 
 
+def sgd_step(model: tf.keras.Model, layers: Sequence[tf.keras.layers.Layer], x: tf.Tensor,
+             y: tf.Tensor, learning_rate, loss_fn: Callable = default_loss_fn,
+             clipping: Optional[float] = None):
+  """One masked SGD step of a client: forward in training mode, loss, gradient, update.
+
+  Every trainable variable moves by `-learning_rate * gradient` (the masked layers' custom
+  kernel gradients are zero at pruned entries and carry BaE's penalty), then every prunable
+  kernel is multiplied by its mask, so masked weights are exactly zero after the step. With
+  `clipping`, the gradients are first clipped unit-wise (`fedmef_tf.agc`, the FedMef models'
+  adaptive gradient clipping).
+
+  Args:
+    model: a Keras model with masked layers.
+    layers: `masks.prunable_layers(model)`.
+    x, y: one batch.
+    learning_rate: scalar, the step's rate.
+    loss_fn: `loss_fn(y_true, logits)` -> scalar mean loss.
+    clipping: AGC threshold lambda (`agc.clipping_for(variant)`), or None for plain SGD.
+
+  Returns:
+    `(loss, logits)` of the batch before the update.
+  """
+  with tf.GradientTape() as tape:
+    logits = model(x, training=True)
+    loss = loss_fn(y, logits)
+  grads = tape.gradient(loss, model.trainable_weights)
+  if clipping is not None:
+    grads = agc.clip_model_gradients(model, grads, clipping)
+  for v, g in zip(model.trainable_weights, grads):
+    if g is not None:
+      v.assign_sub(learning_rate * tf.convert_to_tensor(g))
+  for layer in layers:
+    layer.kernel.assign(layer.kernel * layer.mask)
+  return loss, logits
+
+
 def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
   flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
   return tf.reduce_all(tf.stack(flags))
@@ -168,7 +205,8 @@ def build_client_update(model: tf.keras.Model,
                         use_bae: bool,
                         server_adjust: bool,
                         client_regrow: bool,
-                        loss_fn: Callable = default_loss_fn):
+                        loss_fn: Callable = default_loss_fn,
+                        gradient_clipping: Optional[float] = None):
   """Returns `client_update(dataset, trainable, non_trainable, config) -> ClientOutput`.
 
   The returned function is a `tf.function` that loads the given weights into `model` (whose
@@ -187,6 +225,8 @@ def build_client_update(model: tf.keras.Model,
     server_adjust: whether adjustment rounds send top-k inactive gradient pairs (FedMef, RigL).
     client_regrow: whether adjustment rounds readjust the client's own mask (FedDST).
     loss_fn: `loss_fn(y_true, y_pred)` -> scalar mean loss.
+    gradient_clipping: AGC threshold of the local steps (`agc.clipping_for` the model's
+      variant), or None.
 
   Returns:
     The client update function described above.
@@ -244,18 +284,10 @@ def build_client_update(model: tf.keras.Model,
         if client_regrow:
           if tf.logical_and(regrow_on, tf.equal(tau, regrow_step)):
             _regrow(x, y, k)
-        with tf.GradientTape() as tape:
-          logits = model(x, training=True)
-          loss = loss_fn(y, logits)
-        grads = tape.gradient(loss, model.trainable_weights)
         lr = eta_t
         if use_bae:
           lr = tf.cond(bae_on, lambda: _bae_lr(tau, budget, eta_t), lambda: eta_t)
-        for v, g in zip(model.trainable_weights, grads):
-          if g is not None:
-            v.assign_sub(lr * tf.convert_to_tensor(g))
-        for layer in layers:
-          layer.kernel.assign(layer.kernel * layer.mask)
+        loss, logits = sgd_step(model, layers, x, y, lr, loss_fn, gradient_clipping)
         n_batch = tf.shape(y)[0]
         loss_sum += loss * tf.cast(n_batch, tf.float32)
         predictions = tf.cast(tf.argmax(logits, axis=-1), tf.int64)

@@ -612,6 +612,40 @@ def partition(labels: np.ndarray, num_clients: int, dirichlet_alpha: float, seed
 # tf.data pipelines.
 
 
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> Tuple[List[float], List[float]]:
+  """Per-channel mean and standard deviation of images, in the units of `to_float` (pixel / 255).
+
+  The FedMef models normalise their input with these (`fedmef_tf.models.build_model`'s
+  `input_mean` / `input_std`): computed once from a run's training split, stored with the run
+  and inside the saved and exported model, so that every client, the evaluation and a phone
+  apply the same constants. Accumulated in float64 over chunks, so a 50000-image set needs no
+  float copy of itself.
+
+  Args:
+    images: uint8 array `[N, H, W, C]` (N >= 1).
+    chunk: images per accumulation step.
+
+  Returns:
+    `(mean, std)`: two lists of C floats; std is the population standard deviation, floored at
+    1/255 (one pixel step) so that a constant channel does not divide by zero.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f'channel_stats needs images [N, H, W, C] with N >= 1, got {images.shape}')
+  channels = images.shape[-1]
+  total = np.zeros(channels, np.float64)
+  total_sq = np.zeros(channels, np.float64)
+  for start in range(0, images.shape[0], chunk):
+    block = images[start:start + chunk].reshape(-1, channels).astype(np.float64)
+    total += block.sum(axis=0)
+    total_sq += np.square(block).sum(axis=0)
+  count = float(np.prod(images.shape[:-1]))
+  mean = total / count
+  var = np.maximum(total_sq / count - np.square(mean), 0.0)
+  std = np.maximum(np.sqrt(var), 1.0)
+  return [float(v) for v in mean / 255.0], [float(v) for v in std / 255.0]
+
+
 def to_float(images: tf.Tensor, labels: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   """Maps a uint8 image batch to float32 in [0, 1] and labels to int32."""
   return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int32)

@@ -3,7 +3,8 @@
 A saved model is a directory:
 
 * `model_config.json`: the registry arguments (`model`, `variant`, `num_classes`, `input_shape`,
-  `gamma`, `density`) and any extra fields the caller adds (`algorithm`, `round`, ...);
+  `gamma`, `density`, and `input_mean` / `input_std`, the input normalisation constants, where
+  the model has them) and any extra fields the caller adds (`algorithm`, `round`, ...);
 * `weights.h5`: every variable of the Keras model, masks and NSConv gains included, in Keras' HDF5
   weight format (no pickle anywhere).
 
@@ -114,7 +115,8 @@ def load_model(directory: str, **overrides) -> Tuple[tf.keras.Model, Dict[str, A
   model = models.build_model(
       config['model'], config['variant'], num_classes=int(config['num_classes']),
       input_shape=tuple(config['input_shape']), gamma=float(config.get('gamma', 0.0)),
-      density=1.0, seed=int(config.get('seed', 0)))
+      density=1.0, seed=int(config.get('seed', 0)),
+      input_mean=config.get('input_mean'), input_std=config.get('input_std'))
   try:
     model.load_weights(os.path.join(directory, WEIGHTS_FILE))
   except (OSError, ValueError, KeyError) as e:

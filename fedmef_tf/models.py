@@ -263,11 +263,12 @@ class _Builder:
         x = self.norm(x, name + "_bn")
         return self.act(x, name + "_relu", relu6)
 
-    def head(self, x, num_classes: int):
+    def head(self, x, num_classes: int, act_gain: float = RELU_GAIN):
         x = GlobalAvgPool(name="pool")(x)
         return sl.MaskedDense(
             num_classes, use_bias=True, kernel_initializer=self._init("glorot"),
-            normalize=self.fedmef, sap_gamma=self.gamma, name="classifier")(x)
+            normalize=self.fedmef, sap_gamma=self.gamma,
+            act_gain=act_gain if self.fedmef else 1.0, name="classifier")(x)
 
 
 def _cnn(b: _Builder, x, num_classes: int):
@@ -332,7 +333,7 @@ def _resnet18(b: _Builder, x, num_classes: int):
         for i in range(2):
             x = _nf_basic_block(b, x, filters, stride if i == 0 else 1, f"layer{s}_{i}", scale)
     x = b.act(x, "final_relu")
-    return b.head(x, num_classes)
+    return b.head(x, num_classes, RELU_GAIN / scale.beta)
 
 
 def _inverted_residual(b: _Builder, x, expansion: int, filters: int, stride: int, name: str,

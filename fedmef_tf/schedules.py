@@ -53,13 +53,17 @@ def adjustment_fraction(t, alpha, t_end):
       get 0.
 
   Returns:
-    A float32 scalar tensor, the fraction of each layer's active weights that is pruned and
-    regrown in round t (0 for t > T_end).
+    A float64 scalar tensor, the fraction of each layer's active weights that is pruned and
+    regrown in round t (0 for t > T_end). Float64 to the product `alpha_t * nnz_l` of
+    `adjustment_counts`: in float32, 0.35 (alpha 0.7 at t = T_end / 2) is 0.34999999, and
+    floor(0.34999999 * 20) would give 6 instead of 7.
   """
   t = tf.cast(t, tf.float64)
   t_end = tf.cast(t_end, tf.float64)
-  value = tf.cast(alpha, tf.float64) / 2.0 * (1.0 + tf.cos(math.pi * t / tf.maximum(t_end, 1.0)))
-  return tf.cast(tf.where(t <= t_end, value, tf.zeros_like(value)), tf.float32)
+  # A Python float goes straight to float64 (tf.cast would round it through float32 first).
+  alpha = tf.cast(tf.convert_to_tensor(alpha, dtype_hint=tf.float64), tf.float64)
+  value = alpha / 2.0 * (1.0 + tf.cos(math.pi * t / tf.maximum(t_end, 1.0)))
+  return tf.where(t <= t_end, value, tf.zeros_like(value))
 
 
 def adjustment_counts(alpha_t, nnz, sizes=None):
@@ -80,7 +84,8 @@ def adjustment_counts(alpha_t, nnz, sizes=None):
   """
   nnz64 = tf.cast(nnz, tf.float64)
   # Add a tiny epsilon against float64 representation error (e.g. 0.3 * 10 = 2.9999...).
-  k = tf.floor(tf.cast(alpha_t, tf.float64) * nnz64 + 1e-9)
+  alpha_t = tf.cast(tf.convert_to_tensor(alpha_t, dtype_hint=tf.float64), tf.float64)
+  k = tf.floor(alpha_t * nnz64 + 1e-9)
   k = tf.cast(k, tf.int32)
   if sizes is not None:
     k = tf.minimum(k, tf.cast(sizes, tf.int32) - tf.cast(nnz, tf.int32))

@@ -126,3 +126,36 @@ def test_nsconv_layers_use_the_standardised_kernel():
                                   "VALID")
     np.testing.assert_allclose(dw(x), want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dw(x, training=True), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_uncentred_standardisation_only_scales_each_channel_to_the_gain(depthwise):
+    rng = np.random.default_rng(4)
+    shape = (3, 3, 4, 2)
+    w = rng.normal(size=shape).astype(np.float32)
+    m = (rng.random(shape) < 0.6).astype(np.float32)
+    n_out = 8 if depthwise else 2
+    g = rng.uniform(0.5, 2.0, size=n_out).astype(np.float32)
+    got = nsconv.standardize_kernel(w * m, m, g, depthwise, center=False).numpy()
+    axes = nsconv.reduction_axes(4, depthwise)
+    wm = (w * m).astype(np.float64)
+    norm = np.sqrt(np.sum(wm * wm, axis=axes, keepdims=True))
+    want = wm / norm * np.reshape(g, nsconv.gain_shape(shape, depthwise))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[m == 0] == 0.0)
+
+
+def test_center_spatial_value_and_gradient_match_the_plain_expression():
+    rng = np.random.default_rng(5)
+    y = tf.constant(rng.normal(size=(2, 5, 4, 3)).astype(np.float32) + 3.0)
+    dy = tf.constant(rng.normal(size=(2, 5, 4, 3)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(y)
+        got = nsconv.center_spatial(y)
+        want = y - tf.reduce_mean(y, axis=[1, 2], keepdims=True)
+        got_loss = tf.reduce_sum(got * dy)
+        want_loss = tf.reduce_sum(want * dy)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+    np.testing.assert_allclose(tf.reduce_mean(got, axis=[1, 2]).numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(got_loss, y).numpy(),
+                               tape.gradient(want_loss, y).numpy(), atol=1e-6)

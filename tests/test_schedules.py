@@ -43,6 +43,17 @@ def test_adjustment_counts_exact_products_not_floored_down():
   np.testing.assert_array_equal(schedules.adjustment_counts(0.3, [10]).numpy(), [3])
 
 
+@pytest.mark.parametrize('nnz,expected', [(20, 7), (40, 14), (10, 3), (100, 35)])
+def test_adjustment_counts_exact_at_half_t_end(nnz, expected):
+  # alpha 0.7 at t = T_end / 2: alpha_t = 0.35 exactly, so 0.35 * 20 = 7 and 0.35 * 40 = 14
+  # (float32 alpha_t is 0.34999999 and would floor them to 6 and 13).
+  alpha_t = schedules.adjustment_fraction(150, 0.7, 300)
+  assert alpha_t.dtype.name == 'float64'
+  k = schedules.adjustment_counts(alpha_t, [nnz])
+  np.testing.assert_array_equal(k.numpy(), [expected])
+  np.testing.assert_array_equal(schedules.adjustment_counts(0.35, [nnz]).numpy(), [expected])
+
+
 def test_adjustment_counts_capped_by_inactive():
   # A layer with 9 of 10 active has one inactive position: k <= 1.
   k = schedules.adjustment_counts(0.5, [9, 4], sizes=[10, 10])

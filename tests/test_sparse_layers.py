@@ -405,12 +405,13 @@ def test_assign_masks_and_set_bae_validate_counts():
         assert np.all(layer.kernel.numpy()[m == 0] == 0.0)
 
 
+@pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("shape,depthwise,n_gain", [
     ((3, 3, 4, 5), False, 5),
     ((3, 3, 3, 2), True, 6),
     ((7, 3), False, 3),
 ])
-def test_fused_nsconv_kernel_matches_autodiff(shape, depthwise, n_gain):
+def test_fused_nsconv_kernel_matches_autodiff(shape, depthwise, n_gain, center):
     """The recomputing custom gradient equals autodiff of the plain formula (incl. BaE)."""
     from fedmef_tf import nsconv  # pylint: disable=import-outside-toplevel
 
@@ -424,9 +425,10 @@ def test_fused_nsconv_kernel_matches_autodiff(shape, depthwise, n_gain):
     lam = 0.3
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([kernel, gain])
-        fused = sl.masked_standardized_kernel(kernel, mask, marked, lam, gain, depthwise)
+        fused = sl.masked_standardized_kernel(kernel, mask, marked, lam, gain, depthwise,
+                                              center)
         plain = nsconv.standardize_kernel(
-            sl.masked_kernel(kernel, mask, marked, lam), mask, gain, depthwise)
+            sl.masked_kernel(kernel, mask, marked, lam), mask, gain, depthwise, center=center)
         fused_loss = tf.reduce_sum(fused * upstream)
         plain_loss = tf.reduce_sum(plain * upstream)
     np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=1e-6, atol=1e-7)

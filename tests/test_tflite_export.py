@@ -42,6 +42,11 @@ def _cli(*args):
                         env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+#: Input normalisation constants of the trained model (as a run stores them).
+INPUT_MEAN = [0.49, 0.48, 0.45]
+INPUT_STD = [0.25, 0.24, 0.26]
+
+
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   return tmp_path_factory.mktemp('tflite')
@@ -51,12 +56,13 @@ def workdir(tmp_path_factory):
 def trained_model(workdir):
   """A fedmef cnn saved as a training run's final model (weights moved away from init)."""
   model = models.build_model('cnn', 'fedmef', input_shape=INPUT_SHAPE, density=DENSITY,
-                             gamma=0.7, seed=3)
+                             gamma=0.7, seed=3, input_mean=INPUT_MEAN, input_std=INPUT_STD)
   for v in model.trainable_variables:  # stand-in for training: any change of the weights
     v.assign(v * 1.5)
   run_dir = workdir / 'run'
   config = {'model': 'cnn', 'variant': 'fedmef', 'num_classes': 10,
-            'input_shape': list(INPUT_SHAPE), 'gamma': 0.7, 'density': DENSITY, 'seed': 3}
+            'input_shape': list(INPUT_SHAPE), 'gamma': 0.7, 'density': DENSITY, 'seed': 3,
+            'input_mean': INPUT_MEAN, 'input_std': INPUT_STD}
   model_io.save_model(model, config, str(run_dir / export.RUN_MODEL_SUBDIR))
   return model, run_dir
 
@@ -138,6 +144,22 @@ def test_fedmef_export_has_all_signatures_and_shapes(fedmef_export):
   meta = verify.read_metadata(interpreter)
   assert meta['variant'] == 'fedmef' and meta['gamma'] == 0.7
   assert meta['learning_rate'] == pytest.approx(0.05)
+
+
+def test_export_normalises_its_input_as_the_tf_model_does(fedmef_export, trained_model):
+  model, _ = trained_model
+  interpreter = tf.lite.Interpreter(model_path=fedmef_export[0])
+  meta = verify.read_metadata(interpreter)
+  assert meta['input_mean'] == INPUT_MEAN and meta['input_std'] == INPUT_STD
+  infer = interpreter.get_signature_runner('infer')
+  x = np.random.default_rng(5).random((BATCH,) + tuple(INPUT_SHAPE)).astype(np.float32)
+  got = infer(x=x)['logits']
+  want = model(x, training=False).numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  # The same model without the normalisation gives other logits: the layer is in the file.
+  plain = models.build_model('cnn', 'fedmef', input_shape=INPUT_SHAPE, gamma=0.7, seed=3)
+  plain.set_weights(model.get_weights())
+  assert np.abs(plain(x, training=False).numpy() - want).max() > 10 * np.abs(got - want).max()
 
 
 def test_export_of_final_model_keeps_its_weights_and_masks(fedmef_export, trained_model):
@@ -481,8 +503,9 @@ def test_no_partial_file_on_failure(monkeypatch, tmp_path, failing):
 # -- per-layer updates in the on-device train step, and the memory probe ---------------------------
 
 
-@pytest.mark.parametrize('variant', ['fedmef', 'baseline'])
-def test_in_backward_updates_equal_the_plain_step(variant):
+@pytest.mark.parametrize('variant,clipping', [('fedmef', None), ('fedmef', 0.16),
+                                              ('baseline', None)])
+def test_in_backward_updates_equal_the_plain_step(variant, clipping):
   """The TFLite train step's per-layer kernel (and gain) updates, traced in TF, give the plain
   step's variables (BaE on, values loaded under the mask, NSConv gains away from 1)."""
   from tflite_export import train_module  # pylint: disable=import-outside-toplevel
@@ -498,7 +521,8 @@ def test_in_backward_updates_equal_the_plain_step(variant):
         layer.kernel.assign(layer.kernel + 0.01 * (1.0 - layer.mask))  # junk under the mask
       if getattr(layer, 'gain', None) is not None:
         layer.gain.assign(rng.uniform(0.5, 1.5, size=layer.gain.shape).astype(np.float32))
-    return train_module.TrainModule(model, batch_size=BATCH, learning_rate=0.05, metadata={})
+    return train_module.TrainModule(model, batch_size=BATCH, learning_rate=0.05, metadata={},
+                                    gradient_clipping=clipping)
 
   plain, fused = build(), build()
   fused._tracing_tflite = True  # pylint: disable=protected-access

@@ -460,6 +460,18 @@ def test_end_to_end_writes_every_artifact(uninterrupted):
   from fedmef_tf import masks, model_io  # pylint: disable=import-outside-toplevel
   model, _ = model_io.load_model(str(root / 'final_model'))
   assert float(masks.global_density(model)) == pytest.approx(summary['density'], abs=1e-6)
+  # The input normalisation constants are those of the training split, stored with the run
+  # (config.json) and in the saved model, whose first layer applies them.
+  from fedmef_tf import data as data_lib  # pylint: disable=import-outside-toplevel
+  train = data_lib.synthetic(num_train=400, num_test=100, seed=3)
+  mean, std = data_lib.channel_stats(train.train_images)
+  run_cfg = json.loads((root / 'config.json').read_text())
+  assert run_cfg['input_mean'] == mean and run_cfg['input_std'] == std
+  assert model_cfg['input_mean'] == mean and model_cfg['input_std'] == std
+  norm = model.get_layer('input_norm')
+  x = np.full((1, 2, 2, 3), 0.5, np.float32)
+  np.testing.assert_allclose(norm(x).numpy()[0, 0, 0], (0.5 - np.array(mean)) / np.array(std),
+                             rtol=1e-5)
 
 
 @needs_process

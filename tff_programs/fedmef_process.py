@@ -59,6 +59,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedmef_tf import agc
 from fedmef_tf import client as client_lib
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import server as server_lib
@@ -115,7 +116,8 @@ def sap_gamma_for(algorithm: str, gamma: float) -> float:
 
 
 def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
-                  input_shape=(32, 32, 3), gamma: float = 0.7, seed: int = 0):
+                  input_shape=(32, 32, 3), gamma: float = 0.7, seed: int = 0,
+                  input_mean=None, input_std=None):
   """A zero-argument `model_fn` building model `name` as `algorithm` needs it.
 
   Calls `fedmef_tf.models.build_model(name, model_variant_for(algorithm), ...)` with SAP ratio
@@ -124,7 +126,8 @@ def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
   Args:
     name: a model name of `fedmef_tf.models.MODEL_NAMES` (e.g. 'cnn').
     algorithm: one of `ALGORITHMS`.
-    num_classes, input_shape, gamma, seed: see `build_model`.
+    num_classes, input_shape, gamma, seed, input_mean, input_std: see `build_model` (the
+      input normalisation constants, `fedmef_tf.data.channel_stats` of the training split).
 
   Returns:
     A callable returning a new Keras model on every call.
@@ -137,7 +140,7 @@ def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
   def model_fn():
     return models.build_model(name, variant, num_classes=num_classes,
                               input_shape=tuple(input_shape), density=1.0, gamma=sap_gamma,
-                              seed=seed)
+                              seed=seed, input_mean=input_mean, input_std=input_std)
 
   return model_fn
 
@@ -351,7 +354,8 @@ def build_fedmef_process(
         local_epochs=local_epochs, batch_size=batch_size, eta_0=client_lr,
         lambda_bae=lambda_bae, use_bae=use_bae,
         server_adjust=(mode == server_lib.MODE_SERVER_ADJUST),
-        client_regrow=(mode == server_lib.MODE_FEDDST), loss_fn=loss_fn)
+        client_regrow=(mode == server_lib.MODE_FEDDST), loss_fn=loss_fn,
+        gradient_clipping=agc.clipping_for(model_variant_for(algorithm)))
     return update(dataset, list(trainable), list(non_trainable),
                   client_lib.RoundConfig(*config))
 

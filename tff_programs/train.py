@@ -440,9 +440,14 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   spec = model_spec(f['algorithm'], f['density'], f['gamma'])
   # Masks are set by the process (ERK random masks of --density from --seed) and travel in its
   # state; the model function builds the architecture only.
+  # Input normalisation constants of the training split: part of the run's configuration
+  # (config.json), so a resumed run checks that it trains on the same data, and of the saved
+  # model, so the exported model normalises the pixels itself.
+  cfg['input_mean'], cfg['input_std'] = data_lib.channel_stats(dataset.train_images)
   model_fn = fedmef_process.make_model_fn(
       f['model'], f['algorithm'], num_classes=dataset.num_classes,
-      input_shape=dataset.input_shape, gamma=f['gamma'], seed=f['seed'])
+      input_shape=dataset.input_shape, gamma=f['gamma'], seed=f['seed'],
+      input_mean=cfg['input_mean'], input_std=cfg['input_std'])
 
   element_spec = data_lib.client_dataset(
       federated.create_tf_dataset_for_client(federated.client_ids[0])).element_spec
@@ -610,6 +615,7 @@ def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate)
       'density': spec['density'], 'algorithm': f['algorithm'], 'dataset': f['dataset'],
       'rounds': f['rounds'], 'seed': f['seed'], 'final_accuracy': test_acc,
       'input_range': 'float32 RGB in [0, 1] (pixel / 255), NHWC',
+      'input_mean': cfg['input_mean'], 'input_std': cfg['input_std'],
   }
   model_dir = model_io.save_model(model, model_config,
                                   os.path.join(root_dir, program_io.FINAL_MODEL_DIR))

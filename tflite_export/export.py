@@ -93,10 +93,21 @@ def _parse_shape(text: str) -> Tuple[int, ...]:
   return shape
 
 
+def _parse_floats(text: Optional[str], flag: str) -> Optional[List[float]]:
+  if text is None:
+    return None
+  try:
+    return [float(v) for v in str(text).split(',')]
+  except ValueError as e:
+    raise ExportError(f'{flag} must be comma-separated numbers, got {text!r}') from e
+
+
 def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = None,
                 model: Optional[str] = None, variant: str = 'fedmef', density: float = 0.1,
                 gamma: float = 0.7, num_classes: int = 10,
-                input_shape: Sequence[int] = (32, 32, 3), seed: int = 0):
+                input_shape: Sequence[int] = (32, 32, 3), seed: int = 0,
+                input_mean: Optional[Sequence[float]] = None,
+                input_std: Optional[Sequence[float]] = None):
   """Builds or loads the Keras model to export, from exactly one source.
 
   Args:
@@ -108,6 +119,8 @@ def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = No
     density: global density of the prunable kernels of a fresh model, in (0, 1].
     gamma: SAP drop ratio of a fresh fedmef model, in [0, 1].
     num_classes, input_shape, seed: of a fresh model.
+    input_mean, input_std: input normalisation constants of a fresh model (per channel, in
+      pixel / 255 units; None: no normalisation layer). A saved model carries its own.
 
   Returns:
     `(keras_model, config)`; config has at least model, variant, num_classes, input_shape,
@@ -152,6 +165,9 @@ def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = No
   config = {'model': model, 'variant': variant, 'num_classes': int(num_classes),
             'input_shape': list(input_shape), 'density': float(density), 'seed': int(seed),
             'gamma': float(gamma) if variant == 'fedmef' else 0.0, 'source': 'registry'}
+  if input_mean is not None:
+    config['input_mean'] = [float(v) for v in input_mean]
+    config['input_std'] = [float(v) for v in input_std]
   if variant == 'tfmot':
     if model != 'cnn':
       raise ExportError(f"variant 'tfmot' exists for model 'cnn' only, not '{model}'")
@@ -159,9 +175,13 @@ def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = No
     keras_model = tfmot_model.build_tfmot_cnn(
         density=density, num_classes=num_classes, input_shape=input_shape, seed=seed)
   else:
-    keras_model = models.build_model(model, variant, num_classes=int(num_classes),
-                                     input_shape=input_shape, density=float(density),
-                                     gamma=float(gamma), seed=int(seed))
+    try:
+      keras_model = models.build_model(model, variant, num_classes=int(num_classes),
+                                       input_shape=input_shape, density=float(density),
+                                       gamma=float(gamma), seed=int(seed),
+                                       input_mean=input_mean, input_std=input_std)
+    except ValueError as e:
+      raise ExportError(str(e)) from e
   return keras_model, config
 
 
@@ -327,6 +347,7 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
       is left at `output` (nor a temporary one beside it) when it is raised.
   """
   from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+  from fedmef_tf import agc  # pylint: disable=import-outside-toplevel
   from tflite_export import train_module  # pylint: disable=import-outside-toplevel
 
   output = _check_output(output)
@@ -345,7 +366,8 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
                                     learning_rate=float(learning_rate), metadata=metadata,
                                     layer_updates=layer_updates,
                                     max_im2col_bytes=int(max_im2col_kib) * 1024,
-                                    builtin_weight_grads=builtin_weight_grads)
+                                    builtin_weight_grads=builtin_weight_grads,
+                                    gradient_clipping=agc.clipping_for(config['variant']))
   try:
     flatbuffer = convert(module)
   except Exception as e:  # pylint: disable=broad-except
@@ -416,6 +438,11 @@ def _flags():
       (flags.DEFINE_float, 'gamma', 0.7, 'SAP drop ratio of a fresh fedmef model'),
       (flags.DEFINE_integer, 'num_classes', 10, 'number of classes of a fresh model'),
       (flags.DEFINE_string, 'input_shape', '32,32,3', 'H,W,C of a fresh model'),
+      (flags.DEFINE_string, 'input_mean', None,
+       'per-channel input mean of a fresh model (pixel / 255 units, comma-separated); with '
+       '--input_std the model normalises its input (a trained run carries its own)'),
+      (flags.DEFINE_string, 'input_std', None, 'per-channel input standard deviation, see '
+       '--input_mean'),
       (flags.DEFINE_integer, 'seed', 0, 'seed of a fresh model'),
       (flags.DEFINE_integer, 'batch_size', 32, 'fixed batch size of train/infer'),
       (flags.DEFINE_float, 'learning_rate', 0.1, 'initial SGD learning rate of train'),
@@ -455,7 +482,9 @@ def run(argv: Sequence[str]) -> int:
     keras_model, config = load_source(
         root_dir=fl.root_dir, model_dir=fl.model_dir, model=fl.model, variant=fl.variant,
         density=fl.density, gamma=fl.gamma, num_classes=fl.num_classes,
-        input_shape=_parse_shape(fl.input_shape), seed=fl.seed)
+        input_shape=_parse_shape(fl.input_shape), seed=fl.seed,
+        input_mean=_parse_floats(fl.input_mean, '--input_mean'),
+        input_std=_parse_floats(fl.input_std, '--input_std'))
     report = export_model(keras_model, config, fl.output, batch_size=fl.batch_size,
                           learning_rate=fl.learning_rate, measure_memory=fl.measure_memory,
                           layer_updates=fl.layer_updates, max_im2col_kib=fl.max_im2col_kib,

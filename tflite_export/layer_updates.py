@@ -58,10 +58,11 @@ the TFLite graph), so the verifier compares the two.
 from __future__ import annotations
 
 import contextlib
-from typing import List
+from typing import List, Optional
 
 import tensorflow as tf
 
+from fedmef_tf import agc
 from fedmef_tf import nsconv
 from fedmef_tf import sap
 from fedmef_tf import sparse_layers
@@ -168,6 +169,8 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
   # On the active entries `w` is the kernel itself; elsewhere the update multiplies by 0.
   bae = (w * marked) * two_lambda  # `w * two_lambda` first would run (and wait) in the forward
   u = upstream * mask
+  clipping = slot.get('clipping')
+  kernel_axes = nsconv.reduction_axes(w.shape.rank, layer.depthwise)
   if not slot['normalize']:
     d_k = u + bae
   else:
@@ -188,7 +191,11 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
       d_centred = d_centred - mean_d
     d_k = d_centred * mask + bae
     d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
+    if clipping is not None:
+      d_gain_var = agc.clip_gradient(d_gain_var, _read(layer.gain), (), clipping)
     layer.gain.assign_sub(rate * d_gain_var)
+  if clipping is not None:
+    d_k = agc.clip_gradient(d_k, w, tuple(kernel_axes), clipping)
   new_kernel = (w - rate * d_k) * mask
   layer.kernel.assign(new_kernel)
   return new_kernel
@@ -215,14 +222,20 @@ def _joint(x: tf.Tensor, w: tf.Tensor, slot: dict, lr: tf.Variable):
 
 
 @contextlib.contextmanager
-def in_backward_updates(lr: tf.Variable, updated: List[tf.Variable]):
+def in_backward_updates(lr: tf.Variable, updated: List[tf.Variable],
+                        clipping: Optional[float] = None, unclipped=()):
   """Within the block, masked layers traced with a tape update their kernels in the backward pass.
 
   Args:
     lr: the SGD learning rate variable.
     updated: a list to which the variables updated so (kernels, NSConv gains) are appended:
       the caller must neither apply a gradient to these nor mask them again.
+    clipping: AGC threshold (`fedmef_tf.agc`) applied to each kernel's and gain's gradient
+      before its update, unit by unit as in the TF step; None: plain SGD.
+    unclipped: masked layers whose updates are not clipped (the output layer, as in
+      `agc.unit_axes`).
   """
+  unclipped_ids = {id(layer) for layer in unclipped}
   cls = sparse_layers.MaskedLayer
   original_kernel = cls.effective_kernel
   subclasses = (sparse_layers.MaskedConv2D, sparse_layers.MaskedDepthwiseConv2D,
@@ -238,6 +251,7 @@ def in_backward_updates(lr: tf.Variable, updated: List[tf.Variable]):
       raise ValueError(f'{layer.name}: a masked layer called twice in one train step is not '
                        'supported by tflite_export.layer_updates (use layer_updates=False)')
     updated.append(layer.kernel)
+    slot['clipping'] = None if id(layer) in unclipped_ids else clipping
     if layer.normalize:
       updated.append(layer.gain)
       return _nsconv_kernel(layer, slot)

@@ -44,10 +44,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
+from fedmef_tf import agc
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import sap
 from fedmef_tf import sparse_layers
@@ -131,12 +132,15 @@ class TrainModule(tf.Module):
     builtin_weight_grads: in the TFLite graph, compute the weight gradients of masked
       convolutions from builtin ops (`tflite_export.filter_grad`); False: the select-TF
       `Conv2DBackpropFilter`.
+    gradient_clipping: AGC threshold of `train` (`fedmef_tf.agc`, as the simulated clients
+      of the model's variant use it: `agc.clipping_for(variant)`), or None for plain SGD.
   """
 
   def __init__(self, model: tf.keras.Model, *, batch_size: int, learning_rate: float,
                metadata: Dict[str, Any], layer_updates: bool = True,
                max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
-               builtin_weight_grads: bool = True):
+               builtin_weight_grads: bool = True,
+               gradient_clipping: Optional[float] = None):
     super().__init__(name='fedmef_train_module')
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
@@ -155,6 +159,10 @@ class TrainModule(tf.Module):
       raise ValueError(f'max_im2col_bytes must be >= 0, got {max_im2col_bytes}')
     self.max_im2col_bytes = int(max_im2col_bytes)
     self.builtin_weight_grads = bool(builtin_weight_grads)
+    self.gradient_clipping = None if gradient_clipping is None else float(gradient_clipping)
+    output_layer = model.layers[-1]
+    self._unclipped_layers = [output_layer] if output_layer in masks_lib.prunable_layers(
+        model) else []
     by_ref = {v.ref(): n for n, v in zip(self.names, self._vars)}
     #: Output names of `dense_gradients`: `grad_<kernel weight name>`, prunable layer order.
     self.gradient_names = ['grad_' + by_ref[layer.kernel.ref()]
@@ -166,6 +174,7 @@ class TrainModule(tf.Module):
                  'layer_updates': self.layer_updates,
                  'max_im2col_bytes': self.max_im2col_bytes,
                  'builtin_weight_grads': self.builtin_weight_grads,
+                 'gradient_clipping': self.gradient_clipping,
                  'signatures': list(self.signature_names())})
     self.metadata_json = json.dumps(meta, sort_keys=True)
     self._build_functions()
@@ -198,8 +207,9 @@ class TrainModule(tf.Module):
     # (`tflite_export.layer_updates`); the TF reference traces the plain step below.
     in_backward = []
     fused = self._tracing_tflite and self.layer_updates
-    context = (layer_updates.in_backward_updates(self.lr, in_backward) if fused
-               else contextlib.nullcontext())
+    context = (layer_updates.in_backward_updates(
+        self.lr, in_backward, clipping=self.gradient_clipping,
+        unclipped=self._unclipped_layers) if fused else contextlib.nullcontext())
     with context:
       with tf.GradientTape() as tape:
         logits = self.model(x, training=True)
@@ -207,6 +217,9 @@ class TrainModule(tf.Module):
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
       grads = tape.gradient(loss, self._trainable)
     done = {v.ref() for v in in_backward}
+    if self.gradient_clipping is not None:  # the in-backward updates clip their own
+      grads = agc.clip_model_gradients(self.model, grads, self.gradient_clipping,
+                                       skip=in_backward)
     for v, g in zip(self._trainable, grads):
       if g is not None and v.ref() not in done:
         v.assign_sub(self.lr * g)
