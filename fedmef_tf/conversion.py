@@ -245,6 +245,7 @@ class _Graph:
                 f"{model.name} ({type(model).__name__}): has {len(model.inputs)} inputs and "
                 f"{len(model.outputs)} outputs; sparsify converts one input, one output")
         self.input = model.inputs[0]
+        self.input_name = model.input_names[0]
         self.output = model.outputs[0]
         self.kinds: Dict[int, str] = {}
         self.inputs: Dict[int, list] = {}
@@ -329,7 +330,7 @@ class _Converter:
         self.fedmef = variant == "fedmef"
         self.gamma = float(gamma) if self.fedmef else 0.0
         self.alpha_ends = _residual_branch_ends(graph) if self.fedmef else set()
-        self.names = {l.name for l in graph.layers} | {graph.input.node.layer.name}
+        self.names = {l.name for l in graph.layers} | {graph.input_name}
         self.copies = []  # (target variable, source variable)
 
     def unique(self, name: str) -> str:
@@ -485,7 +486,7 @@ def sparsify(
     graph = _Graph(model)
     input_shape = tuple(graph.input.shape[1:])
     inputs = tf.keras.Input(shape=input_shape, dtype=graph.input.dtype,
-                            name=graph.input.node.layer.name)
+                            name=graph.input_name)
     converter = _Converter(graph, variant, gamma)
     x = inputs
     if input_mean is not None:
