@@ -68,7 +68,10 @@ starts with the input layer's bias initializer (zeros by default). Layer names a
 (`name_relu` for the BitReLU split off a conv's `activation='relu'`), so the converted model's
 prunable layers are the input model's Conv2D / DepthwiseConv2D / Dense in graph order.
 Note that the fedmef variant does not compute the input model's function (no BatchNorm, NSConv
-standardises each kernel): it is a starting point for training, not a compressed copy.
+standardises each kernel): it is a starting point for training, not a compressed copy. Called
+outside eager execution (as the `model_fn` of the TFF process inside its computations), the
+weight copies and the masks are assignments in that graph; the process sets every variable
+from its state anyway.
 """
 
 from __future__ import annotations
@@ -116,16 +119,12 @@ class _Signal:
         variance: expected variance of the linear signal the tensor derives from.
         gain: nonlinearity gain owed to a ReLU applied since (1.0 for a linear tensor).
         from_input: the tensor is the (normalised) model input.
-        nsconv: the NSConv whose linear output this tensor is (through removed BatchNorms), or
-            None.
     """
 
-    def __init__(self, variance: float = 1.0, gain: float = 1.0, from_input: bool = False,
-                 nsconv=None):
+    def __init__(self, variance: float = 1.0, gain: float = 1.0, from_input: bool = False):
         self.variance = float(variance)
         self.gain = float(gain)
         self.from_input = from_input
-        self.nsconv = nsconv
 
     @property
     def act_gain(self) -> float:
@@ -189,8 +188,8 @@ def _kind(layer) -> str:
         return "bn"
     if cls is kl.ReLU:
         max_value = None if layer.max_value is None else float(layer.max_value)
-        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0 or max_value not in (
-                None, 6.0):
+        leaky = float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0
+        if leaky or max_value not in (None, 6.0):
             raise _refuse(layer, "only ReLU and ReLU6 (no negative_slope, threshold or other "
                                  "max_value) are supported")
         return "relu"
@@ -394,7 +393,7 @@ class _Converter:
         self.copies.append((new.kernel, source_kernel))
         if new.bias is not None and layer.use_bias:
             self.copies.append((new.bias, layer.bias))
-        out = _Signal(gain_init * gain_init, 1.0, nsconv=new)
+        out = _Signal(gain_init * gain_init, 1.0)
         if relu_split:
             y, out = self.bit_relu(y, _RELU_MAX[activation], self.unique(layer.name + "_relu"),
                                    out)

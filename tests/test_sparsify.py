@@ -389,6 +389,21 @@ def test_sequential_model_and_the_public_name():
 # -- training, TFF, TFLite ---------------------------------------------------------------------
 
 
+def test_converted_model_saves_and_loads_in_the_custom_object_scope(tmp_path):
+  model = fedmef_tf.sparsify(_mobilenet_style(), density=0.3, variant='fedmef', gamma=0.7,
+                             input_mean=[0.5] * 3, input_std=[0.25] * 3)
+  path = str(tmp_path / 'converted.keras')
+  model.save(path)
+  with fedmef_tf.custom_object_scope():
+    loaded = tf.keras.models.load_model(path)
+  x, _ = _toy_data(4, 2)
+  np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), atol=1e-5)
+  for a, b in zip(masks.prunable_layers(loaded), masks.prunable_layers(model)):
+    np.testing.assert_array_equal(a.mask.numpy(), b.mask.numpy())
+    assert a.get_config()['act_gain'] == b.get_config()['act_gain']
+
+
+
 @pytest.mark.parametrize('builder', [_bn_cnn, _mobilenet_style])
 def test_converted_model_fits_and_keeps_its_masks(builder):
   model = fedmef_tf.sparsify(builder(), density=0.3, variant='fedmef', gamma=0.5, seed=1)
