@@ -324,6 +324,9 @@ def _residual_branch_ends(graph: _Graph) -> set:
 
 
 class _Converter:
+    """Builds the converted layers of one variant, tensor by tensor, and records the weights
+    to copy from the input model."""
+
     def __init__(self, graph: _Graph, variant: str, gamma: float):
         self.graph = graph
         self.fedmef = variant == "fedmef"
