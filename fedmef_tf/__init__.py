@@ -4,10 +4,11 @@ The public names, re-exported here (tfmot's pattern) and imported on first use, 
 `import fedmef_tf` stays light; this package never imports TensorFlow Federated:
 
 * `build_model`, `MODEL_NAMES`, `VARIANTS`, `CUSTOM_OBJECTS` (`fedmef_tf.models`);
+* `sparsify`, `ConversionError` (`fedmef_tf.conversion`): a stock Keras model made FedMef;
 * `custom_object_scope`, `save_model`, `load_model` (`fedmef_tf.model_io`);
 * `init_sparse`, `global_density`, `prunable_layers`, `erk_densities` (`fedmef_tf.masks`);
 * `analytic_footprint`, `measure_train_step_peak` (`fedmef_tf.memory`);
-* the modules `data`, `masks`, `memory`, `model_io`, `models`.
+* the modules `conversion`, `data`, `masks`, `memory`, `model_io`, `models`.
 """
 
 import importlib
@@ -15,12 +16,13 @@ import importlib
 _EXPORTS = {
     'build_model': 'models', 'MODEL_NAMES': 'models', 'VARIANTS': 'models',
     'CUSTOM_OBJECTS': 'models',
+    'sparsify': 'conversion', 'ConversionError': 'conversion',
     'custom_object_scope': 'model_io', 'save_model': 'model_io', 'load_model': 'model_io',
     'init_sparse': 'masks', 'global_density': 'masks', 'prunable_layers': 'masks',
     'erk_densities': 'masks',
     'analytic_footprint': 'memory', 'measure_train_step_peak': 'memory',
 }
-_MODULES = ('data', 'masks', 'memory', 'model_io', 'models')
+_MODULES = ('conversion', 'data', 'masks', 'memory', 'model_io', 'models')
 
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 

@@ -28,7 +28,8 @@ def test_the_section_has_the_promised_snippets():
     blocks = library_blocks(f.read())
   code = '\n'.join(blocks)
   assert len(blocks) >= 3
-  for name in ('fedmef_tf.build_model', '.fit(', 'tff_programs.build_fedmef_process',
+  for name in ('fedmef_tf.build_model', 'fedmef_tf.sparsify(', '.fit(',
+               'tff_programs.build_fedmef_process',
                'TestClientData', 'assign_weights_to', 'tf.keras.models.load_model',
                'fedmef_tf.custom_object_scope()'):
     assert name in code, name
