@@ -53,9 +53,10 @@ nonlinearity gain owed to a ReLU applied since (`models.RELU_GAIN`, else 1):
   activation (BatchNormalization in between is removed) that NSConv gets
   `gain_init = models.RESIDUAL_ALPHA`. When neither is an ancestor of the other (a projection
   shortcut, or two parallel branches), every NSConv keeps `gain_init = 1`;
-- GlobalAveragePooling2D outputs `(1, 1)`: the variance of a spatial mean depends on the
-  spatial correlation of its input and is not known analytically; the classifier reads the
-  pooled features at unit scale, as `models` builds its head;
+- GlobalAveragePooling2D passes the state on: the classifier folds the gain of the activation
+  in front of the pooling over the scale of its pre-activation, as `models` builds its head
+  (the variance of a spatial mean depends on the spatial correlation of its input and is not
+  known analytically, so it is not divided out);
 - Flatten passes the state on.
 
 On the registry architectures these rules give exactly the act_gains, centring flags and branch
@@ -416,7 +417,7 @@ class _Converter:
             out = _Signal(sum(s.output_variance for s in signals), 1.0)
             return models.ResidualAdd(name=layer.name)(x), out
         if kind == "pool":
-            return models.GlobalAvgPool(name=layer.name)(x[0]), _Signal()
+            return models.GlobalAvgPool(name=layer.name)(x[0]), signals[0]
         if kind == "bn":
             if self.fedmef:
                 return x[0], signals[0]

@@ -4,32 +4,64 @@ FedMef (Huang et al., CVPR 2024, arXiv 2403.14737) evaluates ResNet18 and Mobile
 variants that differ only in what FedMef changes:
 
 - `fedmef`: every convolution is an NSConv (`MaskedConv2D` / `MaskedDepthwiseConv2D` with
-  `normalize=True`, a bias and a per-channel gain), with scaled activation pruning
-  (`sap_gamma=gamma`) on every conv and on the classifier, activations are the 1-bit-caching
-  `sap.BitReLU` (ReLU or ReLU6), and there is no BatchNorm anywhere.
+  `normalize=True`, a bias and a per-channel gain), and so is the classifier (`MaskedDense`),
+  with scaled activation pruning (`sap_gamma=gamma`) on every one of them, activations are the
+  1-bit-caching `sap.BitReLU` (ReLU or ReLU6), and there is no BatchNorm anywhere.
 - `baseline`: masked convolutions without bias (`normalize=False`, `sap_gamma=0`) followed by
   `BatchNormalization` and a plain Keras `ReLU` (ReLU6 for MobileNetV2).
 
-Both variants share the same stem, widths, strides, classifier and layer names, so that their
-prunable kernels have identical shapes (and identical ERK densities and initial masks for the
+Both variants share the same stem, widths, strides, classifier and the names of their prunable
+layers, so that their prunable kernels have identical shapes (and identical ERK densities and initial masks for the
 same seed). Every Conv2D / DepthwiseConv2D / Dense kernel is a masked, prunable layer, the stem
 and the classifier included.
 
+Signal propagation of the fedmef variant (what BatchNorm does in the baseline, done by design):
+
+- the input: both variants start with a Keras `Normalization` layer ("input_norm") holding the
+  per-channel mean and standard deviation of the training split (`build_model`'s `input_mean`,
+  `input_std`; `fedmef_tf.data.channel_stats`), so every model sees unit-variance inputs and an
+  exported model takes pixel / 255 as it is;
+- every NSConv maps a unit-variance input to a unit-variance output; the nonlinearity gain of
+  the ReLU in front (`RELU_GAIN`, NF-Nets' gamma) and the expected scale of its input are folded
+  into its kernel as the constant `act_gain`, never applied to an activation;
+- the stem is not centred (`center=False`: its input is centred already, and a zero-sum kernel
+  would pass only the part of a patch that differs from its mean, little on smooth images); the
+  depthwise kernels are not centred either (their fan-in is spatial only, so centring them is a
+  spatial high-pass filter); every other NSConv is, as the FedMef formula says;
+- every NSConv output but the stem's is centred per example and channel over height and width
+  (`nsconv.center_spatial`, before the bias): the per-channel offsets after a ReLU, which a
+  centred kernel cannot remove and BatchNorm removes with batch statistics, would otherwise reach
+  the classifier as a large common component of the pooled features;
+- residual networks follow NF-ResNets (Brock et al. 2021): pre-activation blocks
+  `h + alpha * f(relu(h) / beta)` with `beta` the analytically tracked scale of the stream
+  (`_SignalScale`) folded into the first NSConv of the branch, and the branch gain `alpha`
+  (`RESIDUAL_ALPHA`) the initial value of the learnable gain of its last NSConv; a block that
+  changes resolution or width has no identity to stay close to and starts its branch at gain 1;
+- the classifier is an NSConv-like dense layer (`normalize=True`: its centred kernel is blind to
+  the common offset of the pooled ReLU features) that folds the ReLU gain over the stream scale;
+- its clients train with adaptive gradient clipping (`fedmef_tf.agc`).
+
+Departures from ../shared/ALGORITHM.md, which asks for NSConv on every convolution and nothing
+else: the uncentred stem and depthwise kernels, the output centring, the NSConv classifier, the
+pre-activation block order of the fedmef ResNet18 and AGC. Without them the BatchNorm-free
+networks diverged or learned several times slower than the baseline on real images at the
+paper's learning rate (`python -m benchmarks.trainability`, README); none of them caches an
+activation or depends on the data.
+
+The baseline is unchanged by all of this but the input normalisation (post-activation blocks,
+plain residual sums, BatchNorm).
+
 Memory (the point of the fedmef variant): no layer keeps a float copy of an activation for its
 backward pass. The masked convs cache only the SAP-compressed input; BitReLU caches one bit per
-element; bias addition needs only the upstream gradient. The residual addition and the global
-average pooling are the custom-gradient layers `ResidualAdd` and `GlobalAvgPool` below, whose
-gradient functions refer to nothing but the (tiny) input shape. TF's own `AddV2` / `Mean`
-gradients call `tf.shape(input)` when the batch size is unknown (as in a Keras `fit` graph);
-whether that keeps the input alive is up to graph pruning (in a TF 2.14 `tf.function` step we
-measured no difference), so these layers make it a property of the code rather than of the
-optimiser. There is no identity, scaling, max-pool or dropout op on the activation path: the
-ReLU gain that keeps the signal scale without BatchNorm is folded into the next NSConv's kernel
-(`act_gain`), not applied to the activation, and so is the input gain `INPUT_GAIN` of the stem
-(the images are in [0, 1] with a standard deviation of about 0.25, not unit variance; without
-it every activation of a BN-free network is that much too small, see `INPUT_GAIN`). Both
-variants use the same lean add and pooling layers, so that a measured difference is due to
-NSConv + SAP + BitReLU + no BN only.
+element; bias addition and output centring need only the upstream gradient. The residual
+addition and the global average pooling are the custom-gradient layers `ResidualAdd` and
+`GlobalAvgPool` below, whose gradient functions refer to nothing but the (tiny) input shape.
+TF's own `AddV2` / `Mean` gradients call `tf.shape(input)` when the batch size is unknown (as in
+a Keras `fit` graph); whether that keeps the input alive is up to graph pruning (in a TF 2.14
+`tf.function` step we measured no difference), so these layers make it a property of the code
+rather than of the optimiser. There is no identity, scaling, max-pool or dropout op on the
+activation path. Both variants use the same lean add and pooling layers, so that a measured
+difference is due to NSConv + SAP + BitReLU + no BN only.
 
 Layer names are fixed (`stem_conv`, `layer2_0_conv1`, `block3_expand`, `classifier`, ...), so
 two builds of the same model have the same variable names whatever else lives in the process.
@@ -132,8 +164,7 @@ class ResidualAdd(tf.keras.layers.Layer):
     `scale` times the upstream gradient to both (no shape lookup on the inputs).
 
     Args:
-        scale: constant factor (not trained); 1.0 is the plain sum. The fedmef variants use
-            `RESIDUAL_SCALE`.
+        scale: constant factor (not trained); 1.0 is the plain sum, what both variants use.
     """
 
     def __init__(self, scale: float = 1.0, **kwargs):

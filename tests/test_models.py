@@ -74,8 +74,7 @@ def test_variants_structure(name):
                 assert id(v) in kernel_ids, v.name
         assert prunable[0].name == "stem_conv" and prunable[-1].name == "classifier"
     for layer in masks.prunable_layers(fed):
-        is_head = isinstance(layer, sl.MaskedDense)
-        assert layer.normalize == (not is_head)
+        assert layer.normalize  # NSConv everywhere, the classifier included
         assert layer.sap_gamma == pytest.approx(0.7)
         assert layer.use_bias
     for layer in masks.prunable_layers(base):
@@ -126,7 +125,8 @@ def test_forward_shapes_other_classes_and_sizes(name, variant, num_classes, inpu
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_fedmef_signal_neither_vanishes_nor_explodes(name):
     # Without BN the scale must be kept by NSConv; measured at the pooled features.
-    model = _built(name, "fedmef", density=0.1, gamma=0.7)
+    model = _built(name, "fedmef", density=0.1, gamma=0.7, input_mean=(0.5,) * 3,
+                   input_std=(float(np.sqrt(1 / 12)),) * 3)  # of uniform [0, 1) pixels
     features = tf.keras.Model(model.input, model.get_layer("pool").output)
     x = tf.random.uniform((8, 32, 32, 3))
     std = float(tf.math.reduce_std(features(x)))
@@ -134,20 +134,31 @@ def test_fedmef_signal_neither_vanishes_nor_explodes(name):
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
-def test_fedmef_stem_folds_the_input_gain(name):
-    fed = _built(name, "fedmef", gamma=0.7).get_layer("stem_conv")
-    base = _built(name, "baseline", gamma=0.7).get_layer("stem_conv")
-    assert fed.act_gain == models.INPUT_GAIN and base.act_gain == 1.0
+def test_fedmef_stem_reads_the_normalised_images_uncentred(name):
+    fed = _built(name, "fedmef", gamma=0.7)
+    stem = fed.get_layer("stem_conv")
+    assert stem.act_gain == 1.0 and not stem.center and not stem.center_output
+    convs = [l for l in masks.prunable_layers(fed) if l.name != "stem_conv"
+             and not isinstance(l, sl.MaskedDense)]
+    assert convs and all(l.center_output for l in convs)
+    # Depthwise kernels are not centred (their fan-in is spatial only); the others are.
+    assert all(l.center == (not isinstance(l, sl.MaskedDepthwiseConv2D)) for l in convs)
+    classifier = fed.get_layer("classifier")
+    assert classifier.normalize and classifier.act_gain > 1.0
+    base = _built(name, "baseline", gamma=0.7)
+    assert all(l.act_gain == 1.0 and not l.normalize for l in masks.prunable_layers(base))
 
 
-def test_fedmef_cnn_activations_have_unit_scale_on_images():
-    # Images are pixel / 255 in [0, 1] (std about 0.25); NSConv keeps the scale of its input,
-    # so without the stem's input gain every pre-activation of the BN-free CNN was about 0.2.
-    model = _built("cnn", "fedmef", density=0.1, gamma=0.7)
+def test_fedmef_cnn_activations_have_unit_scale_on_normalised_images():
+    # The input layer normalises with the training split's statistics; every NSConv then
+    # keeps unit-variance pre-activations.
+    train = data.synthetic(200, 10, seed=0).train_images
+    mean, std = data.channel_stats(train)
+    model = models.build_model("cnn", "fedmef", density=0.1, gamma=0.7, input_mean=mean,
+                               input_std=std)
     names = ["stem_conv"] + [f"conv{i}_conv" for i in range(1, len(models.CNN_LAYERS))]
     probe = tf.keras.Model(model.input, [model.get_layer(n).output for n in names])
-    images = data.synthetic(200, 10, seed=0).train_images[:64]
-    x = tf.cast(images, tf.float32) / 255.0
+    x = tf.cast(train[:64], tf.float32) / 255.0
     for name, y in zip(names, probe(x, training=True)):
         rms = float(tf.sqrt(tf.reduce_mean(tf.square(y))))
         assert 0.5 < rms < 2.0, (name, rms)
@@ -258,21 +269,38 @@ def test_fedmef_cnn_training_step_uses_less_memory_than_baseline():
     assert fed < 0.9 * base
 
 
+def test_fedmef_resnet18_tracks_the_stream_scale_and_branch_gains():
+    # NF-ResNet form: x + alpha * f(relu(x) / beta), beta^2 growing by alpha^2 per identity
+    # block; a transition block (stride or width change) has a projection shortcut and gain 1.
+    model = _built("resnet18", "fedmef", gamma=0.7)
+    a2, g = models.RESIDUAL_ALPHA ** 2, models.RELU_GAIN
+    expect = {  # block: (beta^2 at its input, transition)
+        "layer1_0": (1.0, False), "layer1_1": (1.0 + a2, False),
+        "layer2_0": (1.0 + 2 * a2, True), "layer2_1": (2.0, False),
+        "layer3_0": (2.0 + a2, True), "layer3_1": (2.0, False),
+    }
+    for block, (var, transition) in expect.items():
+        conv1 = model.get_layer(block + "_conv1")
+        assert conv1.act_gain == pytest.approx(g / np.sqrt(var)), block
+        conv2 = model.get_layer(block + "_conv2")
+        assert conv2.gain_init == (1.0 if transition else models.RESIDUAL_ALPHA), block
+        assert float(conv2.gain.numpy()[0]) == pytest.approx(conv2.gain_init)
+        if transition:
+            assert model.get_layer(block + "_shortcut_conv").act_gain == conv1.act_gain
+    adds = [l for l in model.layers if isinstance(l, models.ResidualAdd)]
+    assert len(adds) == 8 and all(l.scale == 1.0 for l in adds)
+    # The head folds the ReLU gain over the final stream scale, beta^2 = 2 + alpha^2.
+    assert model.get_layer("classifier").act_gain == pytest.approx(g / np.sqrt(2.0 + a2))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_fedmef_residual_networks_start_with_unit_scale_logits(name):
-    # Without BatchNorm an unscaled residual sum doubles the variance at every block
-    # (ResNet18's fedmef logits had std ~25 at initialisation); RESIDUAL_SCALE keeps it.
+def test_fedmef_residual_networks_start_with_bounded_logits(name):
     model = models.build_model(name, "fedmef", num_classes=10, input_shape=(32, 32, 3),
-                               density=0.1, gamma=0.7, seed=0)
-    masks.init_sparse(model, 0.1, 0)
+                               density=0.1, gamma=0.7, seed=0, input_mean=[0.5] * 3,
+                               input_std=[float(np.sqrt(1 / 12))] * 3)
     images = np.random.default_rng(0).random((16, 32, 32, 3)).astype(np.float32)
     logits = model(images, training=False).numpy()
-    assert 0.2 < logits.std() < 4.0
-    adds = [l for l in model.layers if isinstance(l, models.ResidualAdd)]
-    assert adds and all(l.scale == models.RESIDUAL_SCALE for l in adds)
-    baseline = models.build_model(name, "baseline", num_classes=10, input_shape=(32, 32, 3),
-                                  density=0.1, seed=0)
-    assert all(l.scale == 1.0 for l in baseline.layers if isinstance(l, models.ResidualAdd))
+    assert np.all(np.isfinite(logits)) and 0.02 < logits.std() < 4.0
 
 
 def test_residual_add_scales_value_and_gradient_and_serializes():
