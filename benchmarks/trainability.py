@@ -121,7 +121,8 @@ def block_outputs(model: tf.keras.Model) -> List[str]:
       picked.append(n)
     elif n.startswith(('stem_relu', 'conv')) and n.endswith('_relu'):
       picked.append(n)
-    elif n.endswith('_relu2') and n[:-6] + '_add' in names and n.startswith('layer'):
+    elif n.endswith('_relu2') and n[:-6] + '_add' in picked:
+      # A post-activation block (the baseline) ends in the ReLU after its sum.
       picked = [p for p in picked if p != n[:-6] + '_add'] + [n]
     elif n.startswith('block') and (n.endswith('_project') or n.endswith('_project_bn')):
       block = n.split('_')[0]
@@ -206,6 +207,8 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--plot', default=None, help='PNG of the block scales')
   parser.add_argument('--json', default=None, help='write every cell and scale as JSON')
+  parser.add_argument('--scales_only', action='store_true',
+                      help='print (and plot) the block scales, run no SGD cell')
   args = parser.parse_args(argv)
   try:
     names = _parse_list(args.models, str)
@@ -238,9 +241,13 @@ def main(argv=None) -> int:
               ' '.join(f'{s:.2f}' for _, _, s in rows) + '  mean ' +
               ' '.join(f'{m:.2f}' for _, m, _ in rows), flush=True)
   cells = []
-  print(f'{"model":12s} {"data":6s} {"batch":>5s} {"lr":>5s} | {"fedmef":>16s} | '
-        f'{"baseline":>16s}')
-  for name in names:
+  if args.scales_only:
+    names_to_run = []
+  else:
+    names_to_run = names
+    print(f'{"model":12s} {"data":6s} {"batch":>5s} {"lr":>5s} | {"fedmef":>16s} | '
+          f'{"baseline":>16s}')
+  for name in names_to_run:
     for d in sets:
       images, labels = all_sets[d]
       for b in batch_sizes:
@@ -254,7 +261,7 @@ def main(argv=None) -> int:
             row[variant] = ('DIVERGED' if cell['diverged'] else 'ok') + f' {cell["last"]:.3f}'
           print(f'{name:12s} {d:6s} {b:5d} {lr:5g} | {row["fedmef"]:>16s} | '
                 f'{row["baseline"]:>16s}', flush=True)
-  for line in summary_lines(cells, names):
+  for line in summary_lines(cells, names_to_run):
     print(line)
   print(f'{len(cells)} cells of {args.steps} steps in {time.monotonic() - start:.0f} s')
   if args.plot:

@@ -166,7 +166,7 @@ def test_mobilenet_style_depthwise_and_identity_add():
       'b1_dw': (RELU_GAIN, False, True, 1.0),
       'b1_project': (RELU_GAIN, True, True, 1.0),  # no shortcut: the stream restarts at 1
       'last': (1.0, True, True, 1.0),
-      'classifier': (1.0, True, False, 1.0),  # reads the pooled features at unit scale
+      'classifier': (RELU_GAIN, True, False, 1.0),  # the pooled ReLU6 features' gain
   }
   for name, (act_gain, center, center_output, gain_init) in expected.items():
     config = _config(model, name)
