@@ -36,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from fedmef_tf import agc  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fedmef_tf import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fedmef_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tff_programs import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -62,7 +63,8 @@ TARGET_ANALYTIC_ERROR = 0.2
 def _row(model_name, label, variant, density, gamma, batch_size, steps, seed):
     model = models.build_model(model_name, variant, density=density, gamma=gamma, seed=seed)
     analytic = memory.analytic_footprint(model, batch_size)
-    measured = memory.measure_train_step_peak(model, batch_size, steps=steps, seed=seed)
+    measured = memory.measure_train_step_peak(model, batch_size, steps=steps, seed=seed,
+                                              gradient_clipping=agc.clipping_for(variant))
     row = {
         "model": model_name,
         "row": label,

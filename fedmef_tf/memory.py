@@ -60,6 +60,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from fedmef_tf import agc
 from fedmef_tf import sap
 
 __all__ = ["analytic_footprint", "measure_train_step_peak", "format_bytes"]
@@ -89,6 +90,7 @@ def measure_train_step_peak(
     steps: int = 3,
     device: Optional[str] = None,
     seed: int = 0,
+    gradient_clipping: Optional[float] = None,
 ) -> Dict[str, float]:
     """Allocator peak of one compiled SGD training step, minus the bytes resident before it.
 
@@ -107,6 +109,8 @@ def measure_train_step_peak(
         steps: measured calls (>= 1).
         device: allocator to read, ``'CPU:0'`` or ``'GPU:0'``; default GPU if present.
         seed: seed of the random batch.
+        gradient_clipping: AGC threshold applied to the gradients before the update
+            (``fedmef_tf.agc.clipping_for`` the model's variant, as its clients train), or None.
 
     Returns:
         A dict with ``peak_bytes`` (median over the calls, bytes), ``peak_bytes_min`` and
@@ -133,6 +137,8 @@ def measure_train_step_peak(
             loss = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
         grads = tape.gradient(loss, variables)
+        if gradient_clipping is not None:
+            grads = agc.clip_model_gradients(model, grads, gradient_clipping)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
 

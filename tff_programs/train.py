@@ -623,7 +623,7 @@ def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate)
   probe = model_fn()
   probe.set_weights(model.get_weights())
   try:
-    memory = memory_report(probe, f['batch_size'])
+    memory = memory_report(probe, f['batch_size'], spec['variant'])
   except Exception as e:  # pylint: disable=broad-except
     # The trained model is saved already; a failed probe must not lose the run's report.
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -681,7 +681,7 @@ def _as_dict(value) -> Dict[str, Any]:
   return {'total_bytes': value}
 
 
-def memory_report(model, batch_size: int) -> Dict[str, Any]:
+def memory_report(model, batch_size: int, variant: str = 'baseline') -> Dict[str, Any]:
   """Memory of one client training step at `batch_size`, in bytes (`fedmef_tf.memory`).
 
   Returns:
@@ -693,6 +693,7 @@ def memory_report(model, batch_size: int) -> Dict[str, Any]:
     `bars_bytes` for the plot.
   """
   # pylint: disable=import-outside-toplevel
+  from fedmef_tf import agc
   from fedmef_tf import memory as memory_lib
   analytic = _as_dict(memory_lib.analytic_footprint(model, batch_size))
   scalars = {k: float(v) for k, v in analytic.items()
@@ -700,7 +701,8 @@ def memory_report(model, batch_size: int) -> Dict[str, Any]:
   total = scalars.get('total_bytes')
   if total is None:
     total = scalars.get('weight_bytes', 0.0) + scalars.get('cached_bytes', 0.0)
-  measured = _as_dict(memory_lib.measure_train_step_peak(model, batch_size))
+  measured = _as_dict(memory_lib.measure_train_step_peak(
+      model, batch_size, gradient_clipping=agc.clipping_for(variant)))
   peak = float(measured.get('peak_bytes', measured.get('total_bytes')))
   report = {
       'analytic_bytes': int(total),
