@@ -71,6 +71,18 @@ Two implementations of the same storage, bit for bit (tests/test_sap_native.py):
   per 6.3M-element activation (forward and backward together), several times MobileNetV2's
   1x1 and depthwise convolutions on the same tensor.
 
+Strategies (:func:`strategy`, consulted by every SAP op and 1-bit activation when it is
+traced):
+
+- :data:`STORED` (default): the storage above, the memory saving is real;
+- :data:`SIMULATED`: the same mathematics without the saving, for simulations that measure
+  accuracy, not memory (the TFF simulation, whose worker has no native kernels). The kept set
+  is selected as above (same threshold, same tie rule), but the gradient function keeps the
+  dense ``x_pruned = where(keep, x, 0)`` instead of values and a packed mask, and a 1-bit
+  activation keeps its float output instead of a packed mask. Forward values, kept sets and
+  gradients are bitwise those of :data:`STORED` (tests/test_sap.py); what goes is the
+  compaction, the packing and the rebuild (``tf.where``, ``GatherNd``, ``SparseToDense``).
+
 ``gamma`` is a Python float in ``[0, 1]``; ``gamma == 0`` takes the plain op (exactly the
 plain gradients, no overhead).
 """
@@ -103,6 +115,11 @@ __all__ = [
     "data_dependencies",
     "after",
     "late_kernel",
+    "STORED",
+    "SIMULATED",
+    "STRATEGIES",
+    "strategy",
+    "current_strategy",
 ]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -171,6 +188,43 @@ def late_kernel(w: tf.Tensor, recompute, call):
         return call()
     finally:
         _LATE_KERNEL.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategy: stored (memory saving) or simulated (same numerics, plain-layer cost)
+# ---------------------------------------------------------------------------------------------
+
+#: SAP caches the kept values and a packed 1-bit mask (the memory saving is real).
+STORED = "stored"
+#: SAP caches the dense pruned input and activations their float output: same numerics.
+SIMULATED = "simulated"
+STRATEGIES = (STORED, SIMULATED)
+
+_STRATEGY = [STORED]
+
+
+@contextlib.contextmanager
+def strategy(name: str):
+    """Within the block, SAP ops and 1-bit activations traced here use strategy ``name``.
+
+    Args:
+        name: :data:`STORED` or :data:`SIMULATED` (module docstring).
+
+    Raises:
+        ValueError: unknown strategy.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"SAP strategy must be one of {STRATEGIES}, got {name!r}")
+    _STRATEGY.append(name)
+    try:
+        yield
+    finally:
+        _STRATEGY.pop()
+
+
+def current_strategy() -> str:
+    """The strategy SAP ops traced now use: the innermost :func:`strategy`, else STORED."""
+    return _STRATEGY[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,6 +553,9 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
     then is ``dx`` computed, so that no two layers hold a rebuilt input at the same time.
     """
     x = tf.convert_to_tensor(x, tf.float32)
+    if current_strategy() == SIMULATED:
+        return _simulated_op(x, tf.convert_to_tensor(w, tf.float32), gamma, forward,
+                             input_grad, filter_grad)
     late = _LATE_KERNEL[-1]
     recompute = late[1] if late is not None and late[0] is w else None
     w = tf.convert_to_tensor(w, tf.float32)
@@ -525,6 +582,29 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
                 else:
                     dx = input_grad(after(dy, dw), ws, x_shape)
             return dx, dw
+
+        return y, grad
+
+    return _op(x, w)
+
+
+@tf.autograph.experimental.do_not_convert
+def _simulated_op(x, w, gamma, forward, input_grad, filter_grad):
+    """:func:`_sap_op` under the SIMULATED strategy: the gradient function keeps the dense
+    ``x_pruned`` (the same kept set as the stored form) and ``w``."""
+
+    @tf.custom_gradient
+    def _op(x, w):
+        xs, ws = tf.stop_gradient(x), tf.stop_gradient(w)
+        x_shape, w_shape = _shape_of(xs), _shape_of(ws)
+        flat = tf.reshape(xs, [-1])
+        n = flat.shape[0] if flat.shape[0] is not None else tf.size(flat, out_type=tf.int32)
+        keep = _keep_mask_flat(flat, keep_count(n, gamma))
+        x_pruned = tf.reshape(tf.where(keep, flat, tf.zeros_like(flat)), x_shape)
+        y = forward(xs, ws)
+
+        def grad(dy):
+            return input_grad(dy, ws, x_shape), filter_grad(x_pruned, dy, w_shape)
 
         return y, grad
 
@@ -633,9 +713,34 @@ def sap_matmul(x, w, gamma: float) -> tf.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _activate(x, max_value):
+    if max_value is None:
+        return tf.nn.relu(x)
+    return tf.nn.relu6(x) if max_value == 6.0 else tf.minimum(tf.nn.relu(x), max_value)
+
+
+def _pass_mask(y, max_value):
+    """Where the activation passes its gradient, from its output ``y``."""
+    if max_value is None:
+        return tf.greater(y, 0.0)
+    return tf.logical_and(tf.greater(y, 0.0), tf.less(y, max_value))
+
+
 @tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def _bit_activation(x, max_value):
     x = tf.convert_to_tensor(x, tf.float32)
+
+    if current_strategy() == SIMULATED:
+        @tf.custom_gradient
+        def _simulated(x):  # the pass mask is read from the float output, kept as it is
+            y = _activate(tf.stop_gradient(x), max_value)
+
+            def grad(dy):
+                return tf.where(_pass_mask(y, max_value), dy, 0.0)
+
+            return y, grad
+
+        return _simulated(x)
 
     if sap_native.enabled():
         @tf.custom_gradient
@@ -651,16 +756,10 @@ def _bit_activation(x, max_value):
 
     @tf.custom_gradient
     def _op(x):
-        xs = tf.stop_gradient(x)
         # The mask is read from the output (0 < y < max_value iff 0 < x < max_value), so that
         # x is consumed by the activation alone and can die (or be overwritten in place) there.
-        if max_value is None:
-            y = tf.nn.relu(xs)
-            pass_mask = tf.greater(y, 0.0)
-        else:
-            y = tf.nn.relu6(xs) if max_value == 6.0 else tf.minimum(tf.nn.relu(xs), max_value)
-            pass_mask = tf.logical_and(tf.greater(y, 0.0), tf.less(y, max_value))
-        packed, shape = _store_mask(pass_mask)
+        y = _activate(tf.stop_gradient(x), max_value)
+        packed, shape = _store_mask(_pass_mask(y, max_value))
         with tf.control_dependencies([packed]):  # consumers of y wait: no overlap of transients
             y = tf.identity(y)
 
