@@ -77,7 +77,9 @@ traced):
 - :data:`STORED` (default): the storage above, the memory saving is real;
 - :data:`SIMULATED`: the same mathematics without the saving, for simulations that measure
   accuracy, not memory (the TFF simulation, whose worker has no native kernels). The kept set
-  is selected as above (same threshold, same tie rule), but the gradient function keeps the
+  is the same (same threshold, same tie rule), selected by :func:`simulated_keep_mask` (one
+  histogram pass, a ``top_k`` over the threshold's bin, no control flow, which TFF's worker
+  runs slowly inside the client's training loop), and the gradient function keeps the
   dense ``x_pruned = where(keep, x, 0)`` instead of values and a packed mask, and a 1-bit
   activation keeps its float output instead of a packed mask. Forward values, kept sets and
   gradients are bitwise those of :data:`STORED` (tests/test_sap.py); what goes is the
@@ -110,6 +112,7 @@ __all__ = [
     "keep_count",
     "keep_threshold",
     "keep_mask",
+    "simulated_keep_mask",
     "prune_input",
     "bytes_per_element",
     "data_dependencies",
@@ -429,6 +432,47 @@ def _keep_mask_flat(flat: tf.Tensor, k) -> tf.Tensor:
     return tf.cond(tf.greater(k, 0), select, none_kept)
 
 
+def simulated_keep_mask(flat: tf.Tensor, k) -> tf.Tensor:
+    """The keep mask of :func:`keep_mask` for the 1-D ``flat`` and count ``k``, without
+    control flow and with one histogram pass (the SIMULATED strategy's selection).
+
+    The high 16 bits of ``|x|``'s pattern are histogrammed and the bin ``b`` holding the k-th
+    largest entry found, as in the stored form. The entries of bin ``b`` (a small share of
+    ``n`` unless the data are degenerate) are gathered and ``tf.math.top_k`` over them gives the
+    exact threshold ``t``. The tie rule is the same: entries above ``t`` are kept, then the
+    entries equal to ``t`` up to the flat index of the ``ties``-th of them; if ``t == 0`` only
+    the nonzero entries are kept. Bitwise the same mask as :func:`keep_mask`
+    (tests/test_sap.py).
+
+    Args:
+        flat: float32 ``[n]``.
+        k: int or int32 scalar, ``0 <= k <= n``.
+
+    Returns:
+        bool ``[n]``.
+    """
+    k = tf.convert_to_tensor(k, tf.int32)
+    k1 = tf.maximum(k, 1)
+    bits = _abs_bits(flat)
+    hi = tf.bitwise.right_shift(bits, 16)
+    b, above = _select_from_top(_histogram(hi, 32768), k1)
+    cand_idx = tf.where(tf.equal(hi, b))[:, 0]  # int64 flat indices of bin b, increasing
+    cand = tf.gather(bits, cand_idx)
+    nonzero = tf.greater(cand, 0)  # zeros (bin 0) are never kept
+    cand_idx, cand = tf.boolean_mask(cand_idx, nonzero), tf.boolean_mask(cand, nonzero)
+    # A zero appended: when fewer than `need` nonzero entries remain, t is 0.
+    cand0 = tf.concat([cand, tf.zeros([1], tf.int32)], 0)
+    need = tf.minimum(k1 - above, tf.size(cand0))
+    t = tf.math.top_k(cand0, need, sorted=True).values[need - 1]
+    ties = need - tf.reduce_sum(tf.cast(tf.greater(cand, t), tf.int32))
+    eq_idx = tf.concat([tf.boolean_mask(cand_idx, tf.equal(cand, t)), tf.zeros([1], tf.int64)], 0)
+    last = eq_idx[tf.clip_by_value(ties - 1, 0, tf.size(eq_idx) - 1)]
+    position = tf.range(tf.size(bits, out_type=tf.int64))
+    tie_kept = tf.logical_and(tf.equal(bits, t), tf.less_equal(position, last))
+    keep = tf.logical_or(tf.greater(bits, t), tf.logical_and(tie_kept, tf.greater(t, 0)))
+    return tf.logical_and(keep, tf.greater(k, 0))
+
+
 def keep_threshold(x: tf.Tensor, gamma: float) -> tf.Tensor:
     """Magnitude of the k-th largest ``|x|``, ``k = ceil((1 - gamma) * numel(x))``.
 
@@ -599,7 +643,7 @@ def _simulated_op(x, w, gamma, forward, input_grad, filter_grad):
         x_shape, w_shape = _shape_of(xs), _shape_of(ws)
         flat = tf.reshape(xs, [-1])
         n = flat.shape[0] if flat.shape[0] is not None else tf.size(flat, out_type=tf.int32)
-        keep = _keep_mask_flat(flat, keep_count(n, gamma))
+        keep = simulated_keep_mask(flat, keep_count(n, gamma))
         x_pruned = tf.reshape(tf.where(keep, flat, tf.zeros_like(flat)), x_shape)
         y = forward(xs, ws)
 

@@ -282,3 +282,22 @@ def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"):
         with sap.strategy("fast"):
             pass
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 0.7, 0.95, 1.0])
+@pytest.mark.parametrize("kind", ["normal", "relu", "ties", "constant", "zeros"])
+def test_simulated_keep_mask_equals_keep_mask(gamma, kind):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(3000).astype(np.float32)
+    if kind == "relu":  # more zeros than gamma * n at gamma <= 0.5: t == 0
+        x = np.maximum(x - 0.2, 0.0)
+    elif kind == "ties":  # few distinct magnitudes of both signs
+        x = np.round(x * 2.0) / 2.0
+    elif kind == "constant":
+        x = np.full(3000, -1.5, np.float32)
+    elif kind == "zeros":
+        x = np.zeros(3000, np.float32)
+    k = sap.keep_count(x.size, gamma)
+    got = tf.function(sap.simulated_keep_mask)(tf.constant(x), tf.constant(k)).numpy()
+    np.testing.assert_array_equal(got, _reference_keep(x, gamma))
+    np.testing.assert_array_equal(got, sap.keep_mask(tf.constant(x), gamma).numpy())
