@@ -465,12 +465,14 @@ def simulated_keep_mask(flat: tf.Tensor, k) -> tf.Tensor:
     need = tf.minimum(k1 - above, tf.size(cand0))
     t = tf.math.top_k(cand0, need, sorted=True).values[need - 1]
     ties = need - tf.reduce_sum(tf.cast(tf.greater(cand, t), tf.int32))
-    eq_idx = tf.concat([tf.boolean_mask(cand_idx, tf.equal(cand, t)), tf.zeros([1], tf.int64)], 0)
-    last = eq_idx[tf.clip_by_value(ties - 1, 0, tf.size(eq_idx) - 1)]
-    position = tf.range(tf.size(bits, out_type=tf.int64))
-    tie_kept = tf.logical_and(tf.equal(bits, t), tf.less_equal(position, last))
-    keep = tf.logical_or(tf.greater(bits, t), tf.logical_and(tie_kept, tf.greater(t, 0)))
-    return tf.logical_and(keep, tf.greater(k, 0))
+    # Integer patterns: bits >= max(t, 1) is |x| >= t for t > 0 and x != 0 for t == 0; k == 0
+    # keeps nothing (no finite float has the pattern 0x7FFFFFFF).
+    t_eff = tf.where(tf.greater(k, 0), tf.maximum(t, 1), tf.constant(0x7FFFFFFF, tf.int32))
+    keep = tf.greater_equal(bits, t_eff)
+    # The entries equal to t after the first `ties` (by flat index) are dropped again; none
+    # when t == 0, since the candidates hold no zero.
+    excess = tf.boolean_mask(cand_idx, tf.equal(cand, t))[ties:]
+    return tf.tensor_scatter_nd_update(keep, excess[:, None], tf.zeros_like(excess, tf.bool))
 
 
 def keep_threshold(x: tf.Tensor, gamma: float) -> tf.Tensor:
