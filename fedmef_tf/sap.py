@@ -78,8 +78,8 @@ traced):
 - :data:`SIMULATED`: the same mathematics without the saving, for simulations that measure
   accuracy, not memory (the TFF simulation, whose worker has no native kernels). The kept set
   is the same (same threshold, same tie rule), selected by :func:`simulated_keep_mask` (one
-  histogram pass, a ``top_k`` over the threshold's bin, no control flow, which TFF's worker
-  runs slowly inside the client's training loop), and the gradient function keeps the
+  histogram pass instead of two, a ``top_k`` over the entries of the threshold's bin, no
+  control flow), and the gradient function keeps the
   dense ``x_pruned = where(keep, x, 0)`` instead of values and a packed mask, and a 1-bit
   activation keeps its float output instead of a packed mask. Forward values, kept sets and
   gradients are bitwise those of :data:`STORED` (tests/test_sap.py); what goes is the
@@ -437,12 +437,12 @@ def simulated_keep_mask(flat: tf.Tensor, k) -> tf.Tensor:
     control flow and with one histogram pass (the SIMULATED strategy's selection).
 
     The high 16 bits of ``|x|``'s pattern are histogrammed and the bin ``b`` holding the k-th
-    largest entry found, as in the stored form. The entries of bin ``b`` (a small share of
-    ``n`` unless the data are degenerate) are gathered and ``tf.math.top_k`` over them gives the
-    exact threshold ``t``. The tie rule is the same: entries above ``t`` are kept, then the
-    entries equal to ``t`` up to the flat index of the ``ties``-th of them; if ``t == 0`` only
-    the nonzero entries are kept. Bitwise the same mask as :func:`keep_mask`
-    (tests/test_sap.py).
+    largest entry found, as in the stored form. The nonzero entries of bin ``b`` (a small share
+    of ``n`` unless the data are degenerate: a constant tensor puts all of them there) are
+    gathered and ``tf.math.top_k`` over them gives the exact threshold ``t``. The tie rule is
+    the same: every entry with ``|x| >= t`` is kept, then those equal to ``t`` after the first
+    ``ties`` (by flat index) are dropped again by a scatter; if ``t == 0`` only the nonzero
+    entries are kept. Bitwise the same mask as :func:`keep_mask` (tests/test_sap.py).
 
     Args:
         flat: float32 ``[n]``.
