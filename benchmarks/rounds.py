@@ -8,8 +8,9 @@ CNN (32x32x3 inputs, E = 1, B = 32, density 0.1):
   S = 5 per round (79 local steps per client and round),
 
 it runs `fedmef`, `fedmef_no_sap`, `rigl` and `fedavg` in the TFF simulation
-(`tff_programs.fedmef_process`, SAP under its default `sap.SIMULATED` strategy) and prints the
-median seconds per round (round 1, which traces, excluded) and the ratio to `rigl`. It then runs
+(`tff_programs.fedmef_process`, SAP under its default `sap.SIMULATED` strategy), and
+`fedmef stored` (SAP under `sap.STORED`, its memory-saving storage on TensorFlow ops), and
+prints the median seconds per round (round 1, which traces, excluded) and the ratio to `rigl`. It then runs
 the same client updates (`fedmef_tf.client.build_client_update` on the clients each round
 samples) as a plain TensorFlow loop in this process (for fedmef with the native SAP kernels
 where they are built) and prints that time per round and the TFF round's overhead over it:
@@ -39,6 +40,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-orde
 
 from fedmef_tf import client as client_lib  # pylint: disable=g-import-not-at-top
 from fedmef_tf import masks as masks_lib  # pylint: disable=g-import-not-at-top
+from fedmef_tf import sap  # pylint: disable=g-import-not-at-top
 from fedmef_tf import server as server_lib  # pylint: disable=g-import-not-at-top
 from tff_programs import fedmef_process  # pylint: disable=g-import-not-at-top
 
@@ -60,6 +62,8 @@ _DELTA_T = flags.DEFINE_integer('delta_t', 5, 'Rounds between adjustments.')
 _DENSITY = flags.DEFINE_float('density', 0.1, 'Target density.')
 _GAMMA = flags.DEFINE_float('gamma', 0.7, 'SAP ratio of fedmef.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of sampling, data and masks.')
+_STORED = flags.DEFINE_bool('stored', True, 'Also time fedmef with SAP under sap.STORED (the '
+                            'memory-saving storage on TensorFlow ops) in the TFF simulation.')
 
 NUM_CLASSES = 10
 SIZE = 32
@@ -129,10 +133,11 @@ def _process_kwargs(algorithm: str, rounds: int):
               seed=_SEED.value)
 
 
-def tff_round_times(algorithm: str, setting: Setting):
+def tff_round_times(algorithm: str, setting: Setting, sap_strategy: str = sap.SIMULATED):
   """Wall seconds of each TFF round of `algorithm` (round 1 included)."""
   process = fedmef_process.build_fedmef_process(
-      _model_fn(algorithm), **_process_kwargs(algorithm, setting.rounds))
+      _model_fn(algorithm), sap_strategy=sap_strategy,
+      **_process_kwargs(algorithm, setting.rounds))
   state = process.initialize()
   times = []
   for r in range(1, setting.rounds + 1):
@@ -142,7 +147,7 @@ def tff_round_times(algorithm: str, setting: Setting):
     times.append(time.perf_counter() - start)
     state = output.state
     m = output.metrics
-    print(f'  {setting.name:8s} {algorithm:14s} round {r:2d} {times[-1]:7.2f} s  '
+    print(f'  {setting.name:8s} {algorithm:14s} {sap_strategy:9s} round {r:2d} {times[-1]:7.2f} s  '
           f'loss {m["train_loss"]:.3f}  adjusted {m["adjusted"]}', flush=True)
   return times
 
@@ -207,6 +212,9 @@ def main(argv):
     for setting in settings:
       for algorithm in _ALGORITHMS.value:
         tff_median[setting.name, algorithm] = _median(tff_round_times(algorithm, setting))
+      if _STORED.value and 'fedmef' in _ALGORITHMS.value:
+        tff_median[setting.name, 'fedmef stored'] = _median(
+            tff_round_times('fedmef', setting, sap.STORED))
   for setting in settings:
     for algorithm in plain_algorithms:
       plain_median[setting.name, algorithm] = _median(plain_round_times(algorithm, setting))
@@ -216,7 +224,9 @@ def main(argv):
   for setting in settings:
     print(setting.describe())
     rigl = tff_median.get((setting.name, 'rigl'))
-    for algorithm in _ALGORITHMS.value:
+    for algorithm in list(_ALGORITHMS.value) + ['fedmef stored']:
+      if (setting.name, algorithm) not in tff_median:
+        continue
       seconds = tff_median[setting.name, algorithm]
       ratio = f'{seconds / rigl:5.2f}x rigl' if rigl else ''
       print(f'  TFF       {algorithm:14s} {seconds:8.2f} s  {ratio}')
