@@ -183,7 +183,7 @@ def test_tiny_multi_seed_comparison_reports_mean_and_spread(tmp_path):
     for seed in (0, 1):
       with open(os.path.join(root, name, f'seed{seed}', 'summary.json')) as f:
         summary = json.load(f)
-      assert summary['seed'] == seed and summary['algorithm'] == name
+      assert summary['config']['seed'] == seed and summary['algorithm'] == name
       finals[name, seed] = summary['final_accuracy']
   with open(os.path.join(root, compare.CSV_FILE)) as f:
     rows = {r['algorithm']: r for r in csv.DictReader(f)}
