@@ -1,23 +1,28 @@
-r"""Round time and memory of the FedMef simulation (issue 4's benchmark), run by hand.
+r"""Seconds per round of the FedMef simulation and of its baselines, run by hand.
 
-FedMef: Huang et al., CVPR 2024 (arXiv 2403.14737). With the small CNN, K clients of which S are
-sampled per round (100 and 10 by default), this measures
+FedMef: Huang et al., CVPR 2024 (arXiv 2403.14737). In one run, on two settings of the small
+CNN (32x32x3 inputs, E = 1, B = 32, density 0.1):
 
-- the median wall time of a round of `fedmef` relative to `rigl` (the same loop without BaE and
-  SAP, on the BatchNorm baseline model), first round (tracing) excluded;
-- the resident memory (RSS, from /proc) of the simulating processes, i.e. this Python process
-  and the TFF C++ worker that executes the computations, after round 30 relative to after
-  round 5 (target: at most 1.1x), which shows that memory does not grow with the rounds.
+- `default`: K = 100 clients of 32 to 96 examples (mean 64), S = 10 per round;
+- `cifar10`: a CIFAR-10-sized set, 50,000 synthetic images in K = 20 clients of 2,500,
+  S = 5 per round (79 local steps per client and round),
+
+it runs `fedmef`, `fedmef_no_sap`, `rigl` and `fedavg` in the TFF simulation
+(`tff_programs.fedmef_process`, SAP under its default `sap.SIMULATED` strategy), and
+`fedmef stored` (SAP under `sap.STORED`, its memory-saving storage on TensorFlow ops), and
+prints the median seconds per round (round 1, which traces, excluded) and the ratio to `rigl`. It then runs
+the same client updates (`fedmef_tf.client.build_client_update` on the clients each round
+samples) as a plain TensorFlow loop in this process (for fedmef with the native SAP kernels
+where they are built) and prints that time per round and the TFF round's overhead over it:
+broadcast, aggregation, the server update, serialisation of the client datasets and the TFF
+worker's own execution of the same ops.
 
 Client data are synthetic `tf.data` pipelines generated from (client, example) seeds with
 stateless random ops, so no client's examples are held in Python memory. Each client's pipeline
-is built once, when first sampled, and reused: building a `Dataset.map` pipeline in eager mode
-registers a new function in TensorFlow's context (about 0.2 MiB each, measured), so building
-10 new pipelines per round would grow the simulating process by about 2 MiB per round for
-reasons that have nothing to do with the algorithm. Cached, memory is bounded by K pipelines.
+is built once, when first sampled, and reused.
 
-    .venv/bin/python -m benchmarks.rounds                      # defaults below
-    .venv/bin/python -m benchmarks.rounds --rounds=30 --rigl_rounds=8 --input_size=32
+    .venv/bin/python -m benchmarks.rounds                             # both settings
+    .venv/bin/python -m benchmarks.rounds --settings=default --rounds=11
 """
 
 import os
@@ -33,34 +38,37 @@ from tff_programs import runtime  # Sets quiet logging before TensorFlow is impo
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-order
 
+from fedmef_tf import client as client_lib  # pylint: disable=g-import-not-at-top
+from fedmef_tf import masks as masks_lib  # pylint: disable=g-import-not-at-top
+from fedmef_tf import sap  # pylint: disable=g-import-not-at-top
+from fedmef_tf import server as server_lib  # pylint: disable=g-import-not-at-top
 from tff_programs import fedmef_process  # pylint: disable=g-import-not-at-top
 
-_NUM_CLIENTS = flags.DEFINE_integer('num_clients', 100, 'K, clients in total.')
-_PER_ROUND = flags.DEFINE_integer('clients_per_round', 10, 'S, clients sampled per round.')
-_ROUNDS = flags.DEFINE_integer('rounds', 30, 'Rounds of fedmef (RSS is read after round 5 '
-                               'and after the last round).')
-_RIGL_ROUNDS = flags.DEFINE_integer('rigl_rounds', 11, 'Rounds of rigl for the time ratio.')
-_NO_SAP_ROUNDS = flags.DEFINE_integer(
-    'no_sap_rounds', 6, 'Rounds of fedmef_no_sap (0: skip), to tell SAP\'s share of the time.')
-_EXAMPLES = flags.DEFINE_integer('examples_per_client', 64, 'Mean n_k (n_k varies +-50%).')
-_INPUT_SIZE = flags.DEFINE_integer('input_size', 32, 'Image side (the CNN is built for it).')
-_LOCAL_EPOCHS = flags.DEFINE_integer('local_epochs', 1, 'E.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'B.')
+ALGORITHMS = ('fedmef', 'fedmef_no_sap', 'rigl', 'fedavg')
+SETTINGS = {
+    # name: (K, S, mean n_k, n_k spread +-50%)
+    'default': (100, 10, 64, True),
+    'cifar10': (20, 5, 2500, False),
+}
+
+_SETTINGS = flags.DEFINE_list('settings', list(SETTINGS), 'Settings to run, of '
+                              f'{sorted(SETTINGS)}.')
+_ALGORITHMS = flags.DEFINE_list('algorithms', list(ALGORITHMS), 'Algorithms to time.')
+_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Rounds per algorithm on the default setting '
+                               '(round 1 traces and is not counted).')
+_CIFAR_ROUNDS = flags.DEFINE_integer('cifar_rounds', 3, 'Rounds per algorithm on the '
+                                     'cifar10 setting.')
 _DELTA_T = flags.DEFINE_integer('delta_t', 5, 'Rounds between adjustments.')
 _DENSITY = flags.DEFINE_float('density', 0.1, 'Target density.')
 _GAMMA = flags.DEFINE_float('gamma', 0.7, 'SAP ratio of fedmef.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of sampling, data and masks.')
+_STORED = flags.DEFINE_bool('stored', True, 'Also time fedmef with SAP under sap.STORED (the '
+                            'memory-saving storage on TensorFlow ops) in the TFF simulation.')
 
 NUM_CLASSES = 10
-
-
-def rss_mib(pid='self') -> float:
-  """Resident set size of a process in MiB, from /proc/<pid>/status (VmRSS)."""
-  with open(f'/proc/{pid}/status') as f:
-    for line in f:
-      if line.startswith('VmRSS:'):
-        return int(line.split()[1]) / 1024.0
-  return float('nan')
+SIZE = 32
+LOCAL_EPOCHS = 1
+BATCH_SIZE = 32
 
 
 def client_dataset(client_id: int, num_examples: int, size: int) -> tf.data.Dataset:
@@ -80,74 +88,155 @@ def client_dataset(client_id: int, num_examples: int, size: int) -> tf.data.Data
   return tf.data.Dataset.range(num_examples).map(make)
 
 
-def client_sizes(num_clients: int, mean: int, seed: int) -> np.ndarray:
+def client_sizes(num_clients: int, mean: int, spread: bool, seed: int) -> np.ndarray:
+  if not spread:
+    return np.full(num_clients, mean, np.int64)
   rng = np.random.default_rng(seed)
   return rng.integers(max(1, mean // 2), mean + mean // 2 + 1, size=num_clients)
 
 
-def run_algorithm(algorithm: str, rounds: int, sizes: np.ndarray, worker_pid=None):
-  """Runs `rounds` rounds; returns (round times in s, {round: (parent RSS, worker RSS)})."""
-  size = _INPUT_SIZE.value
-  model_fn = fedmef_process.make_model_fn(
-      'cnn', algorithm, num_classes=NUM_CLASSES, input_shape=(size, size, 3),
+class Setting:
+  """Clients of one setting and their cached pipelines."""
+
+  def __init__(self, name: str, rounds: int):
+    num_clients, self.per_round, mean, spread = SETTINGS[name]
+    self.name, self.rounds = name, rounds
+    self.sizes = client_sizes(num_clients, mean, spread, _SEED.value)
+    self._cache = {}
+
+  def sampled(self, round_num: int):
+    ids = fedmef_process.sample_clients(len(self.sizes), self.per_round, round_num,
+                                        _SEED.value)
+    for c in ids:
+      if int(c) not in self._cache:
+        self._cache[int(c)] = client_dataset(int(c), int(self.sizes[c]), SIZE)
+    return [self._cache[int(c)] for c in ids]
+
+  def describe(self) -> str:
+    return (f'{self.name}: K={len(self.sizes)} S={self.per_round} '
+            f'n_k={int(self.sizes.min())}..{int(self.sizes.max())} '
+            f'({int(self.sizes.sum())} examples) cnn {SIZE}x{SIZE} E={LOCAL_EPOCHS} '
+            f'B={BATCH_SIZE} density={_DENSITY.value}')
+
+
+def _model_fn(algorithm: str):
+  return fedmef_process.make_model_fn(
+      'cnn', algorithm, num_classes=NUM_CLASSES, input_shape=(SIZE, SIZE, 3),
       gamma=_GAMMA.value, seed=_SEED.value)
+
+
+def _process_kwargs(algorithm: str, rounds: int):
+  return dict(algorithm=algorithm, density=_DENSITY.value, delta_t=_DELTA_T.value,
+              t_end=max(rounds, _DELTA_T.value), alpha=0.2, lambda_bae=0.01,
+              gamma=_GAMMA.value, client_lr=0.1, client_lr_min=0.01,
+              total_rounds=max(rounds, 2), local_epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE,
+              seed=_SEED.value)
+
+
+def tff_round_times(algorithm: str, setting: Setting, sap_strategy: str = sap.SIMULATED):
+  """Wall seconds of each TFF round of `algorithm` (round 1 included)."""
   process = fedmef_process.build_fedmef_process(
-      model_fn, algorithm=algorithm, density=_DENSITY.value, delta_t=_DELTA_T.value,
-      t_end=max(rounds, _DELTA_T.value), alpha=0.2, lambda_bae=0.01, gamma=_GAMMA.value,
-      client_lr=0.1, client_lr_min=0.01, total_rounds=max(rounds, 2),
-      local_epochs=_LOCAL_EPOCHS.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value)
+      _model_fn(algorithm), sap_strategy=sap_strategy,
+      **_process_kwargs(algorithm, setting.rounds))
   state = process.initialize()
-  times, rss = [], {}
-  cache = {}
-  for r in range(1, rounds + 1):
-    sampled = fedmef_process.sample_clients(len(sizes), _PER_ROUND.value, r, _SEED.value)
-    for c in sampled:
-      if int(c) not in cache:
-        cache[int(c)] = client_dataset(int(c), int(sizes[c]), size)
-    datasets = [cache[int(c)] for c in sampled]
+  times = []
+  for r in range(1, setting.rounds + 1):
+    datasets = setting.sampled(r)
     start = time.perf_counter()
     output = process.next(state, datasets)
     times.append(time.perf_counter() - start)
     state = output.state
     m = output.metrics
-    rss[r] = (rss_mib(), rss_mib(worker_pid) if worker_pid else float('nan'))
-    print(f'{algorithm:8s} round {r:3d}  {times[-1]:6.2f} s  loss {m["train_loss"]:.3f}  '
-          f'density {m["global_density"]:.4f}  adjusted {m["adjusted"]}  '
-          f'up {m["bytes_up"] / 2**20:6.2f} MiB  down {m["bytes_down"] / 2**20:6.2f} MiB  '
-          f'RSS {rss[r][0]:7.1f} + {rss[r][1]:7.1f} MiB', flush=True)
-  return times, rss
+    print(f'  {setting.name:8s} {algorithm:14s} {sap_strategy:9s} round {r:2d} {times[-1]:7.2f} s  '
+          f'loss {m["train_loss"]:.3f}  adjusted {m["adjusted"]}', flush=True)
+  return times
+
+
+def plain_round_times(algorithm: str, setting: Setting):
+  """Wall seconds per round of the same client updates as a plain TF loop in this process.
+
+  Each round's sampled clients are trained one after another from the initial weights with
+  the round's configuration (`server.round_config`), so the local steps are those of the TFF
+  round; nothing is aggregated.
+  """
+  kwargs = _process_kwargs(algorithm, setting.rounds)
+  model = _model_fn(algorithm)()
+  masks_lib.init_sparse(model, 1.0 if algorithm == 'fedavg' else kwargs['density'],
+                        kwargs['seed'])
+  layout = client_lib.WeightLayout(model)
+  mode = (server_lib.MODE_NONE if algorithm == 'fedavg' else server_lib.MODE_SERVER_ADJUST)
+  schedule = server_lib.ScheduleConfig(
+      mode=mode, delta_t=kwargs['delta_t'], t_end=kwargs['t_end'], alpha=kwargs['alpha'],
+      eta_0=kwargs['client_lr'], eta_min=kwargs['client_lr_min'],
+      total_rounds=kwargs['total_rounds'], density=kwargs['density'])
+  use_bae = algorithm in ('fedmef', 'fedmef_no_sap')
+  update = client_lib.build_client_update(
+      model, layout, local_epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE,
+      eta_0=kwargs['client_lr'], lambda_bae=kwargs['lambda_bae'] if use_bae else 0.0,
+      use_bae=use_bae, server_adjust=mode == server_lib.MODE_SERVER_ADJUST,
+      client_regrow=False)
+  trainable = [tf.identity(v) for v in model.trainable_weights]
+  non_trainable = [tf.identity(v) for v in model.non_trainable_weights]
+  times = []
+  for r in range(1, setting.rounds + 1):
+    state = server_lib.ServerState(
+        round_num=tf.constant(r - 1, tf.int32), trainable=trainable,
+        non_trainable=non_trainable, mask_changed=tf.constant(r == 1))
+    config = server_lib.round_config(state, layout, schedule)
+    datasets = setting.sampled(r)
+    start = time.perf_counter()
+    for ds in datasets:
+      out = update(ds, trainable, non_trainable, config)
+    float(out.weight)  # waits for the last update
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _median(times):
+  return statistics.median(times[1:] or times)
 
 
 def main(argv):
   del argv
-  sizes = client_sizes(_NUM_CLIENTS.value, _EXAMPLES.value, _SEED.value)
-  with runtime.LocalRuntime() as rt:
-    worker = getattr(getattr(rt, 'worker', None), 'pid', None)
-    rigl_times, _ = run_algorithm('rigl', _RIGL_ROUNDS.value, sizes, worker)
-    no_sap_times = []
-    if _NO_SAP_ROUNDS.value > 0:
-      no_sap_times, _ = run_algorithm('fedmef_no_sap', _NO_SAP_ROUNDS.value, sizes, worker)
-    fedmef_times, rss = run_algorithm('fedmef', _ROUNDS.value, sizes, worker)
-  rigl_median = statistics.median(rigl_times[1:] or rigl_times)
-  fedmef_median = statistics.median(fedmef_times[1:] or fedmef_times)
-  print(f'\nK={_NUM_CLIENTS.value} S={_PER_ROUND.value} cnn {_INPUT_SIZE.value}x'
-        f'{_INPUT_SIZE.value} E={_LOCAL_EPOCHS.value} B={_BATCH_SIZE.value} '
-        f'mean n_k={_EXAMPLES.value} density={_DENSITY.value} cores={os.cpu_count()}')
-  print(f'median round time: fedmef {fedmef_median:.2f} s, rigl {rigl_median:.2f} s, '
-        f'ratio fedmef/rigl {fedmef_median / rigl_median:.2f}')
-  early = min(5, _ROUNDS.value)
-  last = _ROUNDS.value
-  parent = rss[last][0] / rss[early][0]
-  total_early = rss[early][0] + rss[early][1]
-  total_last = rss[last][0] + rss[last][1]
-  if no_sap_times:
-    no_sap_median = statistics.median(no_sap_times[1:] or no_sap_times)
-    print(f'median round time fedmef_no_sap (NSConv, no SAP) {no_sap_median:.2f} s, '
-          f'ratio to rigl {no_sap_median / rigl_median:.2f}')
-  print(f'RSS after round {early}: python {rss[early][0]:.1f} MiB, worker {rss[early][1]:.1f} '
-        f'MiB; after round {last}: python {rss[last][0]:.1f} MiB, worker {rss[last][1]:.1f} MiB')
-  print(f'RSS ratio round {last} / round {early}: python {parent:.3f}, '
-        f'python + worker {total_last / total_early:.3f} (target <= 1.1)')
+  for name in _SETTINGS.value:
+    if name not in SETTINGS:
+      raise app.UsageError(f'--settings: unknown setting {name!r}, expected {sorted(SETTINGS)}')
+  for algorithm in _ALGORITHMS.value:
+    if algorithm not in ALGORITHMS:
+      raise app.UsageError(f'--algorithms: {algorithm!r} is not one of {ALGORITHMS}')
+  settings = [Setting(name, _CIFAR_ROUNDS.value if name == 'cifar10' else _ROUNDS.value)
+              for name in _SETTINGS.value]
+  plain_algorithms = [a for a in ('fedmef', 'rigl') if a in _ALGORITHMS.value]
+  tff_median, plain_median = {}, {}
+  with runtime.LocalRuntime():
+    for setting in settings:
+      for algorithm in _ALGORITHMS.value:
+        tff_median[setting.name, algorithm] = _median(tff_round_times(algorithm, setting))
+      if _STORED.value and 'fedmef' in _ALGORITHMS.value:
+        tff_median[setting.name, 'fedmef stored'] = _median(
+            tff_round_times('fedmef', setting, sap.STORED))
+  for setting in settings:
+    for algorithm in plain_algorithms:
+      plain_median[setting.name, algorithm] = _median(plain_round_times(algorithm, setting))
+
+  print(f'\nseconds per round (median of rounds 2..), cores={os.cpu_count()}, '
+        f'gamma={_GAMMA.value}, delta_t={_DELTA_T.value}')
+  for setting in settings:
+    print(setting.describe())
+    rigl = tff_median.get((setting.name, 'rigl'))
+    for algorithm in list(_ALGORITHMS.value) + ['fedmef stored']:
+      if (setting.name, algorithm) not in tff_median:
+        continue
+      seconds = tff_median[setting.name, algorithm]
+      ratio = f'{seconds / rigl:5.2f}x rigl' if rigl else ''
+      print(f'  TFF       {algorithm:14s} {seconds:8.2f} s  {ratio}')
+    for algorithm in plain_algorithms:
+      seconds = plain_median[setting.name, algorithm]
+      overhead = tff_median[setting.name, algorithm] / seconds
+      print(f'  plain TF  {algorithm:14s} {seconds:8.2f} s  (TFF round / plain loop '
+            f'{overhead:.2f}x)')
+    if (setting.name, 'fedmef') in tff_median:
+      print(f'  20 fedmef rounds: about {20 * tff_median[setting.name, "fedmef"] / 60:.1f} min')
 
 
 if __name__ == '__main__':

@@ -71,6 +71,20 @@ Two implementations of the same storage, bit for bit (tests/test_sap_native.py):
   per 6.3M-element activation (forward and backward together), several times MobileNetV2's
   1x1 and depthwise convolutions on the same tensor.
 
+Strategies (:func:`strategy`, consulted by every SAP op and 1-bit activation when it is
+traced):
+
+- :data:`STORED` (default): the storage above, the memory saving is real;
+- :data:`SIMULATED`: the same mathematics without the saving, for simulations that measure
+  accuracy, not memory (the TFF simulation, whose worker has no native kernels). The kept set
+  is the same (same threshold, same tie rule), selected by :func:`simulated_keep_mask` (one
+  histogram pass instead of two, a ``top_k`` over the entries of the threshold's bin, no
+  control flow), and the gradient function keeps the
+  dense ``x_pruned = where(keep, x, 0)`` instead of values and a packed mask, and a 1-bit
+  activation keeps its float output instead of a packed mask. Forward values, kept sets and
+  gradients are bitwise those of :data:`STORED` (tests/test_sap.py); what goes is the
+  compaction, the packing and the rebuild (``tf.where``, ``GatherNd``, ``SparseToDense``).
+
 ``gamma`` is a Python float in ``[0, 1]``; ``gamma == 0`` takes the plain op (exactly the
 plain gradients, no overhead).
 """
@@ -98,11 +112,17 @@ __all__ = [
     "keep_count",
     "keep_threshold",
     "keep_mask",
+    "simulated_keep_mask",
     "prune_input",
     "bytes_per_element",
     "data_dependencies",
     "after",
     "late_kernel",
+    "STORED",
+    "SIMULATED",
+    "STRATEGIES",
+    "strategy",
+    "current_strategy",
 ]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -171,6 +191,43 @@ def late_kernel(w: tf.Tensor, recompute, call):
         return call()
     finally:
         _LATE_KERNEL.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategy: stored (memory saving) or simulated (same numerics, plain-layer cost)
+# ---------------------------------------------------------------------------------------------
+
+#: SAP caches the kept values and a packed 1-bit mask (the memory saving is real).
+STORED = "stored"
+#: SAP caches the dense pruned input and activations their float output: same numerics.
+SIMULATED = "simulated"
+STRATEGIES = (STORED, SIMULATED)
+
+_STRATEGY = [STORED]
+
+
+@contextlib.contextmanager
+def strategy(name: str):
+    """Within the block, SAP ops and 1-bit activations traced here use strategy ``name``.
+
+    Args:
+        name: :data:`STORED` or :data:`SIMULATED` (module docstring).
+
+    Raises:
+        ValueError: unknown strategy.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"SAP strategy must be one of {STRATEGIES}, got {name!r}")
+    _STRATEGY.append(name)
+    try:
+        yield
+    finally:
+        _STRATEGY.pop()
+
+
+def current_strategy() -> str:
+    """The strategy SAP ops traced now use: the innermost :func:`strategy`, else STORED."""
+    return _STRATEGY[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +432,49 @@ def _keep_mask_flat(flat: tf.Tensor, k) -> tf.Tensor:
     return tf.cond(tf.greater(k, 0), select, none_kept)
 
 
+def simulated_keep_mask(flat: tf.Tensor, k) -> tf.Tensor:
+    """The keep mask of :func:`keep_mask` for the 1-D ``flat`` and count ``k``, without
+    control flow and with one histogram pass (the SIMULATED strategy's selection).
+
+    The high 16 bits of ``|x|``'s pattern are histogrammed and the bin ``b`` holding the k-th
+    largest entry found, as in the stored form. The nonzero entries of bin ``b`` (a small share
+    of ``n`` unless the data are degenerate: a constant tensor puts all of them there) are
+    gathered and ``tf.math.top_k`` over them gives the exact threshold ``t``. The tie rule is
+    the same: every entry with ``|x| >= t`` is kept, then those equal to ``t`` after the first
+    ``ties`` (by flat index) are dropped again by a scatter; if ``t == 0`` only the nonzero
+    entries are kept. Bitwise the same mask as :func:`keep_mask` (tests/test_sap.py).
+
+    Args:
+        flat: float32 ``[n]``.
+        k: int or int32 scalar, ``0 <= k <= n``.
+
+    Returns:
+        bool ``[n]``.
+    """
+    k = tf.convert_to_tensor(k, tf.int32)
+    k1 = tf.maximum(k, 1)
+    bits = _abs_bits(flat)
+    hi = tf.bitwise.right_shift(bits, 16)
+    b, above = _select_from_top(_histogram(hi, 32768), k1)
+    cand_idx = tf.where(tf.equal(hi, b))[:, 0]  # int64 flat indices of bin b, increasing
+    cand = tf.gather(bits, cand_idx)
+    nonzero = tf.greater(cand, 0)  # zeros (bin 0) are never kept
+    cand_idx, cand = tf.boolean_mask(cand_idx, nonzero), tf.boolean_mask(cand, nonzero)
+    # A zero appended: when fewer than `need` nonzero entries remain, t is 0.
+    cand0 = tf.concat([cand, tf.zeros([1], tf.int32)], 0)
+    need = tf.minimum(k1 - above, tf.size(cand0))
+    t = tf.math.top_k(cand0, need, sorted=True).values[need - 1]
+    ties = need - tf.reduce_sum(tf.cast(tf.greater(cand, t), tf.int32))
+    # Integer patterns: bits >= max(t, 1) is |x| >= t for t > 0 and x != 0 for t == 0; k == 0
+    # keeps nothing (no finite float has the pattern 0x7FFFFFFF).
+    t_eff = tf.where(tf.greater(k, 0), tf.maximum(t, 1), tf.constant(0x7FFFFFFF, tf.int32))
+    keep = tf.greater_equal(bits, t_eff)
+    # The entries equal to t after the first `ties` (by flat index) are dropped again; none
+    # when t == 0, since the candidates hold no zero.
+    excess = tf.boolean_mask(cand_idx, tf.equal(cand, t))[ties:]
+    return tf.tensor_scatter_nd_update(keep, excess[:, None], tf.zeros_like(excess, tf.bool))
+
+
 def keep_threshold(x: tf.Tensor, gamma: float) -> tf.Tensor:
     """Magnitude of the k-th largest ``|x|``, ``k = ceil((1 - gamma) * numel(x))``.
 
@@ -499,6 +599,9 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
     then is ``dx`` computed, so that no two layers hold a rebuilt input at the same time.
     """
     x = tf.convert_to_tensor(x, tf.float32)
+    if current_strategy() == SIMULATED:
+        return _simulated_op(x, tf.convert_to_tensor(w, tf.float32), gamma, forward,
+                             input_grad, filter_grad)
     late = _LATE_KERNEL[-1]
     recompute = late[1] if late is not None and late[0] is w else None
     w = tf.convert_to_tensor(w, tf.float32)
@@ -525,6 +628,29 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
                 else:
                     dx = input_grad(after(dy, dw), ws, x_shape)
             return dx, dw
+
+        return y, grad
+
+    return _op(x, w)
+
+
+@tf.autograph.experimental.do_not_convert
+def _simulated_op(x, w, gamma, forward, input_grad, filter_grad):
+    """:func:`_sap_op` under the SIMULATED strategy: the gradient function keeps the dense
+    ``x_pruned`` (the same kept set as the stored form) and ``w``."""
+
+    @tf.custom_gradient
+    def _op(x, w):
+        xs, ws = tf.stop_gradient(x), tf.stop_gradient(w)
+        x_shape, w_shape = _shape_of(xs), _shape_of(ws)
+        flat = tf.reshape(xs, [-1])
+        n = flat.shape[0] if flat.shape[0] is not None else tf.size(flat, out_type=tf.int32)
+        keep = simulated_keep_mask(flat, keep_count(n, gamma))
+        x_pruned = tf.reshape(tf.where(keep, flat, tf.zeros_like(flat)), x_shape)
+        y = forward(xs, ws)
+
+        def grad(dy):
+            return input_grad(dy, ws, x_shape), filter_grad(x_pruned, dy, w_shape)
 
         return y, grad
 
@@ -633,9 +759,34 @@ def sap_matmul(x, w, gamma: float) -> tf.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _activate(x, max_value):
+    if max_value is None:
+        return tf.nn.relu(x)
+    return tf.nn.relu6(x) if max_value == 6.0 else tf.minimum(tf.nn.relu(x), max_value)
+
+
+def _pass_mask(y, max_value):
+    """Where the activation passes its gradient, from its output ``y``."""
+    if max_value is None:
+        return tf.greater(y, 0.0)
+    return tf.logical_and(tf.greater(y, 0.0), tf.less(y, max_value))
+
+
 @tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def _bit_activation(x, max_value):
     x = tf.convert_to_tensor(x, tf.float32)
+
+    if current_strategy() == SIMULATED:
+        @tf.custom_gradient
+        def _simulated(x):  # the pass mask is read from the float output, kept as it is
+            y = _activate(tf.stop_gradient(x), max_value)
+
+            def grad(dy):
+                return tf.where(_pass_mask(y, max_value), dy, 0.0)
+
+            return y, grad
+
+        return _simulated(x)
 
     if sap_native.enabled():
         @tf.custom_gradient
@@ -651,16 +802,10 @@ def _bit_activation(x, max_value):
 
     @tf.custom_gradient
     def _op(x):
-        xs = tf.stop_gradient(x)
         # The mask is read from the output (0 < y < max_value iff 0 < x < max_value), so that
         # x is consumed by the activation alone and can die (or be overwritten in place) there.
-        if max_value is None:
-            y = tf.nn.relu(xs)
-            pass_mask = tf.greater(y, 0.0)
-        else:
-            y = tf.nn.relu6(xs) if max_value == 6.0 else tf.minimum(tf.nn.relu(xs), max_value)
-            pass_mask = tf.logical_and(tf.greater(y, 0.0), tf.less(y, max_value))
-        packed, shape = _store_mask(pass_mask)
+        y = _activate(tf.stop_gradient(x), max_value)
+        packed, shape = _store_mask(_pass_mask(y, max_value))
         with tf.control_dependencies([packed]):  # consumers of y wait: no overlap of transients
             y = tf.identity(y)
 

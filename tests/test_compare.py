@@ -128,3 +128,82 @@ def test_help_lists_the_shared_flags():
     assert flag in proc.stdout, flag
   assert '--algorithm:' not in proc.stdout  # set per run by the comparison
   assert "(default: 'runs/compare')" in proc.stdout
+
+
+def test_aggregate_seeds_mean_and_spread_on_hand_made_rows():
+  seed0 = compare.add_ratios([_row('fedmef', 0.60, 30.0, 40.0, 10.0, 10.0, 3.0),
+                              _row('rigl', 0.50, 100.0, 80.0, 10.0, 30.0, 2.0)])
+  seed1 = compare.add_ratios([_row('fedmef', 0.70, 30.0, 40.0, 10.0, 10.0, 5.0),
+                              _row('rigl', 0.56, 100.0, 80.0, 10.0, 30.0, 2.0)])
+  seed2 = compare.add_ratios([_row('fedmef', 0.68, 30.0, 40.0, 10.0, 10.0, 4.0),
+                              _row('rigl', 0.62, 100.0, 80.0, 10.0, 30.0, 2.0)])
+  seed0[0]['curve'] = [(1, 0.2), (2, 0.6)]
+  seed1[0]['curve'] = [(1, 0.4), (2, 0.7)]
+  seed2[0]['curve'] = [(2, 0.68)]  # this seed evaluated round 2 only
+  rows = {r['algorithm']: r for r in compare.aggregate_seeds([seed0, seed1, seed2])}
+  assert list(rows) == ['fedmef', 'rigl']
+  fedmef, rigl = rows['fedmef'], rows['rigl']
+  assert fedmef['seeds'] == 3
+  assert fedmef['final_accuracy'] == pytest.approx(0.66)
+  # Sample standard deviation: sqrt(((-0.06)^2 + 0.04^2 + 0.02^2) / 2).
+  assert fedmef['final_accuracy_std'] == pytest.approx(math.sqrt(0.0056 / 2))
+  assert rigl['final_accuracy'] == pytest.approx(0.56)
+  assert rigl['final_accuracy_std'] == pytest.approx(0.06)
+  # Differences to rigl are per seed (10, 14, 6 points), then averaged.
+  assert fedmef['accuracy_minus_rigl'] == pytest.approx(10.0)
+  assert fedmef['accuracy_minus_rigl_std'] == pytest.approx(4.0)
+  assert fedmef['seconds_per_round'] == pytest.approx(4.0)
+  assert fedmef['seconds_per_round_std'] == pytest.approx(1.0)
+  assert fedmef['time_vs_rigl'] == pytest.approx(2.0)
+  # A column that does not vary gets no spread column; the final accuracy always does.
+  assert 'measured_peak_bytes_std' not in fedmef and fedmef['measured_peak_bytes'] == 30.0
+  assert 'final_accuracy_std' in rigl and 'seconds_per_round_std' not in rigl
+  assert fedmef['curve'] == [(2, pytest.approx(0.66))]
+  assert fedmef['curve_std'] == [(2, pytest.approx(math.sqrt(0.0056 / 2)))]
+
+
+def test_aggregate_seeds_skips_missing_values_and_single_seed_has_zero_spread():
+  a = _row('fedmef', 0.6, float('nan'), 40.0, 1.0, 1.0, 1.0)
+  b = _row('fedmef', 0.8, 20.0, 40.0, 1.0, 1.0, 1.0)
+  row = compare.aggregate_seeds([[a], [b]])[0]
+  assert row['measured_peak_bytes'] == 20.0 and 'measured_peak_bytes_std' not in row
+  assert row['final_accuracy'] == pytest.approx(0.7)
+  single = compare.aggregate_seeds([[a]])[0]
+  assert single['final_accuracy_std'] == 0.0 and math.isnan(single['measured_peak_bytes'])
+
+
+def test_tiny_multi_seed_comparison_reports_mean_and_spread(tmp_path):
+  root = str(tmp_path / 'seeds')
+  argv = [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={root}',
+          '--algorithms=fedmef,rigl', '--seeds=0,1'] + TINY
+  proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  finals = {}
+  for name in ('fedmef', 'rigl'):
+    for seed in (0, 1):
+      with open(os.path.join(root, name, f'seed{seed}', 'summary.json')) as f:
+        summary = json.load(f)
+      assert summary['config']['seed'] == seed and summary['algorithm'] == name
+      finals[name, seed] = summary['final_accuracy']
+  with open(os.path.join(root, compare.CSV_FILE)) as f:
+    rows = {r['algorithm']: r for r in csv.DictReader(f)}
+  for name in ('fedmef', 'rigl'):
+    a, b = finals[name, 0], finals[name, 1]
+    assert int(rows[name]['seeds']) == 2
+    assert float(rows[name]['final_accuracy']) == pytest.approx((a + b) / 2)
+    assert float(rows[name]['final_accuracy_std']) == pytest.approx(abs(a - b) / math.sqrt(2))
+  with open(os.path.join(root, compare.MD_FILE)) as f:
+    assert 'over 2 seeds' in f.read()
+  assert os.path.getsize(os.path.join(root, compare.PNG_FILE)) > 0
+  # The per-seed runs resume: a second call runs no round.
+  again = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'round 1/' not in again.stdout
+
+
+def test_bad_seeds_are_refused(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={tmp_path / "cmp"}',
+       '--seeds=0,x,0'], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 2
+  assert '--seeds' in proc.stderr

@@ -255,3 +255,49 @@ def test_invalid_arguments():
         sap.sap_conv2d(x, w, 1, "FULL", 0.5)
     with pytest.raises(ValueError):
         sap.sap_conv2d(x, w, (1, 1, 1), "SAME", 0.5)
+
+
+@pytest.mark.parametrize("gamma", [0.7, 0.9])
+@pytest.mark.parametrize("name", sorted(_OPS))
+def test_simulated_strategy_gives_the_stored_gradients_bitwise(name, gamma):
+    sap_fn, _, x_shape, w_shape = _OPS[name]
+    x, w = _data(x_shape, w_shape, 4)  # about half of relu(x) is nonzero
+    x[0, :2] = x[0, 2:4]  # duplicated magnitudes, so the tie rule is exercised
+    fn = tf.function(lambda a, b: sap_fn(sap.bit_relu(a), b, gamma))
+    y0 = fn(tf.constant(x), tf.constant(w)).numpy()
+    dy = np.random.default_rng(5).standard_normal(y0.shape).astype(np.float32)
+    stored = _grads(tf.function(lambda a, b: sap_fn(sap.bit_relu(a), b, gamma)), x, w, dy)
+    with sap.strategy(sap.SIMULATED):
+        assert sap.current_strategy() == sap.SIMULATED
+        simulated = _grads(
+            tf.function(lambda a, b: sap_fn(sap.bit_relu(a), b, gamma)), x, w, dy)
+    assert sap.current_strategy() == sap.STORED
+    _, _, dw_dense = _grads(lambda a, b: sap_fn(sap.bit_relu(a), b, 0.0), x, w, dy)
+    assert not np.allclose(simulated[2], dw_dense)  # the pruned input, not the dense one
+    for a, b in zip(stored, simulated):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy"):
+        with sap.strategy("fast"):
+            pass
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 0.7, 0.95, 1.0])
+@pytest.mark.parametrize("kind", ["normal", "relu", "ties", "constant", "zeros"])
+def test_simulated_keep_mask_equals_keep_mask(gamma, kind):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(3000).astype(np.float32)
+    if kind == "relu":  # more zeros than gamma * n at gamma <= 0.5: t == 0
+        x = np.maximum(x - 0.2, 0.0)
+    elif kind == "ties":  # few distinct magnitudes of both signs
+        x = np.round(x * 2.0) / 2.0
+    elif kind == "constant":
+        x = np.full(3000, -1.5, np.float32)
+    elif kind == "zeros":
+        x = np.zeros(3000, np.float32)
+    k = sap.keep_count(x.size, gamma)
+    got = tf.function(sap.simulated_keep_mask)(tf.constant(x), tf.constant(k)).numpy()
+    np.testing.assert_array_equal(got, _reference_keep(x, gamma))
+    np.testing.assert_array_equal(got, sap.keep_mask(tf.constant(x), gamma).numpy())

@@ -6,6 +6,13 @@ seed, model family, density, rounds, local budget), so each one resumes like any
 and a rerun of the comparison only runs what is missing. The runs go one after another in child
 processes, each with its own TFF worker.
 
+With `--seeds=0,1,2` every algorithm runs once per seed, in `--root_dir/<algorithm>/seed<k>/`
+with `--seed=k` (data, split, model, masks and sampling all follow the seed), and every column
+of the tables is the mean over the seeds; `<column>_std`, the sample standard deviation
+(n - 1 in the denominator), is added for the final accuracy always and for every other column
+whose values differ between seeds. Ratios and accuracy differences to the references are taken
+per seed, on runs of the same seed, and then averaged.
+
 From the runs' `summary.json` and `metrics.csv` it writes:
 
 * `comparison.csv` and `comparison.md`: per algorithm, final and best test accuracy, measured
@@ -13,7 +20,8 @@ From the runs' `summary.json` and `metrics.csv` it writes:
   round, seconds per round, and ratios of memory, traffic and time to `rigl` and `tfmot`
   (accuracy as a difference in points);
 * `comparison.png`: test accuracy against round for all algorithms, and measured client-step
-  memory against final accuracy.
+  memory against final accuracy (with several seeds: the mean, a band and error bars of one
+  standard deviation).
 
 Example (paper scale, needs the data files and a GPU):
 
@@ -25,6 +33,7 @@ Example (paper scale, needs the data files and a GPU):
 import csv
 import math
 import os
+import statistics
 import subprocess
 import sys
 from typing import Any, Dict, List, Mapping, Sequence
@@ -46,6 +55,10 @@ PNG_FILE = 'comparison.png'
 
 flags.DEFINE_list('algorithms', list(DEFAULT_ALGORITHMS),
                   'Algorithms to run and compare, comma-separated.')
+flags.DEFINE_list('seeds', [], 'Seeds, comma-separated: each algorithm runs once per seed k in '
+                  '<root_dir>/<algorithm>/seed<k> with --seed=k, and the tables give the mean '
+                  'and standard deviation over the seeds. Empty: one run per algorithm in '
+                  '<root_dir>/<algorithm> with --seed.')
 # Defaults of the shared flags that keep the 8-algorithm comparison within about 30 minutes on
 # 2 cores on the built-in dataset; every one can be set on the command line.
 _COMPARE_DEFAULTS = {'root_dir': os.path.join('runs', 'compare'), 'density': 0.1}
@@ -62,14 +75,27 @@ def _train_flag_names() -> List[str]:
   return [f.name for f in FLAGS.get_flags_for_module(train)]
 
 
-def child_argv(algorithm: str, root_dir: str, values: Mapping[str, Any]) -> List[str]:
-  """Command line of the training run of `algorithm`, sharing every other flag's value."""
+def run_dir_for(root_dir: str, algorithm: str, seed=None) -> str:
+  """Directory of one run: `root_dir/algorithm`, or `root_dir/algorithm/seed<k>`."""
+  if seed is None:
+    return os.path.join(root_dir, algorithm)
+  return os.path.join(root_dir, algorithm, f'seed{int(seed)}')
+
+
+def child_argv(algorithm: str, root_dir: str, values: Mapping[str, Any],
+               seed=None) -> List[str]:
+  """Command line of the training run of `algorithm`, sharing every other flag's value.
+
+  With `seed` the run goes to `run_dir_for(root_dir, algorithm, seed)` with `--seed=<seed>`.
+  """
   argv = [sys.executable, '-m', 'tff_programs.train', f'--algorithm={algorithm}',
-          f'--root_dir={os.path.join(root_dir, algorithm)}']
+          f'--root_dir={run_dir_for(root_dir, algorithm, seed)}']
   for name in _train_flag_names():
     if name in _PER_RUN_FLAGS:
       continue
     value = values[name]
+    if name == 'seed' and seed is not None:
+      value = int(seed)
     if value is None:  # derived from the other flags by the training program itself
       continue
     if isinstance(value, bool):
@@ -143,11 +169,56 @@ def add_ratios(results: Sequence[Mapping[str, Any]],
   return out
 
 
+def _numbers(values: Sequence[Any]) -> List[float]:
+  return [float(v) for v in values
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)]
+
+
+def aggregate_seeds(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> List[Dict[str, Any]]:
+  """One row per algorithm from the rows of several seeds (each a list of table rows).
+
+  Every numeric column becomes its mean over the seeds that have a number there (NaN if none);
+  `<column>_std`, the sample standard deviation (0.0 for a single seed), is added for
+  `final_accuracy` always and for every other column whose values differ between seeds.
+  `seeds` counts the seeds of the algorithm. `curve` becomes the mean accuracy at each round
+  that every seed evaluated and `curve_std` its standard deviation there. Algorithms keep the
+  order of their first appearance.
+  """
+  order, by_name = [], {}
+  for rows in per_seed:
+    for row in rows:
+      if row['algorithm'] not in by_name:
+        order.append(row['algorithm'])
+        by_name[row['algorithm']] = []
+      by_name[row['algorithm']].append(row)
+  out = []
+  for name in order:
+    rows = by_name[name]
+    agg = {'algorithm': name, 'seeds': len(rows)}
+    keys = []
+    for row in rows:
+      keys += [k for k in row if k not in keys and k not in ('algorithm', 'curve')]
+    for key in keys:
+      values = _numbers([row.get(key) for row in rows])
+      agg[key] = statistics.fmean(values) if values else float('nan')
+      std = statistics.stdev(values) if len(values) > 1 else 0.0
+      if key == 'final_accuracy' or std > 0.0:
+        agg[f'{key}_std'] = std if values else float('nan')
+    curves = [dict(row.get('curve') or []) for row in rows]
+    common = sorted(set.intersection(*[set(c) for c in curves])) if curves else []
+    agg['curve'] = [(r, statistics.fmean([c[r] for c in curves])) for r in common]
+    agg['curve_std'] = [
+        (r, statistics.stdev([c[r] for c in curves]) if len(curves) > 1 else 0.0)
+        for r in common]
+    out.append(agg)
+  return out
+
+
 def _columns(rows: Sequence[Mapping[str, Any]]) -> List[str]:
   extra = []
   for row in rows:
     for k in row:
-      if k not in COLUMNS and k != 'curve' and k not in extra:
+      if k not in COLUMNS and k not in ('curve', 'curve_std') and k not in extra:
         extra.append(k)
   return list(COLUMNS) + extra
 
@@ -173,6 +244,14 @@ def _fmt(x: float, spec: str) -> str:
   return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _fmt_spread(row: Mapping[str, Any], key: str, spec: str) -> str:
+  """`mean ± std` where the row has `<key>_std` (several seeds), else the value alone."""
+  value = _fmt(row.get(key), spec)
+  if f'{key}_std' in row and row.get('seeds', 1) > 1:
+    return f'{value} ± {_fmt(row[f"{key}_std"], spec.lstrip("+"))}'
+  return value
+
+
 def write_markdown(rows: Sequence[Mapping[str, Any]], path: str, settings: str) -> None:
   refs = [r for r in REFERENCES if any(f'peak_vs_{r}' in row for row in rows)]
   head = ['algorithm', 'final acc', 'best acc', 'client-step peak', 'analytic', 'down/round',
@@ -182,14 +261,18 @@ def write_markdown(rows: Sequence[Mapping[str, Any]], path: str, settings: str) 
   lines = [f'# Comparison\n\n{settings}\n', '| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
   for row in rows:
-    cells = [row['algorithm'], _fmt(row['final_accuracy'], '.4f'),
-             _fmt(row['best_accuracy'], '.4f'), _fmt_bytes(row['measured_peak_bytes']),
+    cells = [row['algorithm'], _fmt_spread(row, 'final_accuracy', '.4f'),
+             _fmt_spread(row, 'best_accuracy', '.4f'), _fmt_bytes(row['measured_peak_bytes']),
              _fmt_bytes(row['analytic_bytes']), _fmt_bytes(row['down_bytes_per_round']),
              _fmt_bytes(row['up_bytes_per_round']), _fmt(row['seconds_per_round'], '.1f')]
     for r in refs:
       cells += [_fmt(row.get(f'peak_vs_{r}'), '.3f') + 'x',
-                _fmt(row.get(f'accuracy_minus_{r}'), '+.1f')]
+                _fmt_spread(row, f'accuracy_minus_{r}', '+.1f')]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  seeds = max([row.get('seeds', 1) for row in rows] or [1])
+  if seeds > 1:
+    lines.append(f'\nMean ± sample standard deviation over {seeds} seeds; accuracy '
+                 'differences are taken per seed against the reference run of the same seed.')
   lines.append('\nPeak: allocator peak of one compiled client training step at the run\'s batch '
                'size, minus what was resident before it (one process per run). Ratios below 1 '
                'mean less than the reference.')
@@ -205,7 +288,11 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
   for row in rows:
     if row['curve']:
       xs, ys = zip(*row['curve'])
-      ax1.plot(xs, ys, marker='.', label=row['algorithm'])
+      line, = ax1.plot(xs, ys, marker='.', label=row['algorithm'])
+      if row.get('seeds', 1) > 1 and row.get('curve_std'):
+        sd = [s for _, s in row['curve_std']]
+        ax1.fill_between(xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)],
+                         color=line.get_color(), alpha=0.2)
   ax1.set_xlabel('round')
   ax1.set_ylabel('test accuracy')
   ax1.set_title('accuracy against round')
@@ -213,7 +300,8 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
   ax1.grid(alpha=0.3)
   for row in rows:
     x = row['measured_peak_bytes'] / 2**20
-    ax2.scatter([x], [row['final_accuracy']])
+    ax2.errorbar([x], [row['final_accuracy']], xerr=row.get('measured_peak_bytes_std', 0) / 2**20,
+                 yerr=row.get('final_accuracy_std', 0), fmt='o', capsize=3)
     ax2.annotate(row['algorithm'], (x, row['final_accuracy']), fontsize=8,
                  textcoords='offset points', xytext=(4, 4))
   ax2.set_xlabel('measured client-step peak memory (MiB)')
@@ -240,6 +328,11 @@ def validate(values: Mapping[str, Any]) -> None:
     problems.add(f'--algorithms: unknown {unknown} (known: {", ".join(train.ALGORITHMS)})')
   if len(set(algos)) != len(algos):
     problems.add(f'--algorithms repeats a name: {",".join(algos)}')
+  seeds = values.get('seeds') or []
+  if not all(str(k).isdigit() and int(k) <= 2**31 - 1 for k in seeds):
+    problems.add(f'--seeds must be integers in [0, 2^31), got {",".join(seeds)}')
+  elif len(set(int(k) for k in seeds)) != len(seeds):
+    problems.add(f'--seeds repeats a seed: {",".join(seeds)}')
   try:
     train.validate(values)
   except train.UsageError as e:
@@ -260,25 +353,32 @@ def main(argv: List[str]) -> int:
   values = FLAGS.flag_values_dict()
   root_dir = values['root_dir']
   os.makedirs(root_dir, exist_ok=True)
-  results = []
-  for algorithm in values['algorithms']:
-    run_dir = os.path.join(root_dir, algorithm)
-    print(f'== {algorithm} -> {run_dir}', flush=True)
-    try:
-      rc = subprocess.call(child_argv(algorithm, root_dir, values))
-    except KeyboardInterrupt:
-      print('compare: interrupted; rerun the same command to resume', file=sys.stderr)
-      return train.EXIT_INTERRUPTED
-    if rc != 0:
-      print(f'compare: error: the {algorithm} run exited with code {rc}; its output is above, '
-            f'its files in {run_dir}', file=sys.stderr)
-      return rc if rc > 0 else 1
-    results.append(run_result(run_dir))
-  rows = add_ratios(results)
+  seeds = [int(k) for k in values['seeds']] or [None]
+  per_seed = []
+  for seed in seeds:
+    results = []
+    for algorithm in values['algorithms']:
+      run_dir = run_dir_for(root_dir, algorithm, seed)
+      print(f'== {algorithm} -> {run_dir}', flush=True)
+      try:
+        rc = subprocess.call(child_argv(algorithm, root_dir, values, seed))
+      except KeyboardInterrupt:
+        print('compare: interrupted; rerun the same command to resume', file=sys.stderr)
+        return train.EXIT_INTERRUPTED
+      if rc != 0:
+        print(f'compare: error: the {algorithm} run exited with code {rc}; its output is '
+              f'above, its files in {run_dir}', file=sys.stderr)
+        return rc if rc > 0 else 1
+      results.append(run_result(run_dir))
+    per_seed.append(add_ratios(results))
+  if seeds == [None]:
+    rows, seed_text = per_seed[0], f'seed {values["seed"]}'
+  else:
+    rows, seed_text = aggregate_seeds(per_seed), f'seeds {",".join(map(str, seeds))}'
   settings = (f'{values["model"]} on {values["dataset"]}, density {values["density"]}, '
               f'{values["rounds"]} rounds, {values["clients_per_round"]} of '
               f'{values["num_clients"]} clients per round, E={values["local_epochs"]}, '
-              f'B={values["batch_size"]}, seed {values["seed"]}.')
+              f'B={values["batch_size"]}, {seed_text}.')
   write_csv(rows, os.path.join(root_dir, CSV_FILE))
   write_markdown(rows, os.path.join(root_dir, MD_FILE), settings)
   plot(rows, os.path.join(root_dir, PNG_FILE), settings)

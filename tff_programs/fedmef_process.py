@@ -62,8 +62,9 @@ import tensorflow_federated as tff
 from fedmef_tf import agc
 from fedmef_tf import client as client_lib
 from fedmef_tf import masks as masks_lib
-from fedmef_tf import server as server_lib
+from fedmef_tf import sap
 from fedmef_tf import sap_native
+from fedmef_tf import server as server_lib
 
 ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'static', 'feddst', 'tfmot',
               'fedavg')
@@ -236,6 +237,7 @@ def build_fedmef_process(
     seed: int = 0,
     element_spec=None,
     loss_fn: Optional[Callable] = None,
+    sap_strategy: str = sap.SIMULATED,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the FedMef (or baseline) learning process.
 
@@ -266,6 +268,11 @@ def build_fedmef_process(
       `(float32 model input, int32 scalar label)`.
     loss_fn: `loss_fn(y_true, logits)` -> scalar mean loss; default sparse categorical
       cross-entropy on logits.
+    sap_strategy: how the clients' SAP layers are traced (`fedmef_tf.sap.strategy`):
+      `sap.SIMULATED` (default) gives SAP's kept sets and gradients at about the cost of plain
+      layers, without the memory saving, which a simulation does not measure;
+      `sap.STORED` traces the memory-saving storage (TensorFlow ops, since TFF's worker has
+      no native kernels), several times slower.
 
   Returns:
     A `tff.learning.templates.LearningProcess` with `initialize`, `next`,
@@ -290,6 +297,8 @@ def build_fedmef_process(
   local_epochs = _check_positive_int('local_epochs', local_epochs)
   batch_size = _check_positive_int('batch_size', batch_size)
   seed = _check_positive_int('seed', seed, minimum=0)
+  if sap_strategy not in sap.STRATEGIES:
+    raise ValueError(f'sap_strategy must be one of {sap.STRATEGIES}, got {sap_strategy!r}')
   if algorithm == 'tfmot' and density >= 1.0:
     raise ValueError('tfmot needs a target density below 1')
   if algorithm == 'tfmot' and t_end < delta_t:
@@ -348,16 +357,17 @@ def build_fedmef_process(
 
   @tff.tensorflow.computation(dataset_type, trainable_type, non_trainable_type, config_type)
   def client_update_tf(dataset, trainable, non_trainable, config):
-    client_model = model_fn()
-    update = client_lib.build_client_update(
-        client_model, client_lib.WeightLayout(client_model),
-        local_epochs=local_epochs, batch_size=batch_size, eta_0=client_lr,
-        lambda_bae=lambda_bae, use_bae=use_bae,
-        server_adjust=(mode == server_lib.MODE_SERVER_ADJUST),
-        client_regrow=(mode == server_lib.MODE_FEDDST), loss_fn=loss_fn,
-        gradient_clipping=agc.clipping_for(model_variant_for(algorithm)))
-    return update(dataset, list(trainable), list(non_trainable),
-                  client_lib.RoundConfig(*config))
+    with sap.strategy(sap_strategy):
+      client_model = model_fn()
+      update = client_lib.build_client_update(
+          client_model, client_lib.WeightLayout(client_model),
+          local_epochs=local_epochs, batch_size=batch_size, eta_0=client_lr,
+          lambda_bae=lambda_bae, use_bae=use_bae,
+          server_adjust=(mode == server_lib.MODE_SERVER_ADJUST),
+          client_regrow=(mode == server_lib.MODE_FEDDST), loss_fn=loss_fn,
+          gradient_clipping=agc.clipping_for(model_variant_for(algorithm)))
+      return update(dataset, list(trainable), list(non_trainable),
+                    client_lib.RoundConfig(*config))
 
   client_output_type = client_update_tf.type_signature.result
 
