@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fedmef_tf import agc
 from fedmef_tf import client
 from fedmef_tf import masks
 from fedmef_tf import sap
@@ -74,7 +75,8 @@ def _plain_round(model_fn, gamma, state0):
   update = client.build_client_update(
       model, layout, local_epochs=SETTINGS['local_epochs'], batch_size=SETTINGS['batch_size'],
       eta_0=SETTINGS['client_lr'], lambda_bae=SETTINGS['lambda_bae'], use_bae=True,
-      server_adjust=True, client_regrow=False)
+      server_adjust=True, client_regrow=False,
+      gradient_clipping=agc.clipping_for('fedmef'))
   assert sap.current_strategy() == sap.STORED and sap_native.enabled()
   output = update(_dataset(), list(state.trainable), list(state.non_trainable), config)
   return server.server_update(state, config, output, layout, schedule)
