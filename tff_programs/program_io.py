@@ -88,7 +88,13 @@ def clear_run(root_dir: str) -> None:
       os.remove(path)
 
 
-def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) -> bool:
+#: Configuration entries derived from the data (the input normalisation constants of the
+#: training split): known only once the data is loaded, so a check before that leaves them out.
+DATA_KEYS = ('input_mean', 'input_std')
+
+
+def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
+                   ignore: Sequence[str] = ()) -> bool:
   """Checks, without writing anything, that `root_dir` can hold a run of `config`.
 
   A new or empty directory, or one without run entries, is fine. A directory whose
@@ -99,6 +105,8 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) ->
     root_dir: the run directory.
     config: JSON-serialisable flag values that determine the result.
     overwrite: start afresh in a directory written by another configuration.
+    ignore: configuration keys left out of the comparison (`DATA_KEYS` before the data is
+      loaded).
 
   Returns:
     True when `root_dir` holds a run of the same configuration (its checkpoints are resumed).
@@ -108,6 +116,7 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) ->
       is not a directory.
   """
   config = json.loads(json.dumps(dict(config)))  # normalise tuples etc. as JSON reads them
+  config = {k: v for k, v in config.items() if k not in ignore}
   config_path = os.path.join(root_dir, CONFIG_FILE)
   if os.path.exists(root_dir) and not os.path.isdir(root_dir):
     raise RunDirError(f'--root_dir={root_dir}: exists and is not a directory')
@@ -116,6 +125,8 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) ->
       old = read_json(config_path)
     except (OSError, ValueError) as e:
       old = {'(unreadable config.json)': str(e).splitlines()[0] if str(e) else 'error'}
+    if isinstance(old, dict):
+      old = {k: v for k, v in old.items() if k not in ignore}
     if old == config:
       return True
     if not overwrite and isinstance(old, dict):

@@ -386,7 +386,8 @@ def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int
   root_dir = f['root_dir']
   cfg = run_config(f)
   try:
-    resumable = program_io.check_root_dir(root_dir, cfg, f['overwrite'])
+    resumable = program_io.check_root_dir(root_dir, cfg, f['overwrite'],
+                                          ignore=program_io.DATA_KEYS)
   except program_io.RunDirError as e:
     print(f'train: error: {e}', file=sys.stderr)
     return EXIT_USAGE
@@ -737,7 +738,8 @@ def check_command_line(values: Mapping[str, Any]) -> None:
   validate(values)
   values = cli.resolve_defaults(values)
   try:
-    program_io.check_root_dir(values['root_dir'], run_config(values), values['overwrite'])
+    program_io.check_root_dir(values['root_dir'], run_config(values), values['overwrite'],
+                              ignore=program_io.DATA_KEYS)
   except program_io.RunDirError as e:
     raise UsageError(str(e)) from None
 
