@@ -11,7 +11,7 @@ The public names, re-exported here (tfmot's pattern) and imported on first use, 
 * the modules `conversion`, `data`, `masks`, `memory`, `model_io`, `models`.
 """
 
-import importlib
+from fedmef_tf.lazy_exports import lazy_exports
 
 _EXPORTS = {
     'build_model': 'models', 'MODEL_NAMES': 'models', 'VARIANTS': 'models',
@@ -24,16 +24,4 @@ _EXPORTS = {
 }
 _MODULES = ('conversion', 'data', 'masks', 'memory', 'model_io', 'models')
 
-__all__ = sorted(_EXPORTS) + list(_MODULES)
-
-
-def __getattr__(name):
-  if name in _MODULES:
-    return importlib.import_module(f'{__name__}.{name}')
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def __dir__():
-  return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _MODULES)
