@@ -98,8 +98,9 @@ def test_parameter_counts():
         fed, base = counts[(n, "fedmef")], counts[(n, "baseline")]
         assert fed["prunable"] == base["prunable"]
         assert fed["nonzero"] == fed["prunable"]  # density 1
-        # FedMef: bias + gain per conv channel; baseline: BN scale + offset per channel.
-        assert fed["dense"] == base["dense"]
+        # FedMef: bias + gain per conv channel and per logit (the NSConv classifier);
+        # baseline: BN scale + offset per channel, a bias per logit.
+        assert fed["dense"] == base["dense"] + 10
         assert fed["state"] == 0 and base["state"] > 0  # BN moving statistics
         assert fed["mask"] == base["mask"] == 2 * fed["prunable"] + len(
             masks.prunable_layers(_built(n, "fedmef", gamma=0.7)))
