@@ -122,9 +122,9 @@ RELU_GAIN = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
 #: whose default this is). A residual stage is `h_{i+1} = h_i + alpha * f_i(h_i / beta_i)`: the
 #: branch `f_i` (NSConvs with nonlinearity gains) maps a unit-variance input to a unit-variance
 #: output, so the expected variance of the stream grows by exactly `alpha^2` per block,
-#: `beta_{i+1}^2 = beta_i^2 + alpha^2`, which the Add rule of the module docstring tracks. A small alpha makes each
-#: block start close to the identity, which is what keeps a normaliser-free residual network
-#: trainable at large learning rates.
+#: `beta_{i+1}^2 = beta_i^2 + alpha^2`, which the Add rule of the module docstring tracks. A
+#: small alpha makes each block start close to the identity, which is what keeps a
+#: normaliser-free residual network trainable at large learning rates.
 RESIDUAL_ALPHA = 0.2
 
 #: Keras layer classes `sparsify` converts or keeps (exact classes, not subclasses).

@@ -218,7 +218,8 @@ def test_residual_block_variance_is_propagated(projection):
 def _registry_rules(name):
   """The fedmef settings of every prunable layer of a registry model, from the documented rules.
 
-  Returns {layer: (act_gain, center, center_output, gain_init)}: the stem reads the normalised
+  Returns {layer: (act_gain, center, center_output, gain_init)} in the order of the prunable
+  layers (the layer index of masks and the federated state): the stem reads the normalised
   images (gain 1, uncentred); a layer after a ReLU folds RELU_GAIN over the expected std of the
   stream it reads; depthwise kernels are not centred; the last NSConv of a branch onto an
   identity shortcut starts at ALPHA, and the stream's variance grows by the branch's variance
@@ -238,10 +239,10 @@ def _registry_rules(name):
         block = f'layer{stage}_{r}'
         transition = (first_stride if r == 0 else 1) != 1 or width != filters
         scaled = RELU_GAIN / math.sqrt(variance)
-        if transition:
-          rules[block + '_shortcut_conv'] = (scaled, True, True, 1.0)
         rules[block + '_conv1'] = (scaled, True, True, 1.0)
         rules[block + '_conv2'] = (RELU_GAIN, True, True, 1.0 if transition else ALPHA)
+        if transition:  # a 1x1 NSConv of the same activated input, listed after the branch
+          rules[block + '_shortcut_conv'] = (scaled, True, True, 1.0)
         variance = 2.0 if transition else variance + ALPHA * ALPHA
         width = filters
     rules['classifier'] = (RELU_GAIN / math.sqrt(variance), True, False, 1.0)
