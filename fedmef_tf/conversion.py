@@ -17,24 +17,28 @@ Dense                                  `MaskedDense(normalize=True, sap_gamma=ga
                                        `MaskedDense(normalize=False)`
 BatchNormalization                     removed  /  kept
 ReLU, ReLU6 (layers or `activation=`)  `sap.BitReLU` (max_value None or 6)  /  kept
-Add of two tensors                     `models.ResidualAdd`  (both variants)
-GlobalAveragePooling2D                 `models.GlobalAvgPool`  (both variants)
+Add of two tensors                     `lean_layers.ResidualAdd`  (both variants)
+GlobalAveragePooling2D                 `lean_layers.GlobalAvgPool`  (both variants)
 InputLayer, Flatten, Activation        kept (Activation: linear or softmax; relu / relu6 as
                                        ReLU above)
 anything else                          refused: `ConversionError`, one line naming the layer
 =====================================  ========================================================
 
-Both variants use the lean `ResidualAdd` / `GlobalAvgPool` of `fedmef_tf.models`, as the
-registry models do, so that the two variants of one input model differ only in what FedMef
-changes. Refused, among others: MaxPooling, Dropout, LayerNormalization, Conv2DTranspose,
-SeparableConv2D, Rescaling, a Conv2D with dilation or groups, regularizers or constraints (they
-would be dropped silently), activations other than the ones above, shared layers, nested models,
-subclassed models, models with several inputs or outputs.
+Both variants use the lean `ResidualAdd` / `GlobalAvgPool` of `fedmef_tf.lean_layers`, so that
+the two variants of one input model differ only in what FedMef changes. Refused, among others:
+MaxPooling, Dropout, LayerNormalization, Conv2DTranspose, SeparableConv2D, Rescaling, a Conv2D
+with dilation or groups, regularizers or constraints (they would be dropped silently),
+activations other than the ones above, shared layers, nested models, subclassed models, models
+with several inputs or outputs.
 
-Signal propagation of the fedmef variant (the rules of `fedmef_tf.models`, computed from the
-graph, not fitted): every tensor of the input model gets an expected state `(variance, gain)`,
-where `variance` is the expected variance of the linear signal it derives from and `gain` the
-nonlinearity gain owed to a ReLU applied since (`models.RELU_GAIN`, else 1):
+Signal propagation of the fedmef variant (what BatchNorm does in the baseline, done by design,
+computed from the graph, not fitted). Every NSConv maps a unit-variance input to a
+unit-variance output; the nonlinearity gain of the ReLU in front (`RELU_GAIN`, NF-Nets' gamma)
+and the expected scale of its input are folded into its kernel as the constant `act_gain`,
+never applied to an activation. To know that scale, every tensor of the input model gets an
+expected state `(variance, gain)`, where `variance` is the expected variance of the linear
+signal it derives from and `gain` the nonlinearity gain owed to a ReLU applied since
+(`RELU_GAIN`, else 1):
 
 - the model input (after `input_norm` when `input_mean` / `input_std` are given; without them
   the input is assumed normalised already) is `(1, 1)`;
@@ -42,37 +46,52 @@ nonlinearity gain owed to a ReLU applied since (`models.RELU_GAIN`, else 1):
   (the nonlinearity gain of the activation in front over the expected std beta of its input)
   and outputs `(gain_init^2, 1)`;
 - a conv that reads the model input directly is the stem: `center=False, center_output=False`
-  (a dense reading it directly gets `center=False`);
+  (a dense reading it directly gets `center=False`): its input is centred already, and a
+  zero-sum kernel would pass only the part of a patch that differs from its mean, little on
+  smooth images;
+- every other conv is centred (`center=True`, the FedMef formula), but depthwise kernels are
+  not (`center=False`: their fan-in is spatial only, so centring them is a spatial high-pass
+  filter); every conv output but the stem's is centred per example and channel over height and
+  width (`center_output=True`, `nsconv.center_spatial`, before the bias): the per-channel
+  offsets after a ReLU, which a centred kernel cannot remove and BatchNorm removes with batch
+  statistics, would otherwise reach the classifier as a large common component of the pooled
+  features;
 - ReLU / ReLU6 on `(v, 1)` gives `(v, RELU_GAIN)`; on a ReLU output (`g != 1`) it changes
   nothing;
 - BatchNormalization is removed: its output is its input;
 - an Add sums the variances of its inputs, each counted as `v / g^2` (the variance of a ReLU
   output of `(v, 1)` is `v / RELU_GAIN^2`), and outputs `(sum, 1)`;
-- residual branches: when one input of an Add is an ancestor of the other (an identity
-  shortcut), the other input is the residual branch, and if it ends in an NSConv without
-  activation (BatchNormalization in between is removed) that NSConv gets
-  `gain_init = models.RESIDUAL_ALPHA`. When neither is an ancestor of the other (a projection
-  shortcut, or two parallel branches), every NSConv keeps `gain_init = 1`;
-- GlobalAveragePooling2D passes the state on: the classifier folds the gain of the activation
-  in front of the pooling over the scale of its pre-activation, as `models` builds its head
-  (the variance of a spatial mean depends on the spatial correlation of its input and is not
-  known analytically, so it is not divided out);
+- residual branches (NF-ResNets, Brock et al. 2021): when one input of an Add is an ancestor of
+  the other (an identity shortcut), the other input is the residual branch, and if it ends in
+  an NSConv without activation (BatchNormalization in between is removed) that NSConv gets
+  `gain_init = RESIDUAL_ALPHA`, the initial value of its learnable gain, so the block starts
+  close to the identity. When neither is an ancestor of the other (a projection shortcut, or
+  two parallel branches: a block that changes resolution or width has no identity to stay
+  close to), every NSConv keeps `gain_init = 1`;
+- GlobalAveragePooling2D passes the state on: the classifier (an NSConv-like dense layer whose
+  centred kernel is blind to the common offset of the pooled ReLU features) folds the gain of
+  the activation in front of the pooling over the scale of its pre-activation (the variance of
+  a spatial mean depends on the spatial correlation of its input and is not known
+  analytically, so it is not divided out);
 - Flatten passes the state on.
 
-On the registry architectures these rules give exactly the act_gains, centring flags and branch
-gains of `models.build_model` (tests/test_sparsify.py builds stock Keras replicas and compares).
+`fedmef_tf.models.build_model` is this converter applied to the stock registry architectures
+(`models.keras_model`); its docstring says what the rules give on each. The baseline variant
+gets none of these settings: its masked layers have `normalize=False`, where `act_gain`,
+`center`, `center_output` and `gain_init` are ignored and keep their defaults.
 
 Weights: the kernels and biases of the input model's Conv2D / DepthwiseConv2D / Dense layers are
 copied into the masked layers (then masked by `init_sparse`), and, in the baseline, the
-BatchNormalization parameters and statistics. A conv that gains a bias (every NSConv has one)
-starts with the input layer's bias initializer (zeros by default). Layer names are kept
-(`name_relu` for the BitReLU split off a conv's `activation='relu'`), so the converted model's
-prunable layers are the input model's Conv2D / DepthwiseConv2D / Dense in graph order.
-Note that the fedmef variant does not compute the input model's function (no BatchNorm, NSConv
-standardises each kernel): it is a starting point for training, not a compressed copy. Called
-outside eager execution (as the `model_fn` of the TFF process inside its computations), the
-weight copies and the masks are assignments in that graph; the process sets every variable
-from its state anyway.
+BatchNormalization parameters and statistics; with `copy_weights=False` every converted layer
+starts from the initializers of the layer it replaces instead (the same values where those are
+seeded). A conv that gains a bias (every NSConv has one) starts with the input layer's bias
+initializer (zeros by default). Layer names are kept (`name_relu` for the BitReLU split off a
+conv's `activation='relu'`), so the converted model's prunable layers are the input model's
+Conv2D / DepthwiseConv2D / Dense in graph order. Note that the fedmef variant does not compute
+the input model's function (no BatchNorm, NSConv standardises each kernel): it is a starting
+point for training, not a compressed copy. Called outside eager execution (as the `model_fn` of
+the TFF process inside its computations), the weight copies and the masks are assignments in
+that graph; the process sets every variable from its state anyway.
 """
 
 from __future__ import annotations
@@ -83,12 +102,30 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from fedmef_tf import lean_layers
 from fedmef_tf import masks
-from fedmef_tf import models
 from fedmef_tf import sap
 from fedmef_tf import sparse_layers as sl
 
-__all__ = ["ConversionError", "sparsify", "SUPPORTED_LAYERS"]
+__all__ = ["ConversionError", "sparsify", "SUPPORTED_LAYERS", "VARIANTS", "RELU_GAIN",
+           "RESIDUAL_ALPHA"]
+
+#: 'fedmef': NSConv + SAP + BitReLU, no BatchNorm; 'baseline': masked layers, BatchNorm, ReLU.
+VARIANTS = ("fedmef", "baseline")
+
+#: Nonlinearity gain of ReLU for unit-variance Gaussian pre-activations, sqrt(2 / (1 - 1/pi))
+#: (Brock et al., 2021, NF-Nets): relu(z) * RELU_GAIN has unit variance again. ReLU6 uses the
+#: same gain: for a unit-variance pre-activation it differs from ReLU only above 6 sigma.
+RELU_GAIN = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
+
+#: Branch gain alpha of residual blocks with an identity shortcut (NF-ResNets, Brock et al. 2021,
+#: whose default this is). A residual stage is `h_{i+1} = h_i + alpha * f_i(h_i / beta_i)`: the
+#: branch `f_i` (NSConvs with nonlinearity gains) maps a unit-variance input to a unit-variance
+#: output, so the expected variance of the stream grows by exactly `alpha^2` per block,
+#: `beta_{i+1}^2 = beta_i^2 + alpha^2`, which the Add rule of the module docstring tracks. A
+#: small alpha makes each block start close to the identity, which is what keeps a
+#: normaliser-free residual network trainable at large learning rates.
+RESIDUAL_ALPHA = 0.2
 
 #: Keras layer classes `sparsify` converts or keeps (exact classes, not subclasses).
 SUPPORTED_LAYERS = (
@@ -351,14 +388,14 @@ class _Converter:
     def bit_relu(self, x, max_value, name, signal: _Signal):
         x = sap.BitReLU(max_value=max_value, name=name)(x)
         if signal.gain == 1.0:
-            return x, _Signal(signal.variance, models.RELU_GAIN)
+            return x, _Signal(signal.variance, RELU_GAIN)
         return x, _Signal(signal.variance, signal.gain)
 
     def masked(self, layer, kind: str, x, signal: _Signal):
         """The masked layer replacing `layer`, applied to `x`; returns (tensor, signal)."""
         activation = _activation_name(layer.activation)
         relu_split = self.fedmef and activation in _RELU_MAX
-        gain_init = models.RESIDUAL_ALPHA if id(layer) in self.alpha_ends else 1.0
+        gain_init = RESIDUAL_ALPHA if id(layer) in self.alpha_ends else 1.0
         if self.fedmef:
             use_bias = True if kind != "dense" else bool(layer.use_bias)
             common = dict(normalize=True, sap_gamma=self.gamma, act_gain=signal.act_gain,
@@ -415,9 +452,9 @@ class _Converter:
             return self.masked(layer, kind, x[0], signals[0])
         if kind == "add":
             out = _Signal(sum(s.output_variance for s in signals), 1.0)
-            return models.ResidualAdd(name=layer.name)(x), out
+            return lean_layers.ResidualAdd(name=layer.name)(x), out
         if kind == "pool":
-            return models.GlobalAvgPool(name=layer.name)(x[0]), signals[0]
+            return lean_layers.GlobalAvgPool(name=layer.name)(x[0]), signals[0]
         if kind == "bn":
             if self.fedmef:
                 return x[0], signals[0]
@@ -446,6 +483,7 @@ def sparsify(
     seed: int = 0,
     input_mean: Optional[Sequence[float]] = None,
     input_std: Optional[Sequence[float]] = None,
+    copy_weights: bool = True,
 ) -> tf.keras.Model:
     """Converts a functional or Sequential Keras model into a FedMef (or baseline) model.
 
@@ -461,25 +499,29 @@ def sparsify(
             gets ERK layer densities and random masks from `seed` (`masks.init_sparse`).
             Inside a TFF process, pass 1.0: the process draws the masks itself.
         variant: 'fedmef' (NSConv + SAP + BitReLU, no BatchNorm) or 'baseline' (masked layers
-            with BatchNorm and ReLU), as in `fedmef_tf.models.VARIANTS`.
+            with BatchNorm and ReLU), as in `fedmef_tf.VARIANTS`.
         gamma: SAP drop ratio in [0, 1] of the fedmef variant's masked layers (ignored by the
             baseline, whose layers have sap_gamma 0).
         seed: seed of the initial random masks.
         input_mean, input_std: per-channel mean and standard deviation of the inputs, both or
             neither. Given, the converted model starts with a Keras `Normalization` layer
-            'input_norm' (constants, no trained variables), as `models.build_model` does; the
-            fedmef variant's signal propagation assumes its input has unit variance.
+            'input_norm' (constants, no trained variables); the fedmef variant's signal
+            propagation assumes its input has unit variance.
+        copy_weights: True: the converted layers start from the input model's weights (see the
+            module docstring). False: from the initializers of the layers they replace, so the
+            input model serves as a description only (its variables are never read; it may
+            live in another graph, as `models.build_model`'s stock model does).
 
     Returns:
         A new, uncompiled `tf.keras.Model` named `<model.name>_<variant>`, with the input
-        model's kernels and biases copied (see the module docstring) and masked.
+        model's kernels and biases copied (unless `copy_weights=False`) and masked.
 
     Raises:
         ConversionError (a ValueError): a layer or model that cannot be converted, or a bad
             argument; the message is one line and names the layer and its class.
     """
-    if variant not in models.VARIANTS:
-        raise ConversionError(f"unknown variant {variant!r}; choose one of {models.VARIANTS}")
+    if variant not in VARIANTS:
+        raise ConversionError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     if not 0.0 < float(density) <= 1.0:
         raise ConversionError(f"density must be in (0, 1], got {density}")
     if not 0.0 <= float(gamma) <= 1.0:
@@ -513,8 +555,9 @@ def sparsify(
     if not masks.prunable_layers(converted):
         raise ConversionError(f"{model.name}: has no Conv2D, DepthwiseConv2D or Dense layer to "
                               "mask")
-    for target, source in converter.copies:
-        target.assign(source)
+    if copy_weights:
+        for target, source in converter.copies:
+            target.assign(source)
     if float(density) < 1.0:
         masks.init_sparse(converted, float(density), int(seed))
     return converted

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import fedmef_tf
 from fedmef_tf import data
 from fedmef_tf import masks
 from fedmef_tf import models
@@ -288,8 +289,7 @@ def test_fedmef_resnet18_tracks_the_stream_scale_and_branch_gains():
         assert float(conv2.gain.numpy()[0]) == pytest.approx(conv2.gain_init)
         if transition:
             assert model.get_layer(block + "_shortcut_conv").act_gain == conv1.act_gain
-    adds = [l for l in model.layers if isinstance(l, models.ResidualAdd)]
-    assert len(adds) == 8 and all(l.scale == 1.0 for l in adds)
+    assert len([l for l in model.layers if isinstance(l, models.ResidualAdd)]) == 8
     # The head folds the ReLU gain over the final stream scale, beta^2 = 2 + alpha^2.
     assert model.get_layer("classifier").act_gain == pytest.approx(g / np.sqrt(2.0 + a2))
 
@@ -304,16 +304,52 @@ def test_fedmef_residual_networks_start_with_bounded_logits(name):
     assert np.all(np.isfinite(logits)) and 0.02 < logits.std() < 4.0
 
 
-def test_residual_add_scales_value_and_gradient_and_serializes():
-    layer = models.ResidualAdd(scale=0.5)
-    a, b = tf.constant([[1.0, 2.0]]), tf.constant([[3.0, -6.0]])
-    with tf.GradientTape() as tape:
-        tape.watch([a, b])
-        out = layer([a, b])
-    np.testing.assert_allclose(out.numpy(), [[2.0, -2.0]])
-    da, db = tape.gradient(out, [a, b], output_gradients=tf.constant([[1.0, 4.0]]))
-    np.testing.assert_allclose(da.numpy(), [[0.5, 2.0]])
-    np.testing.assert_allclose(db.numpy(), [[0.5, 2.0]])
-    assert models.ResidualAdd.from_config(layer.get_config()).scale == 0.5
-    with pytest.raises(ValueError, match="scale"):
-        models.ResidualAdd(scale=0.0)
+_STANDARD_LAYERS = (tf.keras.layers.InputLayer, tf.keras.layers.Conv2D,
+                    tf.keras.layers.DepthwiseConv2D, tf.keras.layers.BatchNormalization,
+                    tf.keras.layers.ReLU, tf.keras.layers.Add,
+                    tf.keras.layers.GlobalAveragePooling2D, tf.keras.layers.Dense)
+
+
+@pytest.mark.parametrize("name,variant", [("cnn", "fedmef"), ("cnn", "baseline"),
+                                          ("mobilenet_v2", "fedmef"), ("resnet18", "baseline")])
+def test_build_model_is_sparsify_of_the_stock_keras_model(name, variant):
+    # One way to make a FedMef model: the registry model is the converter applied to a stock
+    # Keras model of standard layers, with its seeded weights copied.
+    stock = models.keras_model(name, variant, num_classes=5, input_shape=(8, 8, 3), seed=2)
+    assert stock.name == name
+    assert all(type(l) in _STANDARD_LAYERS for l in stock.layers)
+    stats = dict(input_mean=[0.4, 0.5, 0.6], input_std=[0.2, 0.25, 0.3])
+    converted = fedmef_tf.sparsify(stock, density=0.3, variant=variant, gamma=0.7, seed=2,
+                                   **stats)
+    registry = models.build_model(name, variant, num_classes=5, input_shape=(8, 8, 3),
+                                  density=0.3, gamma=0.7, seed=2, **stats)
+    assert registry.name == converted.name == f"{name}_{variant}"
+    assert [l.get_config() for l in registry.layers] == [l.get_config() for l in converted.layers]
+    assert len(registry.variables) == len(converted.variables)
+    for a, b in zip(registry.variables, converted.variables):
+        assert a.name == b.name
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The stock model's BatchNorm layers are what the fedmef variant drops, nothing else.
+    kept = [l.name for l in stock.layers
+            if variant == "baseline" or not isinstance(l, tf.keras.layers.BatchNormalization)]
+    assert [l.name for l in registry.layers if l.name != "input_norm"] == kept
+
+
+def test_stock_resnet18_block_form_depends_on_the_variant():
+    pre = models.keras_resnet18("fedmef", input_shape=(8, 8, 3))
+    post = models.keras_resnet18("baseline", input_shape=(8, 8, 3))
+    # Pre-activation: the sum is the block's output; post-activation: a ReLU follows it.
+    assert pre.get_layer("layer1_1_add").output is pre.get_layer("layer2_0_bn1").input
+    assert post.get_layer("layer1_1_add").output is post.get_layer("layer1_1_relu2").input
+    assert isinstance(pre.get_layer("final_bn"), tf.keras.layers.BatchNormalization)
+    with pytest.raises(ValueError, match="variant"):
+        models.keras_resnet18("dense")
+
+
+def test_build_model_in_a_graph_adds_only_the_converted_models_variables():
+    # As a TFF model_fn: the stock model is built in a throwaway graph, not the traced one.
+    with tf.Graph().as_default() as graph:
+        model = models.build_model("cnn", "fedmef", input_shape=(8, 8, 3), density=0.5)
+        variables = graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)
+    assert len(variables) == len(model.variables) > 0
+    assert {v.name for v in variables} == {v.name for v in model.variables}

@@ -31,7 +31,8 @@ def test_the_section_has_the_promised_snippets():
   for name in ('fedmef_tf.build_model', 'fedmef_tf.sparsify(', '.fit(',
                'tff_programs.build_fedmef_process',
                'TestClientData', 'assign_weights_to', 'tf.keras.models.load_model',
-               'fedmef_tf.custom_object_scope()'):
+               'fedmef_tf.custom_object_scope()', 'tflite_export.export_model(sparse',
+               "get_signature_runner('train')"):
     assert name in code, name
   assert 'custom_objects=' not in code
 

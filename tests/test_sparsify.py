@@ -1,9 +1,10 @@
 """fedmef_tf.sparsify (fedmef_tf.conversion): stock Keras models made FedMef or baseline.
 
 The conversion rules on hand-written models (a CNN with BatchNorm, a MobileNet-style model with
-depthwise convolutions and an identity Add, small residual blocks), stock Keras replicas of
-the registry architectures against `models.build_model`, refusals, and the converted model
-through `fit`, three TFF rounds and a TFLite export whose `train` signature runs.
+depthwise convolutions and an identity Add, small residual blocks), the registry models (the
+converter on `models.keras_model`) against the rules written out per architecture, refusals,
+and the converted model through `fit`, three TFF rounds and a TFLite export whose `train`
+signature runs.
 """
 
 import json
@@ -211,104 +212,90 @@ def test_residual_block_variance_is_propagated(projection):
                                                             rel=1e-12)
 
 
-# -- stock Keras replicas of the registry models ----------------------------------------------
+# -- the registry models: the converter on the stock architectures ---------------------------
 
 
-def _conv_bn_relu(x, filters, kernel, stride, name, relu6=False):
-  x = L.Conv2D(filters, kernel, strides=stride, padding='same', use_bias=False,
-               name=name + '_conv')(x)
-  x = L.BatchNormalization(name=name + '_bn')(x)
-  return L.ReLU(6.0 if relu6 else None, name=name + '_relu')(x)
+def _registry_rules(name):
+  """The fedmef settings of every prunable layer of a registry model, from the documented rules.
+
+  Returns {layer: (act_gain, center, center_output, gain_init)} in the order of the prunable
+  layers (the layer index of masks and the federated state): the stem reads the normalised
+  images (gain 1, uncentred); a layer after a ReLU folds RELU_GAIN over the expected std of the
+  stream it reads; depthwise kernels are not centred; the last NSConv of a branch onto an
+  identity shortcut starts at ALPHA, and the stream's variance grows by the branch's variance
+  (ALPHA^2, or 1 + 1 after a projection); the classifier folds the last activation's gain.
+  """
+  rules = {}
+  if name == 'cnn':
+    rules['stem_conv'] = (1.0, False, False, 1.0)
+    for i in range(1, len(models.CNN_LAYERS)):
+      rules[f'conv{i}_conv'] = (RELU_GAIN, True, True, 1.0)
+    rules['classifier'] = (RELU_GAIN, True, False, 1.0)
+  elif name == 'resnet18':
+    rules['stem_conv'] = (1.0, False, False, 1.0)
+    variance, width = 1.0, 64
+    for stage, (filters, first_stride) in enumerate(models.RESNET18_STAGES, start=1):
+      for r in range(2):
+        block = f'layer{stage}_{r}'
+        transition = (first_stride if r == 0 else 1) != 1 or width != filters
+        scaled = RELU_GAIN / math.sqrt(variance)
+        rules[block + '_conv1'] = (scaled, True, True, 1.0)
+        rules[block + '_conv2'] = (RELU_GAIN, True, True, 1.0 if transition else ALPHA)
+        if transition:  # a 1x1 NSConv of the same activated input, listed after the branch
+          rules[block + '_shortcut_conv'] = (scaled, True, True, 1.0)
+        variance = 2.0 if transition else variance + ALPHA * ALPHA
+        width = filters
+    rules['classifier'] = (RELU_GAIN / math.sqrt(variance), True, False, 1.0)
+  else:
+    rules['stem_conv'] = (1.0, False, False, 1.0)
+    variance, width, block, input_gain = 1.0, models.MOBILENET_V2_STEM, 0, RELU_GAIN
+    for expansion, filters, repeats, first_stride in models.MOBILENET_V2_32_SETTINGS:
+      for r in range(repeats):
+        residual = (first_stride if r == 0 else 1) == 1 and width == filters
+        gain = input_gain / math.sqrt(variance)
+        if expansion != 1:
+          rules[f'block{block}_expand'] = (gain, True, True, 1.0)
+          gain = RELU_GAIN
+        rules[f'block{block}_dw'] = (gain, False, True, 1.0)
+        rules[f'block{block}_project'] = (RELU_GAIN, True, True, ALPHA if residual else 1.0)
+        variance = variance + ALPHA * ALPHA if residual else 1.0
+        width, block, input_gain = filters, block + 1, 1.0  # a linear bottleneck follows
+    rules['last_conv'] = (1.0 / math.sqrt(variance), True, True, 1.0)
+    rules['classifier'] = (RELU_GAIN, True, False, 1.0)
+  return rules
 
 
-def _cnn_replica(input_shape):
-  i = tf.keras.Input(input_shape, name='images')
-  x = i
-  for k, (filters, stride) in enumerate(models.CNN_LAYERS):
-    x = _conv_bn_relu(x, filters, 3, stride, 'stem' if k == 0 else f'conv{k}')
-  x = L.GlobalAveragePooling2D(name='pool')(x)
-  return tf.keras.Model(i, L.Dense(10, name='classifier')(x))
-
-
-def _mobilenet_v2_replica(input_shape):
-  """A stock Keras MobileNetV2 (32x32 form) with the registry's layer names."""
-  i = tf.keras.Input(input_shape, name='images')
-  x = _conv_bn_relu(i, models.MOBILENET_V2_STEM, 3, 1, 'stem', relu6=True)
-  block = 0
-  for expansion, filters, repeats, first_stride in models.MOBILENET_V2_32_SETTINGS:
-    for r in range(repeats):
-      stride, name, c_in = first_stride if r == 0 else 1, f'block{block}', int(x.shape[-1])
-      h = x
-      if expansion != 1:
-        h = L.Conv2D(c_in * expansion, 1, padding='same', use_bias=False,
-                     name=name + '_expand')(h)
-        h = L.ReLU(6.0, name=name + '_expand_relu')(
-            L.BatchNormalization(name=name + '_expand_bn')(h))
-      h = L.DepthwiseConv2D(3, strides=stride, padding='same', use_bias=False,
-                            name=name + '_dw')(h)
-      h = L.ReLU(6.0, name=name + '_dw_relu')(L.BatchNormalization(name=name + '_dw_bn')(h))
-      h = L.Conv2D(filters, 1, padding='same', use_bias=False, name=name + '_project')(h)
-      h = L.BatchNormalization(name=name + '_project_bn')(h)
-      x = L.Add(name=name + '_add')([h, x]) if stride == 1 and c_in == filters else h
-      block += 1
-  x = _conv_bn_relu(x, models.MOBILENET_V2_LAST, 1, 1, 'last', relu6=True)
-  x = L.GlobalAveragePooling2D(name='pool')(x)
-  return tf.keras.Model(i, L.Dense(10, name='classifier')(x))
-
-
-def _preact_resnet18_replica(input_shape):
-  """A stock Keras pre-activation ResNet18 (BN-ReLU-conv blocks) with the registry's names."""
-  i = tf.keras.Input(input_shape, name='images')
-  x = L.Conv2D(64, 3, padding='same', use_bias=False, name='stem_conv')(i)
-  for stage, (filters, first_stride) in enumerate(models.RESNET18_STAGES, start=1):
-    for r in range(2):
-      name, stride = f'layer{stage}_{r}', first_stride if r == 0 else 1
-      transition = stride != 1 or int(x.shape[-1]) != filters
-      a = L.ReLU(name=name + '_relu1')(L.BatchNormalization(name=name + '_bn1')(x))
-      shortcut = x
-      if transition:
-        shortcut = L.Conv2D(filters, 1, strides=stride, padding='same', use_bias=False,
-                            name=name + '_shortcut_conv')(a)
-      h = L.Conv2D(filters, 3, strides=stride, padding='same', use_bias=False,
-                   name=name + '_conv1')(a)
-      h = L.ReLU(name=name + '_relu2')(L.BatchNormalization(name=name + '_bn2')(h))
-      h = L.Conv2D(filters, 3, padding='same', use_bias=False, name=name + '_conv2')(h)
-      x = L.Add(name=name + '_add')([h, shortcut])
-  x = L.GlobalAveragePooling2D(name='pool')(L.ReLU(name='final_relu')(x))
-  return tf.keras.Model(i, L.Dense(10, name='classifier')(x))
-
-
-_REPLICAS = {'cnn': _cnn_replica, 'mobilenet_v2': _mobilenet_v2_replica,
-             'resnet18': _preact_resnet18_replica}
-_FEDMEF_KEYS = ('act_gain', 'center', 'center_output', 'gain_init', 'sap_gamma', 'use_bias',
-                'normalize', 'kernel_size', 'strides', 'padding')
-
-
-@pytest.mark.parametrize('name,variant', [('cnn', 'fedmef'), ('cnn', 'baseline'),
-                                          ('mobilenet_v2', 'fedmef'), ('resnet18', 'fedmef')])
-def test_registry_replica_gets_the_registry_rules(name, variant):
-  # The converter derives from the graph what models.py writes by hand: same layers, same
-  # act_gains, centring, branch gains and masks.
-  shape = (16, 16, 3)
+@pytest.mark.parametrize('name', models.MODEL_NAMES)
+def test_registry_models_follow_the_signal_propagation_rules(name):
+  # build_model is sparsify of models.keras_model: its NSConv settings are those the rules
+  # give on the architecture, layer by layer, in the fedmef variant; the baseline's masked
+  # layers are plain (normalize=False, no SAP, settings at their defaults).
+  shape = (8, 8, 3)
   stats = dict(input_mean=[0.4, 0.5, 0.6], input_std=[0.2, 0.25, 0.3])
-  converted = fedmef_tf.sparsify(_REPLICAS[name](shape), density=0.1, variant=variant,
-                                 gamma=0.7, seed=5, **stats)
-  registry = models.build_model(name, variant, input_shape=shape, density=0.1, gamma=0.7,
-                                seed=5, **stats)
-  ours, theirs = masks.prunable_layers(converted), masks.prunable_layers(registry)
-  assert [l.name for l in ours] == [l.name for l in theirs]
-  assert ([type(l).__name__ for l in converted.layers]
-          == [type(l).__name__ for l in registry.layers
-              if variant == 'baseline' or not isinstance(l, L.BatchNormalization)])
-  keys = _FEDMEF_KEYS if variant == 'fedmef' else ('sap_gamma', 'use_bias', 'normalize')
-  for a, b in zip(ours, theirs):
-    ca, cb = a.get_config(), b.get_config()
-    for key in (k for k in keys if k in cb):
-      if isinstance(cb[key], float):
-        assert ca[key] == pytest.approx(cb[key], rel=1e-12), (a.name, key)
-      else:
-        assert ca[key] == cb[key], (a.name, key)
-    np.testing.assert_array_equal(a.mask.numpy(), b.mask.numpy())
+  fed = models.build_model(name, 'fedmef', input_shape=shape, density=0.1, gamma=0.7, seed=5,
+                           **stats)
+  rules = _registry_rules(name)
+  assert [l.name for l in masks.prunable_layers(fed)] == list(rules)
+  for layer in masks.prunable_layers(fed):
+    act_gain, center, center_output, gain_init = rules[layer.name]
+    config = layer.get_config()
+    assert config['normalize'] and config['use_bias'] and config['sap_gamma'] == 0.7
+    assert config['act_gain'] == pytest.approx(act_gain, rel=1e-12), layer.name
+    assert (config['center'], config['gain_init']) == (center, gain_init), layer.name
+    if not isinstance(layer, sparse_layers.MaskedDense):
+      assert config['center_output'] is center_output, layer.name
+  if name == 'cnn':
+    base = models.build_model(name, 'baseline', input_shape=shape, density=0.1, gamma=0.7,
+                              seed=5, **stats)
+    defaults = sparse_layers.MaskedConv2D(1, 1).get_config()
+    for layer in masks.prunable_layers(base):
+      config = layer.get_config()
+      assert not config['normalize'] and config['sap_gamma'] == 0.0
+      assert config['use_bias'] == isinstance(layer, sparse_layers.MaskedDense)
+      for key in ('act_gain', 'center', 'center_output', 'gain_init'):
+        assert config[key] == defaults[key], (layer.name, key)
+    for a, b in zip(masks.prunable_layers(base), masks.prunable_layers(fed)):
+      np.testing.assert_array_equal(a.mask.numpy(), b.mask.numpy())
 
 
 # -- refusals ----------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The tfmot comparison point: a plain Keras CNN pruned with tensorflow-model-optimization.
 
-What a TF user picks today to ship a sparse model for on-device training: the registry `cnn`
-(`fedmef_tf.models.CNN_LAYERS`, baseline form: Conv2D without bias + BatchNorm + ReLU, global
-average pooling, Dense classifier) built from stock Keras layers, wrapped with
+What a TF user picks today to ship a sparse model for on-device training: the registry `cnn` as
+the stock Keras model `fedmef_tf.models.keras_cnn` (Conv2D without bias + BatchNorm + ReLU,
+global average pooling, Dense classifier), wrapped with
 `tfmot.sparsity.keras.prune_low_magnitude` at a constant sparsity `1 - density` (the same density
 in every layer, tfmot's default, not ERK), pruned by one `fit` step with the `UpdatePruningStep`
 callback, and stripped with `strip_pruning`. The stripped model has no mask: its zeros are plain
@@ -24,7 +24,7 @@ __all__ = ['build_plain_cnn', 'build_tfmot_cnn']
 
 def build_plain_cnn(*, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3),
                     seed: int = 0) -> tf.keras.Model:
-  """The registry `cnn` (baseline form) from stock Keras layers, dense.
+  """The registry `cnn` (baseline form) from stock Keras layers, dense: `models.keras_cnn`.
 
   Args:
     num_classes: number of logits.
@@ -34,21 +34,7 @@ def build_plain_cnn(*, num_classes: int = 10, input_shape: Sequence[int] = (32, 
   Returns:
     An uncompiled Keras model `[B, H, W, C]` -> `[B, num_classes]` logits.
   """
-  inputs = tf.keras.Input(shape=tuple(input_shape), name='images')
-  x = inputs
-  for i, (filters, stride) in enumerate(models.CNN_LAYERS):
-    name = 'stem' if i == 0 else f'conv{i}'
-    x = tf.keras.layers.Conv2D(
-        filters, 3, strides=stride, padding='same', use_bias=False,
-        kernel_initializer=tf.keras.initializers.HeNormal(seed=seed * 100003 + i + 1),
-        name=name + '_conv')(x)
-    x = tf.keras.layers.BatchNormalization(name=name + '_bn')(x)
-    x = tf.keras.layers.ReLU(name=name + '_relu')(x)
-  x = tf.keras.layers.GlobalAveragePooling2D(name='pool')(x)
-  outputs = tf.keras.layers.Dense(
-      num_classes, kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed + 7),
-      name='classifier')(x)
-  return tf.keras.Model(inputs, outputs, name='cnn_tfmot')
+  return models.keras_cnn(num_classes=num_classes, input_shape=input_shape, seed=seed)
 
 
 def build_tfmot_cnn(*, density: float, num_classes: int = 10,
