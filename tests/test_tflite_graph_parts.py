@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fedmef_tf import execution
 from fedmef_tf import sap
 from fedmef_tf import sap_native
 from fedmef_tf import sparse_layers
@@ -74,7 +75,7 @@ def test_im2col_bytes_follows_tflite_conv():
                                    'SAME') == 9 << 20
 
 
-def test_bounded_im2col_swaps_the_masked_conv_forward_and_restores_it():
+def test_a_strategy_with_bounded_conv_slices_the_masked_conv_forward_only_in_its_scope():
   layer = sparse_layers.MaskedConv2D(4, 3, strides=2, padding='same', normalize=False)
   x = tf.random.stateless_normal((8, 8, 8, 16), seed=(1, 2))
   layer(x)  # build
@@ -84,11 +85,13 @@ def test_bounded_im2col_swaps_the_masked_conv_forward_and_restores_it():
     return sum(1 for op in fn.graph.get_operations() if op.type == 'Conv2D')
 
   before = traced_convs()
-  with chunked_conv.bounded_im2col(1024):
+  with execution.scope(execution.Strategy(conv2d=chunked_conv.bounded(1024))):
     inside = traced_convs()
   assert before == 1 and inside == 8
-  assert sap.conv2d is sap._tf_conv2d  # pylint: disable=protected-access
+  assert execution.current() is execution.DEFAULT
   assert traced_convs() == 1
+  with pytest.raises(ValueError, match='positive'):
+    chunked_conv.bounded(0)
 
 
 @pytest.mark.parametrize('native', [False, True])
@@ -121,8 +124,8 @@ def test_compress_after_relu_keeps_the_largest_entries():
 
   @tf.function
   def kept(z):
-    values, indices = static_sap.compress(tf.nn.relu(z), gamma)
-    rebuilt = static_sap.decompress(values, indices, z.shape.as_list())
+    values, indices = static_sap.TOPK.compress(tf.nn.relu(z), gamma)
+    rebuilt = static_sap.TOPK.decompress(values, indices, z.shape.as_list())
     return rebuilt, sap.prune_input(tf.nn.relu(z), gamma)
 
   rebuilt, reference = kept(z)
@@ -132,8 +135,8 @@ def test_compress_after_relu_keeps_the_largest_entries():
     graph = tf.function(fn).get_concrete_function(z).graph
     return [op for op in graph.get_operations() if op.type == 'Abs']
 
-  assert not abs_ops(lambda z: static_sap.compress(tf.nn.relu(z), gamma))
-  assert abs_ops(lambda z: static_sap.compress(z, gamma))  # signed input: ranked by |x|
+  assert not abs_ops(lambda z: static_sap.TOPK.compress(tf.nn.relu(z), gamma))
+  assert abs_ops(lambda z: static_sap.TOPK.compress(z, gamma))  # signed input: ranked by |x|
 
 
 @pytest.mark.parametrize('size,k,stride,padding', [
