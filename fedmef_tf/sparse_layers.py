@@ -112,13 +112,9 @@ def masked_standardized_kernel(
     (a read of the variable, resident anyway) instead of keeping the centred kernel and its
     products alive from the forward pass (for ResNet18 that is tens of MB per copy).
 
-    With c = W - mean(W), S = sum(c^2), s = g / sqrt(max(S, eps)) per output channel,
-    W = kernel * mask, W_hat = s * c * M and u = dL/dW_hat * M:
+    The gradients of W = kernel * mask and of the gain are NSConv's backward pass
+    (`nsconv.kernel_gradient`, from the recomputed centred kernel), and
 
-        dL/dg = sum(u * c) / sqrt(max(S, eps))
-        dL/dc = s * u + 2 * c * dL/dS,  dL/dS = -sum(u * c) * g / 2 * max(S, eps)^(-3/2)
-                (0 where S < eps)
-        dL/dW = dL/dc - mean(dL/dc)        (dL/dW = dL/dc when not `center`: c = W)
         dL/dkernel = dL/dW * mask + 2 * bae_lambda * kernel * marked
 
     Args:
@@ -160,14 +156,8 @@ def masked_standardized_kernel(
                 c, sum_sq, inv, gb = stats(tf.identity(ks), gs)
                 bae = two_lambda * ks * marked
             u = upstream * mask
-            d_scale = tf.reduce_sum(u * c, axis=axes, keepdims=True)  # dL/ds
-            d_gain = d_scale * inv
-            d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gb * inv * inv * inv,
-                                tf.zeros_like(sum_sq))
-            d_centred = (gb * inv) * u + 2.0 * d_sum_sq * c
-            d_w = d_centred
-            if center:
-                d_w = d_centred - tf.reduce_mean(d_centred, axis=axes, keepdims=True)
+            d_w, d_gain = nsconv.kernel_gradient(u, c, sum_sq, inv, gb, gb * inv, axes,
+                                                 center=center)
             d_k = d_w * mask + bae
             return d_k, tf.reshape(d_gain, tf.shape(gs))
 

@@ -16,11 +16,12 @@ with which the `train` signature of a TFLite export is traced (both the FedMef a
 variant), every masked layer
 
 * computes its effective kernel (`kernel * mask`, or NSConv's standardised `W_hat` with the
-  formulas of `fedmef_tf.sparse_layers.masked_standardized_kernel`) without a gradient of its
-  own, keeping a few per-output-channel tensors for the backward pass;
+  formulas of `fedmef_tf.nsconv.standardize_kernel`) without a gradient of its own, keeping a
+  few per-output-channel tensors for the backward pass;
 * passes its input and that kernel through `_joint`, an identity whose gradient receives the
   layer input's gradient `dx` and the effective kernel's gradient together; it computes the
-  kernel gradient (task gradient masked, plus BaE) and, for NSConv, the gain gradient, applies
+  kernel gradient (task gradient masked, plus BaE) and, for NSConv, the gain gradient
+  (`fedmef_tf.nsconv.kernel_gradient`, NSConv's backward pass, as in the TF layer), applies
   the SGD step at once, with the mask enforced,
 
       kernel <- (kernel - lr * dL/dkernel) * mask,    gain <- gain - lr * dL/dgain,
@@ -136,8 +137,8 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   nonzero = tf.not_equal(scale, 0.0)
   inv_scale = tf.where(nonzero, 1.0 / tf.where(nonzero, scale, 1.0), 0.0)
   _keep_for_backward(slot, layer, w, mask)
-  slot.update(normalize=True, center=layer.center, axes=axes, eps=eps, sum_sq=sum_sq, inv=inv, gb=gb, scale=scale,
-              mean=mean, mean_c=mean_c, inv_scale=inv_scale)
+  slot.update(normalize=True, center=layer.center, axes=axes, sum_sq=sum_sq, inv=inv, gb=gb,
+              scale=scale, mean=mean, mean_c=mean_c, inv_scale=inv_scale)
 
   def late_w_hat(dep, keep: bool = True):
     """`W_hat` again, the same operations on the same kept tensors (`w + 0` is `w`), made
@@ -174,22 +175,14 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
   if not slot['normalize']:
     d_k = u + bae
   else:
-    axes, eps, sum_sq, inv, gb, scale = (slot[n] for n in
-                                         ('axes', 'eps', 'sum_sq', 'inv', 'gb', 'scale'))
-    # The centred kernel on the active entries is `w_hat * inv_scale` (per-channel factor), so
-    # sum(u * centred) and the centred-kernel term of dL/dcentred come from w_hat directly.
-    w_hat, inv_scale = slot['late_w_hat'](upstream), slot['inv_scale']
-    d_scale = tf.reduce_sum(u * w_hat, axis=axes, keepdims=True) * inv_scale  # dL/ds
-    d_gain = d_scale * inv
-    d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gb * inv * inv * inv,
-                        tf.zeros_like(sum_sq))
-    # dL/dcentred on the active entries, and its mean over the fan-in (all entries).
-    d_centred = scale * u + (2.0 * d_sum_sq * inv_scale) * w_hat
-    if slot['center']:
-      mean_d = (scale * tf.reduce_mean(u, axis=axes, keepdims=True)
-                + 2.0 * d_sum_sq * slot['mean_c'])
-      d_centred = d_centred - mean_d
-    d_k = d_centred * mask + bae
+    # NSConv's backward pass (`fedmef_tf.nsconv.kernel_gradient`) from `W_hat`: the centred
+    # kernel on the active entries is `w_hat * inv_scale` (a per-channel factor), and the mean
+    # of dL/dcentred comes from the kept per-channel mean of the centred kernel.
+    w_hat = slot['late_w_hat'](upstream)
+    d_w, d_gain = nsconv.kernel_gradient(
+        u, w_hat, slot['sum_sq'], slot['inv'], slot['gb'], slot['scale'], slot['axes'],
+        center=slot['center'], centred_factor=slot['inv_scale'], centred_mean=slot['mean_c'])
+    d_k = d_w * mask + bae
     d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
     if clipping is not None:
       d_gain_var = agc.clip_gradient(d_gain_var, _read(layer.gain), (), clipping)
