@@ -2,8 +2,8 @@
 
 FedMef (Huang et al., CVPR 2024, arXiv 2403.14737) trains a sparse model from the first round.
 Every Conv2D / DepthwiseConv2D / Dense kernel is prunable (stem and classifier included) and is
-held by a `fedmef_tf.sparse_layers.MaskedLayer`. This module finds those layers in a model,
-decides how dense each one is (Erdős–Rényi-Kernel, ERK), draws the initial random masks and reports
+held by a `fedmef_tf.sparse_layers.MaskedLayer`; `prunable_layers` (of `sparse_layers`, re-exported
+here) finds those layers in a model. This module decides how dense each one is (Erdős–Rényi-Kernel, ERK), draws the initial random masks and reports
 density. It only reads and writes the layers' `mask` / `kernel` variables through the layer API
 (`MaskedLayer.set_mask`), so it knows nothing about how a layer uses its mask.
 
@@ -18,6 +18,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from fedmef_tf.sparse_layers import prunable_layers
+
 __all__ = [
     "prunable_layers",
     "erk_densities",
@@ -31,56 +33,6 @@ __all__ = [
 ]
 
 Shape = Tuple[int, ...]
-
-
-def _is_masked_layer(layer) -> bool:
-    # Imported here: sparse_layers imports this module for `assign_masks`.
-    from fedmef_tf import sparse_layers  # pylint: disable=import-outside-toplevel
-
-    return isinstance(layer, sparse_layers.MaskedLayer)
-
-
-def _children(layer) -> list:
-    """Direct sub-layers of `layer`, in the order Keras tracks them."""
-    if isinstance(layer, tf.keras.Model):
-        return list(layer.layers)
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is None:
-        return []
-    return list(flatten(include_self=False, recursive=False))
-
-
-def prunable_layers(model: tf.keras.layers.Layer) -> list:
-    """All masked (prunable) layers of a model, depth first in `model.layers` order.
-
-    Nested models and custom layers that own sub-layers are searched recursively; a layer that is
-    shared (appears more than once) is listed once, at its first occurrence.
-
-    Args:
-        model: a `tf.keras.Model` (or any Keras layer).
-
-    Returns:
-        A list of `sparse_layers.MaskedLayer`; its index is the layer index `l` used by masks,
-        k_l, metrics and the federated state.
-    """
-    found: list = []
-    seen: set = set()
-
-    def visit(layer):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        if _is_masked_layer(layer):
-            found.append(layer)
-            return
-        for child in _children(layer):
-            visit(child)
-
-    if _is_masked_layer(model):
-        return [model]
-    for child in _children(model):
-        visit(child)
-    return found
 
 
 def layer_sizes(model: tf.keras.layers.Layer) -> List[int]:

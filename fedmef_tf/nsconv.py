@@ -10,6 +10,11 @@ where N is the fan-in of output channel o (k_h * k_w * C_in for Conv2D, k_h * k_
 DepthwiseConv2D, d_in for Dense), `var` is the population variance (divide by N) and the mask M
 is applied again so that pruned entries stay exactly zero in the kernel the op uses.
 
+`kernel_gradient` is NSConv's backward pass (the gradients of the sparse kernel and the gain
+from that of `W_hat`), used by the masked layers' custom gradient
+(`fedmef_tf.sparse_layers.masked_standardized_kernel`) and by the in-backward kernel updates of
+a TFLite `train` step (`tflite_export.layer_updates`).
+
 Output centring (`center_spatial`): the models subtract, from every NSConv output but the
 stem's, its per-example, per-channel mean over height and width, before the bias. Centring the
 kernel removes the part of the input that is common to a whole patch; it cannot remove an offset
@@ -32,11 +37,12 @@ neighbouring pixels, so the stem's output has unit variance on any normalised im
 
 from __future__ import annotations
 
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import tensorflow as tf
 
-__all__ = ["standardize_kernel", "center_spatial", "EPS", "reduction_axes", "gain_shape"]
+__all__ = ["standardize_kernel", "kernel_gradient", "center_spatial", "EPS", "reduction_axes",
+           "gain_shape"]
 
 #: Floor of N * var(W[o]) (a sum of squares of kernel entries), unitless.
 EPS = 1e-4
@@ -118,6 +124,73 @@ def standardize_kernel(
     if return_scale:
         return w_hat, scale
     return w_hat
+
+
+def kernel_gradient(
+    u: tf.Tensor,
+    centred: tf.Tensor,
+    sum_sq: tf.Tensor,
+    inv_std: tf.Tensor,
+    gain: tf.Tensor,
+    scale: tf.Tensor,
+    axes,
+    *,
+    center: bool,
+    centred_factor: Optional[tf.Tensor] = None,
+    centred_mean: Optional[tf.Tensor] = None,
+) -> Tuple[tf.Tensor, tf.Tensor]:
+    """NSConv's backward pass: the gradients of the kernel and the gain from that of `W_hat`.
+
+    With W the sparse kernel (`kernel * mask`), c = W - mean(W) (c = W when not `center`),
+    S = sum(c^2), s = g / sqrt(max(S, EPS)) per output channel and W_hat = s * c * M
+    (`standardize_kernel`), and u = dL/dW_hat * M:
+
+        dL/dg = sum(u * c) / sqrt(max(S, EPS))
+        dL/dc = s * u + 2 * c * dL/dS,  dL/dS = -sum(u * c) * g / 2 * max(S, EPS)^(-3/2)
+                (0 where S < EPS)
+        dL/dW = dL/dc - mean(dL/dc)        (dL/dW = dL/dc when not `center`)
+
+    The masked layer (`fedmef_tf.sparse_layers.masked_standardized_kernel`) passes the centred
+    kernel c itself. The in-backward update of a TFLite `train` step
+    (`tflite_export.layer_updates`), which keeps no centred kernel, passes `W_hat` with
+    `centred_factor = 1 / s` (0 where s is 0; on the active entries c = W_hat / s, and u is 0
+    elsewhere) and the kept per-channel `centred_mean = mean(c)`, from which the mean of dL/dc
+    is `s * mean(u) + 2 * dL/dS * mean(c)`.
+
+    Args:
+        u: float `dL/dW_hat * mask`, the kernel's shape.
+        centred: c, or `W_hat` with `centred_factor` (the kernel's shape).
+        sum_sq: S, per output channel (the kernel's rank, size 1 on `axes`).
+        inv_std: `1 / sqrt(max(S, EPS))`, same shape.
+        gain: g broadcast to that shape (`gain_shape`).
+        scale: s = `gain * inv_std`.
+        axes: the fan-in axes (`reduction_axes`).
+        center: whether c is centred (the mean of dL/dc is removed).
+        centred_factor: None, or the per-channel factor that turns `centred` into c.
+        centred_mean: None (the mean of dL/dc is taken over the kernel), or the per-channel
+            mean of c, from which that mean is computed per channel.
+
+    Returns:
+        `(dL/dW, dL/dg)`: the kernel's shape (not yet masked), and g's broadcast shape.
+    """
+    d_scale = tf.reduce_sum(u * centred, axis=axes, keepdims=True)  # dL/ds
+    if centred_factor is not None:
+        d_scale = d_scale * centred_factor
+    d_gain = d_scale * inv_std
+    eps = tf.constant(EPS, sum_sq.dtype)
+    d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gain * inv_std * inv_std * inv_std,
+                        tf.zeros_like(sum_sq))
+    if centred_factor is None:
+        d_centred = scale * u + 2.0 * d_sum_sq * centred
+    else:
+        d_centred = scale * u + (2.0 * d_sum_sq * centred_factor) * centred
+    if not center:
+        return d_centred, d_gain
+    if centred_mean is None:
+        return d_centred - tf.reduce_mean(d_centred, axis=axes, keepdims=True), d_gain
+    mean_d = (scale * tf.reduce_mean(u, axis=axes, keepdims=True)
+              + 2.0 * d_sum_sq * centred_mean)
+    return d_centred - mean_d, d_gain
 
 
 def center_spatial(y: tf.Tensor) -> tf.Tensor:

@@ -50,11 +50,10 @@ so the order is pinned with control dependencies:
   this every layer's rebuild runs during the forward pass, all at once), the weight gradient is
   taken, and only then the input gradient, so no two layers hold a rebuilt input together.
 
-The TFLite converter drops control dependencies; while a TFLite graph is traced
-(:func:`data_dependencies`, entered by ``tflite_export``) the same order is carried by data
-dependencies (:func:`after`: a zero computed from the tensor waited for is added to the
-smallest input of the op that must wait). Measured on the small CNN's export (batch 32,
-``python -m tflite_export.export --model=cnn --batch_size=32``): train peak 24.8 -> 21.0 MiB.
+The TFLite converter drops control dependencies; where the current strategy asks for data
+dependencies (``fedmef_tf.execution.Strategy.data_dependencies``, set by ``tflite_export``)
+the same order is carried by data dependencies (:func:`after`: a zero computed from the tensor
+waited for is added to the smallest input of the op that must wait).
 
 Two implementations of the same storage, bit for bit (tests/test_sap_native.py):
 
@@ -62,7 +61,8 @@ Two implementations of the same storage, bit for bit (tests/test_sap_native.py):
   selection, compaction and packing in three passes over ``x`` (two radix histograms and a
   write), the rebuild in two (a popcount and a write), and the 1-bit ReLU in one pass each
   way. Working memory besides the outputs: per-block histograms (512 KiB per block, one block
-  per intra-op thread). Used in plain TensorFlow on CPU, wherever the library is built;
+  per intra-op thread). Used in plain TensorFlow on CPU, wherever the library is built and
+  the current strategy's ``native_kernels`` allows them;
 - TensorFlow ops (everywhere else: TFF computations, which run in TFF's own worker process,
   GPUs, and machines without a C++ compiler): about ten elementwise passes over ``x`` plus two
   ``tf.where`` (one per direction). Working memory: forward, one int32 tensor of ``n`` (the
@@ -71,10 +71,10 @@ Two implementations of the same storage, bit for bit (tests/test_sap_native.py):
   per 6.3M-element activation (forward and backward together), several times MobileNetV2's
   1x1 and depthwise convolutions on the same tensor.
 
-Strategies (:func:`strategy`, consulted by every SAP op and 1-bit activation when it is
-traced):
+Storage (the ``sap_storage`` of the current :mod:`fedmef_tf.execution` strategy, read by every
+SAP op and 1-bit activation when it is traced; :func:`strategy` scopes one by name):
 
-- :data:`STORED` (default): the storage above, the memory saving is real;
+- :data:`STORED` (default, :data:`PACKED`): the storage above, the memory saving is real;
 - :data:`SIMULATED`: the same mathematics without the saving, for simulations that measure
   accuracy, not memory (the TFF simulation, whose worker has no native kernels). The kept set
   is the same (same threshold, same tie rule), selected by :func:`simulated_keep_mask` (one
@@ -83,7 +83,12 @@ traced):
   dense ``x_pruned = where(keep, x, 0)`` instead of values and a packed mask, and a 1-bit
   activation keeps its float output instead of a packed mask. Forward values, kept sets and
   gradients are bitwise those of :data:`STORED` (tests/test_sap.py); what goes is the
-  compaction, the packing and the rebuild (``tf.where``, ``GatherNd``, ``SparseToDense``).
+  compaction, the packing and the rebuild (``tf.where``, ``GatherNd``, ``SparseToDense``);
+- any other :class:`fedmef_tf.execution.ActivationStorage` (a TFLite export's static-shape
+  values and indices, ``tflite_export.static_sap``): the ops above with that storage.
+
+The forward convolution of :func:`sap_conv2d` and its weight gradient are the strategy's
+``conv2d`` and ``conv2d_filter_grad``.
 
 ``gamma`` is a Python float in ``[0, 1]``; ``gamma == 0`` takes the plain op (exactly the
 plain gradients, no overhead).
@@ -98,6 +103,7 @@ from typing import Sequence, Tuple, Union
 
 import tensorflow as tf
 
+from fedmef_tf import execution
 from fedmef_tf import sap_native
 
 __all__ = [
@@ -115,9 +121,9 @@ __all__ = [
     "simulated_keep_mask",
     "prune_input",
     "bytes_per_element",
-    "data_dependencies",
     "after",
-    "late_kernel",
+    "PackedStorage",
+    "PACKED",
     "STORED",
     "SIMULATED",
     "STRATEGIES",
@@ -141,74 +147,38 @@ def _shape_of(x: tf.Tensor):
 # Backward-pass order in graphs that drop control dependencies
 # ---------------------------------------------------------------------------------------------
 
-_DATA_DEPENDENCIES = [False]
-
-
-@contextlib.contextmanager
-def data_dependencies():
-    """Within the block, :func:`after` orders ops with a data dependency.
-
-    For graphs converted to TFLite: the converter drops control dependencies and schedules an
-    op whose inputs all come from the forward pass (a rebuild of ``x_pruned``, an unpacked
-    ReLU mask) at the start of the backward pass, every layer's at once.
-    """
-    _DATA_DEPENDENCIES.append(True)
-    try:
-        yield
-    finally:
-        _DATA_DEPENDENCIES.pop()
-
 
 @tf.autograph.experimental.do_not_convert
 def after(t: tf.Tensor, dep: tf.Tensor, *, always: bool = False) -> tf.Tensor:
-    """``t`` unchanged, or (inside :func:`data_dependencies`, or if ``always``) ``t`` plus a
-    zero computed from ``dep``, so that whatever consumes the result runs only once ``dep``
-    exists.
+    """``t`` unchanged, or (where the current strategy's ``data_dependencies`` is set, or if
+    ``always``) ``t`` plus a zero computed from ``dep``, so that whatever consumes the result
+    runs only once ``dep`` exists.
 
     The zero is ``cast(d > d, t.dtype)`` for the first entry ``d`` of ``dep``: exactly 0, NaN
-    or not. Costs one copy of ``t`` (pick the smaller tensor). Outside the block the callers'
-    control dependencies order the TF graph and ``t`` is returned as it is.
+    or not. Costs one copy of ``t`` (pick the smaller tensor). Without data dependencies the
+    callers' control dependencies order the TF graph and ``t`` is returned as it is.
     """
-    if not (always or _DATA_DEPENDENCIES[-1]):
+    if not (always or execution.current().data_dependencies):
         return t
     first = tf.reshape(tf.slice(tf.reshape(dep, [-1]), [0], [1]), [])
     return t + tf.cast(tf.greater(first, first), t.dtype)
 
 
-_LATE_KERNEL = [None]
-
-
-def late_kernel(w: tf.Tensor, recompute, call):
-    """Returns ``call()``, during which a SAP op applied to the kernel tensor ``w`` takes the
-    kernel of its input gradient from ``recompute(dw)`` (the same values, made after the
-    weight gradient ``dw``) instead of keeping ``w`` from the forward pass.
-
-    For graphs in which the kernel is cheaper to recompute than to keep (TFLite export:
-    ``tflite_export.layer_updates`` recomputes NSConv's ``W_hat`` from ``kernel * mask``).
-    """
-    _LATE_KERNEL.append((w, recompute))
-    try:
-        return call()
-    finally:
-        _LATE_KERNEL.pop()
-
-
 # ---------------------------------------------------------------------------------------------
-# Strategy: stored (memory saving) or simulated (same numerics, plain-layer cost)
+# Storage: stored (memory saving) or simulated (same numerics, plain-layer cost)
 # ---------------------------------------------------------------------------------------------
 
 #: SAP caches the kept values and a packed 1-bit mask (the memory saving is real).
-STORED = "stored"
+STORED = execution.STORED
 #: SAP caches the dense pruned input and activations their float output: same numerics.
-SIMULATED = "simulated"
-STRATEGIES = (STORED, SIMULATED)
-
-_STRATEGY = [STORED]
+SIMULATED = execution.SIMULATED
+STRATEGIES = execution.SAP_STORAGES
 
 
 @contextlib.contextmanager
 def strategy(name: str):
-    """Within the block, SAP ops and 1-bit activations traced here use strategy ``name``.
+    """Within the block, SAP ops and 1-bit activations traced here use the storage ``name``:
+    the current :mod:`fedmef_tf.execution` strategy with ``sap_storage=name``.
 
     Args:
         name: :data:`STORED` or :data:`SIMULATED` (module docstring).
@@ -218,16 +188,14 @@ def strategy(name: str):
     """
     if name not in STRATEGIES:
         raise ValueError(f"SAP strategy must be one of {STRATEGIES}, got {name!r}")
-    _STRATEGY.append(name)
-    try:
+    with execution.scope(execution.current().replace(sap_storage=name)):
         yield
-    finally:
-        _STRATEGY.pop()
 
 
-def current_strategy() -> str:
-    """The strategy SAP ops traced now use: the innermost :func:`strategy`, else STORED."""
-    return _STRATEGY[-1]
+def current_strategy():
+    """The storage SAP ops traced now use: ``execution.current().sap_storage`` (STORED,
+    SIMULATED or an :class:`fedmef_tf.execution.ActivationStorage`)."""
+    return execution.current().sap_storage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,48 +474,58 @@ def prune_input(x: tf.Tensor, gamma: float) -> tf.Tensor:
     return tf.where(keep_mask(x, gamma), x, tf.zeros_like(x))
 
 
-def _compress(x: tf.Tensor, gamma: float):
-    """Kept values (``[k]`` float32) and packed keep mask (``[ceil(n/8)]`` uint8) of ``x``.
+class PackedStorage(execution.ActivationStorage):
+    """The :data:`STORED` storage: kept values and a packed 1-bit keep mask (module docstring);
+    1-bit activations keep a packed pass mask. Uses the native kernels of
+    :mod:`fedmef_tf.sap_native` where they are enabled (the same output bit for bit)."""
 
-    Uses the native kernel of :mod:`fedmef_tf.sap_native` where it is enabled (same output).
-    """
-    flat = tf.reshape(x, [-1])
-    n = flat.shape[0] if flat.shape[0] is not None else tf.size(flat, out_type=tf.int32)
-    if sap_native.enabled():
-        return sap_native.compress(flat, keep_count(n, gamma))
-    mask = _keep_mask_flat(flat, keep_count(n, gamma))
-    values = tf.gather_nd(flat, tf.where(mask))  # [k] (the int64 indices are transient)
-    packed, _ = pack_bits(mask)
-    return values, packed
+    def compress(self, x: tf.Tensor, gamma: float):
+        """Kept values (``[k]`` float32, flat order) and packed keep mask (``[ceil(n/8)]``
+        uint8) of ``x``."""
+        flat = tf.reshape(x, [-1])
+        n = flat.shape[0] if flat.shape[0] is not None else tf.size(flat, out_type=tf.int32)
+        if sap_native.enabled():
+            return sap_native.compress(flat, keep_count(n, gamma))
+        mask = _keep_mask_flat(flat, keep_count(n, gamma))
+        values = tf.gather_nd(flat, tf.where(mask))  # [k] (the int64 indices are transient)
+        packed, _ = pack_bits(mask)
+        return values, packed
+
+    def decompress(self, values: tf.Tensor, packed: tf.Tensor, shape) -> tf.Tensor:
+        """Dense ``x_pruned`` of shape ``shape`` from :meth:`compress`'s output.
+
+        Transient memory besides the 4-byte output: the unpacked bool mask (plus its uint8
+        source, 2 bytes per element) and the int64 indices of the kept entries (8 bytes per
+        kept entry).
+        """
+        if sap_native.enabled():
+            return sap_native.decompress(values, packed, shape)
+        mask = unpack_bits(packed, shape)
+        idx = tf.where(tf.reshape(mask, [-1]))  # [k, 1] int64
+        n = math.prod(shape) if isinstance(shape, list) else tf.reduce_prod(shape)
+        # SparseToDense writes the kept values in one pass (ScatterNd is several times slower).
+        flat = tf.raw_ops.SparseToDense(
+            sparse_indices=idx, output_shape=tf.reshape(tf.cast(n, tf.int64), [1]),
+            sparse_values=values, default_value=tf.constant(0.0, values.dtype),
+            validate_indices=False)
+        return tf.reshape(flat, shape)
+
+    def store_mask(self, mask: tf.Tensor):
+        """:func:`pack_bits`'s output for the bool pass mask."""
+        return pack_bits(mask)
+
+    def load_mask(self, stored: tf.Tensor, shape, dy: tf.Tensor) -> tf.Tensor:
+        """The bool pass mask unpacked from :meth:`store_mask`'s output, once ``dy`` exists."""
+        return unpack_bits(after(stored, dy), shape)
 
 
-def _decompress(values: tf.Tensor, packed: tf.Tensor, shape) -> tf.Tensor:
-    """Dense ``x_pruned`` of shape ``shape`` from :func:`_compress`'s output.
-
-    Transient memory besides the 4-byte output: the unpacked bool mask (plus its uint8 source,
-    2 bytes per element) and the int64 indices of the kept entries (8 bytes per kept entry).
-    """
-    if sap_native.enabled():
-        return sap_native.decompress(values, packed, shape)
-    mask = unpack_bits(packed, shape)
-    idx = tf.where(tf.reshape(mask, [-1]))  # [k, 1] int64
-    n = math.prod(shape) if isinstance(shape, list) else tf.reduce_prod(shape)
-    # SparseToDense writes the kept values in one pass (ScatterNd is several times slower).
-    flat = tf.raw_ops.SparseToDense(
-        sparse_indices=idx, output_shape=tf.reshape(tf.cast(n, tf.int64), [1]),
-        sparse_values=values, default_value=tf.constant(0.0, values.dtype),
-        validate_indices=False)
-    return tf.reshape(flat, shape)
+#: The :data:`STORED` storage.
+PACKED = PackedStorage()
 
 
-def _store_mask(mask: tf.Tensor):
-    """What a 1-bit activation caches of its pass mask: :func:`pack_bits`'s output."""
-    return pack_bits(mask)
-
-
-def _load_mask(stored: tf.Tensor, shape, dy: tf.Tensor) -> tf.Tensor:
-    """The bool pass mask back from :func:`_store_mask`'s output, once ``dy`` exists."""
-    return unpack_bits(after(stored, dy), shape)
+def _storage(name_or_storage) -> execution.ActivationStorage:
+    """The storage object of a strategy's ``sap_storage`` other than SIMULATED."""
+    return PACKED if name_or_storage == STORED else name_or_storage
 
 
 def bytes_per_element(gamma: float) -> float:
@@ -583,7 +561,7 @@ def _check(gamma: float, padding: str = "SAME"):
 
 
 @tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
-def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
+def _sap_op(x, w, gamma, forward, input_grad, filter_grad, input_grad_kernel=None):
     """Wraps ``y = forward(x, w)`` in a custom gradient that caches the SAP-compressed ``x``.
 
     Args:
@@ -592,6 +570,11 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
         forward: ``(x, w) -> y``.
         input_grad: ``(dy, w, x_shape) -> dx``, must not need ``x``.
         filter_grad: ``(x_pruned, dy, w_shape) -> dw``.
+        input_grad_kernel: None, or ``dw -> kernel``: the kernel of the input gradient, made
+            after the weight gradient ``dw`` (the same values as ``w``), instead of keeping
+            ``w`` from the forward pass.
+
+    Storage of ``x``: the current strategy's ``sap_storage`` (:mod:`fedmef_tf.execution`).
 
     Scheduling (what makes the saving real in a graph): the selection runs before the forward op
     (so ``x`` dies with the op instead of waiting for the selection); in the backward pass the
@@ -599,28 +582,28 @@ def _sap_op(x, w, gamma, forward, input_grad, filter_grad):
     then is ``dx`` computed, so that no two layers hold a rebuilt input at the same time.
     """
     x = tf.convert_to_tensor(x, tf.float32)
-    if current_strategy() == SIMULATED:
+    storage = execution.current().sap_storage
+    if storage == SIMULATED:
         return _simulated_op(x, tf.convert_to_tensor(w, tf.float32), gamma, forward,
                              input_grad, filter_grad)
-    late = _LATE_KERNEL[-1]
-    recompute = late[1] if late is not None and late[0] is w else None
+    storage = _storage(storage)
     w = tf.convert_to_tensor(w, tf.float32)
 
     @tf.custom_gradient
     def _op(x, w):
         xs, ws = tf.stop_gradient(x), tf.stop_gradient(w)
         x_shape, w_shape = _shape_of(xs), _shape_of(ws)
-        values, packed = _compress(xs, gamma)
+        values, packed = storage.compress(xs, gamma)
         with tf.control_dependencies([values, packed]):
             y = forward(xs, ws)
 
         def grad(dy):
             with tf.control_dependencies([dy]):
-                x_pruned = _decompress(after(values, dy), packed, x_shape)
+                x_pruned = storage.decompress(after(values, dy), packed, x_shape)
             dw = filter_grad(x_pruned, dy, w_shape)
             with tf.control_dependencies([dw]):
-                if recompute is not None:  # the kernel, made again after dw
-                    dx = input_grad(dy, recompute(dw), x_shape)
+                if input_grad_kernel is not None:  # the kernel, made again after dw
+                    dx = input_grad(dy, input_grad_kernel(dw), x_shape)
                 # Else the copy that carries the dependency: the smaller of w and dy.
                 elif ws.shape.num_elements() is not None and dy.shape.num_elements() is not None \
                         and ws.shape.num_elements() <= dy.shape.num_elements():
@@ -657,37 +640,23 @@ def _simulated_op(x, w, gamma, forward, input_grad, filter_grad):
     return _op(x, w)
 
 
-def _tf_conv2d(x, w, strides, padding):
-    return tf.nn.conv2d(x, w, strides, padding)
-
-
-#: The forward 2-D convolution of every masked conv layer (``sap_conv2d`` and the plain
-#: ``MaskedConv2D``): ``(x, w, strides4, padding) -> y`` with ``tf.nn.conv2d``'s values and
-#: gradients. A TFLite export swaps in a version that bounds the interpreter's workspace
-#: (``tflite_export.chunked_conv``); nothing else changes it.
-conv2d = _tf_conv2d
-
-
-def _tf_conv2d_filter_grad(x, dy, w_shape, strides, padding):
-    return tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=w_shape, out_backprop=dy,
-                                           strides=strides, padding=padding)
-
-
-#: The weight gradient of those convolutions: ``(x, dy, w_shape, strides4, padding) -> dw``
-#: (``Conv2DBackpropFilter``). A TFLite export swaps in one made of builtin ops
-#: (``tflite_export.filter_grad``); nothing else changes it.
-conv2d_filter_grad = _tf_conv2d_filter_grad
-
-
-def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
+def sap_conv2d(x, w, strides, padding: str, gamma: float, *,
+               input_grad_kernel=None) -> tf.Tensor:
     """2-D convolution whose weight gradient sees only the largest-|x| entries of its input.
+
+    The forward convolution is the current strategy's ``conv2d`` and the weight gradient its
+    ``conv2d_filter_grad`` (:mod:`fedmef_tf.execution`; ``tf.nn.conv2d`` and
+    ``Conv2DBackpropFilter`` by default).
 
     Args:
         x: float32 ``[B, H, W, C_in]`` (NHWC).
         w: float32 ``[k_h, k_w, C_in, C_out]`` (a tensor or a variable).
         strides: int or ``(s_h, s_w)`` or a 4-tuple in NHWC order.
         padding: ``'SAME'`` or ``'VALID'``.
-        gamma: drop ratio in ``[0, 1]``; 0 is the plain ``tf.nn.conv2d``.
+        gamma: drop ratio in ``[0, 1]``; 0 is the plain convolution.
+        input_grad_kernel: None, or ``dw -> kernel``: makes the kernel of the input gradient
+            (the same values as ``w``) after the weight gradient ``dw`` instead of keeping
+            ``w`` from the forward pass. Ignored when ``gamma == 0``.
 
     Returns:
         float32 ``[B, H_out, W_out, C_out]``, equal to ``tf.nn.conv2d(x, w, strides, padding)``.
@@ -696,17 +665,20 @@ def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
     """
     _check(gamma, padding)
     s = _strides4(strides)
+    ex = execution.current()
     if gamma == 0.0:
-        return conv2d(x, w, s, padding)
+        return ex.conv2d(x, w, s, padding)
     return _sap_op(
         x, w, gamma,
-        forward=lambda x, w: conv2d(x, w, s, padding),
+        forward=lambda x, w: ex.conv2d(x, w, s, padding),
         input_grad=lambda dy, w, x_shape: tf.raw_ops.Conv2DBackpropInput(
             input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
-        filter_grad=lambda xp, dy, w_shape: conv2d_filter_grad(xp, dy, w_shape, s, padding))
+        filter_grad=lambda xp, dy, w_shape: ex.conv2d_filter_grad(xp, dy, w_shape, s, padding),
+        input_grad_kernel=input_grad_kernel)
 
 
-def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
+def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float, *,
+                         input_grad_kernel=None) -> tf.Tensor:
     """Depthwise convolution (channel multiplier 1) with SAP on its weight gradient.
 
     Args:
@@ -715,6 +687,7 @@ def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor
         strides: int or ``(s_h, s_w)`` or a 4-tuple in NHWC order (equal in H and W).
         padding: ``'SAME'`` or ``'VALID'``.
         gamma: drop ratio in ``[0, 1]``; 0 is the plain ``tf.nn.depthwise_conv2d``.
+        input_grad_kernel: as in :func:`sap_conv2d`.
 
     Returns:
         float32 ``[B, H_out, W_out, C]``, equal to the plain depthwise convolution; gradients as
@@ -730,16 +703,18 @@ def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor
         input_grad=lambda dy, w, x_shape: tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
             input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
         filter_grad=lambda xp, dy, w_shape: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
-            input=xp, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding))
+            input=xp, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding),
+        input_grad_kernel=input_grad_kernel)
 
 
-def sap_matmul(x, w, gamma: float) -> tf.Tensor:
+def sap_matmul(x, w, gamma: float, *, input_grad_kernel=None) -> tf.Tensor:
     """Matrix product ``x @ w`` with SAP on the weight gradient.
 
     Args:
         x: float32 ``[B, N]``.
         w: float32 ``[N, M]``.
         gamma: drop ratio in ``[0, 1]``; 0 is the plain ``tf.matmul``.
+        input_grad_kernel: as in :func:`sap_conv2d`.
 
     Returns:
         float32 ``[B, M]``; ``dx = dy @ w^T`` exactly, ``dw = x_pruned^T @ dy``.
@@ -751,7 +726,8 @@ def sap_matmul(x, w, gamma: float) -> tf.Tensor:
         x, w, gamma,
         forward=lambda x, w: tf.matmul(x, w),
         input_grad=lambda dy, w, x_shape: tf.matmul(dy, w, transpose_b=True),
-        filter_grad=lambda xp, dy, w_shape: tf.matmul(xp, dy, transpose_a=True))
+        filter_grad=lambda xp, dy, w_shape: tf.matmul(xp, dy, transpose_a=True),
+        input_grad_kernel=input_grad_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,8 +751,9 @@ def _pass_mask(y, max_value):
 @tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def _bit_activation(x, max_value):
     x = tf.convert_to_tensor(x, tf.float32)
+    storage = execution.current().sap_storage
 
-    if current_strategy() == SIMULATED:
+    if storage == SIMULATED:
         @tf.custom_gradient
         def _simulated(x):  # the pass mask is read from the float output, kept as it is
             y = _activate(tf.stop_gradient(x), max_value)
@@ -788,7 +765,8 @@ def _bit_activation(x, max_value):
 
         return _simulated(x)
 
-    if sap_native.enabled():
+    storage = _storage(storage)
+    if storage is PACKED and sap_native.enabled():  # the packed mask from the native kernel
         @tf.custom_gradient
         def _native(x):
             y, packed = sap_native.bit_activation(tf.stop_gradient(x), max_value)
@@ -805,7 +783,7 @@ def _bit_activation(x, max_value):
         # The mask is read from the output (0 < y < max_value iff 0 < x < max_value), so that
         # x is consumed by the activation alone and can die (or be overwritten in place) there.
         y = _activate(tf.stop_gradient(x), max_value)
-        packed, shape = _store_mask(_pass_mask(y, max_value))
+        packed, shape = storage.store_mask(_pass_mask(y, max_value))
         with tf.control_dependencies([packed]):  # consumers of y wait: no overlap of transients
             y = tf.identity(y)
 
@@ -813,7 +791,7 @@ def _bit_activation(x, max_value):
             # Without the dependency on dy the executor would unpack every layer's mask as
             # soon as the forward pass made it, all at once (it depends on forward tensors only).
             with tf.control_dependencies([dy]):
-                keep = _load_mask(packed, shape, dy)
+                keep = storage.load_mask(packed, shape, dy)
             return tf.where(keep, dy, 0.0)
 
         return y, grad

@@ -18,8 +18,11 @@ Where the native kernels are not used:
   TensorFlow and cannot load this library. TFF traces its TensorFlow computations in a
   ``tf.Graph`` context (not eagerly), which :func:`enabled` detects, and ``tff_programs``
   also builds its computations under :func:`portable`;
+- where the current ``fedmef_tf.execution`` strategy has ``native_kernels=False``
+  (:func:`portable` scopes such a strategy);
 - in graphs traced outside eager mode in general (``tf.compat.v1`` graphs);
-- in TFLite exports (``tflite_export`` uses its own fixed-shape SAP);
+- in TFLite exports (their strategy has ``native_kernels=False`` and its own fixed-shape SAP
+  storage);
 - when a GPU is visible (the kernels are CPU-only);
 - when the environment variable ``FEDMEF_NATIVE=0`` is set.
 """
@@ -37,6 +40,8 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
+from fedmef_tf import execution
+
 __all__ = ["library_path", "build", "available", "enabled", "portable", "compress",
            "decompress", "bit_activation", "bit_activation_grad"]
 
@@ -48,7 +53,6 @@ _STAMP = _LIBRARY + ".tf-version"
 _lock = threading.Lock()
 _module = None
 _load_tried = False
-_state = threading.local()
 _gpu = None
 
 
@@ -130,8 +134,10 @@ def available() -> bool:
 
 @tf.autograph.experimental.do_not_convert
 def enabled() -> bool:
-    """SAP should use the native kernels here: available and not inside :func:`portable`."""
-    return (not getattr(_state, "portable", 0)
+    """SAP should use the native kernels here: available, allowed by the current strategy
+    (``fedmef_tf.execution.current().native_kernels``), outside graphs built for elsewhere
+    and with no GPU visible."""
+    return (execution.current().native_kernels
             # A graph built outside eager mode is made to be run elsewhere (TFF serialises its
             # TensorFlow computations from a tf.Graph context), with no native kernels.
             and tf.compat.v1.executing_eagerly_outside_functions()
@@ -149,16 +155,14 @@ def _has_gpu() -> bool:
 
 @contextlib.contextmanager
 def portable():
-    """Within this context (this thread), SAP traces only standard TensorFlow ops.
+    """Within this context SAP traces only standard TensorFlow ops: the current
+    ``fedmef_tf.execution`` strategy with ``native_kernels=False``.
 
     For graphs that run elsewhere: TFF computations (executed by TFF's worker process),
     SavedModels and TFLite conversion.
     """
-    _state.portable = getattr(_state, "portable", 0) + 1
-    try:
+    with execution.scope(execution.current().replace(native_kernels=False)):
         yield
-    finally:
-        _state.portable -= 1
 
 
 def _ops():
@@ -172,7 +176,7 @@ def _ops():
 def compress(flat: tf.Tensor, k) -> "tuple[tf.Tensor, tf.Tensor]":
     """``(values, packed)`` of the ``k`` largest-|x| entries of the 1-D float32 ``flat``.
 
-    Same result as the TensorFlow path of :func:`fedmef_tf.sap._compress`.
+    Same result as the TensorFlow path of ``fedmef_tf.sap.PACKED.compress``.
     """
     module = _ops()
     return module.fedmef_sap_compress(flat, tf.cast(k, tf.int64))

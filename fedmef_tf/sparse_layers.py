@@ -28,6 +28,11 @@ With `normalize=True` the effective kernel is then standardised per output chann
 is the scaled-activation-pruning op of `fedmef_tf.sap`, whose forward equals the plain op and
 whose weight gradient sees only the largest-|x| entries of the input; otherwise the plain op.
 
+What differs between plain TF, the TFF simulation and a TFLite export (the forward convolution,
+the SAP storage, how the kernel is made and updated) is read from the current
+`fedmef_tf.execution` strategy.
+
+`prunable_layers` finds the masked layers of a model (the layer index `l` of the project).
 `dense_kernel_gradients` gives, per layer, the unmasked task-loss gradient at every kernel
 position (active or not), the growth score of FedMef's mask adjustment.
 """
@@ -39,7 +44,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fedmef_tf import masks as masks_lib
+from fedmef_tf import execution
 from fedmef_tf import nsconv
 from fedmef_tf import sap
 
@@ -50,6 +55,7 @@ __all__ = [
     "MaskedDense",
     "masked_kernel",
     "masked_standardized_kernel",
+    "prunable_layers",
     "assign_masks",
     "set_bae",
     "clear_bae",
@@ -106,13 +112,9 @@ def masked_standardized_kernel(
     (a read of the variable, resident anyway) instead of keeping the centred kernel and its
     products alive from the forward pass (for ResNet18 that is tens of MB per copy).
 
-    With c = W - mean(W), S = sum(c^2), s = g / sqrt(max(S, eps)) per output channel,
-    W = kernel * mask, W_hat = s * c * M and u = dL/dW_hat * M:
+    The gradients of W = kernel * mask and of the gain are NSConv's backward pass
+    (`nsconv.kernel_gradient`, from the recomputed centred kernel), and
 
-        dL/dg = sum(u * c) / sqrt(max(S, eps))
-        dL/dc = s * u + 2 * c * dL/dS,  dL/dS = -sum(u * c) * g / 2 * max(S, eps)^(-3/2)
-                (0 where S < eps)
-        dL/dW = dL/dc - mean(dL/dc)        (dL/dW = dL/dc when not `center`: c = W)
         dL/dkernel = dL/dW * mask + 2 * bae_lambda * kernel * marked
 
     Args:
@@ -154,14 +156,8 @@ def masked_standardized_kernel(
                 c, sum_sq, inv, gb = stats(tf.identity(ks), gs)
                 bae = two_lambda * ks * marked
             u = upstream * mask
-            d_scale = tf.reduce_sum(u * c, axis=axes, keepdims=True)  # dL/ds
-            d_gain = d_scale * inv
-            d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gb * inv * inv * inv,
-                                tf.zeros_like(sum_sq))
-            d_centred = (gb * inv) * u + 2.0 * d_sum_sq * c
-            d_w = d_centred
-            if center:
-                d_w = d_centred - tf.reduce_mean(d_centred, axis=axes, keepdims=True)
+            d_w, d_gain = nsconv.kernel_gradient(u, c, sum_sq, inv, gb, gb * inv, axes,
+                                                 center=center)
             d_k = d_w * mask + bae
             return d_k, tf.reshape(d_gain, tf.shape(gs))
 
@@ -231,7 +227,11 @@ class MaskedLayer(tf.keras.layers.Layer):
     """Base of the prunable layers: the mask, BaE and probe machinery around one kernel.
 
     Subclasses define `_kernel_shape(input_shape)`, `_gain_size()` (number of output channels),
-    `_depthwise` (class attribute) and `_apply_op(inputs, w, use_sap)`.
+    `_depthwise` (class attribute) and `_apply_op(inputs, w, use_sap, input_grad_kernel=None)`.
+
+    How the layer makes its kernel and applies its op is the current execution strategy's
+    `layer_kernels` (`fedmef_tf.execution`): by default `effective_kernel`, then the op, the
+    kernel's gradient left to the caller's optimizer.
 
     Args:
         use_bias: add a dense bias per output channel.
@@ -310,7 +310,10 @@ class MaskedLayer(tf.keras.layers.Layer):
     def _gain_size(self) -> int:
         raise NotImplementedError
 
-    def _apply_op(self, inputs: tf.Tensor, w: tf.Tensor, use_sap: bool) -> tf.Tensor:
+    def _apply_op(self, inputs: tf.Tensor, w: tf.Tensor, use_sap: bool,
+                  input_grad_kernel=None) -> tf.Tensor:
+        """The op with kernel `w`, SAP if `use_sap` (`input_grad_kernel`: see
+        `fedmef_tf.sap.sap_conv2d`; used only by the SAP op)."""
         raise NotImplementedError
 
     # -- variables -----------------------------------------------------------------------------
@@ -407,18 +410,16 @@ class MaskedLayer(tf.keras.layers.Layer):
         return w
 
     def call(self, inputs, training=None):
-        w = self.effective_kernel()
-        inputs = tf.convert_to_tensor(inputs)
-        if self.sap_gamma <= 0.0:
-            y = self._apply_op(inputs, w, False)
+        # How the kernel is made and updated: the current execution strategy's layer_kernels
+        # (`fedmef_tf.execution`), or the plain way: `effective_kernel`, then the op.
+        kernels = execution.current().layer_kernels
+        if kernels is None or self._probe is not None:
+            w = self.effective_kernel()
+            y = self._op(tf.convert_to_tensor(inputs), w, training)
         else:
-            static = _is_python_true(training)
-            if static is None:
-                y = tf.__internal__.smart_cond.smart_cond(
-                    training, lambda: self._apply_op(inputs, w, True),
-                    lambda: self._apply_op(inputs, w, False))
-            else:
-                y = self._apply_op(inputs, w, static)
+            y = kernels.apply(
+                self, tf.convert_to_tensor(inputs),
+                lambda x, w, input_grad_kernel=None: self._op(x, w, training, input_grad_kernel))
         if self.normalize and self.center_output and y.shape.rank == 4:
             y = nsconv.center_spatial(y)
         if self.bias is not None:
@@ -426,6 +427,17 @@ class MaskedLayer(tf.keras.layers.Layer):
         if self.activation is not None:
             y = self.activation(y)
         return y
+
+    def _op(self, inputs, w, training, input_grad_kernel=None):
+        """The layer's op with kernel `w`: SAP when `sap_gamma > 0` and training, else plain."""
+        if self.sap_gamma <= 0.0:
+            return self._apply_op(inputs, w, False)
+        static = _is_python_true(training)
+        if static is None:
+            return tf.__internal__.smart_cond.smart_cond(
+                training, lambda: self._apply_op(inputs, w, True, input_grad_kernel),
+                lambda: self._apply_op(inputs, w, False))
+        return self._apply_op(inputs, w, static, input_grad_kernel)
 
     def get_config(self):
         config = super().get_config()
@@ -492,10 +504,12 @@ class MaskedConv2D(MaskedLayer):
     def _gain_size(self):
         return self.filters
 
-    def _apply_op(self, inputs, w, use_sap):
+    def _apply_op(self, inputs, w, use_sap, input_grad_kernel=None):
         if use_sap:
-            return sap.sap_conv2d(inputs, w, self.strides, self.padding, self.sap_gamma)
-        return sap.conv2d(inputs, w, (1,) + self.strides + (1,), self.padding)
+            return sap.sap_conv2d(inputs, w, self.strides, self.padding, self.sap_gamma,
+                                  input_grad_kernel=input_grad_kernel)
+        # The strategy's forward convolution (`tf.nn.conv2d` by default).
+        return execution.current().conv2d(inputs, w, (1,) + self.strides + (1,), self.padding)
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape)
@@ -551,10 +565,11 @@ class MaskedDepthwiseConv2D(MaskedLayer):
     def _gain_size(self):
         return self._channels * self.depth_multiplier
 
-    def _apply_op(self, inputs, w, use_sap):
+    def _apply_op(self, inputs, w, use_sap, input_grad_kernel=None):
         if use_sap:
             return sap.sap_depthwise_conv2d(
-                inputs, w, self.strides, self.padding, self.sap_gamma)
+                inputs, w, self.strides, self.padding, self.sap_gamma,
+                input_grad_kernel=input_grad_kernel)
         return tf.nn.depthwise_conv2d(inputs, w, (1,) + self.strides + (1,), self.padding)
 
     def compute_output_shape(self, input_shape):
@@ -601,10 +616,13 @@ class MaskedDense(MaskedLayer):
     def _gain_size(self):
         return self.units
 
-    def _apply_op(self, inputs, w, use_sap):
+    def _apply_op(self, inputs, w, use_sap, input_grad_kernel=None):
         rank = inputs.shape.rank
         x = inputs if rank == 2 else tf.reshape(inputs, [-1, int(inputs.shape[-1])])
-        y = sap.sap_matmul(x, w, self.sap_gamma) if use_sap else tf.matmul(x, w)
+        if use_sap:
+            y = sap.sap_matmul(x, w, self.sap_gamma, input_grad_kernel=input_grad_kernel)
+        else:
+            y = tf.matmul(x, w)
         if rank != 2:
             y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
         return y
@@ -631,6 +649,49 @@ CUSTOM_OBJECTS = {
 # -- model-level helpers -------------------------------------------------------------------------
 
 
+def _children(layer) -> list:
+    """Direct sub-layers of `layer`, in the order Keras tracks them."""
+    if isinstance(layer, tf.keras.Model):
+        return list(layer.layers)
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is None:
+        return []
+    return list(flatten(include_self=False, recursive=False))
+
+
+def prunable_layers(model: tf.keras.layers.Layer) -> list:
+    """All masked (prunable) layers of a model, depth first in `model.layers` order.
+
+    Nested models and custom layers that own sub-layers are searched recursively; a layer that is
+    shared (appears more than once) is listed once, at its first occurrence.
+
+    Args:
+        model: a `tf.keras.Model` (or any Keras layer).
+
+    Returns:
+        A list of `MaskedLayer`; its index is the layer index `l` used by masks,
+        k_l, metrics and the federated state.
+    """
+    found: list = []
+    seen: set = set()
+
+    def visit(layer):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if isinstance(layer, MaskedLayer):
+            found.append(layer)
+            return
+        for child in _children(layer):
+            visit(child)
+
+    if isinstance(model, MaskedLayer):
+        return [model]
+    for child in _children(model):
+        visit(child)
+    return found
+
+
 def _check_count(layers: list, values: Sequence, what: str) -> None:
     if len(values) != len(layers):
         raise ValueError(f"{len(values)} {what} for {len(layers)} prunable layers")
@@ -641,10 +702,10 @@ def assign_masks(model: tf.keras.layers.Layer, masks: Sequence) -> None:
 
     Args:
         model: a built model.
-        masks: one 0/1 array per prunable layer (layer order of `masks.prunable_layers`),
+        masks: one 0/1 array per prunable layer (layer order of `prunable_layers`),
             each with its kernel's shape.
     """
-    layers = masks_lib.prunable_layers(model)
+    layers = prunable_layers(model)
     _check_count(layers, masks, "masks")
     for layer, mask in zip(layers, masks):
         layer.set_mask(mask)
@@ -659,7 +720,7 @@ def set_bae(model: tf.keras.layers.Layer, marked_list: Optional[Sequence], lam: 
             Entries outside the layer's mask are ignored.
         lam: BaE penalty weight lambda (>= 0); ignored when clearing.
     """
-    layers = masks_lib.prunable_layers(model)
+    layers = prunable_layers(model)
     if marked_list is None:
         for layer in layers:
             layer.set_bae(None, 0.0)
@@ -711,7 +772,7 @@ def dense_kernel_gradients(
     Returns:
         A list of float32 tensors, one per prunable layer, each with its kernel's shape.
     """
-    layers = masks_lib.prunable_layers(model)
+    layers = prunable_layers(model)
     probes = [tf.zeros(layer.kernel.shape, dtype=tf.float32) for layer in layers]
     try:
         for layer, probe in zip(layers, probes):

@@ -48,9 +48,9 @@ def test_native_kernels_are_built_where_a_compiler_exists():
 @pytest.mark.parametrize("gamma", GAMMAS)
 def test_compress_matches_tensorflow_ops(gamma):
     for name, x in CASES:
-        values, packed = sap._compress(tf.constant(x), gamma)
+        values, packed = sap.PACKED.compress(tf.constant(x), gamma)
         with sap_native.portable():
-            ref_values, ref_packed = sap._compress(tf.constant(x), gamma)
+            ref_values, ref_packed = sap.PACKED.compress(tf.constant(x), gamma)
         np.testing.assert_array_equal(values.numpy(), ref_values.numpy(), err_msg=name)
         np.testing.assert_array_equal(packed.numpy(), ref_packed.numpy(), err_msg=name)
         # the kept count is exact: min(k, nonzeros)
@@ -63,10 +63,10 @@ def test_compress_matches_tensorflow_ops(gamma):
 def test_decompress_rebuilds_the_pruned_input(gamma):
     for name, x in CASES:
         shape = [x.size]
-        values, packed = sap._compress(tf.constant(x), gamma)
-        rebuilt = sap._decompress(values, packed, shape).numpy()
+        values, packed = sap.PACKED.compress(tf.constant(x), gamma)
+        rebuilt = sap.PACKED.decompress(values, packed, shape).numpy()
         with sap_native.portable():
-            ref = sap._decompress(values, packed, shape).numpy()
+            ref = sap.PACKED.decompress(values, packed, shape).numpy()
         np.testing.assert_array_equal(rebuilt, ref, err_msg=name)
         np.testing.assert_array_equal(rebuilt, sap.prune_input(tf.constant(x), gamma).numpy(),
                                       err_msg=name)
@@ -75,7 +75,7 @@ def test_decompress_rebuilds_the_pruned_input(gamma):
 
 @needs_native
 def test_decompress_rejects_inconsistent_inputs():
-    values, packed = sap._compress(tf.constant(np.arange(1, 17, dtype=np.float32)), 0.5)
+    values, packed = sap.PACKED.compress(tf.constant(np.arange(1, 17, dtype=np.float32)), 0.5)
     with pytest.raises(tf.errors.InvalidArgumentError, match="entries"):
         sap_native.decompress(values[:-1], packed, [16])
     with pytest.raises(tf.errors.InvalidArgumentError, match="bytes"):
@@ -93,7 +93,7 @@ def test_bit_activation_matches_tensorflow_ops(max_value):
     def run():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = sap._bit_activation(x, max_value)
+            y = sap.BitReLU(max_value)(x)
         return y, tape.gradient(y, x, output_gradients=dy)
 
     y, dx = run()

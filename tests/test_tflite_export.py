@@ -261,7 +261,7 @@ def test_backward_rebuilds_and_forward_slices_wait_for_their_inputs(sliced_fedme
 
 def test_fedmef_train_graph_needs_no_select_tf_op(fedmef_export, workdir):
   # Weight gradients from builtin ops (tflite_export.filter_grad), the ReLU mask kept as bool
-  # (static_sap.store_mask): nothing of FedMef's train step runs through the Flex delegate.
+  # (static_sap.TOPK.store_mask): nothing of FedMef's train step runs through the Flex delegate.
   assert [k for k in _train_graph(fedmef_export[0])[1] if k.startswith('Flex')] == []
   flex = _fresh_export(workdir, 'fedmef_tfgrad', 'fedmef', '--nobuiltin_weight_grads')[0]
   assert 'FlexConv2DBackpropFilter' in _train_graph(flex)[1]

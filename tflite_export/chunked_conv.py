@@ -10,9 +10,9 @@ baseline export, and it decided the arena size of both (`python -m benchmarks.tf
 the arena's peak was the second convolution's forward op in both CNN exports), so it hid the
 activation memory that FedMef removes.
 
-Within `bounded_im2col()` (entered by the TFLite export for every variant with masked
-convolutions) `fedmef_tf.sap.conv2d`, the forward convolution of every masked conv layer, runs
-the batch in `n` slices, one after the other, each its own CONV_2D, and concatenates the
+`conv2d` below, the `conv2d` of a TFLite export's execution strategy (`fedmef_tf.execution`:
+the forward convolution of every masked conv layer; `tflite_export.train_module.tflite_strategy`
+binds its budget with `bounded`), runs the batch in `n` slices, one after the other, each its own CONV_2D, and concatenates the
 outputs; `n` is the smallest divisor of the batch for which one slice's im2col buffer fits in
 `max_workspace_bytes` (or the whole batch, one example per slice). The extra memory is one
 input slice (cut only once the previous slice's output exists) and the output twice (the
@@ -21,31 +21,30 @@ output is computed by the same kernel from the same numbers as before, so the va
 those of one CONV_2D up to the GEMM's summation order.
 
 The gradient is the one `tf.nn.conv2d` has, on the whole batch: `Conv2DBackpropInput`, and
-the weight gradient `fedmef_tf.sap.conv2d_filter_grad` (`Conv2DBackpropFilter`, or in a TFLite
-export the builtin-op version of `tflite_export.filter_grad`); FedMef's SAP convolutions define
-their own backward pass and use only the forward. A convolution that needs no slicing (one
-slice) is one CONV_2D, with this gradient where the weight gradient is swapped and with
-`tf.nn.conv2d`'s registered one otherwise (exactly the graph of an export without slicing).
+the weight gradient of the current strategy, `conv2d_filter_grad` (`Conv2DBackpropFilter` by
+default, in a TFLite export the builtin-op version of `tflite_export.filter_grad`); FedMef's SAP
+convolutions define their own backward pass and use only the forward. A convolution that needs
+no slicing (one slice) is one CONV_2D, with this gradient where the strategy's weight gradient
+is not the default one and with `tf.nn.conv2d`'s registered one otherwise (exactly the graph of
+an export without slicing).
 Depthwise convolutions need no im2col and are left alone.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from typing import Sequence
 
 import tensorflow as tf
 
+from fedmef_tf import execution
 from fedmef_tf import sap
 
-__all__ = ['DEFAULT_MAX_WORKSPACE_BYTES', 'bounded_im2col', 'im2col_bytes', 'slice_count',
-           'conv2d']
+__all__ = ['DEFAULT_MAX_WORKSPACE_BYTES', 'bounded', 'im2col_bytes', 'slice_count', 'conv2d']
 
 #: im2col budget per CONV_2D call: 1 MiB (the small CNN's second conv then runs in 16 slices of
 #: 2 examples; a ResNet18 first-stage conv, 2.25 MiB per example, one example per slice).
 DEFAULT_MAX_WORKSPACE_BYTES = 1 << 20
-
-_ORIGINAL_CONV2D = sap.conv2d
 
 
 def _out_size(size: int, k: int, stride: int, padding: str) -> int:
@@ -88,12 +87,13 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
   w = tf.convert_to_tensor(w, tf.float32)
   strides = tuple(int(s) for s in strides)
   if not (x.shape.is_fully_defined() and w.shape.is_fully_defined()):
-    return _ORIGINAL_CONV2D(x, w, strides, padding)
+    return execution.tf_conv2d(x, w, strides, padding)
   batch = int(x.shape[0])
   n = slice_count(batch, im2col_bytes(x.shape.as_list(), w.shape.as_list(), strides, padding),
                   max_workspace_bytes)
-  if n == 1 and sap.conv2d_filter_grad is sap._tf_conv2d_filter_grad:  # pylint: disable=protected-access
-    return _ORIGINAL_CONV2D(x, w, strides, padding)  # one CONV_2D, tf.nn.conv2d's own gradient
+  filter_grad = execution.current().conv2d_filter_grad
+  if n == 1 and filter_grad is execution.tf_conv2d_filter_grad:
+    return execution.tf_conv2d(x, w, strides, padding)  # one CONV_2D, its own gradient
   x_shape, w_shape = x.shape.as_list(), w.shape.as_list()
 
   @tf.custom_gradient
@@ -111,13 +111,13 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
         # first and held them all, a second copy of the whole input.
         rows = sap.after(tf.range(i * step, (i + 1) * step), outputs[-1], always=True)
         part = tf.gather(xs, rows)
-      outputs.append(_ORIGINAL_CONV2D(part, ws, strides, padding))
+      outputs.append(execution.tf_conv2d(part, ws, strides, padding))
     y = tf.concat(outputs, axis=0)
 
     def grad(dy):
       dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=x_shape, filter=ws, out_backprop=dy,
                                           strides=strides, padding=padding)
-      dw = sap.conv2d_filter_grad(xs, dy, w_shape, strides, padding)
+      dw = filter_grad(xs, dy, w_shape, strides, padding)
       return dx, dw
 
     return y, grad
@@ -125,16 +125,13 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
   return _conv(x, w)
 
 
-@contextlib.contextmanager
-def bounded_im2col(max_workspace_bytes: int = DEFAULT_MAX_WORKSPACE_BYTES):
-  """Within the block, masked conv layers traced by TF use `conv2d` above."""
+def bounded(max_workspace_bytes: int = DEFAULT_MAX_WORKSPACE_BYTES):
+  """`conv2d` with the budget `max_workspace_bytes` bound: a strategy's `conv2d`,
+  `(x, w, strides4, padding) -> y`.
+
+  Raises:
+    ValueError: the budget is not positive.
+  """
   if max_workspace_bytes < 1:
     raise ValueError(f'max_workspace_bytes must be positive, got {max_workspace_bytes}')
-  saved = sap.conv2d
-  sap.conv2d = lambda x, w, strides, padding: conv2d(
-      x, w, strides, padding, max_workspace_bytes=max_workspace_bytes)
-  try:
-    yield
-  finally:
-    sap.conv2d = saved
-
+  return functools.partial(conv2d, max_workspace_bytes=max_workspace_bytes)

@@ -8,7 +8,9 @@ call (each growth a copy of the arena into a larger buffer, both resident for a 
 TensorFlow allocator behind those kernels keeps and touches its own pages. In the small CNN's
 FedMef export the four weight gradients were the last select-TF nodes of the `train` graph.
 
-`conv2d_filter_grad` computes the same gradient, one kernel tap at a time:
+`conv2d_filter_grad` (the `conv2d_filter_grad` of a TFLite export's execution strategy,
+`fedmef_tf.execution`, unless the export asks for the select-TF op) computes the same gradient,
+one kernel tap at a time:
 
     dW[i, j] = sum over batch and output positions of x[b, r*s_h + i - p_t, c*s_w + j - p_l]
                (outer product) dy[b, r, c]
@@ -25,14 +27,14 @@ the batch; `dy^T` is made once per layer). Working memory: one tap's cut of `x`
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence, Tuple
 
 import tensorflow as tf
 
+from fedmef_tf import execution
 from fedmef_tf import sap
 
-__all__ = ['conv2d_filter_grad', 'builtin_filter_grads', 'tap_range']
+__all__ = ['conv2d_filter_grad', 'tap_range']
 
 
 def _pad_before(size: int, out: int, k: int, stride: int, padding: str) -> int:
@@ -68,7 +70,7 @@ def conv2d_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
   dy = tf.convert_to_tensor(dy, tf.float32)
   w_shape = [int(d) for d in w_shape]
   if not (x.shape.is_fully_defined() and dy.shape.is_fully_defined()):
-    return sap._tf_conv2d_filter_grad(x, dy, w_shape, strides, padding)  # pylint: disable=protected-access
+    return execution.tf_conv2d_filter_grad(x, dy, w_shape, strides, padding)
   batch, h, w, c_in = x.shape.as_list()
   _, h_out, w_out, c_out = dy.shape.as_list()
   k_h, k_w = w_shape[0], w_shape[1]
@@ -101,15 +103,3 @@ def conv2d_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
       previous = tf.reduce_sum(per_example, axis=0)  # [C_out, C_in]
       taps.append(previous)
   return tf.transpose(tf.reshape(tf.stack(taps), [k_h, k_w, c_out, c_in]), [0, 1, 3, 2])
-
-
-@contextlib.contextmanager
-def builtin_filter_grads():
-  """Within the block, masked conv layers traced by TF take their weight gradient from
-  `conv2d_filter_grad` above."""
-  saved = sap.conv2d_filter_grad
-  sap.conv2d_filter_grad = conv2d_filter_grad
-  try:
-    yield
-  finally:
-    sap.conv2d_filter_grad = saved

@@ -11,15 +11,17 @@ forward pass) and, in FedMef's NSConv layers, the centred kernel `W - mean(W)` o
 (the converter merged its backward recomputation with the forward one). Each is kernel-sized:
 43 MiB per copy for ResNet18's 11.2M kernel entries.
 
-While `in_backward_updates` is active (the `train` signature of a TFLite export, both the
-FedMef and the baseline variant), every masked layer
+Under `InBackwardUpdates`, the `layer_kernels` of the execution strategy (`fedmef_tf.execution`)
+with which the `train` signature of a TFLite export is traced (both the FedMef and the baseline
+variant), every masked layer
 
 * computes its effective kernel (`kernel * mask`, or NSConv's standardised `W_hat` with the
-  formulas of `fedmef_tf.sparse_layers.masked_standardized_kernel`) without a gradient of its
-  own, keeping a few per-output-channel tensors for the backward pass;
+  formulas of `fedmef_tf.nsconv.standardize_kernel`) without a gradient of its own, keeping a
+  few per-output-channel tensors for the backward pass;
 * passes its input and that kernel through `_joint`, an identity whose gradient receives the
   layer input's gradient `dx` and the effective kernel's gradient together; it computes the
-  kernel gradient (task gradient masked, plus BaE) and, for NSConv, the gain gradient, applies
+  kernel gradient (task gradient masked, plus BaE) and, for NSConv, the gain gradient
+  (`fedmef_tf.nsconv.kernel_gradient`, NSConv's backward pass, as in the TF layer), applies
   the SGD step at once, with the mask enforced,
 
       kernel <- (kernel - lr * dL/dkernel) * mask,    gain <- gain - lr * dL/dgain,
@@ -40,8 +42,8 @@ backward pass makes from these (the float masks, the BaE term, NSConv's `W_hat`)
 computed from the layer's gradient (`fedmef_tf.sap.after`), or the converter would make it in
 the forward pass and hold it. NSConv's `W_hat` is not kept at all: it is made from `w` and
 per-channel tensors right before the layer's forward op (its input carried as a dependency) and
-again, after the weight gradient, for the input gradient (`fedmef_tf.sap.late_kernel`) and the
-update, with the same operations on the same numbers.
+again, after the weight gradient, for the input gradient (the `input_grad_kernel` of the
+layer's SAP op, `fedmef_tf.sap.sap_conv2d`) and the update, with the same operations on the same numbers.
 
 Biases and BatchNorm parameters are updated by the caller after `tape.gradient`, as before.
 The values are those of the plain step: the kernel is read once in the forward pass and
@@ -57,17 +59,16 @@ the TFLite graph), so the verifier compares the two.
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional
 
 import tensorflow as tf
 
 from fedmef_tf import agc
+from fedmef_tf import execution
 from fedmef_tf import nsconv
 from fedmef_tf import sap
-from fedmef_tf import sparse_layers
 
-__all__ = ['in_backward_updates']
+__all__ = ['InBackwardUpdates']
 
 
 def _read(v) -> tf.Tensor:
@@ -136,8 +137,8 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   nonzero = tf.not_equal(scale, 0.0)
   inv_scale = tf.where(nonzero, 1.0 / tf.where(nonzero, scale, 1.0), 0.0)
   _keep_for_backward(slot, layer, w, mask)
-  slot.update(normalize=True, center=layer.center, axes=axes, eps=eps, sum_sq=sum_sq, inv=inv, gb=gb, scale=scale,
-              mean=mean, mean_c=mean_c, inv_scale=inv_scale)
+  slot.update(normalize=True, center=layer.center, axes=axes, sum_sq=sum_sq, inv=inv, gb=gb,
+              scale=scale, mean=mean, mean_c=mean_c, inv_scale=inv_scale)
 
   def late_w_hat(dep, keep: bool = True):
     """`W_hat` again, the same operations on the same kept tensors (`w + 0` is `w`), made
@@ -174,22 +175,14 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
   if not slot['normalize']:
     d_k = u + bae
   else:
-    axes, eps, sum_sq, inv, gb, scale = (slot[n] for n in
-                                         ('axes', 'eps', 'sum_sq', 'inv', 'gb', 'scale'))
-    # The centred kernel on the active entries is `w_hat * inv_scale` (per-channel factor), so
-    # sum(u * centred) and the centred-kernel term of dL/dcentred come from w_hat directly.
-    w_hat, inv_scale = slot['late_w_hat'](upstream), slot['inv_scale']
-    d_scale = tf.reduce_sum(u * w_hat, axis=axes, keepdims=True) * inv_scale  # dL/ds
-    d_gain = d_scale * inv
-    d_sum_sq = tf.where(sum_sq > eps, -0.5 * d_scale * gb * inv * inv * inv,
-                        tf.zeros_like(sum_sq))
-    # dL/dcentred on the active entries, and its mean over the fan-in (all entries).
-    d_centred = scale * u + (2.0 * d_sum_sq * inv_scale) * w_hat
-    if slot['center']:
-      mean_d = (scale * tf.reduce_mean(u, axis=axes, keepdims=True)
-                + 2.0 * d_sum_sq * slot['mean_c'])
-      d_centred = d_centred - mean_d
-    d_k = d_centred * mask + bae
+    # NSConv's backward pass (`fedmef_tf.nsconv.kernel_gradient`) from `W_hat`: the centred
+    # kernel on the active entries is `w_hat * inv_scale` (a per-channel factor), and the mean
+    # of dL/dcentred comes from the kept per-channel mean of the centred kernel.
+    w_hat = slot['late_w_hat'](upstream)
+    d_w, d_gain = nsconv.kernel_gradient(
+        u, w_hat, slot['sum_sq'], slot['inv'], slot['gb'], slot['scale'], slot['axes'],
+        center=slot['center'], centred_factor=slot['inv_scale'], centred_mean=slot['mean_c'])
+    d_k = d_w * mask + bae
     d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
     if clipping is not None:
       d_gain_var = agc.clip_gradient(d_gain_var, _read(layer.gain), (), clipping)
@@ -221,65 +214,54 @@ def _joint(x: tf.Tensor, w: tf.Tensor, slot: dict, lr: tf.Variable):
   return _identity(x, w)
 
 
-@contextlib.contextmanager
-def in_backward_updates(lr: tf.Variable, updated: List[tf.Variable],
-                        clipping: Optional[float] = None, unclipped=()):
-  """Within the block, masked layers traced with a tape update their kernels in the backward pass.
+class InBackwardUpdates(execution.LayerKernels):
+  """Masked layers traced with a tape update their kernels in the backward pass (module
+  docstring): the `layer_kernels` of the execution strategy of a TFLite `train` step.
+
+  One object per traced step: it collects, per layer, what the layer's backward pass needs.
 
   Args:
     lr: the SGD learning rate variable.
-    updated: a list to which the variables updated so (kernels, NSConv gains) are appended:
-      the caller must neither apply a gradient to these nor mask them again.
     clipping: AGC threshold (`fedmef_tf.agc`) applied to each kernel's and gain's gradient
       before its update, unit by unit as in the TF step; None: plain SGD.
     unclipped: masked layers whose updates are not clipped (the output layer, as in
       `agc.unit_axes`).
-  """
-  unclipped_ids = {id(layer) for layer in unclipped}
-  cls = sparse_layers.MaskedLayer
-  original_kernel = cls.effective_kernel
-  subclasses = (sparse_layers.MaskedConv2D, sparse_layers.MaskedDepthwiseConv2D,
-                sparse_layers.MaskedDense)
-  original_apply = {c: c.__dict__['_apply_op'] for c in subclasses}
-  slots = {}
 
-  def effective_kernel(layer):
-    if layer._probe is not None:  # pylint: disable=protected-access
-      return original_kernel(layer)
-    slot = slots.setdefault(id(layer), {})
-    if 'w' in slot:
-      raise ValueError(f'{layer.name}: a masked layer called twice in one train step is not '
-                       'supported by tflite_export.layer_updates (use layer_updates=False)')
-    updated.append(layer.kernel)
-    slot['clipping'] = None if id(layer) in unclipped_ids else clipping
+  Attributes:
+    updated: the variables updated so (kernels, NSConv gains), in the order the layers ran:
+      the caller must neither apply a gradient to these nor mask them again.
+  """
+
+  def __init__(self, lr: tf.Variable, *, clipping: Optional[float] = None, unclipped=()):
+    self.lr = lr
+    self.clipping = clipping
+    self.updated: List[tf.Variable] = []
+    self._unclipped_ids = {id(layer) for layer in unclipped}
+    self._slots = {}
+
+  def _kernel(self, layer, slot: dict) -> tf.Tensor:
+    """The layer's effective kernel, made without a gradient of its own; `slot` gets what
+    the update needs."""
+    self.updated.append(layer.kernel)
+    slot['clipping'] = None if id(layer) in self._unclipped_ids else self.clipping
     if layer.normalize:
-      updated.append(layer.gain)
+      self.updated.append(layer.gain)
       return _nsconv_kernel(layer, slot)
     return _plain_kernel(layer, slot)
 
-  def make_apply(c):
-    def _apply_op(layer, inputs, w, use_sap):
-      slot = slots.get(id(layer))
-      if slot is not None and 'w' in slot:
-        inputs = tf.convert_to_tensor(inputs)
-        if 'late_w_hat' in slot:
-          # W_hat once more, made only once the layer's input exists: the one from
-          # `effective_kernel` (then unused, dropped by the converter) would be made with every
-          # other layer's at the start of the step and held until this layer runs.
-          w = slot['late_w_hat'](inputs, keep=False)
-        inputs, w = _joint(inputs, w, slot, lr)
-        if 'late_w_hat' in slot:  # the layer's SAP op recomputes W_hat for its input gradient
-          return sap.late_kernel(w, slot['late_w_hat'],
-                                 lambda: original_apply[c](layer, inputs, w, use_sap))
-      return original_apply[c](layer, inputs, w, use_sap)
-    return _apply_op
-
-  cls.effective_kernel = effective_kernel
-  for c in subclasses:
-    c._apply_op = make_apply(c)  # pylint: disable=protected-access
-  try:
-    yield slots
-  finally:
-    cls.effective_kernel = original_kernel
-    for c in subclasses:
-      c._apply_op = original_apply[c]  # pylint: disable=protected-access
+  def apply(self, layer, inputs: tf.Tensor, op) -> tf.Tensor:
+    """`layer`'s op on `inputs`, its kernel updated inside the op's backward pass."""
+    slot = self._slots.setdefault(id(layer), {})
+    if 'w' in slot:
+      raise ValueError(f'{layer.name}: a masked layer called twice in one train step is not '
+                       'supported by tflite_export.layer_updates (use layer_updates=False)')
+    w = self._kernel(layer, slot)
+    if 'late_w_hat' in slot:
+      # W_hat once more, made only once the layer's input exists: the one from `_kernel` (then
+      # unused, dropped by the converter) would be made with every other layer's at the start
+      # of the step and held until this layer runs.
+      w = slot['late_w_hat'](inputs, keep=False)
+    inputs, w = _joint(inputs, w, slot, self.lr)
+    if 'late_w_hat' in slot:  # the layer's SAP op recomputes W_hat for its input gradient
+      return op(inputs, w, input_grad_kernel=slot['late_w_hat'])
+    return op(inputs, w)

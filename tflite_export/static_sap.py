@@ -18,7 +18,8 @@ Measured with `tflite_export.memprobe` (registry `cnn`, density 0.1, gamma 0.7, 
 storage 119 MiB (its static-shape rewrite: 119 MiB as well); FedMef with SAP off (gamma 0)
 52 MiB; FedMef with the storage of this module 60 MiB.
 
-This module's storage, used only while the TFLite graph is traced (`topk_sap()`):
+This module's storage, `TOPK`, is the `sap_storage` of a TFLite export's execution strategy
+(`tflite_export.train_module.tflite_strategy`, `fedmef_tf.execution`):
 
 * keep set: `tf.math.top_k(|x|, k)` over the flattened input, `k = ceil((1 - gamma) * n)`
   (TFLite's builtin TOPK_V2, which needs O(k) extra memory);
@@ -35,56 +36,23 @@ k-th largest may be chosen differently (only matters for exactly equal magnitude
 zero, the common case after a ReLU, change nothing since zeros add nothing to the weight
 gradient). Forward outputs and input gradients are unchanged. The cost is time: TOPK_V2 over
 millions of entries makes a FedMef `train` call several times slower than the baseline's.
-
-The one change `fedmef_tf.sap` would need to do this on its own is an option to use these
-`_compress` / `_decompress` functions when the input shape is static.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import tensorflow as tf
 
+from fedmef_tf import execution
 from fedmef_tf import sap
-from fedmef_tf import sap_native
 
-__all__ = ['compress', 'decompress', 'store_mask', 'load_mask', 'known_nonnegative', 'topk_sap',
-           'stored_bytes_per_element']
-
-# pylint: disable-next=protected-access
-_ORIGINAL = {'_compress': sap._compress, '_decompress': sap._decompress,
-             '_store_mask': sap._store_mask, '_load_mask': sap._load_mask}
+__all__ = ['TopKStorage', 'TOPK', 'known_nonnegative', 'stored_bytes_per_element']
 
 
 def stored_bytes_per_element(gamma: float) -> float:
   """Bytes this storage keeps per input element: `8 * (1 - gamma)` (values and indices)."""
   return 8.0 * (1.0 - float(gamma))
-
-
-def compress(x: tf.Tensor, gamma: float):
-  """Kept values and their flat indices, both of static shape `[k]`.
-
-  Args:
-    x: float32 tensor with a fully known shape, `n` elements.
-    gamma: SAP drop ratio in `(0, 1]`.
-
-  Returns:
-    `(values, indices)`: float32 `[k]` and int32 `[k]`, `k = ceil((1 - gamma) * n)`.
-    Inputs of unknown shape fall back to `fedmef_tf.sap`'s own storage.
-  """
-  if not x.shape.is_fully_defined():
-    return _ORIGINAL['_compress'](x, gamma)
-  flat = tf.reshape(x, [-1])
-  k = sap.keep_count(int(flat.shape[0]), gamma)
-  if known_nonnegative(x):
-    # After a ReLU |x| is x: ranking x itself saves the input-sized ABS output, and the
-    # ranked values are the kept values (no GATHER, whose k-sized output would sit next to
-    # TOPK_V2's own values output at the forward pass's largest point).
-    return tf.math.top_k(flat, k=k, sorted=False)
-  _, indices = tf.math.top_k(tf.abs(flat), k=k, sorted=False)
-  return tf.gather(flat, indices), indices
 
 
 #: Ops whose (float) outputs are never negative, and ops that pass their input through unchanged.
@@ -111,45 +79,57 @@ def known_nonnegative(x: tf.Tensor, max_depth: int = 16) -> bool:
   return False
 
 
-def decompress(values: tf.Tensor, indices: tf.Tensor, shape) -> tf.Tensor:
-  """Dense `x_pruned` of shape `shape` (a list of ints) from `compress`'s output."""
-  if indices.dtype != tf.int32:  # fedmef_tf.sap's own storage (unknown shape)
-    return _ORIGINAL['_decompress'](values, indices, shape)
-  n = math.prod(shape)
-  return tf.reshape(tf.scatter_nd(indices[:, None], values, [n]), shape)
+class TopKStorage(execution.ActivationStorage):
+  """SAP's kept activations as top-k values and int32 indices of static shape; a 1-bit
+  activation's pass mask as a plain bool tensor (module docstring)."""
+
+  def compress(self, x: tf.Tensor, gamma: float):
+    """Kept values and their flat indices, both of static shape `[k]`.
+
+    Args:
+      x: float32 tensor with a fully known shape, `n` elements.
+      gamma: SAP drop ratio in `(0, 1]`.
+
+    Returns:
+      `(values, indices)`: float32 `[k]` and int32 `[k]`, `k = ceil((1 - gamma) * n)`.
+      Inputs of unknown shape are stored as `fedmef_tf.sap.PACKED` stores them.
+    """
+    if not x.shape.is_fully_defined():
+      return sap.PACKED.compress(x, gamma)
+    flat = tf.reshape(x, [-1])
+    k = sap.keep_count(int(flat.shape[0]), gamma)
+    if known_nonnegative(x):
+      # After a ReLU |x| is x: ranking x itself saves the input-sized ABS output, and the
+      # ranked values are the kept values (no GATHER, whose k-sized output would sit next to
+      # TOPK_V2's own values output at the forward pass's largest point).
+      return tf.math.top_k(flat, k=k, sorted=False)
+    _, indices = tf.math.top_k(tf.abs(flat), k=k, sorted=False)
+    return tf.gather(flat, indices), indices
+
+  def decompress(self, values: tf.Tensor, indices: tf.Tensor, shape) -> tf.Tensor:
+    """Dense `x_pruned` of shape `shape` (a list of ints) from `compress`'s output."""
+    if indices.dtype != tf.int32:  # `fedmef_tf.sap.PACKED`'s storage (unknown shape)
+      return sap.PACKED.decompress(values, indices, shape)
+    n = math.prod(shape)
+    return tf.reshape(tf.scatter_nd(indices[:, None], values, [n]), shape)
+
+  def store_mask(self, mask: tf.Tensor):
+    """The bool pass mask of a 1-bit activation (BitReLU), kept as it is: 1 byte per element.
+
+    `fedmef_tf.sap.pack_bits` packs 8 per byte with uint64 shifts and bitwise ANDs, which
+    TFLite runs only as select-TF ops. Their outputs are TensorFlow tensors that the
+    interpreter keeps from one call to the next and plans around (every select-TF node ends a
+    stretch of the arena plan), which cost more than the 7/8 byte per element the packing
+    saves (`tflite_export.memprobe` shows both on the small CNN's export).
+    """
+    return mask, None
+
+  def load_mask(self, stored: tf.Tensor, shape, dy: tf.Tensor) -> tf.Tensor:
+    """`store_mask`'s output (the SELECT of the ReLU gradient reads `dy` and runs late
+    anyway)."""
+    del shape, dy
+    return stored
 
 
-def store_mask(mask: tf.Tensor):
-  """The bool pass mask of a 1-bit activation (BitReLU), kept as it is: 1 byte per element.
-
-  `fedmef_tf.sap.pack_bits` packs 8 per byte with uint64 shifts and bitwise ANDs, which TFLite
-  runs only as select-TF ops. Their outputs are TensorFlow tensors that the interpreter keeps
-  from one call to the next and plans around (every select-TF node ends a stretch of the arena
-  plan), which cost more than the 7/8 byte per element the packing saves: the small CNN's
-  export at batch 32 (`tflite_export.memprobe`, first / second `train` call) measured
-  17.8 / 28.5 MiB with the packed mask and 16.9 / 27.7 MiB with this one; with the weight
-  gradients from builtin ops as well (`tflite_export.filter_grad`) no select-TF op is left in
-  FedMef's `train` and it measured 16.9 / 18.0 MiB.
-  """
-  return mask, None
-
-
-def load_mask(stored: tf.Tensor, shape, dy: tf.Tensor) -> tf.Tensor:
-  """`store_mask`'s output (the SELECT of the ReLU gradient reads `dy` and runs late anyway)."""
-  del shape, dy
-  return stored
-
-
-@contextlib.contextmanager
-def topk_sap():
-  """Within the block, SAP ops traced by TF store their inputs with `compress` above, and
-  1-bit activations their pass mask with `store_mask`."""
-  saved = {name: getattr(sap, name) for name in _ORIGINAL}
-  sap._compress, sap._decompress = compress, decompress  # pylint: disable=protected-access
-  sap._store_mask, sap._load_mask = store_mask, load_mask  # pylint: disable=protected-access
-  try:
-    with sap_native.portable():  # TFLite has no kernels of fedmef_tf's native library
-      yield
-  finally:
-    for name, fn in saved.items():
-      setattr(sap, name, fn)
+#: The storage of a TFLite export's SAP ops and 1-bit activations.
+TOPK = TopKStorage()

@@ -49,15 +49,15 @@ from typing import Any, Dict, List, Optional
 import tensorflow as tf
 
 from fedmef_tf import agc
+from fedmef_tf import execution
 from fedmef_tf import masks as masks_lib
-from fedmef_tf import sap
 from fedmef_tf import sparse_layers
 from tflite_export import chunked_conv
 from tflite_export import filter_grad
 from tflite_export import layer_updates
 from tflite_export import static_sap
 
-__all__ = ['TrainModule', 'weight_names', 'tflite_tracing', 'LR_NAME']
+__all__ = ['TrainModule', 'weight_names', 'tflite_strategy', 'tflite_tracing', 'LR_NAME']
 
 #: Name of the learning rate in checkpoints written by the `save` signature.
 LR_NAME = 'learning_rate'
@@ -70,22 +70,31 @@ _SIGNATURES = ('train', 'infer', 'set_learning_rate', 'get_weights', 'set_weight
 _UNBOUNDED = 1 << 62
 
 
-@contextlib.contextmanager
+def tflite_strategy(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
+                    builtin_weight_grads: bool = True) -> execution.Strategy:
+  """How the graphs of a TFLite file are traced (`fedmef_tf.execution`): SAP with static-shape
+  storage (`tflite_export.static_sap.TOPK`), the backward order carried by data dependencies,
+  no native kernel, masked conv forwards in batch slices with at most `max_im2col_bytes` of
+  im2col workspace each (`tflite_export.chunked_conv`; 0: whole batch) and, if
+  `builtin_weight_grads`, their weight gradients from builtin ops
+  (`tflite_export.filter_grad`; else the select-TF `Conv2DBackpropFilter`). Same values as the
+  TF model's graphs. The `train` step adds its in-backward kernel updates
+  (`tflite_export.layer_updates.InBackwardUpdates`) while it is traced."""
+  budget = max_im2col_bytes if max_im2col_bytes > 0 else _UNBOUNDED
+  return execution.Strategy(
+      sap_storage=static_sap.TOPK,
+      conv2d=chunked_conv.bounded(budget),
+      conv2d_filter_grad=(filter_grad.conv2d_filter_grad if builtin_weight_grads
+                          else execution.tf_conv2d_filter_grad),
+      data_dependencies=True,
+      native_kernels=False)
+
+
 def tflite_tracing(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
                    builtin_weight_grads: bool = True):
-  """How the graphs of a TFLite file are traced: SAP with static-shape storage
-  (`tflite_export.static_sap`), the backward order carried by data dependencies
-  (`fedmef_tf.sap.data_dependencies`), masked conv forwards in batch slices with at most
-  `max_im2col_bytes` of im2col workspace each (`tflite_export.chunked_conv`; 0: whole batch)
-  and, if `builtin_weight_grads`, their weight gradients from builtin ops
-  (`tflite_export.filter_grad`; else the select-TF `Conv2DBackpropFilter`). Same values as the
-  TF model's graphs."""
-  budget = max_im2col_bytes if max_im2col_bytes > 0 else _UNBOUNDED
-  grads = (filter_grad.builtin_filter_grads() if builtin_weight_grads
-           else contextlib.nullcontext())
-  with static_sap.topk_sap(), sap.data_dependencies(), grads, \
-      chunked_conv.bounded_im2col(budget):
-    yield
+  """`execution.scope(tflite_strategy(max_im2col_bytes, builtin_weight_grads))`: a context in
+  which the graphs of a TFLite file are traced."""
+  return execution.scope(tflite_strategy(max_im2col_bytes, builtin_weight_grads))
 
 
 def weight_names(model: tf.keras.Model) -> List[str]:
@@ -205,17 +214,18 @@ class TrainModule(tf.Module):
   def _train(self, x, y):
     # TFLite graph: each masked kernel is updated (and masked) inside its own backward pass
     # (`tflite_export.layer_updates`); the TF reference traces the plain step below.
-    in_backward = []
     fused = self._tracing_tflite and self.layer_updates
-    context = (layer_updates.in_backward_updates(
-        self.lr, in_backward, clipping=self.gradient_clipping,
-        unclipped=self._unclipped_layers) if fused else contextlib.nullcontext())
+    updates = layer_updates.InBackwardUpdates(
+        self.lr, clipping=self.gradient_clipping, unclipped=self._unclipped_layers)
+    context = (execution.scope(execution.current().replace(layer_kernels=updates)) if fused
+               else contextlib.nullcontext())
     with context:
       with tf.GradientTape() as tape:
         logits = self.model(x, training=True)
         loss = tf.reduce_mean(
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
       grads = tape.gradient(loss, self._trainable)
+    in_backward = updates.updated
     done = {v.ref() for v in in_backward}
     if self.gradient_clipping is not None:  # the in-backward updates clip their own
       grads = agc.clip_model_gradients(self.model, grads, self.gradient_clipping,
