@@ -2,9 +2,9 @@
 
 FedMef (Huang et al., CVPR 2024, arXiv 2403.14737) trains a sparse model from the first round.
 Every Conv2D / DepthwiseConv2D / Dense kernel is prunable (stem and classifier included) and is
-held by a `fedmef_tf.sparse_layers.MaskedLayer`; `prunable_layers` (of `sparse_layers`, re-exported
-here) finds those layers in a model. This module decides how dense each one is (Erdős–Rényi-Kernel, ERK), draws the initial random masks and reports
-density. It only reads and writes the layers' `mask` / `kernel` variables through the layer API
+held by a `fedmef_tf.sparse_layers.MaskedLayer`; `prunable_layers` (of `sparse_layers`,
+re-exported here) finds those layers in a model. This module decides how dense each one is
+(Erdős–Rényi-Kernel, ERK), draws the initial random masks and reports density. It only reads and writes the layers' `mask` / `kernel` variables through the layer API
 (`MaskedLayer.set_mask`), so it knows nothing about how a layer uses its mask.
 
 Layer index `l` everywhere in the project is the position in `prunable_layers(model)`.

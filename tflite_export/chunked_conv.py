@@ -12,13 +12,14 @@ activation memory that FedMef removes.
 
 `conv2d` below, the `conv2d` of a TFLite export's execution strategy (`fedmef_tf.execution`:
 the forward convolution of every masked conv layer; `tflite_export.train_module.tflite_strategy`
-binds its budget with `bounded`), runs the batch in `n` slices, one after the other, each its own CONV_2D, and concatenates the
-outputs; `n` is the smallest divisor of the batch for which one slice's im2col buffer fits in
-`max_workspace_bytes` (or the whole batch, one example per slice). The extra memory is one
-input slice (cut only once the previous slice's output exists) and the output twice (the
-slices' outputs and their concatenation) instead of the whole im2col buffer. Each example's
-output is computed by the same kernel from the same numbers as before, so the values equal
-those of one CONV_2D up to the GEMM's summation order.
+binds its budget with `bounded`), runs the batch in `n` slices, one after the other, each its
+own CONV_2D, and concatenates the outputs; `n` is the smallest divisor of the batch for which
+one slice's im2col buffer fits in `max_workspace_bytes` (or the whole batch, one example per
+slice). The extra memory is one input slice (cut only once the previous slice's output
+exists) and the output twice (the slices' outputs and their concatenation) instead of the whole
+im2col buffer. Each example's output is computed by the same kernel from the same numbers as
+one CONV_2D over the batch, so the values equal those of one CONV_2D up to the GEMM's
+summation order.
 
 The gradient is the one `tf.nn.conv2d` has, on the whole batch: `Conv2DBackpropInput`, and
 the weight gradient of the current strategy, `conv2d_filter_grad` (`Conv2DBackpropFilter` by

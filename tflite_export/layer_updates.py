@@ -43,7 +43,8 @@ computed from the layer's gradient (`fedmef_tf.sap.after`), or the converter wou
 the forward pass and hold it. NSConv's `W_hat` is not kept at all: it is made from `w` and
 per-channel tensors right before the layer's forward op (its input carried as a dependency) and
 again, after the weight gradient, for the input gradient (the `input_grad_kernel` of the
-layer's SAP op, `fedmef_tf.sap.sap_conv2d`) and the update, with the same operations on the same numbers.
+layer's SAP op, `fedmef_tf.sap.sap_conv2d`) and the update, with the same operations on the
+same numbers.
 
 Biases and BatchNorm parameters are updated by the caller after `tape.gradient`, as before.
 The values are those of the plain step: the kernel is read once in the forward pass and
