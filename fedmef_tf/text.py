@@ -17,3 +17,44 @@ def one_line(text: str) -> str:
     else:
       out.append(ch.encode('unicode_escape').decode('ascii'))
   return ''.join(out)
+
+
+_BYTE_UNITS = ('B', 'KiB', 'MiB', 'GiB', 'TiB')
+
+
+def format_bytes(n, unit=None, precision: int = 1) -> str:
+  """`n` bytes in binary units, for consoles and tables: '512 B', '12.3 KiB', '4.5 MiB'.
+
+  Args:
+    n: a number of bytes; None or NaN give '-'.
+    unit: one of 'B', 'KiB', 'MiB', 'GiB', 'TiB' to write every value in the same unit (a
+      table column); None picks the largest unit in which `abs(n)` is at least 1.
+    precision: digits after the decimal point (none for whole bytes).
+
+  Returns:
+    The value and its unit, separated by a space.
+  """
+  if n is None or n != n:  # NaN is the one value not equal to itself.
+    return '-'
+  n = float(n)
+  if unit is None:
+    power = 0
+    while power < len(_BYTE_UNITS) - 1 and abs(n) >= 1024.0 ** (power + 1):
+      power += 1
+  elif unit in _BYTE_UNITS:
+    power = _BYTE_UNITS.index(unit)
+  else:
+    raise ValueError(f'unit must be one of {_BYTE_UNITS} or None, got {unit!r}')
+  if power == 0:
+    return f'{n:.0f} B'
+  return f'{n / 1024.0 ** power:.{precision}f} {_BYTE_UNITS[power]}'
+
+
+def format_seconds(seconds: float) -> str:
+  """A duration, rounded to whole seconds: '42s', '3m07s', '2h05m'."""
+  s = max(0, int(round(seconds)))
+  if s >= 3600:
+    return f'{s // 3600}h{s % 3600 // 60:02d}m'
+  if s >= 60:
+    return f'{s // 60}m{s % 60:02d}s'
+  return f'{s}s'

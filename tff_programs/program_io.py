@@ -306,7 +306,7 @@ class ClientlessRounds:
     self._count = 0
 
   def record(self, round_num: int, clients_used: float) -> Optional[str]:
-    """Takes a round's `clients_used`; returns a warning line when a run of them is long enough."""
+    """Takes a round's `clients_used`; returns a warning when a run of them is long enough."""
     if clients_used:
       self._first, self._count = None, 0
       return None
@@ -315,7 +315,7 @@ class ClientlessRounds:
     self._count += 1
     if self._count != self._warn_after:
       return None
-    return (f'warning: rounds {self._first}..{round_num} used no client (every client update was '
+    return (f'rounds {self._first}..{round_num} used no client (every client update was '
             'non-finite or empty, so the model did not change); a lower --client_lr may help')
 
 
@@ -343,7 +343,8 @@ def read_metrics(root_dir: str) -> List[Dict[str, float]]:
   return rows
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's `pyplot` on the file-only Agg backend (no display needed)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -352,7 +353,7 @@ def _pyplot():
 
 def plot_curves(rows: Sequence[Mapping[str, float]], path: str, title: str) -> str:
   """Plots test accuracy and train loss against round to `path` (PNG); returns `path`."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
   rounds = [r['round'] for r in rows]
   acc = [(r['round'], r.get('test_accuracy', float('nan'))) for r in rows]
@@ -378,13 +379,13 @@ def plot_curves(rows: Sequence[Mapping[str, float]], path: str, title: str) -> s
   ax_loss.grid(alpha=0.3)
   fig.suptitle(title)
   fig.tight_layout()
-  return _save(fig, plt, path)
+  return save_figure(fig, plt, path)
 
 
 def plot_layer_density(names: Sequence[str], densities: Sequence[float], path: str,
                        title: str) -> str:
   """Bar chart of the final mask density of each prunable layer; returns `path`."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
   ax.bar(range(len(names)), densities)
   ax.set_xticks(range(len(names)))
@@ -393,7 +394,7 @@ def plot_layer_density(names: Sequence[str], densities: Sequence[float], path: s
   ax.set_ylim(0, 1.05)
   ax.set_title(title)
   fig.tight_layout()
-  return _save(fig, plt, path)
+  return save_figure(fig, plt, path)
 
 
 def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str,
@@ -406,7 +407,7 @@ def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str
     path: PNG file.
     title: plot title.
   """
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   labels = []
   if parts:
@@ -428,10 +429,12 @@ def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  return _save(fig, plt, path)
+  return save_figure(fig, plt, path)
 
 
-def _save(fig, plt, path: str) -> str:
+def save_figure(fig, plt, path: str) -> str:
+  """Writes `fig` to the PNG file `path` atomically (temporary file, rename), closes it;
+  returns `path`."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp.png'
   fig.savefig(tmp, dpi=100)

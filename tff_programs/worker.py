@@ -44,7 +44,7 @@ def main(argv):
                                  max_concurrent_computation_calls=_MAX_CALLS.value)
   target = f'localhost:{worker.port}'
   try:
-    runtime._wait_ready(runtime._make_stub(target), target, 60.0, worker)  # pylint: disable=protected-access
+    runtime.wait_ready(runtime.make_stub(target), target, 60.0, worker)
     print(f'worker: TFF worker pid {worker.pid} listening on {socket.getfqdn()}:{worker.port} '
           f'(all interfaces); stop with Ctrl-C', flush=True)
     while worker.alive():
