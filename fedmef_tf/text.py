@@ -58,3 +58,32 @@ def format_seconds(seconds: float) -> str:
   if s >= 60:
     return f'{s // 60}m{s % 60:02d}s'
   return f'{s}s'
+
+
+class SettingNames:
+  """How a message names a setting: as a keyword of the library or as a program's flag.
+
+  Library code writes its messages with one of these, given by its caller, so that the same
+  error reads `rounds=40` to a library user (`KEYWORDS`) and `--rounds=40` on a program's
+  command line (`FLAGS`).
+
+  Args:
+    prefix: written before each name ('' for keywords, '--' for absl flags).
+  """
+
+  def __init__(self, prefix: str):
+    self.prefix = prefix
+
+  def name(self, key: str) -> str:
+    """The setting `key` itself: 'rounds' or '--rounds'."""
+    return f'{self.prefix}{key}'
+
+  def setting(self, key: str, value) -> str:
+    """The setting with a value: 'rounds=40' or '--rounds=40'."""
+    return f'{self.prefix}{key}={value}'
+
+
+#: Settings named as the library's keyword arguments and configuration keys.
+KEYWORDS = SettingNames('')
+#: Settings named as the programs' absl flags.
+FLAGS = SettingNames('--')

@@ -256,6 +256,10 @@ def setup_error_message(e: training_loop.SetupError) -> str:
             f'clients * {e.min_size} examples > {e.num_examples} training examples')
   if isinstance(e, training_loop.DamagedCheckpointsError):
     return f'{e}; rerun with --overwrite to start afresh'
+  from tff_programs import user_data  # pylint: disable=import-outside-toplevel
+  if isinstance(e.__cause__, user_data.TooFewClientsError):
+    cause = e.__cause__
+    return f'{cause.path}: {cause.available} clients, fewer than --num_clients={cause.requested}'
   return str(e)
 
 

@@ -433,7 +433,7 @@ def load_data(config: RunConfig, console: Console) -> _Data:
           synthetic_train=config.synthetic_train_size,
           synthetic_test=config.synthetic_test_size)
   except data_lib.DataError as e:
-    raise SetupError(str(e)) from None
+    raise SetupError(str(e)) from e  # the program may word the cause in terms of its flags
   n_train = len(dataset.train_labels)
   min_size = 1 if config.iid else config.min_client_size
   if not own_split and config.num_clients * min_size > n_train:
