@@ -228,7 +228,14 @@ def test_root_dir_new_same_config_resumes_foreign_refused(tmp_path):
   with pytest.raises(program_io.RunDirError) as e:
     program_io.prepare_root_dir(root, dict(cfg, gamma=0.5), overwrite=False)
   msg = str(e.value)
-  assert '\n' not in msg and '--gamma=0.7 there, 0.5 now' in msg and '--overwrite' in msg
+  # The library names the settings as configuration keys; a program passes its flag names.
+  assert '\n' not in msg and 'gamma=0.7 there, 0.5 now' in msg and '--' not in msg
+  assert 'rerun with overwrite' in msg
+  with pytest.raises(program_io.RunDirError) as e:
+    program_io.prepare_root_dir(root, dict(cfg, gamma=0.5), overwrite=False, names=text.FLAGS)
+  msg = str(e.value)
+  assert f'--root_dir={root} holds' in msg and '--gamma=0.7 there, 0.5 now' in msg
+  assert 'rerun with --overwrite' in msg
 
 
 def test_another_length_is_refused_with_the_reason(tmp_path):
@@ -238,11 +245,11 @@ def test_another_length_is_refused_with_the_reason(tmp_path):
   with pytest.raises(program_io.RunDirError) as e:
     program_io.check_root_dir(root, dict(cfg, rounds=20, t_end=12, eval_every=3), False)
   msg = str(e.value)
-  assert '\n' not in msg and 'unfinished run of --rounds=10' in msg
-  assert 'cannot extend' in msg and 'learning-rate decay' in msg and '--overwrite' in msg
+  assert '\n' not in msg and 'unfinished run of rounds=10' in msg
+  assert 'cannot extend' in msg and 'learning-rate decay' in msg and 'with overwrite' in msg
   program_io.write_json(os.path.join(root, 'summary.json'), {'rounds_completed': 10})
-  with pytest.raises(program_io.RunDirError, match='finished run of --rounds=10'):
-    program_io.check_root_dir(root, dict(cfg, rounds=20), False)
+  with pytest.raises(program_io.RunDirError, match='finished run of --rounds=10 that --rounds=20'):
+    program_io.check_root_dir(root, dict(cfg, rounds=20), False, names=text.FLAGS)
   # Another change besides the length gets the list of differences.
   with pytest.raises(program_io.RunDirError, match='another configuration'):
     program_io.check_root_dir(root, dict(cfg, rounds=20, algorithm='rigl'), False)

@@ -237,3 +237,17 @@ def test_format_bytes_units_and_edges():
 def test_format_seconds():
   assert [text.format_seconds(s) for s in (-1, 0.4, 59.6, 61, 3599, 3600, 7384)] == \
       ['0s', '0s', '1m00s', '1m01s', '59m59s', '1h00m', '2h03m']
+
+
+def test_library_messages_name_settings_as_their_caller_asks():
+  from tff_programs import program_io  # pylint: disable=import-outside-toplevel
+  assert text.KEYWORDS.setting('rounds', 40) == 'rounds=40' and text.KEYWORDS.name('t_end') == 't_end'
+  assert text.FLAGS.setting('rounds', 40) == '--rounds=40' and text.FLAGS.name('t_end') == '--t_end'
+  assert program_io.ClientlessRounds(warn_after=1).record(1, 0).endswith(
+      'a lower client_lr may help')
+  assert program_io.ClientlessRounds(warn_after=1, names=text.FLAGS).record(1, 0).endswith(
+      'a lower --client_lr may help')
+  full = OSError(28, 'No space left on device')
+  assert '--' not in program_io.disk_full_message(full, 'runs/x')
+  assert 'copy --root_dir=runs/x to a larger one' in program_io.disk_full_message(
+      full, 'runs/x', names=text.FLAGS)

@@ -221,7 +221,7 @@ def check_command_line(values: Mapping[str, Any]) -> None:
   values = cli.resolve_defaults(values)
   try:
     program_io.check_root_dir(values['root_dir'], run_config(values), values['overwrite'],
-                              ignore=program_io.DATA_KEYS)
+                              ignore=program_io.DATA_KEYS, names=text.FLAGS)
   except program_io.RunDirError as e:
     raise UsageError(str(e)) from None
 
@@ -249,36 +249,22 @@ def _error(message: str) -> None:
   print(f'train: error: {message}', file=sys.stderr)
 
 
-def setup_error_message(e: training_loop.SetupError) -> str:
-  """The one-line message of a run that cannot start, in terms of this program's flags."""
-  if isinstance(e, training_loop.TooManyClientsError):
-    return (f'--num_clients={e.num_clients} is out of range for {e.dataset}: {e.num_clients} '
-            f'clients * {e.min_size} examples > {e.num_examples} training examples')
-  if isinstance(e, training_loop.DamagedCheckpointsError):
-    return f'{e}; rerun with --overwrite to start afresh'
-  from tff_programs import user_data  # pylint: disable=import-outside-toplevel
-  if isinstance(e.__cause__, user_data.TooFewClientsError):
-    cause = e.__cause__
-    return f'{cause.path}: {cause.available} clients, fewer than --num_clients={cause.requested}'
-  return str(e)
-
-
 def main(argv: List[str]) -> int:
   """Runs the program on the parsed, checked flags (see `parse_flags`); returns the exit code."""
   del argv
   config = _typed_config(FLAGS.flag_values_dict())
   try:
-    with run_lock.RunLock(config.root_dir):
-      done = training_loop.run(config, console=training_loop.Console('train'))
+    with run_lock.RunLock(config.root_dir, names=text.FLAGS):
+      done = training_loop.run(config, console=training_loop.Console('train'), names=text.FLAGS)
     return cli.EXIT_OK if done else cli.EXIT_INTERRUPTED
   except run_lock.LockError as e:
     _error(text.one_line(str(e)))
     return cli.EXIT_USAGE
   except training_loop.SetupError as e:
-    _error(setup_error_message(e))
+    _error(str(e))
     return cli.EXIT_USAGE
   except training_loop.NoClientUsedError as e:
-    _error(f'{e}; a lower --client_lr may help')
+    _error(str(e))
     return cli.EXIT_FAILURE
   except KeyboardInterrupt:
     print('train: interrupted; rerun the same command to resume from the last saved round',
@@ -288,7 +274,7 @@ def main(argv: List[str]) -> int:
     _error(str(e))
     return cli.EXIT_FAILURE
   except Exception as e:  # pylint: disable=broad-except
-    disk_full = program_io.disk_full_message(e, FLAGS.root_dir)
+    disk_full = program_io.disk_full_message(e, FLAGS.root_dir, names=text.FLAGS)
     if disk_full:
       _error(disk_full)
       return cli.EXIT_FAILURE

@@ -143,27 +143,8 @@ class SetupError(Exception):
   """The run cannot start: its run directory, data or checkpoints are unusable."""
 
 
-class TooManyClientsError(SetupError):
-  """The training split has fewer examples than the clients need."""
-
-  def __init__(self, dataset: str, num_clients: int, min_size: int, num_examples: int):
-    self.dataset, self.num_clients = dataset, num_clients
-    self.min_size, self.num_examples = min_size, num_examples
-    super().__init__(f'{num_clients} clients * {min_size} examples > {num_examples} training '
-                     'examples')
-
-
-class DamagedCheckpointsError(SetupError):
-  """The run directory holds checkpoints of which none can be read."""
-
-
 class NoClientUsedError(Exception):
   """Every round of the run was without a usable client: the model is untrained."""
-
-  def __init__(self, rounds: int):
-    self.rounds = rounds
-    super().__init__(f'no round of 1..{rounds} used any client (every client update was '
-                     'non-finite or empty): the model is untrained')
 
 
 class Console:
@@ -412,8 +393,11 @@ class _Data:
   test_ds: Any
 
 
-def load_data(config: RunConfig, console: Console) -> _Data:
+def load_data(config: RunConfig, console: Console,
+              names: text.SettingNames = text.KEYWORDS) -> _Data:
   """Loads the data of `config` and splits it among its clients; says so on the console.
+
+  `names` says how error messages name the settings (see `run`).
 
   Raises:
     SetupError: the data files are unusable, or too small for the clients.
@@ -421,23 +405,28 @@ def load_data(config: RunConfig, console: Console) -> _Data:
   # pylint: disable=import-outside-toplevel
   from fedmef_tf import data as data_lib
   from tff_programs import client_data as client_data_lib
+  from tff_programs import user_data as user_data_lib
   own_split = config.dataset == 'client_data'
   try:
     if own_split:
-      from tff_programs import user_data
-      dataset, partitions, _ = user_data.load_sql_client_data(config.data_dir,
-                                                              config.num_clients)
+      dataset, partitions, _ = user_data_lib.load_sql_client_data(config.data_dir,
+                                                                  config.num_clients)
     else:
       dataset = data_lib.load_dataset(
           config.dataset, config.data_dir or None, seed=config.seed,
           synthetic_train=config.synthetic_train_size,
           synthetic_test=config.synthetic_test_size)
+  except user_data_lib.TooFewClientsError as e:
+    raise SetupError(f'{e.path}: {e.available} clients, fewer than '
+                     f'{names.setting("num_clients", e.requested)}') from None
   except data_lib.DataError as e:
-    raise SetupError(str(e)) from e  # the program may word the cause in terms of its flags
+    raise SetupError(str(e)) from None
   n_train = len(dataset.train_labels)
   min_size = 1 if config.iid else config.min_client_size
   if not own_split and config.num_clients * min_size > n_train:
-    raise TooManyClientsError(config.dataset, config.num_clients, min_size, n_train)
+    raise SetupError(f'{names.setting("num_clients", config.num_clients)} is out of range for '
+                     f'{config.dataset}: {config.num_clients} clients * {min_size} examples > '
+                     f'{n_train} training examples')
   if not own_split:
     partitions = data_lib.partition(
         dataset.train_labels, config.num_clients, 0.0 if config.iid else config.dirichlet_alpha,
@@ -502,7 +491,8 @@ class Evaluator:
 
 
 def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
-        console: Optional[Console] = None) -> bool:
+        console: Optional[Console] = None,
+        names: text.SettingNames = text.KEYWORDS) -> bool:
   """Runs (or resumes) the training of `config`.
 
   Args:
@@ -510,6 +500,8 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
     process_builder: `(model_fn, result_config, model_spec, element_spec) -> LearningProcess`;
       default `default_process_builder`. Tests may pass another.
     console: where progress and warnings go; default `Console('train')`.
+    names: how messages name the settings: as `RunConfig` fields (`fedmef_tf.text.KEYWORDS`)
+      or as a program's flags (`fedmef_tf.text.FLAGS`).
 
   Returns:
     True when every round is done (now, or by an earlier run of the same configuration),
@@ -525,7 +517,7 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
   cfg = config.result_config()
   try:
     resumable = program_io.check_root_dir(root_dir, cfg, config.overwrite,
-                                          ignore=program_io.DATA_KEYS)
+                                          ignore=program_io.DATA_KEYS, names=names)
   except program_io.RunDirError as e:
     raise SetupError(str(e)) from None
   finished = program_io.finished_summary(root_dir, config.rounds) if resumable else None
@@ -539,7 +531,7 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
   from tff_programs import fedmef_process
 
   setup_start = time.monotonic()
-  data = load_data(config, console)
+  data = load_data(config, console, names)
   dataset, federated = data.dataset, data.federated
   spec = model_spec(config.algorithm, config.density, config.gamma)
   # Masks are set by the process (ERK random masks of the density from the seed) and travel in
@@ -568,26 +560,28 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
     # overwrite) only now: a run that fails while loading its data or building its process
     # leaves it as it was.
     try:
-      resumable = program_io.prepare_root_dir(root_dir, cfg, config.overwrite)
+      resumable = program_io.prepare_root_dir(root_dir, cfg, config.overwrite, names=names)
       manager = program_io.state_manager(root_dir)
     except program_io.RunDirError as e:
       raise SetupError(str(e)) from None
     totals = {'down_bytes': 0.0, 'up_bytes': 0.0, 'train_seconds': 0.0}
     start_round = 0
     if resumable:
-      state, start_round, totals = _resume(manager, state, totals, root_dir, console)
+      state, start_round, totals = _resume(manager, state, totals, root_dir, console, names)
     console.info(f'{config.algorithm} on {config.model}/{spec["variant"]} (density '
                  f'{spec["density"]:g}, gamma {spec["gamma"]:g}): rounds {start_round + 1}..'
                  f'{config.rounds}, {config.clients_per_round} of {config.num_clients} clients '
                  f'per round; set-up {time.monotonic() - setup_start:.1f}s')
     state, completed = _round_loop(config, process, state, start_round, totals, federated,
-                                   evaluator, manager, stop, console)
+                                   evaluator, manager, stop, console, names)
     if completed < config.rounds:
       console.info(f'stopped after round {completed} of {config.rounds}; rerun the same '
                    'command to resume')
       return False
     if not program_io.any_client_used(program_io.read_metrics(root_dir)):
-      raise NoClientUsedError(config.rounds)
+      raise NoClientUsedError(
+          f'no round of 1..{config.rounds} used any client (every client update was non-finite '
+          f'or empty): the model is untrained; a lower {names.name("client_lr")} may help')
     evaluator.load(state)
     summary = finish(config, cfg, spec, dataset, evaluator, model_fn, totals, console)
     console.info(done_line(summary, root_dir))
@@ -597,7 +591,8 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
     rt.stop()
 
 
-def _resume(manager, state, totals, root_dir: str, console: Console):
+def _resume(manager, state, totals, root_dir: str, console: Console,
+            names: text.SettingNames):
   """`(state, last saved round, totals)` from the newest intact checkpoint, if any."""
   from tff_programs import checkpoints  # pylint: disable=import-outside-toplevel
 
@@ -608,7 +603,8 @@ def _resume(manager, state, totals, root_dir: str, console: Console):
   try:
     saved, version = asyncio.run(manager.load_latest(template, on_damaged=warn_damaged))
   except checkpoints.CheckpointError as e:
-    raise DamagedCheckpointsError(text.one_line(str(e))) from None
+    raise SetupError(f'{text.one_line(str(e))}; rerun with {names.name("overwrite")} to start '
+                     'afresh') from None
   if saved is None:
     return state, 0, totals
   console.info(f'resuming after round {int(saved["round"])} from {root_dir} (version {version})')
@@ -617,12 +613,13 @@ def _resume(manager, state, totals, root_dir: str, console: Console):
 
 
 def _round_loop(config: RunConfig, process, state, start_round: int, totals, federated,
-                evaluator: Evaluator, manager, stop: GracefulStop, console: Console):
+                evaluator: Evaluator, manager, stop: GracefulStop, console: Console,
+                names: text.SettingNames):
   """Runs rounds `start_round + 1 .. config.rounds` (until a stop request); returns
   `(state, last completed round)`. `totals` is updated in place."""
   from fedmef_tf import data as data_lib  # pylint: disable=import-outside-toplevel
   releaser = program_io.MetricsReleaser(config.root_dir)
-  clientless = program_io.ClientlessRounds()
+  clientless = program_io.ClientlessRounds(names=names)
   round_times: List[float] = []
   last_acc = float('nan')
   completed = start_round
