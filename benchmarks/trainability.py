@@ -17,8 +17,8 @@ above 3x the first one) and the mean loss of the last 20 steps (`LAST`).
 
 It also prints the scale of each block's output at initialisation (mean and standard deviation
 over a batch of 64, variant in training mode), on both image sets, and plots it
-(`--plot=FILE.png`). The default runs the small CNN only and finishes in a few minutes on 2
-cores; `--models=cnn,resnet18,mobilenet_v2` is the full grid.
+(`--plot=FILE.png`). The default runs the small CNN only (README.md gives its duration);
+`--models=cnn,resnet18,mobilenet_v2` is the full grid.
 
 Summary lines at the end check the targets of the trainability work: no cell in which FedMef
 diverges and the baseline does not, and at lr 0.1 and batch 64 on the real set FedMef's last

@@ -60,8 +60,8 @@ flags.DEFINE_list('seeds', [], 'Seeds, comma-separated: each algorithm runs once
                   '<root_dir>/<algorithm>/seed<k> with --seed=k, and the tables give the mean '
                   'and standard deviation over the seeds. Empty: one run per algorithm in '
                   '<root_dir>/<algorithm> with --seed.')
-# Defaults of the shared flags that keep the 8-algorithm comparison within about 30 minutes on
-# 2 cores on the built-in dataset; every one can be set on the command line.
+# Defaults of the shared flags of a comparison of every algorithm on the built-in dataset (its
+# duration is in README.md, "Comparison with the baselines"); each can be set on the command line.
 _COMPARE_DEFAULTS = {'root_dir': os.path.join('runs', 'compare'), 'density': 0.1}
 
 # Flags of the training program that are not passed to the child runs as shared settings.
