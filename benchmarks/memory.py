@@ -39,6 +39,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from fedmef_tf import agc  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fedmef_tf import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fedmef_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedmef_tf import text  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tff_programs import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODELS = flags.DEFINE_list("models", ["resnet18", "mobilenet_v2"],
@@ -127,15 +128,17 @@ def targets(rows):
 
 
 def _table(rows):
-    mib = 2.0 ** 20
-    lines = [f"{'model':13s} {'row':16s} {'measured':>10s} {'analytic':>10s} {'an/meas':>8s} "
-             f"{'peak/bs':>8s} {'step s':>8s} {'time/bs':>8s} {'weights':>9s}"]
+    def mib(n, precision=1):
+        return text.format_bytes(n, "MiB", precision)
+
+    lines = [f"{'model':13s} {'row':16s} {'measured':>12s} {'analytic':>12s} {'an/meas':>8s} "
+             f"{'peak/bs':>8s} {'step s':>8s} {'time/bs':>8s} {'weights':>11s}"]
     for r in rows:
         lines.append(
-            f"{r['model']:13s} {r['row']:16s} {r['measured_peak_bytes'] / mib:8.1f}Mi "
-            f"{r['analytic_peak_bytes'] / mib:8.1f}Mi {r['analytic_over_measured']:8.2f} "
+            f"{r['model']:13s} {r['row']:16s} {mib(r['measured_peak_bytes']):>12s} "
+            f"{mib(r['analytic_peak_bytes']):>12s} {r['analytic_over_measured']:8.2f} "
             f"{r['peak_ratio']:8.2f} {r['step_seconds']:8.3f} {r['time_ratio']:8.2f} "
-            f"{r['analytic_weight_bytes'] / mib:7.2f}Mi")
+            f"{mib(r['analytic_weight_bytes'], 2):>11s}")
     return "\n".join(lines)
 
 
@@ -153,11 +156,10 @@ def main(argv):
         return
     print(f"batch {_BATCH_SIZE.value}, density {_DENSITY.value}, device "
           f"{'GPU' if tf.config.list_logical_devices('GPU') else 'CPU'}, inter-op threads "
-          f"{_INTER_OP.value or 'default'}; peaks in MiB (2^20 bytes), ratios to baseline "
-          f"sparse (bs)")
+          f"{_INTER_OP.value or 'default'}; MiB = 2^20 bytes, ratios to baseline sparse (bs)")
     print(_table(rows))
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    for description, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {description}")
 
 
 if __name__ == "__main__":

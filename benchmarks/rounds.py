@@ -32,12 +32,16 @@ import time
 from absl import app
 from absl import flags
 
+from fedmef_tf import algorithms
 from tff_programs import cli
-from tff_programs import runtime  # Sets quiet logging before TensorFlow is imported.
+from tff_programs import runtime
+
+runtime.configure_logging()  # before TensorFlow is imported: quiet unless FEDMEF_VERBOSE=1
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-order
 
+from fedmef_tf import agc  # pylint: disable=g-import-not-at-top
 from fedmef_tf import client as client_lib  # pylint: disable=g-import-not-at-top
 from fedmef_tf import masks as masks_lib  # pylint: disable=g-import-not-at-top
 from fedmef_tf import sap  # pylint: disable=g-import-not-at-top
@@ -160,21 +164,21 @@ def plain_round_times(algorithm: str, setting: Setting):
   round; nothing is aggregated.
   """
   kwargs = _process_kwargs(algorithm, setting.rounds)
+  entry = algorithms.get(algorithm)
   model = _model_fn(algorithm)()
-  masks_lib.init_sparse(model, 1.0 if algorithm == 'fedavg' else kwargs['density'],
-                        kwargs['seed'])
+  masks_lib.init_sparse(model, entry.initial_density(kwargs['density']), kwargs['seed'])
   layout = client_lib.WeightLayout(model)
-  mode = (server_lib.MODE_NONE if algorithm == 'fedavg' else server_lib.MODE_SERVER_ADJUST)
   schedule = server_lib.ScheduleConfig(
-      mode=mode, delta_t=kwargs['delta_t'], t_end=kwargs['t_end'], alpha=kwargs['alpha'],
-      eta_0=kwargs['client_lr'], eta_min=kwargs['client_lr_min'],
-      total_rounds=kwargs['total_rounds'], density=kwargs['density'])
-  use_bae = algorithm in ('fedmef', 'fedmef_no_sap')
+      mode=entry.mode, delta_t=kwargs['delta_t'], t_end=kwargs['t_end'],
+      alpha=entry.adjustment_fraction(kwargs['alpha']), eta_0=kwargs['client_lr'],
+      eta_min=kwargs['client_lr_min'], total_rounds=kwargs['total_rounds'],
+      density=kwargs['density'])
   update = client_lib.build_client_update(
       model, layout, local_epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE,
-      eta_0=kwargs['client_lr'], lambda_bae=kwargs['lambda_bae'] if use_bae else 0.0,
-      use_bae=use_bae, server_adjust=mode == server_lib.MODE_SERVER_ADJUST,
-      client_regrow=False)
+      eta_0=kwargs['client_lr'], lambda_bae=entry.bae_lambda(kwargs['lambda_bae']),
+      use_bae=entry.uses_bae, server_adjust=entry.mode == server_lib.MODE_SERVER_ADJUST,
+      client_regrow=entry.mode == server_lib.MODE_FEDDST,
+      gradient_clipping=agc.clipping_for(entry.variant))
   trainable = [tf.identity(v) for v in model.trainable_weights]
   non_trainable = [tf.identity(v) for v in model.non_trainable_weights]
   times = []
@@ -198,12 +202,6 @@ def _median(times):
 
 def main(argv):
   del argv
-  for name in _SETTINGS.value:
-    if name not in SETTINGS:
-      raise app.UsageError(f'--settings: unknown setting {name!r}, expected {sorted(SETTINGS)}')
-  for algorithm in _ALGORITHMS.value:
-    if algorithm not in ALGORITHMS:
-      raise app.UsageError(f'--algorithms: {algorithm!r} is not one of {ALGORITHMS}')
   settings = [Setting(name, _CIFAR_ROUNDS.value if name == 'cifar10' else _ROUNDS.value)
               for name in _SETTINGS.value]
   plain_algorithms = [a for a in ('fedmef', 'rigl') if a in _ALGORITHMS.value]
@@ -239,5 +237,16 @@ def main(argv):
       print(f'  20 fedmef rounds: about {20 * tff_median[setting.name, "fedmef"] / 60:.1f} min')
 
 
+def validate(values) -> None:
+  """Checks `--settings` and `--algorithms`; raises `cli.UsageError` naming each bad one."""
+  problems = cli.Problems()
+  for name in values['settings']:
+    problems.check_choice('settings', name, sorted(SETTINGS))
+  for algorithm in values['algorithms']:
+    problems.check_choice('algorithms', algorithm, ALGORITHMS)
+  problems.raise_if_any()
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.flags_parser('rounds', cli.program_help(__doc__, [__name__])))
+  app.run(main, flags_parser=cli.flags_parser('rounds', cli.program_help(__doc__, [__name__]),
+                                              validate))

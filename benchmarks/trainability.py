@@ -17,21 +17,22 @@ above 3x the first one) and the mean loss of the last 20 steps (`LAST`).
 
 It also prints the scale of each block's output at initialisation (mean and standard deviation
 over a batch of 64, variant in training mode), on both image sets, and plots it
-(`--plot=FILE.png`). The default runs the small CNN only and finishes in a few minutes on 2
-cores; `--models=cnn,resnet18,mobilenet_v2` is the full grid.
+(`--plot=FILE.png`). The default runs the small CNN only (README.md gives its duration);
+`--models=cnn,resnet18,mobilenet_v2` is the full grid.
 
 Summary lines at the end check the targets of the trainability work: no cell in which FedMef
 diverges and the baseline does not, and at lr 0.1 and batch 64 on the real set FedMef's last
 loss at most 1.1x the baseline's.
 """
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Dict, List, Sequence, Tuple
+
+from absl import app
+from absl import flags
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -44,6 +45,7 @@ from fedmef_tf import data
 from fedmef_tf import digits
 from fedmef_tf import masks
 from fedmef_tf import models
+from tff_programs import cli
 
 #: Steps whose losses are averaged for a cell's figure.
 LAST = 20
@@ -192,41 +194,49 @@ def plot_scales(scales: Dict[Tuple[str, str, str], List[Tuple[str, float, float]
   plt.close(fig)
 
 
-def _parse_list(text: str, kind) -> List:
-  return [kind(v) for v in text.split(',') if v.strip()]
+def define_flags() -> None:
+  """Defines the program's flags (when it runs as a program; the tests import the module)."""
+  flags.DEFINE_list('models', ['cnn'], 'Registry names of the models, comma-separated.')
+  flags.DEFINE_list('batch_sizes', ['8', '32', '64'], 'Batch sizes of the grid (>= 1).')
+  flags.DEFINE_list('learning_rates', ['0.05', '0.1', '0.2'], 'Learning rates of the grid (> 0).')
+  flags.DEFINE_integer('steps', 40, f'SGD steps per cell (>= {LAST}).')
+  flags.DEFINE_list('data', ['digits', 'noise'], 'Image sets: digits, noise or both.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the models, masks, batches and the noise.')
+  flags.DEFINE_string('plot', None, 'PNG of the block scales.')
+  flags.DEFINE_string('json', None, 'Write every cell and scale as JSON to this file.')
+  flags.DEFINE_bool('scales_only', False, 'Print (and plot) the block scales, run no SGD cell.')
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m benchmarks.trainability',
-                                   description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default='cnn', help='comma-separated registry names')
-  parser.add_argument('--batch_sizes', default='8,32,64')
-  parser.add_argument('--learning_rates', default='0.05,0.1,0.2')
-  parser.add_argument('--steps', type=int, default=40, help='SGD steps per cell (>= 20)')
-  parser.add_argument('--data', default='digits,noise', help='digits, noise or both')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--plot', default=None, help='PNG of the block scales')
-  parser.add_argument('--json', default=None, help='write every cell and scale as JSON')
-  parser.add_argument('--scales_only', action='store_true',
-                      help='print (and plot) the block scales, run no SGD cell')
-  args = parser.parse_args(argv)
+def _numbers(values: Sequence[str], kind) -> List:
+  return [kind(v) for v in values if v.strip()]
+
+
+def validate(values) -> None:
+  """Checks the flags; raises `cli.UsageError` naming each bad one."""
+  problems = cli.Problems()
+  for name in values['models']:
+    problems.check_choice('models', name, models.MODEL_NAMES)
+  for name in values['data']:
+    problems.check_choice('data', name, ('digits', 'noise'))
+  problems.check_range('steps', values['steps'], LAST)
   try:
-    names = _parse_list(args.models, str)
-    for n in names:
-      if n not in models.MODEL_NAMES:
-        raise ValueError(f'--models: unknown {n!r} (known: {", ".join(models.MODEL_NAMES)})')
-    batch_sizes = _parse_list(args.batch_sizes, int)
-    rates = _parse_list(args.learning_rates, float)
-    sets = _parse_list(args.data, str)
-    if any(s not in ('digits', 'noise') for s in sets):
-      raise ValueError(f'--data: choose from digits, noise, got {args.data!r}')
-    if args.steps < LAST:
-      raise ValueError(f'--steps must be >= {LAST}, got {args.steps}')
-    if min(batch_sizes) < 1 or min(rates) <= 0:
-      raise ValueError('--batch_sizes must be >= 1 and --learning_rates > 0')
+    batch_sizes = _numbers(values['batch_sizes'], int)
+    rates = _numbers(values['learning_rates'], float)
   except ValueError as e:
-    print(f'trainability: error: {e}', file=sys.stderr)
-    return 2
+    problems.add(f'--batch_sizes and --learning_rates must be numbers ({e})')
+  else:
+    if not batch_sizes or min(batch_sizes) < 1 or not rates or min(rates) <= 0:
+      problems.add('--batch_sizes must be >= 1 and --learning_rates > 0')
+  problems.raise_if_any()
+
+
+def main(argv) -> int:
+  del argv  # checked by `cli.flags_parser`, with `validate`
+  args = flags.FLAGS
+  names = list(args.models)
+  batch_sizes = _numbers(args.batch_sizes, int)
+  rates = _numbers(args.learning_rates, float)
+  sets = list(args.data)
 
   start = time.monotonic()
   all_sets = image_sets(args.seed)
@@ -270,8 +280,10 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'cells': cells, 'scales': {'/'.join(k): v for k, v in scales.items()}}, f)
-  return 0
+  return cli.EXIT_OK
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  app.run(main, flags_parser=cli.flags_parser('trainability',
+                                              cli.program_help(__doc__, [__name__]), validate))

@@ -8,7 +8,8 @@ The public names, re-exported here (tfmot's pattern) and imported on first use, 
 * `custom_object_scope`, `save_model`, `load_model` (`fedmef_tf.model_io`);
 * `init_sparse`, `global_density`, `prunable_layers`, `erk_densities` (`fedmef_tf.masks`);
 * `analytic_footprint`, `measure_train_step_peak` (`fedmef_tf.memory`);
-* the modules `conversion`, `data`, `masks`, `memory`, `model_io`, `models`.
+* the modules `algorithms` (the catalogue of the algorithms: variant, SAP, BaE, mask policy),
+  `conversion`, `data`, `losses`, `masks`, `memory`, `model_io`, `models`.
 """
 
 from fedmef_tf.lazy_exports import lazy_exports
@@ -22,6 +23,7 @@ _EXPORTS = {
     'erk_densities': 'masks',
     'analytic_footprint': 'memory', 'measure_train_step_peak': 'memory',
 }
-_MODULES = ('conversion', 'data', 'masks', 'memory', 'model_io', 'models')
+_MODULES = ('algorithms', 'conversion', 'data', 'losses', 'masks', 'memory', 'model_io',
+            'models')
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _MODULES)

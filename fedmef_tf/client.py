@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from fedmef_tf import agc
+from fedmef_tf import losses
 from fedmef_tf import mask_updates
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import schedules
@@ -148,10 +149,8 @@ class ClientOutput(NamedTuple):
   metrics: collections.OrderedDict
 
 
-def default_loss_fn(y_true, logits):
-  """Mean sparse categorical cross-entropy on logits (the models of fedmef_tf output logits)."""
-  return tf.reduce_mean(
-      tf.keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True))
+#: The loss of the client steps unless another is given: `fedmef_tf.losses.mean_loss`.
+default_loss_fn = losses.mean_loss
 
 
 def sgd_step(model: tf.keras.Model, layers: Sequence[tf.keras.layers.Layer], x: tf.Tensor,

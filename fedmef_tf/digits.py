@@ -19,6 +19,7 @@ It is kept out of the default run; `python -m fedmef_tf.digits --output=DIR` wri
 """
 
 import os
+import sys
 from typing import Tuple
 
 import numpy as np
@@ -94,19 +95,25 @@ def write_cifar10_layout(directory: str, seed: int = 0,
   return directory
 
 
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-
-  parser = argparse.ArgumentParser(
-      prog='python -m fedmef_tf.digits',
-      description="Writes scikit-learn's handwritten digits in CIFAR-10's binary layout.")
-  parser.add_argument('--output', required=True, help='directory to write')
-  parser.add_argument('--seed', type=int, default=0, help='seed of the train/test split')
-  args = parser.parse_args(argv)
-  write_cifar10_layout(args.output, seed=args.seed)
-  print(f'wrote {args.output} (CIFAR-10 binary layout, 10 classes)')
+def main(argv) -> int:
+  """`python -m fedmef_tf.digits --output=DIR [--seed=N]`: writes the set to `--output`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    print(f'digits: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    return 2
+  output = flags.FLAGS.output
+  if not output:
+    print('digits: error: --output is required: the directory to write', file=sys.stderr)
+    return 2
+  write_cifar10_layout(output, seed=flags.FLAGS.seed)
+  print(f'wrote {output} (CIFAR-10 binary layout, 10 classes)')
   return 0
 
 
 if __name__ == '__main__':
-  raise SystemExit(main())
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  # Defined only when run as a program: importing the module defines no flag.
+  flags.DEFINE_string('output', '', 'Directory to write the files to.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the train/test split.')
+  app.run(main)

@@ -61,16 +61,12 @@ import numpy as np
 import tensorflow as tf
 
 from fedmef_tf import agc
+from fedmef_tf import losses
 from fedmef_tf import sap
 
-__all__ = ["analytic_footprint", "measure_train_step_peak", "format_bytes"]
+__all__ = ["analytic_footprint", "measure_train_step_peak"]
 
 _F32 = 4
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes as a short string in MiB (``'12.3 MiB'``)."""
-    return f"{n / 2 ** 20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +130,7 @@ def measure_train_step_peak(
     def step(x, y):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
-            loss = tf.reduce_mean(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+            loss = losses.mean_loss(y, logits)
         grads = tape.gradient(loss, variables)
         if gradient_clipping is not None:
             grads = agc.clip_model_gradients(model, grads, gradient_clipping)

@@ -37,16 +37,17 @@ from typing import List, NamedTuple
 
 import tensorflow as tf
 
+from fedmef_tf import algorithms
 from fedmef_tf import client as client_lib
 from fedmef_tf import mask_updates
 from fedmef_tf import schedules
 
-#: How each algorithm changes masks.
-MODE_SERVER_ADJUST = 'server_adjust'   # FedMef, its ablations, RigL, static (alpha = 0)
-MODE_FEDDST = 'feddst'
-MODE_TFMOT = 'tfmot'
-MODE_NONE = 'none'                     # dense FedAvg
-MODES = (MODE_SERVER_ADJUST, MODE_FEDDST, MODE_TFMOT, MODE_NONE)
+#: How the server changes masks; which algorithm uses which is in `fedmef_tf.algorithms`.
+MODE_SERVER_ADJUST = algorithms.MODE_SERVER_ADJUST
+MODE_FEDDST = algorithms.MODE_FEDDST
+MODE_TFMOT = algorithms.MODE_TFMOT
+MODE_NONE = algorithms.MODE_NONE
+MODES = algorithms.MODES
 
 
 class ServerState(NamedTuple):

@@ -12,6 +12,10 @@ if ROOT not in sys.path:
 
 from tff_programs import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Before any test imports TensorFlow: its C++ log lines stay out of the output (and out of the
+# programs the tests start, which inherit the environment) unless FEDMEF_VERBOSE=1.
+runtime.configure_logging()
+
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -26,6 +26,7 @@ from fedmef_tf import text
 from tff_programs import cli
 from tff_programs import program_io
 from tff_programs import train
+from tff_programs import training_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HAVE_PROCESS = os.path.isfile(os.path.join(ROOT, 'tff_programs', 'fedmef_process.py'))
@@ -185,14 +186,14 @@ def test_help_exits_0_with_ranges_and_derived_defaults():
 
 
 def test_model_spec_per_algorithm():
-  assert train.model_spec('fedmef', 0.1, 0.7) == {'variant': 'fedmef', 'density': 0.1,
+  assert training_loop.model_spec('fedmef', 0.1, 0.7) == {'variant': 'fedmef', 'density': 0.1,
                                                   'gamma': 0.7}
-  assert train.model_spec('fedmef_no_sap', 0.1, 0.7)['gamma'] == 0.0
-  assert train.model_spec('fedmef_no_bae', 0.1, 0.7)['gamma'] == 0.7
-  assert train.model_spec('fedavg', 0.1, 0.7) == {'variant': 'baseline', 'density': 1.0,
+  assert training_loop.model_spec('fedmef_no_sap', 0.1, 0.7)['gamma'] == 0.0
+  assert training_loop.model_spec('fedmef_no_bae', 0.1, 0.7)['gamma'] == 0.7
+  assert training_loop.model_spec('fedavg', 0.1, 0.7) == {'variant': 'baseline', 'density': 1.0,
                                                   'gamma': 0.0}
   for algo in ('rigl', 'feddst', 'static', 'tfmot'):
-    assert train.model_spec(algo, 0.1, 0.7) == {'variant': 'baseline', 'density': 0.1,
+    assert training_loop.model_spec(algo, 0.1, 0.7) == {'variant': 'baseline', 'density': 0.1,
                                                 'gamma': 0.0}
 
 
@@ -201,17 +202,17 @@ def test_model_spec_per_algorithm():
 
 
 def test_client_sampling_is_a_function_of_seed_and_round():
-  a = [train.sample_clients(7, t, 100, 10) for t in range(1, 50)]
-  b = [train.sample_clients(7, t, 100, 10) for t in reversed(range(1, 50))][::-1]
+  a = [training_loop.sample_clients(7, t, 100, 10) for t in range(1, 50)]
+  b = [training_loop.sample_clients(7, t, 100, 10) for t in reversed(range(1, 50))][::-1]
   assert a == b  # no hidden RNG state: order of calls does not matter
   assert all(len(set(c)) == 10 and c == sorted(c) and 0 <= min(c) and max(c) < 100 for c in a)
   assert len({tuple(c) for c in a}) > 40  # rounds differ
-  assert train.sample_clients(8, 1, 100, 10) != a[0]
-  assert train.sample_clients(1, 1, 5, 5) == [0, 1, 2, 3, 4]
+  assert training_loop.sample_clients(8, 1, 100, 10) != a[0]
+  assert training_loop.sample_clients(1, 1, 5, 5) == [0, 1, 2, 3, 4]
   counts = np.bincount(np.concatenate(a), minlength=100)
   assert counts.min() >= 0 and counts.sum() == 490
-  assert train.shuffle_seed(1, 2, 3) == train.shuffle_seed(1, 2, 3)
-  assert len({train.shuffle_seed(1, t, k) for t in range(5) for k in range(5)}) == 25
+  assert training_loop.shuffle_seed(1, 2, 3) == training_loop.shuffle_seed(1, 2, 3)
+  assert len({training_loop.shuffle_seed(1, t, k) for t in range(5) for k in range(5)}) == 25
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +228,14 @@ def test_root_dir_new_same_config_resumes_foreign_refused(tmp_path):
   with pytest.raises(program_io.RunDirError) as e:
     program_io.prepare_root_dir(root, dict(cfg, gamma=0.5), overwrite=False)
   msg = str(e.value)
-  assert '\n' not in msg and '--gamma=0.7 there, 0.5 now' in msg and '--overwrite' in msg
+  # The library names the settings as configuration keys; a program passes its flag names.
+  assert '\n' not in msg and 'gamma=0.7 there, 0.5 now' in msg and '--' not in msg
+  assert 'rerun with overwrite' in msg
+  with pytest.raises(program_io.RunDirError) as e:
+    program_io.prepare_root_dir(root, dict(cfg, gamma=0.5), overwrite=False, names=text.FLAGS)
+  msg = str(e.value)
+  assert f'--root_dir={root} holds' in msg and '--gamma=0.7 there, 0.5 now' in msg
+  assert 'rerun with --overwrite' in msg
 
 
 def test_another_length_is_refused_with_the_reason(tmp_path):
@@ -237,11 +245,11 @@ def test_another_length_is_refused_with_the_reason(tmp_path):
   with pytest.raises(program_io.RunDirError) as e:
     program_io.check_root_dir(root, dict(cfg, rounds=20, t_end=12, eval_every=3), False)
   msg = str(e.value)
-  assert '\n' not in msg and 'unfinished run of --rounds=10' in msg
-  assert 'cannot extend' in msg and 'learning-rate decay' in msg and '--overwrite' in msg
+  assert '\n' not in msg and 'unfinished run of rounds=10' in msg
+  assert 'cannot extend' in msg and 'learning-rate decay' in msg and 'with overwrite' in msg
   program_io.write_json(os.path.join(root, 'summary.json'), {'rounds_completed': 10})
-  with pytest.raises(program_io.RunDirError, match='finished run of --rounds=10'):
-    program_io.check_root_dir(root, dict(cfg, rounds=20), False)
+  with pytest.raises(program_io.RunDirError, match='finished run of --rounds=10 that --rounds=20'):
+    program_io.check_root_dir(root, dict(cfg, rounds=20), False, names=text.FLAGS)
   # Another change besides the length gets the list of differences.
   with pytest.raises(program_io.RunDirError, match='another configuration'):
     program_io.check_root_dir(root, dict(cfg, rounds=20, algorithm='rigl'), False)
@@ -558,7 +566,7 @@ def test_clientless_rounds_have_no_loss_and_a_run_of_them_warns_once():
   watch = program_io.ClientlessRounds(warn_after=3)
   said = [watch.record(t, n) for t, n in enumerate([0, 0, 2, 0, 0, 0, 0, 1], start=1)]
   assert [t for t, w in enumerate(said, start=1) if w] == [6]
-  assert said[5].startswith('warning: rounds 4..6 used no client')
+  assert said[5].startswith('rounds 4..6 used no client')
   assert not program_io.any_client_used([{'clients_used': 0.0}, {'clients_used': float('nan')}])
   assert program_io.any_client_used([{'clients_used': 0.0}, {'clients_used': 1.0}])
 

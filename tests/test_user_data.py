@@ -102,7 +102,7 @@ def test_one_line_errors(tmp_path):
   _one_line_error(lambda: user_data.element_spec(str(odd)), 'cannot infer the shape')
   good = _write_dir(tmp_path / 'good')
   _one_line_error(lambda: user_data.load_sql_client_data(str(good), 5),
-                  '4 clients, fewer than --num_clients=5')
+                  '4 clients, fewer than the 5 asked for')
 
 
 def _cli(args, timeout=300):

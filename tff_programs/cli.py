@@ -5,7 +5,8 @@
 * `round_defaults` and `resolve_defaults`: the flags whose defaults follow `--rounds` (the
   paper's proportions, ../shared/ALGORITHM.md: dT = R/50, T_end = 0.6 R);
 * `flags_parser`: an absl `flags_parser` that answers `--help` on stdout with exit code 0,
-  and turns every parse or check error into one line `<program>: error: ...` with exit code 2.
+  and turns every parse or check error into one line `<program>: error: ...` with exit code 2;
+* the exit codes shared by every program (`EXIT_*`).
 """
 
 import math
@@ -15,7 +16,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from absl import flags
 
-EXIT_USAGE = 2
+# The exit codes of every program of fedmef-tf (train, compare, worker, the benchmarks and the
+# data writer):
+EXIT_OK = 0            # done
+EXIT_FAILURE = 1       # failed while running (disk full, a worker lost, no client used, ...)
+EXIT_USAGE = 2         # bad flag, unusable run directory or data files
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (128 + 2); rerun to resume
+EXIT_TERMINATED = 143   # stopped by SIGTERM (128 + 15; tff_programs.runtime); rerun to resume
 HELP_ARGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull')
 
 # Flags whose default (None on the command line) is derived from --rounds by `round_defaults`.

@@ -41,13 +41,14 @@ from typing import Any, Dict, List, Mapping, Sequence
 from absl import app
 from absl import flags
 
+from fedmef_tf import algorithms
+from fedmef_tf import text
 from tff_programs import cli
 from tff_programs import program_io
 from tff_programs import train  # Defines the shared flags of the training program.
 
 FLAGS = flags.FLAGS
-DEFAULT_ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'feddst', 'static',
-                      'tfmot', 'fedavg')
+DEFAULT_ALGORITHMS = algorithms.NAMES
 REFERENCES = ('rigl', 'tfmot')
 CSV_FILE = 'comparison.csv'
 MD_FILE = 'comparison.md'
@@ -59,8 +60,8 @@ flags.DEFINE_list('seeds', [], 'Seeds, comma-separated: each algorithm runs once
                   '<root_dir>/<algorithm>/seed<k> with --seed=k, and the tables give the mean '
                   'and standard deviation over the seeds. Empty: one run per algorithm in '
                   '<root_dir>/<algorithm> with --seed.')
-# Defaults of the shared flags that keep the 8-algorithm comparison within about 30 minutes on
-# 2 cores on the built-in dataset; every one can be set on the command line.
+# Defaults of the shared flags of a comparison of every algorithm on the built-in dataset (its
+# duration is in README.md, "Comparison with the baselines"); each can be set on the command line.
 _COMPARE_DEFAULTS = {'root_dir': os.path.join('runs', 'compare'), 'density': 0.1}
 
 # Flags of the training program that are not passed to the child runs as shared settings.
@@ -234,12 +235,6 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
   os.replace(tmp, path)
 
 
-def _fmt_bytes(n: float) -> str:
-  if n is None or math.isnan(n):
-    return '-'
-  return f'{n / 2**20:.1f} MiB' if n >= 2**20 else f'{n / 2**10:.1f} KiB'
-
-
 def _fmt(x: float, spec: str) -> str:
   return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -262,9 +257,10 @@ def write_markdown(rows: Sequence[Mapping[str, Any]], path: str, settings: str) 
            '|' + '---|' * len(head)]
   for row in rows:
     cells = [row['algorithm'], _fmt_spread(row, 'final_accuracy', '.4f'),
-             _fmt_spread(row, 'best_accuracy', '.4f'), _fmt_bytes(row['measured_peak_bytes']),
-             _fmt_bytes(row['analytic_bytes']), _fmt_bytes(row['down_bytes_per_round']),
-             _fmt_bytes(row['up_bytes_per_round']), _fmt(row['seconds_per_round'], '.1f')]
+             _fmt_spread(row, 'best_accuracy', '.4f')]
+    cells += [text.format_bytes(row[k]) for k in ('measured_peak_bytes', 'analytic_bytes',
+                                                  'down_bytes_per_round', 'up_bytes_per_round')]
+    cells.append(_fmt(row['seconds_per_round'], '.1f'))
     for r in refs:
       cells += [_fmt(row.get(f'peak_vs_{r}'), '.3f') + 'x',
                 _fmt_spread(row, f'accuracy_minus_{r}', '+.1f')]
@@ -283,7 +279,7 @@ def write_markdown(rows: Sequence[Mapping[str, Any]], path: str, settings: str) 
 
 
 def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
-  plt = program_io._pyplot()  # pylint: disable=protected-access
+  plt = program_io.pyplot()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
   for row in rows:
     if row['curve']:
@@ -310,22 +306,22 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
   ax2.grid(alpha=0.3)
   fig.suptitle(title)
   fig.tight_layout()
-  program_io._save(fig, plt, path)  # pylint: disable=protected-access
+  program_io.save_figure(fig, plt, path)
 
 
 def validate(values: Mapping[str, Any]) -> None:
   """Checks `--algorithms` and every shared flag (`train.validate`), reporting all at once.
 
   Raises:
-    train.UsageError: one line naming each bad flag.
+    cli.UsageError: one line naming each bad flag.
   """
   problems = cli.Problems()
   algos = values['algorithms']
   if not algos:
     problems.add('--algorithms is empty')
-  unknown = [a for a in algos if a not in train.ALGORITHMS]
+  unknown = [a for a in algos if a not in algorithms.NAMES]
   if unknown:
-    problems.add(f'--algorithms: unknown {unknown} (known: {", ".join(train.ALGORITHMS)})')
+    problems.add(f'--algorithms: unknown {unknown} (known: {", ".join(algorithms.NAMES)})')
   if len(set(algos)) != len(algos):
     problems.add(f'--algorithms repeats a name: {",".join(algos)}')
   seeds = values.get('seeds') or []
@@ -335,7 +331,7 @@ def validate(values: Mapping[str, Any]) -> None:
     problems.add(f'--seeds repeats a seed: {",".join(seeds)}')
   try:
     train.validate(values)
-  except train.UsageError as e:
+  except cli.UsageError as e:
     problems.add(str(e))
   problems.raise_if_any()
 
@@ -364,11 +360,11 @@ def main(argv: List[str]) -> int:
         rc = subprocess.call(child_argv(algorithm, root_dir, values, seed))
       except KeyboardInterrupt:
         print('compare: interrupted; rerun the same command to resume', file=sys.stderr)
-        return train.EXIT_INTERRUPTED
+        return cli.EXIT_INTERRUPTED
       if rc != 0:
         print(f'compare: error: the {algorithm} run exited with code {rc}; its output is '
               f'above, its files in {run_dir}', file=sys.stderr)
-        return rc if rc > 0 else 1
+        return rc if rc > 0 else cli.EXIT_FAILURE
       results.append(run_result(run_dir))
     per_seed.append(add_ratios(results))
   if seeds == [None]:
@@ -384,7 +380,7 @@ def main(argv: List[str]) -> int:
   plot(rows, os.path.join(root_dir, PNG_FILE), settings)
   with open(os.path.join(root_dir, MD_FILE)) as f:
     print(f.read())
-  return 0
+  return cli.EXIT_OK
 
 
 def _apply_defaults() -> None:

@@ -18,12 +18,10 @@ One call of `next(state, client_datasets)` is one round t = state.round_num + 1:
    empty client);
 5. on the server, `server.server_update`: weighted mean, prune/grow, metrics.
 
-Algorithms (`ALGORITHMS`): `fedmef`; its ablations `fedmef_no_bae` (lambda = 0 and the plain
-learning rate) and `fedmef_no_sap` (the FedMef model with gamma = 0); `rigl` (FedTiny-style:
-FedMef's server adjustment without BaE and SAP, BatchNorm model); `static` (random ERK mask
-never adjusted, alpha = 0); `feddst`; `tfmot` (tfmot's PolynomialDecay schedule with per-layer
-magnitude masks applied on the server, starting dense); `fedavg` (dense). `model_variant_for`
-gives the model variant each one expects; `sap_gamma_for` its SAP ratio.
+Algorithms (`ALGORITHMS`): those of the catalogue `fedmef_tf.algorithms`, which says for each
+one its model variant, whether it uses SAP and BaE, its server's mask policy and whether it
+starts dense: `fedmef`, its ablations `fedmef_no_bae` and `fedmef_no_sap`, `rigl`, `feddst`,
+`static`, `tfmot` and `fedavg`. The builder reads nothing else about an algorithm.
 
 Client data are unbatched `tf.data.Dataset`s of `(x, y)` examples (`tff.SequenceType`); the
 client batches them with `batch_size`, so n_k and the step budget T_B = E * ceil(n_k / B) are
@@ -60,60 +58,33 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmef_tf import agc
+from fedmef_tf import algorithms
 from fedmef_tf import client as client_lib
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import sap
 from fedmef_tf import sap_native
 from fedmef_tf import server as server_lib
 
-ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'static', 'feddst', 'tfmot',
-              'fedavg')
-_FEDMEF_FAMILY = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap')
-_MODE = {
-    'fedmef': server_lib.MODE_SERVER_ADJUST,
-    'fedmef_no_bae': server_lib.MODE_SERVER_ADJUST,
-    'fedmef_no_sap': server_lib.MODE_SERVER_ADJUST,
-    'rigl': server_lib.MODE_SERVER_ADJUST,
-    'static': server_lib.MODE_SERVER_ADJUST,
-    'feddst': server_lib.MODE_FEDDST,
-    'tfmot': server_lib.MODE_TFMOT,
-    'fedavg': server_lib.MODE_NONE,
-}
-
-
-def _check_algorithm(algorithm: str) -> None:
-  if algorithm not in ALGORITHMS:
-    raise ValueError(f'algorithm must be one of {ALGORITHMS}, got {algorithm!r}')
+#: The algorithm names (`fedmef_tf.algorithms.NAMES`).
+ALGORITHMS = algorithms.NAMES
 
 
 def model_variant_for(algorithm: str) -> str:
-  """The model variant an algorithm trains: 'fedmef' (NSConv, no BN) or 'baseline' (Conv+BN).
-
-  Args:
-    algorithm: one of `ALGORITHMS`.
-
-  Returns:
-    'fedmef' for fedmef, fedmef_no_bae and fedmef_no_sap; 'baseline' otherwise.
+  """The model variant an algorithm trains (`fedmef_tf.algorithms`): 'fedmef' or 'baseline'.
 
   Raises:
     ValueError: unknown algorithm.
   """
-  _check_algorithm(algorithm)
-  return 'fedmef' if algorithm in _FEDMEF_FAMILY else 'baseline'
+  return algorithms.get(algorithm).variant
 
 
 def sap_gamma_for(algorithm: str, gamma: float) -> float:
-  """The SAP drop ratio the algorithm's model must be built with (0 without SAP).
+  """The SAP drop ratio the algorithm's model must be built with: `gamma`, or 0 without SAP.
 
-  Args:
-    algorithm: one of `ALGORITHMS`.
-    gamma: FedMef's SAP ratio.
-
-  Returns:
-    `gamma` for fedmef and fedmef_no_bae, 0.0 otherwise.
+  Raises:
+    ValueError: unknown algorithm.
   """
-  _check_algorithm(algorithm)
-  return float(gamma) if algorithm in ('fedmef', 'fedmef_no_bae') else 0.0
+  return algorithms.get(algorithm).sap_gamma(gamma)
 
 
 def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
@@ -121,8 +92,8 @@ def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
                   input_mean=None, input_std=None):
   """A zero-argument `model_fn` building model `name` as `algorithm` needs it.
 
-  Calls `fedmef_tf.models.build_model(name, model_variant_for(algorithm), ...)` with SAP ratio
-  `sap_gamma_for(algorithm, gamma)` and density 1 (the process sets the masks).
+  Calls `fedmef_tf.models.build_model(name, variant, ...)` with the algorithm's variant and SAP
+  ratio (`fedmef_tf.algorithms`) and density 1 (the process sets the masks).
 
   Args:
     name: a model name of `fedmef_tf.models.MODEL_NAMES` (e.g. 'cnn').
@@ -135,8 +106,9 @@ def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
   """
   from fedmef_tf import models  # pylint: disable=import-outside-toplevel
 
-  variant = model_variant_for(algorithm)
-  sap_gamma = sap_gamma_for(algorithm, gamma)
+  entry = algorithms.get(algorithm)
+  variant = entry.variant
+  sap_gamma = entry.sap_gamma(gamma)
 
   def model_fn():
     return models.build_model(name, variant, num_classes=num_classes,
@@ -250,13 +222,15 @@ def build_fedmef_process(
       each client computation; every call must build the same architecture.
     algorithm: one of `ALGORITHMS`.
     density: target density d of the prunable kernels, in (0, 1]. The initial masks are ERK
-      random masks of this density drawn from `seed` (`fedmef_tf.masks.init_sparse`); `tfmot`
-      starts dense and reaches it at the last pruning round; `fedavg` ignores it (dense).
+      random masks of this density drawn from `seed` (`fedmef_tf.masks.init_sparse`); an
+      algorithm that starts dense (`tfmot`) reaches it at the last pruning round; a dense one
+      (`fedavg`) ignores it.
     delta_t: rounds between mask adjustments (dT).
     t_end: last adjustment round (T_end); the mask is frozen afterwards.
-    alpha: initial adjustment fraction (0 for `static`, whatever is passed).
-    lambda_bae: BaE penalty weight (0 for every algorithm but fedmef and fedmef_no_sap).
-    gamma: SAP drop ratio of fedmef and fedmef_no_bae; the model must have been built with
+    alpha: initial adjustment fraction (0 for an algorithm that never adjusts its mask, whatever
+      is passed).
+    lambda_bae: BaE penalty weight (0 for an algorithm without BaE).
+    gamma: SAP drop ratio of the algorithms with SAP; the model must have been built with
       `sap_gamma_for(algorithm, gamma)` (checked).
     client_lr: eta_0, client SGD learning rate of round 1 (and BaE's scale).
     client_lr_min: eta_min, the client learning rate of round `total_rounds` (exponential decay).
@@ -284,7 +258,7 @@ def build_fedmef_process(
   """
   if not callable(model_fn):
     raise ValueError(f'model_fn must be callable, got {model_fn!r}')
-  _check_algorithm(algorithm)
+  entry = algorithms.get(algorithm)
   density = _check_float('density', density, 0.0, 1.0, low_open=True)
   delta_t = _check_positive_int('delta_t', delta_t)
   t_end = _check_positive_int('t_end', t_end, minimum=0)
@@ -299,18 +273,16 @@ def build_fedmef_process(
   seed = _check_positive_int('seed', seed, minimum=0)
   if sap_strategy not in sap.STRATEGIES:
     raise ValueError(f'sap_strategy must be one of {sap.STRATEGIES}, got {sap_strategy!r}')
-  if algorithm == 'tfmot' and density >= 1.0:
-    raise ValueError('tfmot needs a target density below 1')
-  if algorithm == 'tfmot' and t_end < delta_t:
-    raise ValueError('tfmot needs t_end >= delta_t (at least one pruning round)')
+  mode = entry.mode
+  if mode == server_lib.MODE_TFMOT and density >= 1.0:
+    raise ValueError(f'{algorithm} needs a target density below 1')
+  if mode == server_lib.MODE_TFMOT and t_end < delta_t:
+    raise ValueError(f'{algorithm} needs t_end >= delta_t (at least one pruning round)')
 
-  mode = _MODE[algorithm]
-  use_bae = algorithm in ('fedmef', 'fedmef_no_sap')
-  if algorithm == 'static':
-    alpha = 0.0
-  if not use_bae:
-    lambda_bae = 0.0
-  initial_density = 1.0 if algorithm in ('fedavg', 'tfmot') else density
+  use_bae = entry.uses_bae
+  alpha = entry.adjustment_fraction(alpha)
+  lambda_bae = entry.bae_lambda(lambda_bae)
+  initial_density = entry.initial_density(density)
   loss_fn = loss_fn or client_lib.default_loss_fn
 
   # Eager model: layout, initial weights and masks, and the checks.
@@ -318,7 +290,7 @@ def build_fedmef_process(
   if not isinstance(model, tf.keras.Model):
     raise ValueError(f'model_fn must return a tf.keras.Model, got {type(model)!r}')
   layout = client_lib.WeightLayout(model)
-  _check_model_gamma(model, sap_gamma_for(algorithm, gamma), algorithm)
+  _check_model_gamma(model, entry.sap_gamma(gamma), algorithm)
   masks_lib.init_sparse(model, initial_density, seed)
   init_trainable = [v.numpy() for v in model.trainable_weights]
   init_non_trainable = [v.numpy() for v in model.non_trainable_weights]
@@ -365,7 +337,7 @@ def build_fedmef_process(
           lambda_bae=lambda_bae, use_bae=use_bae,
           server_adjust=(mode == server_lib.MODE_SERVER_ADJUST),
           client_regrow=(mode == server_lib.MODE_FEDDST), loss_fn=loss_fn,
-          gradient_clipping=agc.clipping_for(model_variant_for(algorithm)))
+          gradient_clipping=agc.clipping_for(entry.variant))
       return update(dataset, list(trainable), list(non_trainable),
                     client_lib.RoundConfig(*config))
 

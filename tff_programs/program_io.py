@@ -72,9 +72,10 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                 names: text.SettingNames) -> List[str]:
   keys = sorted(set(old) | set(new))
-  return [f'--{k}={old.get(k, "(unset)")} there, {new.get(k, "(unset)")} now'
+  return [f'{names.setting(k, old.get(k, "(unset)"))} there, {new.get(k, "(unset)")} now'
           for k in keys if old.get(k) != new.get(k)]
 
 
@@ -94,7 +95,8 @@ DATA_KEYS = ('input_mean', 'input_std')
 
 
 def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
-                   ignore: Sequence[str] = ()) -> bool:
+                   ignore: Sequence[str] = (),
+                   names: text.SettingNames = text.KEYWORDS) -> bool:
   """Checks, without writing anything, that `root_dir` can hold a run of `config`.
 
   A new or empty directory, or one without run entries, is fine. A directory whose
@@ -107,6 +109,8 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
     overwrite: start afresh in a directory written by another configuration.
     ignore: configuration keys left out of the comparison (`DATA_KEYS` before the data is
       loaded).
+    names: how the messages name the settings (`root_dir`, `overwrite` and the configuration
+      keys); a program passes `fedmef_tf.text.FLAGS`.
 
   Returns:
     True when `root_dir` holds a run of the same configuration (its checkpoints are resumed).
@@ -119,7 +123,7 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
   config = {k: v for k, v in config.items() if k not in ignore}
   config_path = os.path.join(root_dir, CONFIG_FILE)
   if os.path.exists(root_dir) and not os.path.isdir(root_dir):
-    raise RunDirError(f'--root_dir={root_dir}: exists and is not a directory')
+    raise RunDirError(f'{names.setting("root_dir", root_dir)}: exists and is not a directory')
   if os.path.isfile(config_path):
     try:
       old = read_json(config_path)
@@ -130,20 +134,23 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
     if old == config:
       return True
     if not overwrite and isinstance(old, dict):
-      refusal = _length_refusal(root_dir, old, config)
+      refusal = _length_refusal(root_dir, old, config, names)
       if refusal:
         raise RunDirError(refusal)
     if not overwrite:
-      diffs = _differences(old, config) if isinstance(old, dict) else ['config.json unreadable']
+      diffs = (_differences(old, config, names) if isinstance(old, dict)
+               else ['config.json unreadable'])
       more = f' (and {len(diffs) - 2} more)' if len(diffs) > 2 else ''
-      raise RunDirError(f'--root_dir={root_dir} holds a run of another configuration '
-                        f'({"; ".join(diffs[:2])}{more}); rerun with --overwrite to replace it, '
-                        'or choose another --root_dir')
+      raise RunDirError(f'{names.setting("root_dir", root_dir)} holds a run of another '
+                        f'configuration ({"; ".join(diffs[:2])}{more}); rerun with '
+                        f'{names.name("overwrite")} to replace it, or choose another '
+                        f'{names.name("root_dir")}')
   elif os.path.isdir(root_dir) and not overwrite:
     present = [n for n in RUN_ENTRIES if os.path.lexists(os.path.join(root_dir, n))]
     if present:
-      raise RunDirError(f'--root_dir={root_dir} holds {", ".join(present)} but no {CONFIG_FILE}; '
-                        'rerun with --overwrite to replace them, or choose another --root_dir')
+      raise RunDirError(f'{names.setting("root_dir", root_dir)} holds {", ".join(present)} but '
+                        f'no {CONFIG_FILE}; rerun with {names.name("overwrite")} to replace '
+                        f'them, or choose another {names.name("root_dir")}')
   return False
 
 
@@ -151,7 +158,8 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
 LENGTH_KEYS = ('rounds', 'delta_t', 't_end', 'eval_every')
 
 
-def _length_refusal(root_dir: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+def _length_refusal(root_dir: str, old: Mapping[str, Any], new: Mapping[str, Any],
+                    names: text.SettingNames) -> str:
   """The refusal of a run that differs from the one in `root_dir` only in its length, or ''.
 
   Such a run does not continue the stored one: the client learning rate of every round decays
@@ -162,11 +170,14 @@ def _length_refusal(root_dir: str, old: Mapping[str, Any], new: Mapping[str, Any
   if 'rounds' not in changed or not set(changed) <= set(LENGTH_KEYS):
     return ''
   state = 'finished' if os.path.isfile(os.path.join(root_dir, SUMMARY_FILE)) else 'unfinished'
-  return (f'--root_dir={root_dir} holds a {state} run of --rounds={old.get("rounds")} that '
-          f'--rounds={new.get("rounds")} cannot extend or reuse: the learning-rate decay (to '
-          '--client_lr_min at the last round) and the mask schedule (--delta_t, --t_end) of '
-          'every round follow --rounds, so a run of another length is a new run; choose another '
-          '--root_dir, or rerun with --overwrite to replace it')
+  n = names.name
+  return (f'{names.setting("root_dir", root_dir)} holds a {state} run of '
+          f'{names.setting("rounds", old.get("rounds"))} that '
+          f'{names.setting("rounds", new.get("rounds"))} cannot extend or reuse: the '
+          f'learning-rate decay (to {n("client_lr_min")} at the last round) and the mask '
+          f'schedule ({n("delta_t")}, {n("t_end")}) of every round follow {n("rounds")}, so a run '
+          f'of another length is a new run; choose another {n("root_dir")}, or rerun with '
+          f'{n("overwrite")} to replace it')
 
 
 def finished_summary(root_dir: str, rounds: int) -> Any:
@@ -184,7 +195,8 @@ def finished_summary(root_dir: str, rounds: int) -> Any:
   return summary
 
 
-def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) -> bool:
+def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
+                     names: text.SettingNames = text.KEYWORDS) -> bool:
   """Makes `root_dir` ready for a run of `config`; returns whether an earlier run may be resumed.
 
   `check_root_dir` decides; unless resuming, the run entries are cleared (`clear_run`) and
@@ -194,6 +206,7 @@ def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) 
     root_dir: the run directory.
     config: JSON-serialisable flag values that determine the result.
     overwrite: start afresh in a directory written by another configuration.
+    names: how the messages name the settings (see `check_root_dir`).
 
   Returns:
     True when `root_dir` holds a run of the same configuration (its checkpoints are resumed).
@@ -201,19 +214,23 @@ def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool) 
   Raises:
     RunDirError: see `check_root_dir`; also when the directory cannot be written.
   """
-  if check_root_dir(root_dir, config, overwrite):
+  if check_root_dir(root_dir, config, overwrite, names=names):
     return True
   try:
     os.makedirs(root_dir, exist_ok=True)
     clear_run(root_dir)
     write_json(os.path.join(root_dir, CONFIG_FILE), json.loads(json.dumps(dict(config))))
   except OSError as e:
-    raise RunDirError(f'--root_dir={root_dir}: cannot be written ({e.strerror or e})') from None
+    raise RunDirError(f'{names.setting("root_dir", root_dir)}: cannot be written '
+                      f'({e.strerror or e})') from None
   return False
 
 
-def disk_full_message(error: BaseException, root_dir: str) -> Optional[str]:
+def disk_full_message(error: BaseException, root_dir: str,
+                      names: text.SettingNames = text.KEYWORDS) -> Optional[str]:
   """The one-line message for `error` when it is a full disk (or quota) while writing the run.
+
+  `names` says how the message names `root_dir` (see `check_root_dir`).
 
   Returns None for any other error. Every checkpoint write is atomic, so the rounds saved
   before the failure are intact and the same command resumes after them.
@@ -225,8 +242,8 @@ def disk_full_message(error: BaseException, root_dir: str) -> Optional[str]:
   where = getattr(error, 'path', None) or getattr(error, 'filename', None) or root_dir
   return (f'disk full while writing {text.one_line(os.fsdecode(where))}; the rounds saved '
           'before it are intact: free space on that disk (or copy '
-          f'--root_dir={text.one_line(root_dir)} to a larger one and point --root_dir at the '
-          'copy), then rerun the same command to resume')
+          f'{names.setting("root_dir", text.one_line(root_dir))} to a larger one and point '
+          f'{names.name("root_dir")} at the copy), then rerun the same command to resume')
 
 
 def state_manager(root_dir: str):
@@ -298,15 +315,17 @@ class ClientlessRounds:
 
   Args:
     warn_after: how many such rounds in a row make a warning.
+    names: how the warning names the client learning rate (see `check_root_dir`).
   """
 
-  def __init__(self, warn_after: int = 3):
+  def __init__(self, warn_after: int = 3, names: text.SettingNames = text.KEYWORDS):
     self._warn_after = warn_after
+    self._names = names
     self._first = None
     self._count = 0
 
   def record(self, round_num: int, clients_used: float) -> Optional[str]:
-    """Takes a round's `clients_used`; returns a warning line when a run of them is long enough."""
+    """Takes a round's `clients_used`; returns a warning when a run of them is long enough."""
     if clients_used:
       self._first, self._count = None, 0
       return None
@@ -315,8 +334,9 @@ class ClientlessRounds:
     self._count += 1
     if self._count != self._warn_after:
       return None
-    return (f'warning: rounds {self._first}..{round_num} used no client (every client update was '
-            'non-finite or empty, so the model did not change); a lower --client_lr may help')
+    return (f'rounds {self._first}..{round_num} used no client (every client update was '
+            f'non-finite or empty, so the model did not change); a lower '
+            f'{self._names.name("client_lr")} may help')
 
 
 def any_client_used(rows: Sequence[Mapping[str, float]]) -> bool:
@@ -343,7 +363,8 @@ def read_metrics(root_dir: str) -> List[Dict[str, float]]:
   return rows
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's `pyplot` on the file-only Agg backend (no display needed)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -352,7 +373,7 @@ def _pyplot():
 
 def plot_curves(rows: Sequence[Mapping[str, float]], path: str, title: str) -> str:
   """Plots test accuracy and train loss against round to `path` (PNG); returns `path`."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
   rounds = [r['round'] for r in rows]
   acc = [(r['round'], r.get('test_accuracy', float('nan'))) for r in rows]
@@ -378,13 +399,13 @@ def plot_curves(rows: Sequence[Mapping[str, float]], path: str, title: str) -> s
   ax_loss.grid(alpha=0.3)
   fig.suptitle(title)
   fig.tight_layout()
-  return _save(fig, plt, path)
+  return save_figure(fig, plt, path)
 
 
 def plot_layer_density(names: Sequence[str], densities: Sequence[float], path: str,
                        title: str) -> str:
   """Bar chart of the final mask density of each prunable layer; returns `path`."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
   ax.bar(range(len(names)), densities)
   ax.set_xticks(range(len(names)))
@@ -393,7 +414,7 @@ def plot_layer_density(names: Sequence[str], densities: Sequence[float], path: s
   ax.set_ylim(0, 1.05)
   ax.set_title(title)
   fig.tight_layout()
-  return _save(fig, plt, path)
+  return save_figure(fig, plt, path)
 
 
 def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str,
@@ -406,7 +427,7 @@ def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str
     path: PNG file.
     title: plot title.
   """
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   labels = []
   if parts:
@@ -428,10 +449,12 @@ def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  return _save(fig, plt, path)
+  return save_figure(fig, plt, path)
 
 
-def _save(fig, plt, path: str) -> str:
+def save_figure(fig, plt, path: str) -> str:
+  """Writes `fig` to the PNG file `path` atomically (temporary file, rename), closes it;
+  returns `path`."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp.png'
   fig.savefig(tmp, dpi=100)

@@ -1,4 +1,4 @@
-"""A lock on a run directory: one training program at a time per `--root_dir`.
+"""A lock on a run directory: one training program at a time per run directory.
 
 The lock is the file `<root_dir>/.lock`, held with `fcntl.flock` for the whole run and holding
 the PID of its holder. The kernel releases a `flock` when its holder exits in any way (return,
@@ -72,10 +72,13 @@ class RunLock:
 
   Args:
     root_dir: the run directory; created when missing.
+    names: how the messages name the run directory setting (`fedmef_tf.text.KEYWORDS`, or a
+      program's `fedmef_tf.text.FLAGS`).
   """
 
-  def __init__(self, root_dir: str):
+  def __init__(self, root_dir: str, names: text.SettingNames = text.KEYWORDS):
     self.root_dir = root_dir
+    self._names = names
     self.path = os.path.join(root_dir, LOCK_FILE)
     self.stale_pid: Optional[int] = None  # PID of a dead holder whose lock was taken over
     self._fd: Optional[int] = None
@@ -91,8 +94,8 @@ class RunLock:
       os.makedirs(self.root_dir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
-      raise LockError(f'--root_dir={self.root_dir}: cannot be written ({e.strerror or e})'
-                      ) from None
+      raise LockError(f'{self._names.setting("root_dir", self.root_dir)}: cannot be written '
+                      f'({e.strerror or e})') from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -103,9 +106,9 @@ class RunLock:
       who = f'process {pid}' if pid else 'another process'
       command = _command_line(pid) if pid else ''
       raise LockedError(
-          f'--root_dir={self.root_dir} is in use by {who}'
+          f'{self._names.setting("root_dir", self.root_dir)} is in use by {who}'
           f'{f" ({command})" if command else ""}; wait for it to end or stop it, or choose '
-          'another --root_dir') from None
+          f'another {self._names.name("root_dir")}') from None
     old = os.read(fd, 64).decode('ascii', 'replace').strip()
     if old.isdigit() and int(old) != os.getpid() and not pid_alive(int(old)):
       self.stale_pid = int(old)

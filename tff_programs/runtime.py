@@ -32,7 +32,7 @@ Only processes started here are ever signalled, by their PID.
 Typical use::
 
     from tff_programs import runtime
-    runtime.configure_logging()          # before heavy TF work; quiet unless verbose
+    runtime.configure_logging()          # before TensorFlow is imported; quiet unless verbose
     with runtime.LocalRuntime():
         ...  # run TFF computations
 """
@@ -54,21 +54,14 @@ import time
 import warnings
 from typing import Optional
 
-# Before TensorFlow is imported anywhere: keep its C++ INFO/WARNING lines (CPU feature notices,
-# oneDNN, TensorRT probes, grappler) out of the user's terminal unless asked for.
-_VERBOSE_ENV = 'FEDMEF_VERBOSE'
+#: Environment variable that asks for TensorFlow's and the worker's logs ('1'); set by
+#: `configure_logging(True)`, so that child processes see it too.
+VERBOSE_ENV = 'FEDMEF_VERBOSE'
 
 
-def _wants_verbose(argv=None) -> bool:
-  argv = sys.argv if argv is None else argv
-  if os.environ.get(_VERBOSE_ENV, '') not in ('', '0'):
-    return True
-  return any(a in ('--verbose', '--verbose=true', '--verbose=1') for a in argv[1:])
-
-
-if not _wants_verbose():
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+def verbose_from_environment() -> bool:
+  """Whether `VERBOSE_ENV` asks for logs (set and not '0')."""
+  return os.environ.get(VERBOSE_ENV, '') not in ('', '0')
 
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNET = 0x40000000
@@ -91,16 +84,20 @@ class WorkerError(RuntimeError):
 def configure_logging(verbose: Optional[bool] = None) -> None:
   """Keeps TensorFlow's Python and C++ log noise out of the console unless `verbose`.
 
+  TensorFlow reads its C++ log level once, when it is first imported: a program calls this
+  before it imports TensorFlow (for example in its flag parser) to keep the C++ INFO and
+  WARNING lines (CPU feature notices, oneDNN, TensorRT probes, grappler) out of the terminal.
+
   Args:
-    verbose: True shows TensorFlow's warnings and info lines; None reads `--verbose` from argv
-      or the FEDMEF_VERBOSE environment variable.
+    verbose: True shows TensorFlow's warnings and info lines; None reads `VERBOSE_ENV`.
   """
   if verbose is None:
-    verbose = _wants_verbose()
+    verbose = verbose_from_environment()
   if verbose:
-    os.environ[_VERBOSE_ENV] = '1'
+    os.environ[VERBOSE_ENV] = '1'
     return
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
   warnings.filterwarnings('ignore', category=DeprecationWarning)
   warnings.filterwarnings('ignore', category=UserWarning, module='tensorflow')
   for name in ('tensorflow', 'absl', 'jax', 'jax._src.xla_bridge'):
@@ -349,7 +346,12 @@ def _stop_all_workers() -> None:
     worker.stop(timeout_s=2.0)
 
 
-def _wait_ready(stub, target: str, timeout_s: float, worker: Optional[WorkerProcess] = None):
+def wait_ready(stub, target: str, timeout_s: float, worker: Optional[WorkerProcess] = None):
+  """Waits until the worker behind `stub` (at `target`) serves.
+
+  Raises:
+    WorkerError: `worker` (when given) exited, or `target` did not answer within `timeout_s`.
+  """
   deadline = time.monotonic() + timeout_s
   while not stub.is_ready:
     if worker is not None and not worker.alive():
@@ -360,7 +362,7 @@ def _wait_ready(stub, target: str, timeout_s: float, worker: Optional[WorkerProc
     time.sleep(0.05)
 
 
-def _make_stub(target: str, on_state=None):
+def make_stub(target: str, on_state=None):
   """A TFF executor stub for `target`; `on_state(connectivity)` hears of channel changes."""
   import grpc  # pylint: disable=g-import-not-at-top
   from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub  # pylint: disable=g-import-not-at-top
@@ -421,7 +423,7 @@ class LocalRuntime:
     self._default_num_clients = default_num_clients
     self._max_calls = max_concurrent_computation_calls
     self._worker_log = worker_log
-    self._verbose = _wants_verbose() if verbose is None else verbose
+    self._verbose = verbose_from_environment() if verbose is None else verbose
     self.worker: Optional[WorkerProcess] = None
     self.context = None
     self._previous = None
@@ -442,8 +444,8 @@ class LocalRuntime:
                                   log_path=self._worker_log, verbose=self._verbose)
     target = self.worker.target
     try:
-      stub = _make_stub(target)
-      _wait_ready(stub, target, _WORKER_READY_TIMEOUT_S, self.worker)
+      stub = make_stub(target)
+      wait_ready(stub, target, _WORKER_READY_TIMEOUT_S, self.worker)
     except BaseException:
       self.worker.stop()
       raise
@@ -519,7 +521,7 @@ class RemoteRuntime:
     self._old_usr1 = None
     self.failed_worker: Optional[str] = None
     self._default_num_clients = default_num_clients
-    self._verbose = _wants_verbose() if verbose is None else verbose
+    self._verbose = verbose_from_environment() if verbose is None else verbose
     self.context = None
     self._previous = None
 
@@ -540,8 +542,8 @@ class RemoteRuntime:
           else:
             self._down_since.setdefault(target, time.monotonic())
 
-      stub = _make_stub(target, on_state)
-      _wait_ready(stub, target, self._timeout)
+      stub = make_stub(target, on_state)
+      wait_ready(stub, target, self._timeout)
       async_contexts.append(async_execution_context.AsyncExecutionContext(
           executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs()))
     self.context = execution_contexts.create_mergeable_comp_execution_context(async_contexts)

@@ -4,11 +4,13 @@ FedMef: Huang, Zhuang, Chen, Lyu, "FedMef: Towards Memory-efficient Federated Dy
 CVPR 2024 (arXiv 2403.14737); see ../shared/ALGORITHM.md for the algorithm and its symbols.
 
 The program parses and checks every flag before doing any work (a bad value gets one line naming
-the flag and its allowed range, and exit code 2), loads the data (`fedmef_tf.data`), partitions
-it among `--num_clients` clients (Dirichlet label skew or IID) as a TFF `ClientData`, builds the
-learning process (`tff_programs.fedmef_process.build_fedmef_process`) and runs `--rounds` rounds
-in the TFF C++ runtime (`tff_programs.runtime`, which always ends its worker). Everything it
-writes lives under `--root_dir` (see `tff_programs.program_io` for the layout):
+the flag and its allowed range, and exit code 2), turns them into a
+`tff_programs.training_loop.RunConfig` and calls `training_loop.run`, which loads the data
+(`fedmef_tf.data`), partitions it among `--num_clients` clients (Dirichlet label skew or IID) as
+a TFF `ClientData`, builds the learning process of `--algorithm` (`fedmef_tf.algorithms` says
+what each one is made of; `tff_programs.fedmef_process` builds it) and runs `--rounds` rounds in
+the TFF C++ runtime (`tff_programs.runtime`, which always ends its worker). Everything it writes
+lives under `--root_dir` (see `tff_programs.program_io` for the layout):
 
 * the program state after every round, as tensors only (`tff_programs.checkpoints`: written to
   a temporary file and renamed, atomic; loaded as data and checked against this run's state; a
@@ -37,9 +39,10 @@ value is reported, all in one line. The figures of the default run are in README
 The program holds a lock on `--root_dir` for the whole run (`tff_programs.run_lock`): a second
 start on the same directory is refused in one line naming the running process.
 
-Exit codes: 0 done; 1 failure while running (disk full, a worker lost, no round used any
-client); 2 bad flag, unusable `--root_dir` (another configuration, in use, no intact checkpoint)
-or data files; 130 interrupted (SIGINT); 143 terminated (SIGTERM), the last saved round intact.
+Exit codes (the table of `tff_programs.cli`, shared by the programs): 0 done; 1 failure while
+running (disk full, a worker lost, no round used any client); 2 bad flag, unusable `--root_dir`
+(another configuration, in use, no intact checkpoint) or data files; 130 interrupted (SIGINT);
+143 terminated (SIGTERM), the last saved round intact.
 
 Examples:
 
@@ -50,35 +53,25 @@ Examples:
       --batch_size=64 --delta_t=10 --t_end=300 --root_dir=runs/cifar10_fedmef
 """
 
-import asyncio
-import collections
-import math
 import os
-import signal
 import sys
-import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping
 
 from absl import app
 from absl import flags
-import numpy as np
 
+from fedmef_tf import algorithms
 from fedmef_tf import text
 from tff_programs import cli
 from tff_programs import program_io
 from tff_programs import run_lock
-from tff_programs import runtime  # sets quiet TF logging before TensorFlow is imported
+from tff_programs import runtime
+from tff_programs import training_loop
 
-ALGORITHMS = ('fedmef', 'fedmef_no_bae', 'fedmef_no_sap', 'rigl', 'feddst', 'static', 'tfmot',
-              'fedavg')
+ALGORITHMS = algorithms.NAMES
 MODELS = ('cnn', 'resnet18', 'mobilenet_v2')
 DATASETS = ('synthetic', 'cifar10', 'cifar100', 'cinic10', 'tinyimagenet', 'client_data')
 _MAX_INT32 = 2 ** 31 - 1
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 FLAGS = flags.FLAGS
 
@@ -200,528 +193,17 @@ def validate(f: Mapping[str, Any]) -> None:
   p.raise_if_any()
 
 
-# Flags that do not change the result are left out of the configuration check.
-_NOT_IN_CONFIG = ('root_dir', 'overwrite', 'verbose', 'data_dir', 'eval_batch_size', 'workers')
-
-
 def run_config(f: Mapping[str, Any]) -> Dict[str, Any]:
   """The configuration stored in `config.json`: every flag that changes the result.
 
-  The flags whose defaults follow `--rounds` are stored with their derived values.
+  The flags whose defaults follow `--rounds` are stored with their derived values
+  (`training_loop.RunConfig.result_config`).
   """
-  f = cli.resolve_defaults(f)
-  names = [n for n in _flag_names() if n not in _NOT_IN_CONFIG]
-  config = {n: f[n] for n in names}
-  if config['iid']:
-    config['dirichlet_alpha'] = None  # unused
-    config['min_client_size'] = None
-  return config
+  return _typed_config(f).result_config()
 
 
-def _flag_names() -> List[str]:
-  return sorted(flag.name for flag in FLAGS.get_flags_for_module(__name__))
-
-
-# ------------------------------------------------------------------------------------------------
-# Algorithm -> model (ALGORITHM.md: FedMef models use NSConv + SAP; baselines Conv + BN).
-
-
-def model_spec(algorithm: str, density: float, gamma: float) -> Dict[str, Any]:
-  """Registry arguments of the model an algorithm trains (as `fedmef_process` builds it).
-
-  Returns:
-    dict with `variant` (`fedmef_process.model_variant_for`), `gamma`
-    (`fedmef_process.sap_gamma_for`) and `density` (1 for dense FedAvg).
-  """
-  from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
-  return {'variant': fedmef_process.model_variant_for(algorithm),
-          'density': 1.0 if algorithm == 'fedavg' else float(density),
-          'gamma': fedmef_process.sap_gamma_for(algorithm, gamma)}
-
-
-# ------------------------------------------------------------------------------------------------
-# Deterministic sampling: functions of (seed, round), never of an RNG's history.
-
-
-def sample_clients(seed: int, round_num: int, num_clients: int, per_round: int) -> List[int]:
-  """The sorted client indices of round `round_num` (`fedmef_process.sample_clients`).
-
-  A pure function of its arguments, so a resumed run samples the clients of an uninterrupted one.
-  """
-  from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
-  return sorted(int(k) for k in fedmef_process.sample_clients(
-      num_clients, per_round, round_num, seed=seed))
-
-
-def shuffle_seed(seed: int, round_num: int, client: int) -> int:
-  """The shuffle seed of a client's examples in a round (a pure function of its arguments)."""
-  return int(np.random.SeedSequence([seed, round_num, client, 0x5F]).generate_state(1)[0]
-             & _MAX_INT32)
-
-
-# ------------------------------------------------------------------------------------------------
-# Metrics.
-
-
-def _flatten(value, prefix='') -> List[Tuple[str, Any]]:
-  if isinstance(value, Mapping):
-    out = []
-    for k, v in value.items():
-      out += _flatten(v, f'{prefix}{k}/')
-    return out
-  if hasattr(value, '_asdict'):
-    return _flatten(value._asdict(), prefix)
-  return [(prefix.rstrip('/'), value)]
-
-
-def pick_metrics(raw) -> Dict[str, Any]:
-  """Finds the process's round metrics by their last name, wherever they are nested."""
-  found = {}
-  for path, value in _flatten(raw):
-    found.setdefault(path.split('/')[-1], value)
-  return found
-
-
-def _num(value, default=float('nan')) -> float:
-  try:
-    arr = np.asarray(value)
-    return float(arr) if arr.size == 1 else default
-  except (TypeError, ValueError):
-    return default
-
-
-def _human_bytes(n: float) -> str:
-  for unit in ('B', 'KB', 'MB', 'GB'):
-    if abs(n) < 1000 or unit == 'GB':
-      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
-    n /= 1000.0
-  return f'{n:.1f} GB'
-
-
-def _human_seconds(s: float) -> str:
-  s = max(0, int(round(s)))
-  if s >= 3600:
-    return f'{s // 3600}h{s % 3600 // 60:02d}m'
-  if s >= 60:
-    return f'{s // 60}m{s % 60:02d}s'
-  return f'{s}s'
-
-
-# ------------------------------------------------------------------------------------------------
-# The run.
-
-
-class _StopFlag:
-  """SIGINT handler: the first Ctrl-C asks to stop after the round, the second aborts."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def install(self) -> None:
-    self._previous = signal.signal(signal.SIGINT, self._handle)
-
-  def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-      self._previous = None
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    print('\ninterrupt: stopping after this round (Ctrl-C again to stop now; the last saved '
-          'round stays intact)', file=sys.stderr, flush=True)
-
-
-def _log(msg: str) -> None:
-  print(msg, flush=True)
-
-
-def _warn_damaged(message: str) -> None:
-  print(f'train: warning: {text.one_line(message)}; falling back to the round before',
-        file=sys.stderr, flush=True)
-
-
-def _split_name(f: Mapping[str, Any]) -> str:
-  if f['dataset'] == 'client_data':
-    return 'the data\'s own clients'
-  return 'IID' if f['iid'] else f'Dirichlet a={f["dirichlet_alpha"]:g}'
-
-
-def _default_process_builder(model_fn, cfg, spec, element_spec):
-  """Builds the learning process with `tff_programs.fedmef_process.build_fedmef_process`."""
-  del spec  # the process derives the variant and SAP ratio from the algorithm
-  from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
-  return fedmef_process.build_fedmef_process(
-      model_fn,
-      algorithm=cfg['algorithm'],
-      density=cfg['density'],
-      delta_t=cfg['delta_t'],
-      t_end=cfg['t_end'],
-      alpha=cfg['alpha'],
-      lambda_bae=cfg['lambda_bae'],
-      gamma=cfg['gamma'],
-      client_lr=cfg['client_lr'],
-      client_lr_min=cfg['client_lr_min'],
-      total_rounds=cfg['rounds'],
-      local_epochs=cfg['local_epochs'],
-      batch_size=cfg['batch_size'],
-      seed=cfg['seed'],
-      element_spec=element_spec)
-
-
-def run(f: Mapping[str, Any], process_builder: Optional[Callable] = None) -> int:
-  """Runs (or resumes) the training described by the flag values `f`; returns the exit code.
-
-  Args:
-    f: flag name -> value, already checked by `validate`.
-    process_builder: `(model_fn, config, model_spec, element_spec) -> LearningProcess`; the
-      default builds `tff_programs.fedmef_process.build_fedmef_process`. Tests may pass another.
-
-  Returns:
-    An exit code (`EXIT_*`).
-  """
-  f = cli.resolve_defaults(f)
-  root_dir = f['root_dir']
-  cfg = run_config(f)
-  try:
-    resumable = program_io.check_root_dir(root_dir, cfg, f['overwrite'],
-                                          ignore=program_io.DATA_KEYS)
-  except program_io.RunDirError as e:
-    print(f'train: error: {e}', file=sys.stderr)
-    return EXIT_USAGE
-  finished = program_io.finished_summary(root_dir, f['rounds']) if resumable else None
-  if finished is not None:
-    _log(f'{root_dir} holds this run, finished; nothing to do. {done_line(finished, root_dir)}')
-    return EXIT_OK
-
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from fedmef_tf import data as data_lib
-  from fedmef_tf import masks as masks_lib
-  from tff_programs import checkpoints
-  from tff_programs import client_data as client_data_lib
-
-  setup_start = time.monotonic()
-  own_split = f['dataset'] == 'client_data'
-  try:
-    if own_split:
-      from tff_programs import user_data  # pylint: disable=import-outside-toplevel
-      dataset, partitions, _ = user_data.load_sql_client_data(f['data_dir'], f['num_clients'])
-    else:
-      dataset = data_lib.load_dataset(
-          f['dataset'], f['data_dir'] or None, seed=f['seed'],
-          synthetic_train=f['synthetic_train_size'], synthetic_test=f['synthetic_test_size'])
-  except data_lib.DataError as e:
-    print(f'train: error: {e}', file=sys.stderr)
-    return EXIT_USAGE
-  n_train = len(dataset.train_labels)
-  min_size = 1 if f['iid'] else f['min_client_size']
-  if not own_split and f['num_clients'] * min_size > n_train:
-    print(f'train: error: --num_clients={f["num_clients"]} is out of range for {f["dataset"]}: '
-          f'{f["num_clients"]} clients * {min_size} examples > {n_train} training examples',
-          file=sys.stderr)
-    return EXIT_USAGE
-  if not own_split:
-    partitions = data_lib.partition(
-        dataset.train_labels, f['num_clients'], 0.0 if f['iid'] else f['dirichlet_alpha'],
-        f['seed'], min_size=min_size)
-  skew = data_lib.label_skew(dataset.train_labels, partitions, dataset.num_classes)
-  federated = client_data_lib.make_client_data(
-      dataset.train_images, dataset.train_labels, partitions, as_float=True)
-  test_ds = data_lib.test_dataset(dataset.test_images, dataset.test_labels,
-                                  f['eval_batch_size'])
-  _log(f'data: {f["dataset"]} {n_train} train / {len(dataset.test_labels)} test, '
-       f'{dataset.num_classes} classes, {f["num_clients"]} clients '
-       f'({_split_name(f)}: sizes '
-       f'{min(len(p) for p in partitions)}..{max(len(p) for p in partitions)}, '
-       f'mean KL {skew["mean_kl"]:.2f})')
-
-  from tff_programs import fedmef_process
-  spec = model_spec(f['algorithm'], f['density'], f['gamma'])
-  # Masks are set by the process (ERK random masks of --density from --seed) and travel in its
-  # state; the model function builds the architecture only.
-  # Input normalisation constants of the training split: part of the run's configuration
-  # (config.json), so a resumed run checks that it trains on the same data, and of the saved
-  # model, so the exported model normalises the pixels itself.
-  cfg['input_mean'], cfg['input_std'] = data_lib.channel_stats(dataset.train_images)
-  model_fn = fedmef_process.make_model_fn(
-      f['model'], f['algorithm'], num_classes=dataset.num_classes,
-      input_shape=dataset.input_shape, gamma=f['gamma'], seed=f['seed'],
-      input_mean=cfg['input_mean'], input_std=cfg['input_std'])
-
-  element_spec = data_lib.client_dataset(
-      federated.create_tf_dataset_for_client(federated.client_ids[0])).element_spec
-  builder = process_builder or _default_process_builder
-  process = builder(model_fn, dict(cfg), spec, element_spec)
-  # Built after the process: TFF traces `model_fn` in graphs, and a Keras model built before
-  # that would be invalidated.
-  eval_model = model_fn()
-
-  @tf.function
-  def _eval_step(x, y):
-    logits = eval_model(x, training=False)
-    loss = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
-    return tf.reduce_sum(loss), tf.reduce_sum(correct)
-
-  def load_weights(state) -> None:
-    weights = process.get_model_weights(state)
-    trainable = getattr(weights, 'trainable', None)
-    non_trainable = getattr(weights, 'non_trainable', None)
-    if trainable is None:  # a (trainable, non_trainable) pair
-      trainable, non_trainable = weights
-    for v, w in zip(eval_model.trainable_weights, trainable):
-      v.assign(w)
-    for v, w in zip(eval_model.non_trainable_weights, non_trainable):
-      v.assign(w)
-
-  def evaluate() -> Tuple[float, float]:
-    loss_sum, correct, n = 0.0, 0.0, 0
-    for x, y in test_ds:
-      l, c = _eval_step(x, y)
-      loss_sum += float(l)
-      correct += float(c)
-      n += int(y.shape[0])
-    return loss_sum / n, correct / n
-
-  stop = _StopFlag()
-  rt = runtime.make_runtime(f.get('workers'), verbose=f['verbose'])
-  rt.start()
-  try:
-    stop.install()
-    state = process.initialize()
-    # The run directory is claimed (config.json written, or a foreign run cleared with
-    # --overwrite) only now: a run that fails while loading its data or building its process
-    # leaves it as it was.
-    try:
-      resumable = program_io.prepare_root_dir(root_dir, cfg, f['overwrite'])
-      manager = program_io.state_manager(root_dir)
-    except program_io.RunDirError as e:
-      print(f'train: error: {e}', file=sys.stderr)
-      return EXIT_USAGE
-    totals = {'down_bytes': 0.0, 'up_bytes': 0.0, 'train_seconds': 0.0}
-    start_round = 0
-    if resumable:
-      template = {'round': np.int64(0), 'process': state, 'totals': totals}
-      try:
-        saved, version = asyncio.run(manager.load_latest(template, on_damaged=_warn_damaged))
-      except checkpoints.CheckpointError as e:
-        print(f'train: error: {text.one_line(str(e))}; rerun with --overwrite to start '
-              'afresh', file=sys.stderr)
-        return EXIT_USAGE
-      if saved is not None:
-        state = saved['process']
-        start_round = int(saved['round'])
-        totals = {k: float(v) for k, v in saved['totals'].items()}
-        _log(f'resuming after round {start_round} from {root_dir} (version {version})')
-    releaser = program_io.MetricsReleaser(root_dir)
-    _log(f'{f["algorithm"]} on {f["model"]}/{spec["variant"]} (density {spec["density"]:g}, '
-         f'gamma {spec["gamma"]:g}): rounds {start_round + 1}..{f["rounds"]}, '
-         f'{f["clients_per_round"]} of {f["num_clients"]} clients per round; set-up '
-         f'{time.monotonic() - setup_start:.1f}s')
-
-    clientless = program_io.ClientlessRounds()
-    round_times: List[float] = []
-    last_acc = float('nan')
-    completed = start_round
-    for t in range(start_round + 1, f['rounds'] + 1):
-      if stop.requested:
-        break
-      t0 = time.monotonic()
-      chosen = sample_clients(f['seed'], t, f['num_clients'], f['clients_per_round'])
-      datasets = [
-          data_lib.client_dataset(federated.create_tf_dataset_for_client(str(k)),
-                                  shuffle_seed=shuffle_seed(f['seed'], t, k))
-          for k in chosen]
-      output = process.next(state, datasets)
-      state = output.state
-      m = pick_metrics(output.metrics)
-      evaluated = t % f['eval_every'] == 0 or t == f['rounds']
-      test_loss = test_acc = float('nan')
-      if evaluated:
-        load_weights(state)
-        test_loss, test_acc = evaluate()
-        last_acc = test_acc
-      seconds = time.monotonic() - t0
-      down, up = _num(m.get('bytes_down'), 0.0), _num(m.get('bytes_up'), 0.0)
-      totals['down_bytes'] += down
-      totals['up_bytes'] += up
-      totals['train_seconds'] += seconds
-      row = collections.OrderedDict(
-          train_loss=_num(m.get('train_loss')),
-          train_accuracy=_num(m.get('train_accuracy')),
-          test_loss=test_loss,
-          test_accuracy=test_acc,
-          density=_num(m.get('global_density')),
-          bytes_down=down,
-          bytes_up=up,
-          round_seconds=seconds,
-          clients_used=_num(m.get('clients_used')),
-          clients_rejected=_num(m.get('clients_rejected')),
-          adjusted=_num(m.get('adjusted'), 0.0),
-          learning_rate=_num(m.get('learning_rate')),
-      )
-      row = program_io.mark_clientless_round(row)
-      warning = clientless.record(t, row['clients_used'])
-      if warning:
-        print(f'train: {warning}', file=sys.stderr, flush=True)
-      # Release first, then save: a run killed in between redoes round t on resume, and the CSV
-      # release manager replaces rows >= t, so metrics.csv never misses a saved round.
-      releaser.release(row, t)
-      program_state = {'round': np.int64(t), 'process': state,
-                       'totals': {k: np.float64(v) for k, v in totals.items()}}
-      asyncio.run(manager.save(program_state, t))
-      completed = t
-      round_times.append(seconds)
-      recent = round_times[-10:]
-      eta = sum(recent) / len(recent) * (f['rounds'] - t)
-      acc_s = f'test acc {test_acc:.3f}' if evaluated else (
-          f'test acc {last_acc:.3f}*' if not math.isnan(last_acc) else 'test acc   -  ')
-      _log(f'round {t:>{len(str(f["rounds"]))}}/{f["rounds"]}  loss {row["train_loss"]:.3f}  '
-           f'{acc_s}  density {row["density"]:.3f}  down {_human_bytes(down)}  '
-           f'up {_human_bytes(up)}  clients {int(_num(m.get("clients_used"), 0))}'
-           f'/{len(chosen)}{"  adjusted" if row["adjusted"] else ""}  {seconds:.1f}s  '
-           f'ETA {_human_seconds(eta)}')
-    if completed < f['rounds']:
-      _log(f'stopped after round {completed} of {f["rounds"]}; rerun the same command to '
-           'resume')
-      return EXIT_INTERRUPTED
-    if not program_io.any_client_used(program_io.read_metrics(root_dir)):
-      print(f'train: error: no round of 1..{f["rounds"]} used any client (every client update was '
-            'non-finite or empty): the model is untrained; a lower --client_lr may help',
-            file=sys.stderr)
-      return EXIT_FAILURE
-    load_weights(state)
-    _finish(f, cfg, spec, dataset, eval_model, model_fn, totals, masks_lib, evaluate)
-    return EXIT_OK
-  finally:
-    stop.uninstall()
-    rt.stop()
-
-
-def _finish(f, cfg, spec, dataset, model, model_fn, totals, masks_lib, evaluate) -> None:
-  """Evaluates the final model; writes final_model/, the plots and summary.json (last)."""
-  # pylint: disable=import-outside-toplevel
-  from fedmef_tf import model_io
-  root_dir = f['root_dir']
-  test_loss, test_acc = evaluate()
-  layers = masks_lib.prunable_layers(model)
-  layer_names = [layer.name for layer in layers]
-  layer_density = [float(layer.mask.numpy().mean()) for layer in layers]
-  density = float(masks_lib.global_density(model))
-  model_config = {
-      'model': f['model'], 'variant': spec['variant'], 'num_classes': dataset.num_classes,
-      'input_shape': list(dataset.input_shape), 'gamma': spec['gamma'],
-      'density': spec['density'], 'algorithm': f['algorithm'], 'dataset': f['dataset'],
-      'rounds': f['rounds'], 'seed': f['seed'], 'final_accuracy': test_acc,
-      'input_range': 'float32 RGB in [0, 1] (pixel / 255), NHWC',
-      'input_mean': cfg['input_mean'], 'input_std': cfg['input_std'],
-  }
-  model_dir = model_io.save_model(model, model_config,
-                                  os.path.join(root_dir, program_io.FINAL_MODEL_DIR))
-  # The measurement trains a copy (it applies SGD steps), never the saved model.
-  probe = model_fn()
-  probe.set_weights(model.get_weights())
-  try:
-    memory = memory_report(probe, f['batch_size'], spec['variant'])
-  except Exception as e:  # pylint: disable=broad-except
-    # The trained model is saved already; a failed probe must not lose the run's report.
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f'train: warning: memory measurement failed ({type(e).__name__}: {msg})',
-          file=sys.stderr)
-    memory = {'analytic_bytes': None, 'measured_peak_bytes': None,
-              'batch_size': f['batch_size'], 'breakdown_bytes': {}, 'bars_bytes': {},
-              'error': msg}
-  del probe
-  rows = program_io.read_metrics(root_dir)
-  plots_dir = os.path.join(root_dir, program_io.PLOTS_DIR)
-  title = f'{f["algorithm"]} / {f["model"]} / {f["dataset"]}'
-  plots = [
-      program_io.plot_curves(rows, os.path.join(plots_dir, 'accuracy_loss.png'), title),
-      program_io.plot_layer_density(layer_names, layer_density,
-                                    os.path.join(plots_dir, 'layer_density.png'), title),
-      program_io.plot_memory(memory.pop('breakdown_bytes'), memory.pop('bars_bytes'),
-                             os.path.join(plots_dir, 'memory.png'),
-                             f'{title}, batch {f["batch_size"]}'),
-  ]
-  summary = {
-      'algorithm': f['algorithm'], 'model': f['model'], 'variant': spec['variant'],
-      'dataset': f['dataset'], 'rounds_completed': f['rounds'],
-      'final_accuracy': test_acc, 'final_loss': test_loss, 'density': density,
-      'layer_density': dict(zip(layer_names, layer_density)),
-      'memory': memory,
-      'traffic': {'down_bytes': int(totals['down_bytes']), 'up_bytes': int(totals['up_bytes'])},
-      'train_seconds': totals['train_seconds'],
-      'config': cfg, 'plots': [os.path.relpath(p, root_dir) for p in plots],
-      'final_model': os.path.relpath(model_dir, root_dir),
-  }
-  program_io.write_json(os.path.join(root_dir, program_io.SUMMARY_FILE), summary)
-  _log(done_line(summary, root_dir))
-
-
-def done_line(summary: Mapping[str, Any], root_dir: str) -> str:
-  """The console line that reports a finished run, from its `summary.json` contents."""
-  memory = summary['memory']
-  traffic = summary['traffic']
-  return (f'done: {summary["rounds_completed"]} rounds, test accuracy '
-          f'{summary["final_accuracy"]:.4f}, density {summary["density"]:.4f}, traffic down '
-          f'{_human_bytes(traffic["down_bytes"])} up {_human_bytes(traffic["up_bytes"])}, '
-          f'training {_human_seconds(summary["train_seconds"])}; memory of a training step '
-          f'(batch {memory["batch_size"]}): analytic {_human_bytes(memory["analytic_bytes"] or 0)}'
-          f', measured peak {_human_bytes(memory["measured_peak_bytes"] or 0)}; report in '
-          f'{os.path.join(root_dir, program_io.SUMMARY_FILE)}')
-
-
-def _as_dict(value) -> Dict[str, Any]:
-  """A mapping, a NamedTuple or a single number as a dict."""
-  if isinstance(value, Mapping):
-    return dict(value)
-  if hasattr(value, '_asdict'):
-    return dict(value._asdict())
-  return {'total_bytes': value}
-
-
-def memory_report(model, batch_size: int, variant: str = 'baseline') -> Dict[str, Any]:
-  """Memory of one client training step at `batch_size`, in bytes (`fedmef_tf.memory`).
-
-  Returns:
-    dict with `analytic_bytes` (`analytic_footprint`'s `total_bytes`: resident weights in their
-    sparse form plus the predicted peak of the step), `analytic_peak_bytes` (the predicted
-    peak alone, comparable with the measurement), `weight_bytes`, `cached_bytes` (activations
-    kept for the backward pass), `measured_peak_bytes` (allocator peak of a compiled step minus
-    what was resident before it), `resident_bytes`, `batch_size`, and `breakdown_bytes` /
-    `bars_bytes` for the plot.
-  """
-  # pylint: disable=import-outside-toplevel
-  from fedmef_tf import agc
-  from fedmef_tf import memory as memory_lib
-  analytic = _as_dict(memory_lib.analytic_footprint(model, batch_size))
-  scalars = {k: float(v) for k, v in analytic.items()
-             if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
-  total = scalars.get('total_bytes')
-  if total is None:
-    total = scalars.get('weight_bytes', 0.0) + scalars.get('cached_bytes', 0.0)
-  measured = _as_dict(memory_lib.measure_train_step_peak(
-      model, batch_size, gradient_clipping=agc.clipping_for(variant)))
-  peak = float(measured.get('peak_bytes', measured.get('total_bytes')))
-  report = {
-      'analytic_bytes': int(total),
-      'measured_peak_bytes': int(peak),
-      'batch_size': int(batch_size),
-  }
-  for key in ('peak_bytes', 'weight_bytes', 'cached_bytes', 'gradient_bytes'):
-    if key in scalars:
-      report['analytic_' + key if key == 'peak_bytes' else key] = int(scalars[key])
-  if 'resident_bytes' in measured:
-    report['resident_bytes'] = int(measured['resident_bytes'])
-  parts = ('weight_bytes', 'cached_bytes', 'kernel_cache_bytes', 'gradient_bytes')
-  report['breakdown_bytes'] = {k: scalars[k] for k in parts if k in scalars}
-  bars = {'measured step peak': peak}
-  if 'peak_bytes' in scalars:
-    bars = {'analytic step peak': scalars['peak_bytes'], **bars}
-  report['bars_bytes'] = bars
-  return report
+def _typed_config(f: Mapping[str, Any]) -> training_loop.RunConfig:
+  return training_loop.RunConfig.from_values(cli.resolve_defaults(f))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -739,7 +221,7 @@ def check_command_line(values: Mapping[str, Any]) -> None:
   values = cli.resolve_defaults(values)
   try:
     program_io.check_root_dir(values['root_dir'], run_config(values), values['overwrite'],
-                              ignore=program_io.DATA_KEYS)
+                              ignore=program_io.DATA_KEYS, names=text.FLAGS)
   except program_io.RunDirError as e:
     raise UsageError(str(e)) from None
 
@@ -763,35 +245,47 @@ def parse_flags(argv: List[str]) -> List[str]:
   return rest
 
 
+def _error(message: str) -> None:
+  print(f'train: error: {message}', file=sys.stderr)
+
+
 def main(argv: List[str]) -> int:
   """Runs the program on the parsed, checked flags (see `parse_flags`); returns the exit code."""
   del argv
+  config = _typed_config(FLAGS.flag_values_dict())
   try:
-    with run_lock.RunLock(FLAGS.root_dir):
-      return run(FLAGS.flag_values_dict())
+    with run_lock.RunLock(config.root_dir, names=text.FLAGS):
+      done = training_loop.run(config, console=training_loop.Console('train'), names=text.FLAGS)
+    return cli.EXIT_OK if done else cli.EXIT_INTERRUPTED
   except run_lock.LockError as e:
-    print(f'train: error: {text.one_line(str(e))}', file=sys.stderr)
-    return EXIT_USAGE
+    _error(text.one_line(str(e)))
+    return cli.EXIT_USAGE
+  except training_loop.SetupError as e:
+    _error(str(e))
+    return cli.EXIT_USAGE
+  except training_loop.NoClientUsedError as e:
+    _error(str(e))
+    return cli.EXIT_FAILURE
   except KeyboardInterrupt:
     print('train: interrupted; rerun the same command to resume from the last saved round',
           file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return cli.EXIT_INTERRUPTED
   except runtime.WorkerError as e:
-    print(f'train: error: {e}', file=sys.stderr)
-    return EXIT_FAILURE
+    _error(str(e))
+    return cli.EXIT_FAILURE
   except Exception as e:  # pylint: disable=broad-except
-    disk_full = program_io.disk_full_message(e, FLAGS.root_dir)
+    disk_full = program_io.disk_full_message(e, FLAGS.root_dir, names=text.FLAGS)
     if disk_full:
-      print(f'train: error: {disk_full}', file=sys.stderr)
-      return EXIT_FAILURE
+      _error(disk_full)
+      return cli.EXIT_FAILURE
     if not FLAGS.workers or 'grpc' not in repr(e).lower() + type(e).__module__:
       raise
     # A remote worker failed during a round: the last finished round's checkpoint is intact.
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f'train: error: a TFF worker of --workers={FLAGS.workers} failed during a round '
-          f'({type(e).__name__}: {first[:200]}); rerun with live workers to resume from the last '
-          'saved round', file=sys.stderr)
-    return EXIT_FAILURE
+    _error(f'a TFF worker of --workers={FLAGS.workers} failed during a round '
+           f'({type(e).__name__}: {first[:200]}); rerun with live workers to resume from the '
+           'last saved round')
+    return cli.EXIT_FAILURE
 
 
 if __name__ == '__main__':

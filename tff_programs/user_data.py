@@ -153,6 +153,14 @@ def _check_labels(path: str, labels: Sequence[np.ndarray]) -> None:
       raise data_lib.DataError(f'{path}: label {int(y.min())} is negative')
 
 
+class TooFewClientsError(data_lib.DataError):
+  """The data hold fewer clients than were asked for."""
+
+  def __init__(self, path: str, available: int, requested: int):
+    self.path, self.available, self.requested = path, available, requested
+    super().__init__(f'{path}: {available} clients, fewer than the {requested} asked for')
+
+
 def load_sql_client_data(data_dir: str, num_clients: int
                          ) -> Tuple[data_lib.ImageDataset, List[np.ndarray], List[str]]:
   """Reads `data_dir/train.sqlite` and `data_dir/test.sqlite` (see the module docstring).
@@ -179,8 +187,7 @@ def load_sql_client_data(data_dir: str, num_clients: int
                              f'{TRAIN_FILE} are {spec["image"].shape}')
   ids, images, labels = _read_clients(train_path, spec)
   if num_clients > len(ids):
-    raise data_lib.DataError(f'{train_path}: {len(ids)} clients, fewer than --num_clients='
-                             f'{num_clients}')
+    raise TooFewClientsError(train_path, len(ids), num_clients)
   ids, images, labels = ids[:num_clients], images[:num_clients], labels[:num_clients]
   for client_id, y in zip(ids, labels):
     if not y.size:

@@ -29,7 +29,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not 1 <= _PORT.value <= 65535:
     print(f'worker: --port={_PORT.value} is out of range 1..65535', file=sys.stderr)
-    return 2
+    return cli.EXIT_USAGE
   runtime.configure_logging(_VERBOSE.value)
   runtime.restore_signal_handlers()
   with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
@@ -39,21 +39,21 @@ def main(argv):
       probe.bind(('::', _PORT.value))
     except OSError as e:
       print(f'worker: port {_PORT.value} is not free ({e.strerror})', file=sys.stderr)
-      return 1
+      return cli.EXIT_FAILURE
   worker = runtime.WorkerProcess(_PORT.value, verbose=_VERBOSE.value,
                                  max_concurrent_computation_calls=_MAX_CALLS.value)
   target = f'localhost:{worker.port}'
   try:
-    runtime._wait_ready(runtime._make_stub(target), target, 60.0, worker)  # pylint: disable=protected-access
+    runtime.wait_ready(runtime.make_stub(target), target, 60.0, worker)
     print(f'worker: TFF worker pid {worker.pid} listening on {socket.getfqdn()}:{worker.port} '
           f'(all interfaces); stop with Ctrl-C', flush=True)
     while worker.alive():
       time.sleep(0.5)
     print(f'worker: TFF worker exited with code {worker.process.returncode}', file=sys.stderr)
-    return 1
+    return cli.EXIT_FAILURE
   except (KeyboardInterrupt, SystemExit):
     print('worker: stopping', flush=True)
-    return 0
+    return cli.EXIT_OK
   finally:
     worker.stop()
 
