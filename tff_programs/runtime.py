@@ -396,10 +396,13 @@ def _context_kwargs():
 
 
 def _install_default_context(context):
-  """Makes `context` TFF's default (this thread) and returns the one it replaces."""
+  """Makes `context` TFF's default (this thread) and returns the one it replaces.
+
+  Called where no `with_context` scope is open, so the current context is the default one.
+  """
   from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
   stack = context_stack_impl.context_stack
-  previous = stack._stack[0]  # pylint: disable=protected-access
+  previous = stack.current
   stack.set_default_context(context)
   return previous
 
