@@ -94,7 +94,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from typing import Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Sequence, Tuple, Union
 
 import tensorflow as tf
 
@@ -103,6 +103,10 @@ from fedmef_tf import sap_native
 __all__ = [
     "sap_conv2d",
     "sap_depthwise_conv2d",
+    "depthwise_conv2d",
+    "depthwise_ops",
+    "DepthwiseOps",
+    "TF_DEPTHWISE_OPS",
     "sap_matmul",
     "bit_relu",
     "bit_relu6",
@@ -706,6 +710,50 @@ def sap_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
         filter_grad=lambda xp, dy, w_shape: conv2d_filter_grad(xp, dy, w_shape, s, padding))
 
 
+class DepthwiseOps(NamedTuple):
+    """The depthwise convolution ops of masked depthwise layers (NHWC, strides as 4-tuples).
+
+    Attributes:
+        conv: ``(x, w, strides, padding) -> y``, differentiable (``tf.nn.depthwise_conv2d``).
+        input_grad: ``(dy, w, x_shape, strides, padding) -> dx``.
+        filter_grad: ``(x, dy, w_shape, strides, padding) -> dw``.
+    """
+    conv: Callable
+    input_grad: Callable
+    filter_grad: Callable
+
+
+#: TF's depthwise convolution and its gradient kernels.
+TF_DEPTHWISE_OPS = DepthwiseOps(
+    conv=lambda x, w, s, padding: tf.nn.depthwise_conv2d(x, w, s, padding),
+    input_grad=lambda dy, w, x_shape, s, padding: tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+        input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
+    filter_grad=lambda x, dy, w_shape, s, padding: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+        input=x, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding))
+
+_DEPTHWISE_OPS = [TF_DEPTHWISE_OPS]
+
+
+@contextlib.contextmanager
+def depthwise_ops(ops: DepthwiseOps):
+    """Within the block, masked depthwise layers traced here (plain and SAP) use ``ops``.
+
+    For TFLite exports, whose runtime has no builtin kernels for TF's depthwise gradients
+    (``tflite_export.depthwise_grad``).
+    """
+    _DEPTHWISE_OPS.append(ops)
+    try:
+        yield
+    finally:
+        _DEPTHWISE_OPS.pop()
+
+
+def depthwise_conv2d(x, w, strides, padding: str) -> tf.Tensor:
+    """The plain depthwise convolution of a masked depthwise layer, with the ops of the
+    innermost :func:`depthwise_ops` (TF's outside any)."""
+    return _DEPTHWISE_OPS[-1].conv(x, w, _strides4(strides), padding)
+
+
 def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor:
     """Depthwise convolution (channel multiplier 1) with SAP on its weight gradient.
 
@@ -722,15 +770,14 @@ def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor
     """
     _check(gamma, padding)
     s = _strides4(strides)
+    ops = _DEPTHWISE_OPS[-1]
     if gamma == 0.0:
-        return tf.nn.depthwise_conv2d(x, w, s, padding)
+        return ops.conv(x, w, s, padding)
     return _sap_op(
         x, w, gamma,
-        forward=lambda x, w: tf.nn.depthwise_conv2d(x, w, s, padding),
-        input_grad=lambda dy, w, x_shape: tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-            input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
-        filter_grad=lambda xp, dy, w_shape: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
-            input=xp, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding))
+        forward=lambda x, w: ops.conv(x, w, s, padding),
+        input_grad=lambda dy, w, x_shape: ops.input_grad(dy, w, x_shape, s, padding),
+        filter_grad=lambda xp, dy, w_shape: ops.filter_grad(xp, dy, w_shape, s, padding))
 
 
 def sap_matmul(x, w, gamma: float) -> tf.Tensor:
