@@ -36,9 +36,18 @@ _LIST = '__list__'
 _CLOSE = '__close__'
 
 
+def _plain(value) -> np.ndarray:
+  """`value` as an array that `.npz` stores without pickle (string tensors come as object
+  arrays of bytes: they become fixed-width bytes arrays)."""
+  array = np.asarray(value)
+  if array.dtype.kind == 'O':
+    array = np.array([bytes(e) for e in array.ravel()], dtype=bytes).reshape(array.shape)
+  return array
+
+
 def _write(stream, arrays: Dict[str, Any]) -> None:
   buf = io.BytesIO()
-  np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+  np.savez(buf, **{k: _plain(v) for k, v in arrays.items()})
   data = buf.getvalue()
   stream.write(struct.pack('<Q', len(data)))
   stream.write(data)
@@ -163,7 +172,7 @@ def child_main(model_path: str, num_threads: Optional[int]) -> int:
       if name not in runners:
         runners[name] = interpreter.get_signature_runner(name)
       outputs = runners[name](**request)
-      _write(out, {k: np.asarray(v) for k, v in outputs.items()})
+      _write(out, outputs)
     except Exception as e:  # pylint: disable=broad-except
       first = (str(e).strip().splitlines() or [type(e).__name__])[0]
       _write(out, {_ERROR: f'{name}: {first}'})

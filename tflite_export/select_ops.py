@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Set
 
-__all__ = ['FLEX_PREFIX', 'select_tf_ops', 'select_tf_ops_by_signature', 'describe']
+__all__ = ['FLEX_PREFIX', 'select_tf_ops', 'select_tf_ops_by_signature']
 
 #: Custom code prefix of a select-TF operator in a TFLite file.
 FLEX_PREFIX = 'Flex'
@@ -138,16 +138,3 @@ def select_tf_ops_by_signature(flatbuffer: bytes) -> Dict[str, List[str]]:
       todo.extend(subgraphs[s][1])
     out[signature.SignatureKey().decode()] = _flex(ops)
   return out
-
-
-def describe(flatbuffer: bytes) -> str:
-  """One line: whether the file needs select-TF ops, and which signatures use which."""
-  by_signature = select_tf_ops_by_signature(flatbuffer)
-  every = select_tf_ops(flatbuffer)
-  if not every:
-    return ('select-TF ops: none (every signature runs on the stock LiteRT runtime, no '
-            'select-TF-ops library needed)')
-  parts = [f'{key} ({", ".join(ops)})' for key, ops in sorted(by_signature.items()) if ops]
-  return (f'select-TF ops: needed, {len(every)} kind(s) ({", ".join(every)}); signatures using '
-          f'them: {"; ".join(parts) if parts else "none directly"} (needs the select-TF-ops '
-          'runtime)')
