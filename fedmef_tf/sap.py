@@ -714,7 +714,9 @@ class DepthwiseOps(NamedTuple):
     """The depthwise convolution ops of masked depthwise layers (NHWC, strides as 4-tuples).
 
     Attributes:
-        conv: ``(x, w, strides, padding) -> y``, differentiable (``tf.nn.depthwise_conv2d``).
+        conv: ``(x, w, strides, padding) -> y``, differentiable (``tf.nn.depthwise_conv2d``):
+            the plain layer's op (a SAP op computes its forward with ``tf.nn.depthwise_conv2d``
+            and its gradients with the two below).
         input_grad: ``(dy, w, x_shape, strides, padding) -> dx``.
         filter_grad: ``(x, dy, w_shape, strides, padding) -> dw``.
     """
@@ -775,7 +777,7 @@ def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float) -> tf.Tensor
         return ops.conv(x, w, s, padding)
     return _sap_op(
         x, w, gamma,
-        forward=lambda x, w: ops.conv(x, w, s, padding),
+        forward=lambda x, w: tf.nn.depthwise_conv2d(x, w, s, padding),  # its gradient is below
         input_grad=lambda dy, w, x_shape: ops.input_grad(dy, w, x_shape, s, padding),
         filter_grad=lambda xp, dy, w_shape: ops.filter_grad(xp, dy, w_shape, s, padding))
 
