@@ -368,7 +368,7 @@ def test_every_signature_of_the_fedmef_export_passes_verify_on_stock_litert(fedm
   # infer, dense_gradients, train (with SAP, with BaE), get/set_weights, save/restore through
   # the app's file, set_learning_rate and metadata, each against the TF model.
   checks = _checks(fedmef_export[0], 'litert')
-  assert [c.line() for c in checks.values() if c.ok is not True] == []
+  assert [c.line() for c in checks.values() if not c.ok] == []
   assert len(checks) == 10
 
 
