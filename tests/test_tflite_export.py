@@ -408,12 +408,14 @@ def test_twenty_train_calls_on_stock_litert_lower_the_loss_and_keep_masked_zeros
     after = lite.get_signature_runner('get_weights')()
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0] and max(losses[-5:]) < min(losses[:5]), losses
-  kernels = [n for n in after if n.endswith('_kernel') and n[:-len('kernel')] + 'mask' in after]
-  assert len(kernels) == 5
+  by_suffix = {n.split('_', 1)[1]: n for n in after}  # names are w<index>_<layer>_<variable>
+  pairs = [(n, by_suffix[n.split('_', 1)[1][:-len('kernel')] + 'mask']) for n in after
+           if n.endswith('_kernel') and n.split('_', 1)[1][:-len('kernel')] + 'mask' in by_suffix]
+  assert len(pairs) == 5
   masked = 0
-  for kernel in kernels:
-    mask = after[kernel[:-len('kernel')] + 'mask']
-    np.testing.assert_array_equal(mask, before[kernel[:-len('kernel')] + 'mask'])
+  for kernel, mask_name in pairs:
+    mask = after[mask_name]
+    np.testing.assert_array_equal(mask, before[mask_name])
     masked += int(np.count_nonzero(mask == 0))
     assert np.count_nonzero(after[kernel][mask == 0]) == 0, kernel
   assert masked > 0
@@ -696,7 +698,8 @@ def test_benchmark_target_line_compares_each_variant_at_its_best():
   single = tflite_memory._ratios(rows[:2])  # pylint: disable=protected-access
   assert single == ['cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.52x  '
                     '(target fedmef <= 0.45x: NOT met)']
-  single = tflite_memory._ratios([row('fedmef', 1024, 20), rows[1]])  # pylint: disable=protected-access
+  lower = [row('fedmef', 1024, 20), rows[1]]
+  single = tflite_memory._ratios(lower)  # pylint: disable=protected-access
   assert single == ['cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.42x  '
                     '(target fedmef <= 0.45x: met)']
 

@@ -22,9 +22,10 @@ the device with `set_learning_rate(lr)` (e.g. each round's eta_t), saved in chec
 Memory layout of `train` (both masked variants alike): each masked kernel is updated inside its
 own backward pass (`tflite_export.layer_updates`; `--nolayer_updates`: the plain step), and each
 masked convolution runs its batch in slices whose im2col workspace fits in `--max_im2col_kib`
-(`tflite_export.chunked_conv`; 0: whole batch); the convolutions' weight gradients are made
-of builtin ops (`tflite_export.filter_grad`; `--nobuiltin_weight_grads`: the select-TF
-`Conv2DBackpropFilter`).
+(`tflite_export.chunked_conv`; 0: whole batch); the convolutions' weight gradients and the
+depthwise convolutions' gradients are made of builtin ops (`tflite_export.filter_grad`,
+`tflite_export.depthwise_grad`; `--nobuiltin_weight_grads`: TF's select-TF
+`Conv2DBackpropFilter` and `DepthwiseConv2dNativeBackprop*`).
 
 It prints the file size, the density of each prunable kernel, whether the file needs
 select-TF ops (`tflite_export.select_ops`; FedMef's exports need none and run on the stock
@@ -476,8 +477,9 @@ def _flags():
        'im2col workspace per CONV_2D of train, KiB: convolutions run in batch slices that fit '
        '(0: whole batch)'),
       (flags.DEFINE_bool, 'builtin_weight_grads', True,
-       'conv weight gradients of train from builtin ops (--nobuiltin_weight_grads: the '
-       'select-TF Conv2DBackpropFilter)')):
+       'conv weight gradients and depthwise conv gradients from builtin ops '
+       '(--nobuiltin_weight_grads: the select-TF Conv2DBackpropFilter and '
+       'DepthwiseConv2dNativeBackprop*)')):
     define(name, default, help_text, flag_values=fv)
   return fv
 
