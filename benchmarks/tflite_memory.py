@@ -111,17 +111,18 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
 
 
 def measure_export(path: str, *, repeats: int = 1, threads: Sequence[int] = (1, 2),
-                   time_calls: int = 10) -> Dict[str, object]:
+                   time_calls: int = 10, memory: bool = True) -> Dict[str, object]:
   """The measured columns of one export's row: `peak_bytes` and `steady_bytes`
-  (`tflite_export.memprobe`, minimum over `repeats`) and `train_seconds`
-  (`{threads: median seconds of a train call}`, `tflite_export.train_timing`)."""
+  (`tflite_export.memprobe`, minimum over `repeats`; left out if not `memory`) and
+  `train_seconds` (`{threads: median seconds of a train call}`, `tflite_export.train_timing`)."""
   from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
   from tflite_export import train_timing  # pylint: disable=import-outside-toplevel
-  memory = memprobe.measure_train_peak(path, repeats=repeats)
-  seconds = {int(n): train_timing.median_train_seconds(path, num_threads=int(n),
-                                                       calls=time_calls) for n in threads}
-  return {'peak_bytes': memory['train_peak'], 'steady_bytes': memory['steady_peak'],
-          'train_seconds': seconds}
+  row = {'train_seconds': {int(n): train_timing.median_train_seconds(
+      path, num_threads=int(n), calls=time_calls) for n in threads}}
+  if memory:
+    peaks = memprobe.measure_train_peak(path, repeats=repeats)
+    row.update(peak_bytes=peaks['train_peak'], steady_bytes=peaks['steady_peak'])
+  return row
 
 
 def format_row(row: Mapping[str, object]) -> str:
@@ -132,8 +133,9 @@ def format_row(row: Mapping[str, object]) -> str:
   return (f'{row["model"]:10s} b{row["batch"]:<4d} {row["variant"]:9s} '
           f'im2col {row["budget_kib"]:5d} KiB {row.get("weight_grads", "builtin"):7s}'
           f'  file {row["size_bytes"] / mib:7.2f} MiB  density {row["density"]:.4f}'
-          f'  train peak {row["peak_bytes"] / mib:8.2f} MiB'
-          f'  (later calls {row["steady_bytes"] / mib:6.2f} MiB){timing}')
+          + (f'  train peak {row["peak_bytes"] / mib:8.2f} MiB'
+             f'  (later calls {row["steady_bytes"] / mib:6.2f} MiB)' if 'peak_bytes' in row
+             else '') + timing)
 
 
 def time_ratio_lines(rows: Sequence[Mapping[str, object]]) -> List[str]:

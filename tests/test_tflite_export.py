@@ -736,9 +736,10 @@ def test_benchmark_measures_time_beside_memory_on_real_exports(fedmef_export, ba
   for variant, path in (('fedmef', fedmef_export[0]), ('baseline', baseline_export[0])):
     row = {'model': 'cnn', 'batch': BATCH, 'variant': variant, 'budget_kib': 1024,
            'weight_grads': 'builtin', 'size_bytes': os.path.getsize(path), 'density': DENSITY}
-    row.update(tflite_memory.measure_export(path, threads=(1, 2), time_calls=2))
+    # The peak columns are measured by memprobe, tested above; here only the times.
+    row.update(tflite_memory.measure_export(path, threads=(1, 2), time_calls=2, memory=False))
     assert sorted(row['train_seconds']) == [1, 2]
-    assert all(s > 0 for s in row['train_seconds'].values()) and row['peak_bytes'] > 0
+    assert all(s > 0 for s in row['train_seconds'].values())
     assert '@1t' in tflite_memory.format_row(row) and '@2t' in tflite_memory.format_row(row)
     rows.append(row)
   lines = tflite_memory.time_ratio_lines(rows)
