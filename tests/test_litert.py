@@ -183,12 +183,8 @@ def test_depthwise_fedmef_train_module_converts_without_select_tf_ops():
   by_signature = select_ops.select_tf_ops_by_signature(flatbuffer)
   assert sorted(by_signature) == sorted(module.signature_names())
   assert all(ops == [] for ops in by_signature.values()), by_signature
-  # With TF's gradients the same network needs the select-TF depthwise gradient kernels.
-  tf_grads = train_module.TrainModule(_depthwise_block_model(), batch_size=2, learning_rate=0.1,
-                                      metadata={}, builtin_weight_grads=False)
-  flex = select_ops.select_tf_ops_by_signature(export.convert(tf_grads))
-  assert 'DepthwiseConv2dNativeBackpropFilter' in flex['train']
-  assert 'DepthwiseConv2dNativeBackpropFilter' in flex['dense_gradients']
+  # (The check finds select-TF operators where there are some: test_select_tf_ops_are_found_
+  # per_signature here, and the CNN exported with --nobuiltin_weight_grads.)
 
 
 #: The full registry exports of ResNet18 and MobileNetV2 take minutes each to convert (530 s
