@@ -7,8 +7,8 @@ runtime is linked (on Android the `tensorflow-lite-select-tf-ops` library; the P
 `tf.lite.Interpreter` has it, stock LiteRT `ai_edge_litert.interpreter` has not). A file with no
 `Flex` operator runs on the stock LiteRT runtime.
 
-The file is parsed with LiteRT's own flatbuffer schema (`ai_edge_litert.schema_py_generated`);
-nothing is run.
+The file is parsed with LiteRT's own flatbuffer schema (`ai_edge_litert.schema_py_generated`,
+or TensorFlow's copy of it where LiteRT is not installed); nothing is run.
 
 * `select_tf_ops(flatbuffer)`: the sorted TF op names of all `Flex` operators used anywhere in
   the file.
@@ -28,7 +28,10 @@ FLEX_PREFIX = 'Flex'
 
 
 def _schema():
-  from ai_edge_litert import schema_py_generated  # pylint: disable=import-outside-toplevel
+  try:
+    from ai_edge_litert import schema_py_generated  # pylint: disable=import-outside-toplevel
+  except ImportError:  # the same generated schema, as TensorFlow ships it
+    from tensorflow.lite.python import schema_py_generated  # pylint: disable=import-outside-toplevel
   return schema_py_generated
 
 
