@@ -28,10 +28,11 @@ FLEX_PREFIX = 'Flex'
 
 
 def _schema():
+  # pylint: disable=import-outside-toplevel
   try:
-    from ai_edge_litert import schema_py_generated  # pylint: disable=import-outside-toplevel
+    from ai_edge_litert import schema_py_generated
   except ImportError:  # the same generated schema, as TensorFlow ships it
-    from tensorflow.lite.python import schema_py_generated  # pylint: disable=import-outside-toplevel
+    from tensorflow.lite.python import schema_py_generated
   return schema_py_generated
 
 
