@@ -20,6 +20,9 @@ setuptools.setup(
         'tensorflow-model-optimization==0.7.5',
         'numpy~=1.25.2',
         'absl-py==1.4.0',
+        # LiteRT, the runtime Android apps ship (stock, no select-TF ops): tflite_export.verify
+        # --runtime=litert and the tests that show an export runs on it.
+        'ai-edge-litert==2.3.0',
         'matplotlib',
     ],
     extras_require={'test': ['pytest']},

@@ -1,4 +1,4 @@
-"""On-device training peak of TFLite exports: FedMef against baseline (BatchNorm) and tfmot.
+"""On-device training peak and time of TFLite exports: FedMef against baseline and tfmot.
 
 FedMef (Huang et al., CVPR 2024) claims a smaller training footprint on the client. This
 benchmark exports, at the same density and batch size, freshly initialised models
@@ -10,11 +10,14 @@ benchmark exports, at the same density and batch size, freshly initialised model
 
 and measures the peak resident memory of one `train` call in the TFLite interpreter
 (`tflite_export.memprobe`: fresh subprocess, `VmHWM` delta over the call, minus the same
-process without the call; minimum over `--repeats`). The target of the project is FedMef at
-most 0.6x the baseline.
+process without the call; minimum over `--repeats`), and the median time of a `train` call
+at each of `--threads` (`tflite_export.train_timing`: fresh subprocess, `--time_calls` timed
+calls after two untimed ones, images uniform in [0, 1)). The targets of the project: FedMef's
+peak at most 0.45x the baseline's, and its `train` call at most 1.5x the baseline's on one
+thread.
 
-    python -m benchmarks.tflite_memory --models=cnn,resnet18 --batch_sizes=32,64 \
-        [--max_im2col_kib=1024,0] [--weight_grads=builtin,tf]
+    python -m benchmarks.tflite_memory --models=cnn,resnet18 --batch_sizes=32,8 \
+        [--max_im2col_kib=1024,0] [--weight_grads=builtin,tf] [--threads=1,2] [--time_calls=10]
 
 Each row also shows the peak of a second `train` call in the same process over the same
 starting point (`steady_peak` of `tflite_export.memprobe`): by then the arena has its full size
@@ -25,8 +28,10 @@ Prints one row per export and, per (model, batch), the FedMef / baseline ratio a
 structure (im2col budget, and kind of conv weight gradient where both were measured: equal
 settings), and, where several structures were measured, FedMef's lowest peak against the
 baseline's lowest: each variant at its own best structure. The target line uses that
-best-against-best ratio where there is one; a last line does the same for later calls
-(informative: the target is stated for one call in a fresh process).
+best-against-best ratio where there is one; a line does the same for later calls
+(informative: the target is stated for one call in a fresh process). Time lines follow, per
+(model, batch, structure): FedMef / baseline (and tfmot / baseline) median `train` time at
+each thread count, with the verdict of the one-thread target.
 """
 
 from __future__ import annotations
@@ -36,18 +41,24 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Sequence
 
-__all__ = ['run_benchmark', 'main']
+__all__ = ['run_benchmark', 'measure_export', 'format_row', 'time_ratio_lines', 'main',
+           'TARGET_RATIO', 'TIME_TARGET_RATIO']
 
-TARGET_RATIO = 0.6
+#: FedMef's `train` peak at most this times the baseline's.
+TARGET_RATIO = 0.45
+#: FedMef's median `train` call at most this times the baseline's, on one thread.
+TIME_TARGET_RATIO = 1.5
 
 
 def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density: float,
                   gamma: float, repeats: int, out_dir: str,
                   layer_updates: bool = True,
                   max_im2col_kib: Sequence[int] = (1024,),
-                  weight_grads: Sequence[str] = ('builtin',)) -> List[Dict[str, object]]:
+                  weight_grads: Sequence[str] = ('builtin',),
+                  threads: Sequence[int] = (1, 2),
+                  time_calls: int = 10) -> List[Dict[str, object]]:
   """Exports and measures every (model, batch, variant); returns one dict per export.
 
   Args:
@@ -66,13 +77,14 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
     weight_grads: weight gradients of the masked convolutions: 'builtin'
       (`tflite_export.filter_grad`) and/or 'tf' (select-TF `Conv2DBackpropFilter`); every
       fedmef and baseline export is made with each (tfmot's Keras layers use neither).
+    threads: thread counts at which the median `train` call is timed (empty: no timing).
+    time_calls: timed `train` calls per thread count (after two untimed ones).
 
   Returns:
     Rows with keys model, batch, variant, budget_kib, weight_grads, size_bytes, peak_bytes,
-    steady_bytes, density.
+    steady_bytes, density, train_seconds (`{threads: median seconds}`).
   """
   from tflite_export import export  # pylint: disable=import-outside-toplevel
-  from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
 
   rows = []
   for model in models:
@@ -88,18 +100,80 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
                                        measure_memory=False, layer_updates=layer_updates,
                                        max_im2col_kib=budget,
                                        builtin_weight_grads=grads == 'builtin')
-          memory = memprobe.measure_train_peak(path, repeats=repeats)
-          rows.append({'model': model, 'batch': batch, 'variant': variant, 'budget_kib': budget,
-                       'weight_grads': grads,
-                       'size_bytes': report.size_bytes, 'peak_bytes': memory['train_peak'],
-                       'steady_bytes': memory['steady_peak'],
-                       'density': report.global_density})
-          print(f'{model:10s} b{batch:<4d} {variant:9s} im2col {budget:5d} KiB {grads:7s}'
-                f'  file {report.size_bytes / 2**20:7.2f} MiB'
-                f'  density {report.global_density:.4f}'
-                f'  train peak {memory["train_peak"] / 2**20:8.2f} MiB'
-                f'  (later calls {memory["steady_peak"] / 2**20:6.2f} MiB)', flush=True)
+          row = {'model': model, 'batch': batch, 'variant': variant, 'budget_kib': budget,
+                 'weight_grads': grads, 'size_bytes': report.size_bytes,
+                 'density': report.global_density}
+          row.update(measure_export(path, repeats=repeats, threads=threads,
+                                    time_calls=time_calls))
+          rows.append(row)
+          print(format_row(row), flush=True)
   return rows
+
+
+def measure_export(path: str, *, repeats: int = 1, threads: Sequence[int] = (1, 2),
+                   time_calls: int = 10, memory: bool = True) -> Dict[str, object]:
+  """The measured columns of one export's row: `peak_bytes` and `steady_bytes`
+  (`tflite_export.memprobe`, minimum over `repeats`; left out if not `memory`) and
+  `train_seconds` (`{threads: median seconds of a train call}`, `tflite_export.train_timing`)."""
+  from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+  from tflite_export import train_timing  # pylint: disable=import-outside-toplevel
+  row = {'train_seconds': {int(n): train_timing.median_train_seconds(
+      path, num_threads=int(n), calls=time_calls) for n in threads}}
+  if memory:
+    peaks = memprobe.measure_train_peak(path, repeats=repeats)
+    row.update(peak_bytes=peaks['train_peak'], steady_bytes=peaks['steady_peak'])
+  return row
+
+
+def format_row(row: Mapping[str, object]) -> str:
+  """One printed row: export, file size, density, peaks (MiB) and median `train` times (ms)."""
+  mib = 2**20
+  times = row.get('train_seconds') or {}
+  timing = ''.join(f'  train {1000 * s:8.1f} ms @{n}t' for n, s in sorted(times.items()))
+  return (f'{row["model"]:10s} b{row["batch"]:<4d} {row["variant"]:9s} '
+          f'im2col {row["budget_kib"]:5d} KiB {row.get("weight_grads", "builtin"):7s}'
+          f'  file {row["size_bytes"] / mib:7.2f} MiB  density {row["density"]:.4f}'
+          + (f'  train peak {row["peak_bytes"] / mib:8.2f} MiB'
+             f'  (later calls {row["steady_bytes"] / mib:6.2f} MiB)' if 'peak_bytes' in row
+             else '') + timing)
+
+
+def time_ratio_lines(rows: Sequence[Mapping[str, object]]) -> List[str]:
+  """Per (model, batch, structure): median `train` time of FedMef (and tfmot) over the
+  baseline's at each thread count measured, and the verdict of the one-thread target
+  (`TIME_TARGET_RATIO`). Rows without times give no line."""
+  lines = []
+  groups = sorted({(r['model'], r['batch'], r['budget_kib'], r.get('weight_grads', 'builtin'))
+                   for r in rows}, key=lambda g: (g[0], g[1], -g[2], g[3]))
+  kinds = {(r['model'], r['batch']): set() for r in rows}
+  for r in rows:
+    kinds[r['model'], r['batch']].add(r.get('weight_grads', 'builtin'))
+  for model, batch, budget, grads in groups:
+    mine = [r for r in rows if (r['model'], r['batch'], r['budget_kib'],
+                                r.get('weight_grads', 'builtin')) == (model, batch, budget, grads)]
+    times = {r['variant']: r.get('train_seconds') or {} for r in mine}
+    base = times.get('baseline') or {}
+    if not base:
+      continue
+    parts = []
+    for variant in ('fedmef', 'tfmot'):
+      mine_t = times.get(variant) or {}
+      shared = sorted(set(mine_t) & set(base))
+      if shared:
+        parts.append(f'{variant}/baseline ' + ', '.join(
+            f'{mine_t[n] / base[n]:.2f}x @{n}t' for n in shared))
+    if not parts:
+      continue
+    label = f'im2col {budget} KiB' + (f', {grads} weight grads'
+                                      if len(kinds[model, batch]) > 1 else '')
+    line = f'{model} batch {batch} {label}: train time ' + '; '.join(parts)
+    fedmef = times.get('fedmef') or {}
+    if 1 in fedmef and 1 in base:
+      ok = fedmef[1] <= TIME_TARGET_RATIO * base[1]
+      line += (f'  (target fedmef <= {TIME_TARGET_RATIO}x at 1 thread: '
+               f'{"met" if ok else "NOT met"})')
+    lines.append(line)
+  return lines
 
 
 def _ratios(rows) -> List[str]:
@@ -154,7 +228,7 @@ def main(argv=None) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', default='cnn')
-  parser.add_argument('--batch_sizes', default='32,64')
+  parser.add_argument('--batch_sizes', default='32,8')
   parser.add_argument('--density', type=float, default=0.1)
   parser.add_argument('--gamma', type=float, default=0.7)
   parser.add_argument('--repeats', type=int, default=1)
@@ -169,7 +243,20 @@ def main(argv=None) -> int:
   parser.add_argument('--max_im2col_kib', default='1024',
                       help='im2col workspace per CONV_2D, KiB (0: whole batch); a comma list '
                            'measures every variant under each and compares best against best')
+  parser.add_argument('--threads', default='1,2',
+                      help='thread counts at which the median train call is timed (comma list; '
+                           'empty: no timing)')
+  parser.add_argument('--time_calls', type=int, default=10,
+                      help='timed train calls per thread count (after two untimed ones)')
   args = parser.parse_args(argv)
+  try:
+    threads = [int(n) for n in args.threads.split(',') if n.strip()]
+  except ValueError:
+    parser.error(f'--threads must be integers, got {args.threads!r}')
+  if threads and min(threads) < 1:
+    parser.error('--threads must be integers >= 1')
+  if args.time_calls < 1:
+    parser.error(f'--time_calls must be >= 1, got {args.time_calls}')
   try:
     budgets = [int(b) for b in args.max_im2col_kib.split(',') if b.strip()]
   except ValueError:
@@ -186,15 +273,17 @@ def main(argv=None) -> int:
                          [int(b) for b in args.batch_sizes.split(',') if b],
                          density=args.density, gamma=args.gamma, repeats=args.repeats,
                          out_dir=out_dir, layer_updates=not args.plain_step,
-                         max_im2col_kib=budgets, weight_grads=grads)
+                         max_im2col_kib=budgets, weight_grads=grads, threads=threads,
+                         time_calls=args.time_calls)
   finally:
     if not args.out_dir:
       shutil.rmtree(out_dir, ignore_errors=True)
   step = 'plain step' if args.plain_step else 'per-layer updates in the backward pass'
   print(f'density {args.density}, gamma {args.gamma}, train step: {step}, im2col budgets '
         f'{budgets} KiB, weight gradients {grads} (each for all variants); peak = VmHWM delta '
-        'of one train call')
-  for line in _ratios(rows):
+        f'of one train call; time = median of {args.time_calls} train calls at threads '
+        f'{threads}')
+  for line in _ratios(rows) + time_ratio_lines(rows):
     print(line)
   return 0
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
@@ -50,6 +50,8 @@ __all__ = [
     "current",
     "tf_conv2d",
     "tf_conv2d_filter_grad",
+    "DepthwiseOps",
+    "TF_DEPTHWISE_OPS",
 ]
 
 #: SAP storage: the kept values of the input and a packed 1-bit keep mask (`fedmef_tf.sap`);
@@ -128,6 +130,30 @@ def tf_conv2d_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape, strides: Sequenc
                                            strides=strides, padding=padding)
 
 
+class DepthwiseOps(NamedTuple):
+    """The depthwise convolution ops of masked depthwise layers (NHWC, strides as 4-tuples).
+
+    Attributes:
+        conv: `(x, w, strides, padding) -> y`, differentiable (`tf.nn.depthwise_conv2d`): the
+            plain layer's op (a SAP op computes its forward with `tf.nn.depthwise_conv2d` and
+            its gradients with the two below).
+        input_grad: `(dy, w, x_shape, strides, padding) -> dx`.
+        filter_grad: `(x, dy, w_shape, strides, padding) -> dw`.
+    """
+    conv: Callable
+    input_grad: Callable
+    filter_grad: Callable
+
+
+#: TF's depthwise convolution and its gradient kernels.
+TF_DEPTHWISE_OPS = DepthwiseOps(
+    conv=lambda x, w, s, padding: tf.nn.depthwise_conv2d(x, w, s, padding),
+    input_grad=lambda dy, w, x_shape, s, padding: tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+        input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
+    filter_grad=lambda x, dy, w_shape, s, padding: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+        input=x, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding))
+
+
 @dataclasses.dataclass(frozen=True)
 class Strategy:
     """What varies between plain TF, the TFF simulation and a TFLite export.
@@ -145,6 +171,8 @@ class Strategy:
             are built and the graph runs in this process).
         layer_kernels: how a masked layer makes and updates its kernel; None: the plain way
             (`LayerKernels`).
+        depthwise: the depthwise convolution and its two gradients of masked depthwise layers
+            (`DepthwiseOps`; TFLite has no builtin kernels for TF's depthwise gradients).
     """
 
     sap_storage: Union[str, ActivationStorage] = STORED
@@ -153,6 +181,7 @@ class Strategy:
     data_dependencies: bool = False
     native_kernels: bool = True
     layer_kernels: Optional[LayerKernels] = None
+    depthwise: DepthwiseOps = TF_DEPTHWISE_OPS
 
     def __post_init__(self):
         allowed = f"one of {SAP_STORAGES} or an ActivationStorage"

@@ -99,7 +99,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from typing import Sequence, Tuple, Union
+from typing import Callable, Sequence, Tuple, Union
 
 import tensorflow as tf
 
@@ -109,6 +109,7 @@ from fedmef_tf import sap_native
 __all__ = [
     "sap_conv2d",
     "sap_depthwise_conv2d",
+    "depthwise_conv2d",
     "sap_matmul",
     "bit_relu",
     "bit_relu6",
@@ -677,6 +678,12 @@ def sap_conv2d(x, w, strides, padding: str, gamma: float, *,
         input_grad_kernel=input_grad_kernel)
 
 
+def depthwise_conv2d(x, w, strides, padding: str) -> tf.Tensor:
+    """The plain depthwise convolution of a masked depthwise layer, with the depthwise ops of
+    the current strategy (`fedmef_tf.execution.Strategy.depthwise`; TF's by default)."""
+    return execution.current().depthwise.conv(x, w, _strides4(strides), padding)
+
+
 def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float, *,
                          input_grad_kernel=None) -> tf.Tensor:
     """Depthwise convolution (channel multiplier 1) with SAP on its weight gradient.
@@ -695,15 +702,14 @@ def sap_depthwise_conv2d(x, w, strides, padding: str, gamma: float, *,
     """
     _check(gamma, padding)
     s = _strides4(strides)
+    ops = execution.current().depthwise
     if gamma == 0.0:
-        return tf.nn.depthwise_conv2d(x, w, s, padding)
+        return ops.conv(x, w, s, padding)
     return _sap_op(
         x, w, gamma,
-        forward=lambda x, w: tf.nn.depthwise_conv2d(x, w, s, padding),
-        input_grad=lambda dy, w, x_shape: tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-            input_sizes=x_shape, filter=w, out_backprop=dy, strides=s, padding=padding),
-        filter_grad=lambda xp, dy, w_shape: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
-            input=xp, filter_sizes=w_shape, out_backprop=dy, strides=s, padding=padding),
+        forward=lambda x, w: tf.nn.depthwise_conv2d(x, w, s, padding),  # its gradient is below
+        input_grad=lambda dy, w, x_shape: ops.input_grad(dy, w, x_shape, s, padding),
+        filter_grad=lambda xp, dy, w_shape: ops.filter_grad(xp, dy, w_shape, s, padding),
         input_grad_kernel=input_grad_kernel)
 
 

@@ -570,7 +570,7 @@ class MaskedDepthwiseConv2D(MaskedLayer):
             return sap.sap_depthwise_conv2d(
                 inputs, w, self.strides, self.padding, self.sap_gamma,
                 input_grad_kernel=input_grad_kernel)
-        return tf.nn.depthwise_conv2d(inputs, w, (1,) + self.strides + (1,), self.padding)
+        return sap.depthwise_conv2d(inputs, w, self.strides, self.padding)
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape)

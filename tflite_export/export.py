@@ -22,12 +22,15 @@ the device with `set_learning_rate(lr)` (e.g. each round's eta_t), saved in chec
 Memory layout of `train` (both masked variants alike): each masked kernel is updated inside its
 own backward pass (`tflite_export.layer_updates`; `--nolayer_updates`: the plain step), and each
 masked convolution runs its batch in slices whose im2col workspace fits in `--max_im2col_kib`
-(`tflite_export.chunked_conv`; 0: whole batch); the convolutions' weight gradients are made
-of builtin ops (`tflite_export.filter_grad`; `--nobuiltin_weight_grads`: the select-TF
-`Conv2DBackpropFilter`).
+(`tflite_export.chunked_conv`; 0: whole batch); the convolutions' weight gradients and the
+depthwise convolutions' gradients are made of builtin ops (`tflite_export.filter_grad`,
+`tflite_export.depthwise_grad`; `--nobuiltin_weight_grads`: TF's select-TF
+`Conv2DBackpropFilter` and `DepthwiseConv2dNativeBackprop*`).
 
-It prints the file size, the density of each prunable kernel and the measured peak memory of
-one on-device `train` call (`tflite_export.memprobe`). The file is written to a temporary name
+It prints the file size, the density of each prunable kernel, whether the file needs
+select-TF ops (`tflite_export.select_ops`; FedMef's exports need none and run on the stock
+LiteRT runtime, docs/ANDROID.md) and the measured peak memory of one on-device `train` call
+(`tflite_export.memprobe`). The file is written to a temporary name
 next to `--output` (`.NAME.PID.XXXX.tmp`) and renamed into place only when everything
 succeeded; on any error the program prints one line on stderr, exits with status 1 and leaves no
 file at `--output` (an earlier file there is kept). Ctrl-C gives one line and status 130. A
@@ -70,12 +73,20 @@ class ExportReport:
     densities: `(kernel name, nonzeros, size)` per prunable kernel.
     memory: `tflite_export.memprobe.measure_train_peak`'s dict (bytes), or None if not measured.
     metadata: the export configuration stored in the file.
+    select_tf_ops: `{signature: TF op names of its select-TF operators}`
+      (`tflite_export.select_ops`); all lists empty: the file runs on stock LiteRT.
   """
   path: str
   size_bytes: int
   densities: List[Tuple[str, int, int]]
   memory: Optional[Dict[str, float]]
   metadata: Dict[str, Any]
+  select_tf_ops: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def needs_select_tf_ops(self) -> bool:
+    """Whether any signature needs the select-TF-ops runtime."""
+    return any(self.select_tf_ops.values())
 
   @property
   def global_density(self) -> float:
@@ -211,7 +222,8 @@ def kernel_densities(model) -> List[Tuple[str, int, int]]:
 def convert(module) -> bytes:
   """Saves a `TrainModule` as a SavedModel (temporary) and converts it; returns the flatbuffer.
 
-  Select TF ops are allowed (training graphs need them) and resource variables are kept, so
+  Select TF ops are allowed (the BatchNorm baseline's training step needs them; the FedMef
+  exports contain none, see `tflite_export.select_ops`) and resource variables are kept, so
   that `train`, `set_weights` and `restore` change state inside the interpreter.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -347,6 +359,7 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
       is left at `output` (nor a temporary one beside it) when it is raised.
   """
   from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+  from tflite_export import select_ops  # pylint: disable=import-outside-toplevel
   from fedmef_tf import agc  # pylint: disable=import-outside-toplevel
   from tflite_export import train_module  # pylint: disable=import-outside-toplevel
 
@@ -395,7 +408,8 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     raise
   return ExportReport(path=output, size_bytes=len(flatbuffer),
                       densities=kernel_densities(keras_model), memory=memory,
-                      metadata=json_metadata(module))
+                      metadata=json_metadata(module),
+                      select_tf_ops=select_ops.select_tf_ops_by_signature(flatbuffer))
 
 
 def json_metadata(module) -> Dict[str, Any]:
@@ -414,6 +428,15 @@ def format_report(report: ExportReport) -> str:
   for name, nnz, size in report.densities:
     lines.append(f'  {name:28s} {nnz:9d} / {size:9d} = {nnz / size:.4f}')
   lines.append(f'  {"global":28s} {report.global_density:.4f}')
+  if report.needs_select_tf_ops:
+    used = sorted({op for ops in report.select_tf_ops.values() for op in ops})
+    users = '; '.join(f'{k} ({", ".join(v)})' for k, v in sorted(report.select_tf_ops.items())
+                      if v)
+    lines.append(f'select-TF ops: needed ({", ".join(used)}) by {users}: the app needs the '
+                 'select-TF-ops runtime (docs/ANDROID.md)')
+  else:
+    lines.append('select-TF ops: none; every signature runs on the stock LiteRT runtime '
+                 '(docs/ANDROID.md)')
   if report.memory is not None:
     m = report.memory
     lines.append(f"on-device train peak (one call, VmHWM delta, minus idle): "
@@ -454,8 +477,9 @@ def _flags():
        'im2col workspace per CONV_2D of train, KiB: convolutions run in batch slices that fit '
        '(0: whole batch)'),
       (flags.DEFINE_bool, 'builtin_weight_grads', True,
-       'conv weight gradients of train from builtin ops (--nobuiltin_weight_grads: the '
-       'select-TF Conv2DBackpropFilter)')):
+       'conv weight gradients and depthwise conv gradients from builtin ops '
+       '(--nobuiltin_weight_grads: the select-TF Conv2DBackpropFilter and '
+       'DepthwiseConv2dNativeBackprop*)')):
     define(name, default, help_text, flag_values=fv)
   return fv
 

@@ -28,9 +28,10 @@ model) and exposes these signatures:
   order of `model.variables` (see `weight_names`).
 * `set_weights(**same names) -> {n_weights}`: assigns all of them (e.g. the global model of a
   round, with its mask and, in adjustment rounds, its marked set and lambda).
-* `save(checkpoint_path) -> {checkpoint_path}` / `restore(checkpoint_path) -> {name: tensor}`:
-  write and read all variables (and the learning rate) in a TF checkpoint file with the `Save` /
-  `Restore` ops (select TF ops).
+* `save() -> {checkpoint}` / `restore(checkpoint) -> {name: tensor}`: every variable and the
+  learning rate as one float32 vector, which the app writes to and reads from its own file
+  (`tflite_export.checkpoint`: builtin ops only; its layout is `checkpoint_layout` in the
+  metadata); `restore` assigns it and returns the restored values by name.
 * `dense_gradients(x, y) -> {grad_<kernel name>: tensor}` (models with masks only): per
   prunable layer, the unmasked gradient of the task loss at every kernel position
   (`fedmef_tf.sparse_layers.dense_kernel_gradients`, plain ops, no BatchNorm update), from which
@@ -52,14 +53,16 @@ from fedmef_tf import agc
 from fedmef_tf import execution
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import sparse_layers
+from tflite_export import checkpoint as checkpoint_lib
 from tflite_export import chunked_conv
+from tflite_export import depthwise_grad
 from tflite_export import filter_grad
 from tflite_export import layer_updates
 from tflite_export import static_sap
 
 __all__ = ['TrainModule', 'weight_names', 'tflite_strategy', 'tflite_tracing', 'LR_NAME']
 
-#: Name of the learning rate in checkpoints written by the `save` signature.
+#: Name of the learning rate in the checkpoint vector of the `save` signature.
 LR_NAME = 'learning_rate'
 
 _SIGNATURES = ('train', 'infer', 'set_learning_rate', 'get_weights', 'set_weights', 'save',
@@ -77,7 +80,8 @@ def tflite_strategy(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_B
   no native kernel, masked conv forwards in batch slices with at most `max_im2col_bytes` of
   im2col workspace each (`tflite_export.chunked_conv`; 0: whole batch) and, if
   `builtin_weight_grads`, their weight gradients from builtin ops
-  (`tflite_export.filter_grad`; else the select-TF `Conv2DBackpropFilter`). Same values as the
+  (`tflite_export.filter_grad`; else the select-TF `Conv2DBackpropFilter`), and the gradients
+  of masked depthwise convolutions likewise (`tflite_export.depthwise_grad`). Same values as the
   TF model's graphs. The `train` step adds its in-backward kernel updates
   (`tflite_export.layer_updates.InBackwardUpdates`) while it is traced."""
   budget = max_im2col_bytes if max_im2col_bytes > 0 else _UNBOUNDED
@@ -87,7 +91,9 @@ def tflite_strategy(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_B
       conv2d_filter_grad=(filter_grad.conv2d_filter_grad if builtin_weight_grads
                           else execution.tf_conv2d_filter_grad),
       data_dependencies=True,
-      native_kernels=False)
+      native_kernels=False,
+      depthwise=(depthwise_grad.BUILTIN_DEPTHWISE_OPS if builtin_weight_grads
+                 else execution.TF_DEPTHWISE_OPS))
 
 
 def tflite_tracing(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
@@ -184,6 +190,8 @@ class TrainModule(tf.Module):
                  'max_im2col_bytes': self.max_im2col_bytes,
                  'builtin_weight_grads': self.builtin_weight_grads,
                  'gradient_clipping': self.gradient_clipping,
+                 'checkpoint_layout': checkpoint_lib.layout(
+                     self.names + [LR_NAME], [v.shape for v in self._vars + [self.lr]]),
                  'signatures': list(self.signature_names())})
     self.metadata_json = json.dumps(meta, sort_keys=True)
     self._build_functions()
@@ -194,7 +202,10 @@ class TrainModule(tf.Module):
     y_spec = tf.TensorSpec([b], tf.int32, name='y')
     weight_specs = [tf.TensorSpec(v.shape, v.dtype, name=n)
                     for n, v in zip(self.names, self._vars)]
-    path_spec = tf.TensorSpec([], tf.string, name='checkpoint_path')
+    entries = checkpoint_lib.layout(self.names + [LR_NAME],
+                                    [v.shape for v in self._vars + [self.lr]])
+    checkpoint_spec = tf.TensorSpec([checkpoint_lib.checkpoint_size(entries)], tf.float32,
+                                    name='checkpoint')
 
     self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
     self.infer = tf.function(self._infer, input_signature=[x_spec])
@@ -202,8 +213,8 @@ class TrainModule(tf.Module):
         self._set_learning_rate, input_signature=[tf.TensorSpec([], tf.float32, name='lr')])
     self.get_weights = tf.function(self._get_weights, input_signature=[])
     self.set_weights = tf.function(self._set_weights, input_signature=weight_specs)
-    self.save = tf.function(self._save, input_signature=[path_spec])
-    self.restore = tf.function(self._restore, input_signature=[path_spec])
+    self.save = tf.function(self._save, input_signature=[])
+    self.restore = tf.function(self._restore, input_signature=[checkpoint_spec])
     self.metadata = tf.function(self._metadata, input_signature=[])
     if self._masked:
       self.dense_gradients = tf.function(self._dense_gradients,
@@ -253,21 +264,16 @@ class TrainModule(tf.Module):
       v.assign(value)
     return {'n_weights': tf.constant(len(self._vars), tf.int32)}
 
-  def _save(self, checkpoint_path):
-    tensor_names = self.names + [LR_NAME]
-    tf.raw_ops.Save(filename=checkpoint_path, tensor_names=tensor_names,
-                    data=[tf.identity(v) for v in self._vars] + [tf.identity(self.lr)],
-                    name='save')
-    return {'checkpoint_path': checkpoint_path}
+  def _save(self):
+    return {'checkpoint': checkpoint_lib.pack(self._vars + [self.lr])}
 
-  def _restore(self, checkpoint_path):
+  def _restore(self, checkpoint):
     out = {}
-    for n, v in zip(self.names + [LR_NAME], self._vars + [self.lr]):
-      value = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=n, dt=v.dtype,
-                                 name=f'restore_{n}')
-      value = tf.ensure_shape(value, v.shape)
+    variables = self._vars + [self.lr]
+    for n, v, value in zip(self.names + [LR_NAME], variables,
+                           checkpoint_lib.unpack(checkpoint, variables)):
       v.assign(value)
-      out[n] = value
+      out[n] = tf.identity(value)
     return out
 
   def _dense_gradients(self, x, y):

@@ -1,6 +1,12 @@
 """Checks a TFLite export of `tflite_export.export` by running every signature.
 
-    python -m tflite_export.verify model.tflite [--steps=5] [--seed=0]
+    python -m tflite_export.verify model.tflite [--steps=5] [--seed=0] [--runtime=tflite|litert]
+
+`--runtime=tflite` (default) runs the file in `tf.lite.Interpreter` (TF 2.14, with the
+select-TF ops); `--runtime=litert` runs every check on the stock LiteRT runtime
+(`ai_edge_litert`, no select-TF ops, as an app that links only LiteRT), in a process of its
+own without TensorFlow (`tflite_export.litert_runtime`): a file that needs select-TF ops
+(`tflite_export.select_ops`) is refused there in one line with exit status 2.
 
 The checks run in a child process, so that a damaged file that crashes the TFLite interpreter
 (which does not validate a file before using it) gives one line and exit status 2, as does a
@@ -33,8 +39,10 @@ range of the training data, `pixel / 255`) it checks:
    on the same batch is below the first, and every loss is finite (the TF model's losses at
    the same rate are printed beside them).
 5. `set_weights` then `get_weights` returns exactly what was set (bitwise).
-6. `save` then `set_weights` (other values) then `restore`: every variable and the learning
-   rate are exactly the saved ones, and `restore` returns them.
+6. `save`, its checkpoint vector written to a file and read back as the app does
+   (`tflite_export.checkpoint`), `set_weights` (other values), then `restore` of what was
+   read: every variable and the learning rate are exactly the saved ones, and `restore`
+   returns them.
 7. `set_learning_rate` changes the rate the next `train` uses (a step at lr 0 changes no
    trainable weight).
 
@@ -72,7 +80,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ['Check', 'verify', 'read_metadata', 'main', 'LOSS_RTOL', 'STEP_RTOL', 'INFER_TOL']
+__all__ = ['Check', 'verify', 'read_metadata', 'open_interpreter', 'main', 'RUNTIMES',
+           'LOSS_RTOL', 'STEP_RTOL', 'INFER_TOL']
+
+#: Interpreters `verify` can run a file in: TF's (with select-TF ops) and stock LiteRT.
+RUNTIMES = ('tflite', 'litert')
 
 #: Relative tolerance of the loss of one TFLite step against the TF step.
 LOSS_RTOL = 1e-4
@@ -247,25 +259,56 @@ def _equal(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
       np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
 
 
-def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
+def open_interpreter(model_path: str, runtime: str = 'tflite'):
+  """An interpreter of `model_path` with `get_signature_list` / `get_signature_runner`.
+
+  Args:
+    model_path: a `.tflite` file.
+    runtime: 'tflite' (`tf.lite.Interpreter`) or 'litert' (stock LiteRT in a child process
+      without TensorFlow, `tflite_export.litert_runtime.LiteRTInterpreter`).
+
+  Raises:
+    ValueError: unknown runtime, or 'litert' for a file that needs select-TF ops.
+  """
+  if runtime not in RUNTIMES:
+    raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+  if runtime == 'litert':
+    from tflite_export import litert_runtime  # pylint: disable=import-outside-toplevel
+    from tflite_export import select_ops  # pylint: disable=import-outside-toplevel
+    with open(model_path, 'rb') as f:
+      needed = select_ops.select_tf_ops(f.read())
+    if needed:
+      raise ValueError(f'{model_path}: needs select-TF ops ({", ".join(needed)}), which the '
+                       'stock LiteRT runtime does not have (use --runtime=tflite)')
+    return litert_runtime.LiteRTInterpreter(model_path)
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.lite.Interpreter(model_path=model_path)
+
+
+def verify(model_path: str, *, steps: int = 5, seed: int = 0,
+           runtime: str = 'tflite') -> List[Check]:
   """Runs the checks of the module docstring; returns one `Check` per check.
 
   Args:
     model_path: a `.tflite` file written by `tflite_export.export`.
     steps: number of `train` steps of the loss and mask checks (>= 2).
     seed: seed of the sample batch.
+    runtime: interpreter of the file, 'tflite' or 'litert' (see `open_interpreter`).
 
   Returns:
     The checks, in the order of the module docstring.
 
   Raises:
-    ValueError: the file has no `metadata`/`train` signature or metadata that names no model.
+    ValueError: the file has no `metadata`/`train` signature or metadata that names no model;
+      'litert' for a file that needs select-TF ops.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
+  from tflite_export import checkpoint  # pylint: disable=import-outside-toplevel
+
   if steps < 2:
     raise ValueError(f'steps must be >= 2, got {steps}')
-  interpreter = tf.lite.Interpreter(model_path=model_path)
+  interpreter = open_interpreter(model_path, runtime)
   sigs = interpreter.get_signature_list()
   needed = ('train', 'infer', 'get_weights', 'set_weights', 'save', 'restore', 'metadata',
             'set_learning_rate')
@@ -449,10 +492,11 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0) -> List[Check]:
     path = os.path.join(tmp, 'client.ckpt')
     run['set_weights'](**w_after)
     run['set_learning_rate'](lr=np.float32(0.0123))
-    run['save'](checkpoint_path=np.array(path.encode()))
+    saved = run['save']()['checkpoint']
+    checkpoint.write_file(path, saved)  # what the app does with `save`'s output
     run['set_weights'](**other)
     run['set_learning_rate'](lr=np.float32(lr0))
-    restored = run['restore'](checkpoint_path=np.array(path.encode()))
+    restored = run['restore'](checkpoint=checkpoint.read_file(path, saved.size))
     got = run['get_weights']()
     lr_back = float(restored.pop('learning_rate'))
     ok = _equal(got, w_after) and _equal(restored, w_after) and lr_back == np.float32(0.0123)
@@ -485,7 +529,7 @@ def check_header(model_path: str) -> None:
     raise ValueError(f'{model_path}: damaged TFLite file (its root table lies outside the file)')
 
 
-def run_isolated(model_path: str, steps: int, seed: int) -> int:
+def run_isolated(model_path: str, steps: int, seed: int, runtime: str = 'tflite') -> int:
   """Runs the checks in a child process (`--in_process`); returns its exit status.
 
   The TFLite interpreter does not validate a file before using it: a damaged file can make it
@@ -500,7 +544,7 @@ def run_isolated(model_path: str, steps: int, seed: int) -> int:
   env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
   proc = subprocess.run(
       [sys.executable, '-m', 'tflite_export.verify', model_path, f'--steps={steps}',
-       f'--seed={seed}', '--in_process'], env=env, check=False,
+       f'--seed={seed}', f'--runtime={runtime}', '--in_process'], env=env, check=False,
       preexec_fn=memprobe.die_with_parent)
   if proc.returncode < 0:
     name = signal.Signals(-proc.returncode).name
@@ -518,6 +562,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('model_path')
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--runtime', choices=RUNTIMES, default='tflite',
+                      help="tflite: tf.lite.Interpreter (with select-TF ops); litert: stock "
+                           "LiteRT (ai_edge_litert, no select-TF ops)")
   parser.add_argument('--in_process', action='store_true',
                       help='run the checks in this process, without crash isolation')
   args = parser.parse_args(argv)
@@ -531,16 +578,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   if not args.in_process:
     try:
-      return run_isolated(args.model_path, args.steps, args.seed)
+      return run_isolated(args.model_path, args.steps, args.seed, args.runtime)
     except KeyboardInterrupt:
       print('error: interrupted', file=sys.stderr)
       return 130
   try:
-    checks = verify(args.model_path, steps=args.steps, seed=args.seed)
+    checks = verify(args.model_path, steps=args.steps, seed=args.seed, runtime=args.runtime)
   except (ValueError, KeyError, RuntimeError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     print(f'error: {first}', file=sys.stderr)
     return 2
+  print(f'runtime: {args.runtime}')
   for c in checks:
     print(c.line())
   failed = [c.name for c in checks if c.ok is False]
