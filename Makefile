@@ -1,7 +1,7 @@
 # Two commands a user needs (see README.md): `make train` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: install train test bazel-test clean
+.PHONY: install train lint test bazel-test clean
 
 install:
 	scripts/install.sh
@@ -9,8 +9,12 @@ install:
 train: install
 	$(PY) -m tff_programs.train $(ARGS)
 
-test: install
-	$(PY) -m pytest -q tests $(ARGS)
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q --durations=30 tests $(ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache

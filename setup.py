@@ -25,5 +25,5 @@ setuptools.setup(
         'ai-edge-litert==2.3.0',
         'matplotlib',
     ],
-    extras_require={'test': ['pytest']},
+    extras_require={'test': ['pytest', 'pytest-timeout', 'ruff']},
 )
