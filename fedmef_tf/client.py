@@ -22,9 +22,15 @@ positions by their own gradient on the current mini-batch (grown weights zero), 
 training, so that the grown weights are trained before upload; they upload their mask as well.
 ALGORITHM.md does not say when in the local budget FedDST readjusts; mid-budget is our choice.
 
-n_k is counted with one pass over the (batched) dataset before training, because the budget
-T_B, and so the BaE learning rate of step 0, depends on it; a client whose dataset is
-expensive to read can cache it. Training loss and accuracy are taken on each batch before its
+n_k is needed before training, because the budget T_B, and so the BaE learning rate of step 0,
+depends on it: it is the dataset's cardinality where tf.data knows it, else counted with one
+pass over the (batched) dataset (a client whose dataset is expensive to read can cache it).
+
+The loops over the dataset iterate an explicit iterator (`iter(batches)`), which AutoGraph
+turns into a `tf.while_loop`, instantiated once with the function. A plain `for` over a
+dataset becomes a `ReduceDataset` op, which instantiates (and optimises) its loop body, the
+whole SGD step, on every call: in TFF's worker and in a plain loop alike that cost several
+times a local step, on every client of every round. Training loss and accuracy are taken on each batch before its
 update, over all epochs.
 
 This module knows nothing about TFF: `client_update` is a `tf.function` on a Keras model whose
@@ -189,6 +195,20 @@ def sgd_step(model: tf.keras.Model, layers: Sequence[tf.keras.layers.Layer], x: 
   return loss, logits
 
 
+def _count_examples(dataset: tf.data.Dataset, batches: tf.data.Dataset) -> tf.Tensor:
+  """n_k of the unbatched `dataset`: its cardinality where tf.data knows it (exact then), else
+  one pass over `batches` (the same dataset, batched)."""
+  cardinality = dataset.cardinality()
+
+  def count():
+    n = tf.constant(0, tf.int32)
+    for _, y in iter(batches):
+      n += tf.shape(y)[0]
+    return n
+
+  return tf.cond(cardinality >= 0, lambda: tf.cast(cardinality, tf.int32), count)
+
+
 def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
   flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
   return tf.reduce_all(tf.stack(flags))
@@ -259,8 +279,7 @@ def build_client_update(model: tf.keras.Model,
   def client_update(dataset, trainable, non_trainable, config: RoundConfig):
     _load(trainable, non_trainable)
     batches = dataset.batch(batch_size)
-    num_examples = batches.reduce(
-        tf.constant(0, tf.int32), lambda n, batch: n + tf.shape(batch[1])[0])
+    num_examples = _count_examples(dataset, batches)
     budget = schedules.local_step_budget(num_examples, batch_size, local_epochs)
     nnz_before = tf.stack([tf.reduce_sum(layer.mask) for layer in layers])
     k = tf.cast(config.k, tf.int32)
@@ -279,7 +298,7 @@ def build_client_update(model: tf.keras.Model,
     correct = tf.constant(0, tf.int32)
     seen = tf.constant(0, tf.int32)
     for _ in range(local_epochs):
-      for x, y in batches:
+      for x, y in iter(batches):
         if client_regrow:
           if tf.logical_and(regrow_on, tf.equal(tau, regrow_step)):
             _regrow(x, y, k)
@@ -305,17 +324,18 @@ def build_client_update(model: tf.keras.Model,
     # Tuples, not lists: a loop over a dataset would stack a list into one tensor.
     grad_dense = tuple(tf.zeros(shape, tf.float32) for shape in layout.kernel_shapes)
     if server_adjust:
-      for x, y in batches.take(tf.cast(config.adjust, tf.int64)):
-        grads = sparse_layers.dense_kernel_gradients(model, x, y, loss_fn)
-        new_dense = []
-        count = tf.constant(0, tf.int32)
-        for l, layer in enumerate(layers):
-          indices, values = mask_updates.top_k_inactive(grads[l], layer.mask, k[l])
-          new_dense.append(
-              mask_updates.scatter_pairs(indices, values, layout.kernel_shapes[l]))
-          count += tf.size(indices)
-        grad_dense = tuple(new_dense)
-        pairs_sent = count
+      if config.adjust:  # a tf.cond: no iterator is made outside adjustment rounds
+        for x, y in iter(batches.take(1)):
+          grads = sparse_layers.dense_kernel_gradients(model, x, y, loss_fn)
+          new_dense = []
+          count = tf.constant(0, tf.int32)
+          for l, layer in enumerate(layers):
+            indices, values = mask_updates.top_k_inactive(grads[l], layer.mask, k[l])
+            new_dense.append(
+                mask_updates.scatter_pairs(indices, values, layout.kernel_shapes[l]))
+            count += tf.size(indices)
+          grad_dense = tuple(new_dense)
+          pairs_sent = count
 
     trained = [tf.convert_to_tensor(v) for v in model.trainable_weights]
     stats = [tf.convert_to_tensor(model.non_trainable_weights[i]) for i in layout.stat_indices]

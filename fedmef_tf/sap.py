@@ -78,12 +78,12 @@ SAP op and 1-bit activation when it is traced; :func:`strategy` scopes one by na
 - :data:`SIMULATED`: the same mathematics without the saving, for simulations that measure
   accuracy, not memory (the TFF simulation, whose worker has no native kernels). The kept set
   is the same (same threshold, same tie rule), selected by :func:`simulated_keep_mask` (one
-  histogram pass instead of two, a ``top_k`` over the entries of the threshold's bin, no
-  control flow), and the gradient function keeps the
-  dense ``x_pruned = where(keep, x, 0)`` instead of values and a packed mask, and a 1-bit
-  activation keeps its float output instead of a packed mask. Forward values, kept sets and
-  gradients are bitwise those of :data:`STORED` (tests/test_sap.py); what goes is the
-  compaction, the packing and the rebuild (``tf.where``, ``GatherNd``, ``SparseToDense``);
+  histogram pass instead of two, a ``top_k`` over the entries of the threshold's bin), and
+  the gradient function keeps the dense ``x_pruned = where(keep, x, 0)`` instead of values
+  and a packed mask, and a 1-bit activation keeps its float output instead of a packed mask.
+  Forward values, kept sets and gradients are bitwise those of :data:`STORED`
+  (tests/test_sap.py); what goes is the compaction, the packing and the rebuild
+  (``tf.where``, ``GatherNd``, ``SparseToDense``);
 - any other :class:`fedmef_tf.execution.ActivationStorage` (a TFLite export's static-shape
   values and indices, ``tflite_export.static_sap``): the ops above with that storage.
 
@@ -402,16 +402,17 @@ def _keep_mask_flat(flat: tf.Tensor, k) -> tf.Tensor:
 
 
 def simulated_keep_mask(flat: tf.Tensor, k) -> tf.Tensor:
-    """The keep mask of :func:`keep_mask` for the 1-D ``flat`` and count ``k``, without
-    control flow and with one histogram pass (the SIMULATED strategy's selection).
+    """The keep mask of :func:`keep_mask` for the 1-D ``flat`` and count ``k``, with one
+    histogram pass (the SIMULATED strategy's selection).
 
     The high 16 bits of ``|x|``'s pattern are histogrammed and the bin ``b`` holding the k-th
     largest entry found, as in the stored form. The nonzero entries of bin ``b`` (a small share
     of ``n`` unless the data are degenerate: a constant tensor puts all of them there) are
     gathered and ``tf.math.top_k`` over them gives the exact threshold ``t``. The tie rule is
     the same: every entry with ``|x| >= t`` is kept, then those equal to ``t`` after the first
-    ``ties`` (by flat index) are dropped again by a scatter; if ``t == 0`` only the nonzero
-    entries are kept. Bitwise the same mask as :func:`keep_mask` (tests/test_sap.py).
+    ``ties`` (by flat index) are dropped again by a scatter (skipped when there are none, the
+    usual case); if ``t == 0`` only the nonzero entries are kept. Bitwise the same mask as
+    :func:`keep_mask` (tests/test_sap.py).
 
     Args:
         flat: float32 ``[n]``.
@@ -441,7 +442,11 @@ def simulated_keep_mask(flat: tf.Tensor, k) -> tf.Tensor:
     # The entries equal to t after the first `ties` (by flat index) are dropped again; none
     # when t == 0, since the candidates hold no zero.
     excess = tf.boolean_mask(cand_idx, tf.equal(cand, t))[ties:]
-    return tf.tensor_scatter_nd_update(keep, excess[:, None], tf.zeros_like(excess, tf.bool))
+    # Almost always there is none, and the scatter would still copy the whole mask.
+    return tf.cond(
+        tf.size(excess) > 0,
+        lambda: tf.tensor_scatter_nd_update(keep, excess[:, None], tf.zeros_like(excess, tf.bool)),
+        lambda: keep)
 
 
 def keep_threshold(x: tf.Tensor, gamma: float) -> tf.Tensor:

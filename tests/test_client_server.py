@@ -150,6 +150,31 @@ def test_adjustment_round_gradient_pairs_are_inactive_topk():
       4 * (nnz + layout.dense_param_count) + layout.mask_bytes())
 
 
+def test_examples_are_counted_when_the_cardinality_is_unknown():
+  """n_k (the weight, the BaE budget) is the same whether tf.data knows the dataset's
+  cardinality or the client counts the examples."""
+  model = _mlp()
+  state = _state(model, round_num=1)
+  rc = server.round_config(state, client.WeightLayout(model), _cfg())
+  assert bool(rc.adjust)  # BaE on: the learning rate of every step depends on n_k
+  update = _update_fn(model)
+  known = _data(21)
+  unknown = known.filter(lambda x, y: True)
+  assert int(known.cardinality()) == 21
+  assert int(unknown.cardinality()) == int(tf.data.UNKNOWN_CARDINALITY)
+  a = update(known, state.trainable, state.non_trainable, rc)
+  b = update(unknown, state.trainable, state.non_trainable, rc)
+  assert float(a.weight) == 21.0
+  for s, t in zip(tf.nest.flatten(a), tf.nest.flatten(b)):
+    np.testing.assert_array_equal(s.numpy(), t.numpy())
+  positives = known.filter(lambda x, y: y > 0)
+  n = int(sum(int(y) > 0 for _, y in known))
+  assert 0 < n < 21
+  c = update(positives, state.trainable, state.non_trainable, rc)
+  assert float(c.weight) == float(n)
+  assert int(c.metrics['num_examples']) == 2 * n  # two local epochs
+
+
 def test_nan_and_empty_clients_have_zero_weight():
   model = _mlp()
   state = _state(model, round_num=1)
