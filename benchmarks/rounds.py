@@ -8,9 +8,9 @@ CNN (32x32x3 inputs, E = 1, B = 32, density 0.1):
   S = 5 per round (79 local steps per client and round),
 
 it runs `fedmef`, `fedmef_no_sap`, `rigl` and `fedavg` in the TFF simulation
-(`tff_programs.fedmef_process`, SAP under its default `sap.SIMULATED` strategy), and
-`fedmef stored` (SAP under `sap.STORED`, its memory-saving storage on TensorFlow ops), and
-prints the median seconds per round (round 1, which traces, excluded) and the ratio to `rigl`. It then runs
+(`tff_programs.fedmef_process`, SAP under its default `sap.SIMULATED` strategy), and `fedmef
+stored` (SAP under `sap.STORED`, its memory-saving storage on TensorFlow ops), and prints the
+median seconds per round (round 1, which traces, excluded) and the ratio to `rigl`. It then runs
 the same client updates (`fedmef_tf.client.build_client_update` on the clients each round
 samples) as a plain TensorFlow loop in this process (for fedmef with the native SAP kernels
 where they are built) and prints that time per round and the TFF round's overhead over it:
@@ -50,24 +50,31 @@ from tff_programs import fedmef_process  # pylint: disable=g-import-not-at-top
 
 ALGORITHMS = ('fedmef', 'fedmef_no_sap', 'rigl', 'fedavg')
 SETTINGS = {
-    # name: (K, S, mean n_k, n_k spread +-50%)
-    'default': (100, 10, 64, True),
-    'cifar10': (20, 5, 2500, False),
+  # name: (K, S, mean n_k, n_k spread +-50%)
+  'default': (100, 10, 64, True),
+  'cifar10': (20, 5, 2500, False),
 }
 
-_SETTINGS = flags.DEFINE_list('settings', list(SETTINGS), 'Settings to run, of '
-                              f'{sorted(SETTINGS)}.')
+_SETTINGS = flags.DEFINE_list(
+  'settings', list(SETTINGS), f'Settings to run, of {sorted(SETTINGS)}.'
+)
 _ALGORITHMS = flags.DEFINE_list('algorithms', list(ALGORITHMS), 'Algorithms to time.')
-_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Rounds per algorithm on the default setting '
-                               '(round 1 traces and is not counted).')
-_CIFAR_ROUNDS = flags.DEFINE_integer('cifar_rounds', 3, 'Rounds per algorithm on the '
-                                     'cifar10 setting.')
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 6, 'Rounds per algorithm on the default setting (round 1 traces and is not counted).'
+)
+_CIFAR_ROUNDS = flags.DEFINE_integer(
+  'cifar_rounds', 3, 'Rounds per algorithm on the cifar10 setting.'
+)
 _DELTA_T = flags.DEFINE_integer('delta_t', 5, 'Rounds between adjustments.')
 _DENSITY = flags.DEFINE_float('density', 0.1, 'Target density.')
 _GAMMA = flags.DEFINE_float('gamma', 0.7, 'SAP ratio of fedmef.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of sampling, data and masks.')
-_STORED = flags.DEFINE_bool('stored', True, 'Also time fedmef with SAP under sap.STORED (the '
-                            'memory-saving storage on TensorFlow ops) in the TFF simulation.')
+_STORED = flags.DEFINE_bool(
+  'stored',
+  True,
+  'Also time fedmef with SAP under sap.STORED (the '
+  'memory-saving storage on TensorFlow ops) in the TFF simulation.',
+)
 
 NUM_CLASSES = 10
 SIZE = 32
@@ -109,39 +116,55 @@ class Setting:
     self._cache = {}
 
   def sampled(self, round_num: int):
-    ids = fedmef_process.sample_clients(len(self.sizes), self.per_round, round_num,
-                                        _SEED.value)
+    ids = fedmef_process.sample_clients(len(self.sizes), self.per_round, round_num, _SEED.value)
     for c in ids:
       if int(c) not in self._cache:
         self._cache[int(c)] = client_dataset(int(c), int(self.sizes[c]), SIZE)
     return [self._cache[int(c)] for c in ids]
 
   def describe(self) -> str:
-    return (f'{self.name}: K={len(self.sizes)} S={self.per_round} '
-            f'n_k={int(self.sizes.min())}..{int(self.sizes.max())} '
-            f'({int(self.sizes.sum())} examples) cnn {SIZE}x{SIZE} E={LOCAL_EPOCHS} '
-            f'B={BATCH_SIZE} density={_DENSITY.value}')
+    return (
+      f'{self.name}: K={len(self.sizes)} S={self.per_round} '
+      f'n_k={int(self.sizes.min())}..{int(self.sizes.max())} '
+      f'({int(self.sizes.sum())} examples) cnn {SIZE}x{SIZE} E={LOCAL_EPOCHS} '
+      f'B={BATCH_SIZE} density={_DENSITY.value}'
+    )
 
 
 def _model_fn(algorithm: str):
   return fedmef_process.make_model_fn(
-      'cnn', algorithm, num_classes=NUM_CLASSES, input_shape=(SIZE, SIZE, 3),
-      gamma=_GAMMA.value, seed=_SEED.value)
+    'cnn',
+    algorithm,
+    num_classes=NUM_CLASSES,
+    input_shape=(SIZE, SIZE, 3),
+    gamma=_GAMMA.value,
+    seed=_SEED.value,
+  )
 
 
 def _process_kwargs(algorithm: str, rounds: int):
-  return dict(algorithm=algorithm, density=_DENSITY.value, delta_t=_DELTA_T.value,
-              t_end=max(rounds, _DELTA_T.value), alpha=0.2, lambda_bae=0.01,
-              gamma=_GAMMA.value, client_lr=0.1, client_lr_min=0.01,
-              total_rounds=max(rounds, 2), local_epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE,
-              seed=_SEED.value)
+  return dict(
+    algorithm=algorithm,
+    density=_DENSITY.value,
+    delta_t=_DELTA_T.value,
+    t_end=max(rounds, _DELTA_T.value),
+    alpha=0.2,
+    lambda_bae=0.01,
+    gamma=_GAMMA.value,
+    client_lr=0.1,
+    client_lr_min=0.01,
+    total_rounds=max(rounds, 2),
+    local_epochs=LOCAL_EPOCHS,
+    batch_size=BATCH_SIZE,
+    seed=_SEED.value,
+  )
 
 
 def tff_round_times(algorithm: str, setting: Setting, sap_strategy: str = sap.SIMULATED):
   """Wall seconds of each TFF round of `algorithm` (round 1 included)."""
   process = fedmef_process.build_fedmef_process(
-      _model_fn(algorithm), sap_strategy=sap_strategy,
-      **_process_kwargs(algorithm, setting.rounds))
+    _model_fn(algorithm), sap_strategy=sap_strategy, **_process_kwargs(algorithm, setting.rounds)
+  )
   state = process.initialize()
   times = []
   for r in range(1, setting.rounds + 1):
@@ -151,8 +174,11 @@ def tff_round_times(algorithm: str, setting: Setting, sap_strategy: str = sap.SI
     times.append(time.perf_counter() - start)
     state = output.state
     m = output.metrics
-    print(f'  {setting.name:8s} {algorithm:14s} {sap_strategy:9s} round {r:2d} {times[-1]:7.2f} s  '
-          f'loss {m["train_loss"]:.3f}  adjusted {m["adjusted"]}', flush=True)
+    print(
+      f'  {setting.name:8s} {algorithm:14s} {sap_strategy:9s} round {r:2d} {times[-1]:7.2f} s  '
+      f'loss {m["train_loss"]:.3f}  adjusted {m["adjusted"]}',
+      flush=True,
+    )
   return times
 
 
@@ -169,23 +195,37 @@ def plain_round_times(algorithm: str, setting: Setting):
   masks_lib.init_sparse(model, entry.initial_density(kwargs['density']), kwargs['seed'])
   layout = client_lib.WeightLayout(model)
   schedule = server_lib.ScheduleConfig(
-      mode=entry.mode, delta_t=kwargs['delta_t'], t_end=kwargs['t_end'],
-      alpha=entry.adjustment_fraction(kwargs['alpha']), eta_0=kwargs['client_lr'],
-      eta_min=kwargs['client_lr_min'], total_rounds=kwargs['total_rounds'],
-      density=kwargs['density'])
+    mode=entry.mode,
+    delta_t=kwargs['delta_t'],
+    t_end=kwargs['t_end'],
+    alpha=entry.adjustment_fraction(kwargs['alpha']),
+    eta_0=kwargs['client_lr'],
+    eta_min=kwargs['client_lr_min'],
+    total_rounds=kwargs['total_rounds'],
+    density=kwargs['density'],
+  )
   update = client_lib.build_client_update(
-      model, layout, local_epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE,
-      eta_0=kwargs['client_lr'], lambda_bae=entry.bae_lambda(kwargs['lambda_bae']),
-      use_bae=entry.uses_bae, server_adjust=entry.mode == server_lib.MODE_SERVER_ADJUST,
-      client_regrow=entry.mode == server_lib.MODE_FEDDST,
-      gradient_clipping=agc.clipping_for(entry.variant))
+    model,
+    layout,
+    local_epochs=LOCAL_EPOCHS,
+    batch_size=BATCH_SIZE,
+    eta_0=kwargs['client_lr'],
+    lambda_bae=entry.bae_lambda(kwargs['lambda_bae']),
+    use_bae=entry.uses_bae,
+    server_adjust=entry.mode == server_lib.MODE_SERVER_ADJUST,
+    client_regrow=entry.mode == server_lib.MODE_FEDDST,
+    gradient_clipping=agc.clipping_for(entry.variant),
+  )
   trainable = [tf.identity(v) for v in model.trainable_weights]
   non_trainable = [tf.identity(v) for v in model.non_trainable_weights]
   times = []
   for r in range(1, setting.rounds + 1):
     state = server_lib.ServerState(
-        round_num=tf.constant(r - 1, tf.int32), trainable=trainable,
-        non_trainable=non_trainable, mask_changed=tf.constant(r == 1))
+      round_num=tf.constant(r - 1, tf.int32),
+      trainable=trainable,
+      non_trainable=non_trainable,
+      mask_changed=tf.constant(r == 1),
+    )
     config = server_lib.round_config(state, layout, schedule)
     datasets = setting.sampled(r)
     start = time.perf_counter()
@@ -202,8 +242,10 @@ def _median(times):
 
 def main(argv):
   del argv
-  settings = [Setting(name, _CIFAR_ROUNDS.value if name == 'cifar10' else _ROUNDS.value)
-              for name in _SETTINGS.value]
+  settings = [
+    Setting(name, _CIFAR_ROUNDS.value if name == 'cifar10' else _ROUNDS.value)
+    for name in _SETTINGS.value
+  ]
   plain_algorithms = [a for a in ('fedmef', 'rigl') if a in _ALGORITHMS.value]
   tff_median, plain_median = {}, {}
   with runtime.LocalRuntime():
@@ -212,13 +254,16 @@ def main(argv):
         tff_median[setting.name, algorithm] = _median(tff_round_times(algorithm, setting))
       if _STORED.value and 'fedmef' in _ALGORITHMS.value:
         tff_median[setting.name, 'fedmef stored'] = _median(
-            tff_round_times('fedmef', setting, sap.STORED))
+          tff_round_times('fedmef', setting, sap.STORED)
+        )
   for setting in settings:
     for algorithm in plain_algorithms:
       plain_median[setting.name, algorithm] = _median(plain_round_times(algorithm, setting))
 
-  print(f'\nseconds per round (median of rounds 2..), cores={os.cpu_count()}, '
-        f'gamma={_GAMMA.value}, delta_t={_DELTA_T.value}')
+  print(
+    f'\nseconds per round (median of rounds 2..), cores={os.cpu_count()}, '
+    f'gamma={_GAMMA.value}, delta_t={_DELTA_T.value}'
+  )
   for setting in settings:
     print(setting.describe())
     rigl = tff_median.get((setting.name, 'rigl'))
@@ -231,8 +276,9 @@ def main(argv):
     for algorithm in plain_algorithms:
       seconds = plain_median[setting.name, algorithm]
       overhead = tff_median[setting.name, algorithm] / seconds
-      print(f'  plain TF  {algorithm:14s} {seconds:8.2f} s  (TFF round / plain loop '
-            f'{overhead:.2f}x)')
+      print(
+        f'  plain TF  {algorithm:14s} {seconds:8.2f} s  (TFF round / plain loop {overhead:.2f}x)'
+      )
     if (setting.name, 'fedmef') in tff_median:
       print(f'  20 fedmef rounds: about {20 * tff_median[setting.name, "fedmef"] / 60:.1f} min')
 
@@ -248,5 +294,6 @@ def validate(values) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.flags_parser('rounds', cli.program_help(__doc__, [__name__]),
-                                              validate))
+  app.run(
+    main, flags_parser=cli.flags_parser('rounds', cli.program_help(__doc__, [__name__]), validate)
+  )

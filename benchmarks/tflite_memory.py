@@ -43,8 +43,15 @@ import sys
 import tempfile
 from typing import Dict, List, Mapping, Sequence
 
-__all__ = ['run_benchmark', 'measure_export', 'format_row', 'time_ratio_lines', 'main',
-           'TARGET_RATIO', 'TIME_TARGET_RATIO']
+__all__ = [
+  'run_benchmark',
+  'measure_export',
+  'format_row',
+  'time_ratio_lines',
+  'main',
+  'TARGET_RATIO',
+  'TIME_TARGET_RATIO',
+]
 
 #: FedMef's `train` peak at most this times the baseline's.
 TARGET_RATIO = 0.45
@@ -52,13 +59,20 @@ TARGET_RATIO = 0.45
 TIME_TARGET_RATIO = 1.5
 
 
-def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density: float,
-                  gamma: float, repeats: int, out_dir: str,
-                  layer_updates: bool = True,
-                  max_im2col_kib: Sequence[int] = (1024,),
-                  weight_grads: Sequence[str] = ('builtin',),
-                  threads: Sequence[int] = (1, 2),
-                  time_calls: int = 10) -> List[Dict[str, object]]:
+def run_benchmark(
+  models: Sequence[str],
+  batch_sizes: Sequence[int],
+  *,
+  density: float,
+  gamma: float,
+  repeats: int,
+  out_dir: str,
+  layer_updates: bool = True,
+  max_im2col_kib: Sequence[int] = (1024,),
+  weight_grads: Sequence[str] = ('builtin',),
+  threads: Sequence[int] = (1, 2),
+  time_calls: int = 10,
+) -> List[Dict[str, object]]:
   """Exports and measures every (model, batch, variant); returns one dict per export.
 
   Args:
@@ -91,34 +105,58 @@ def run_benchmark(models: Sequence[str], batch_sizes: Sequence[int], *, density:
     variants = ['fedmef', 'baseline'] + (['tfmot'] if model == 'cnn' else [])
     for batch in batch_sizes:
       for budget in max_im2col_kib:
-        for grads, variant in [(g, v) for g in weight_grads for v in variants
-                               if v != 'tfmot' or g == weight_grads[0]]:
-          keras_model, config = export.load_source(model=model, variant=variant,
-                                                   density=density, gamma=gamma)
+        for grads, variant in [
+          (g, v) for g in weight_grads for v in variants if v != 'tfmot' or g == weight_grads[0]
+        ]:
+          keras_model, config = export.load_source(
+            model=model, variant=variant, density=density, gamma=gamma
+          )
           path = os.path.join(out_dir, f'{model}_{variant}_b{batch}_k{budget}_{grads}.tflite')
-          report = export.export_model(keras_model, config, path, batch_size=batch,
-                                       measure_memory=False, layer_updates=layer_updates,
-                                       max_im2col_kib=budget,
-                                       builtin_weight_grads=grads == 'builtin')
-          row = {'model': model, 'batch': batch, 'variant': variant, 'budget_kib': budget,
-                 'weight_grads': grads, 'size_bytes': report.size_bytes,
-                 'density': report.global_density}
-          row.update(measure_export(path, repeats=repeats, threads=threads,
-                                    time_calls=time_calls))
+          report = export.export_model(
+            keras_model,
+            config,
+            path,
+            batch_size=batch,
+            measure_memory=False,
+            layer_updates=layer_updates,
+            max_im2col_kib=budget,
+            builtin_weight_grads=grads == 'builtin',
+          )
+          row = {
+            'model': model,
+            'batch': batch,
+            'variant': variant,
+            'budget_kib': budget,
+            'weight_grads': grads,
+            'size_bytes': report.size_bytes,
+            'density': report.global_density,
+          }
+          row.update(measure_export(path, repeats=repeats, threads=threads, time_calls=time_calls))
           rows.append(row)
           print(format_row(row), flush=True)
   return rows
 
 
-def measure_export(path: str, *, repeats: int = 1, threads: Sequence[int] = (1, 2),
-                   time_calls: int = 10, memory: bool = True) -> Dict[str, object]:
+def measure_export(
+  path: str,
+  *,
+  repeats: int = 1,
+  threads: Sequence[int] = (1, 2),
+  time_calls: int = 10,
+  memory: bool = True,
+) -> Dict[str, object]:
   """The measured columns of one export's row: `peak_bytes` and `steady_bytes`
   (`tflite_export.memprobe`, minimum over `repeats`; left out if not `memory`) and
   `train_seconds` (`{threads: median seconds of a train call}`, `tflite_export.train_timing`)."""
   from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
   from tflite_export import train_timing  # pylint: disable=import-outside-toplevel
-  row = {'train_seconds': {int(n): train_timing.median_train_seconds(
-      path, num_threads=int(n), calls=time_calls) for n in threads}}
+
+  row = {
+    'train_seconds': {
+      int(n): train_timing.median_train_seconds(path, num_threads=int(n), calls=time_calls)
+      for n in threads
+    }
+  }
   if memory:
     peaks = memprobe.measure_train_peak(path, repeats=repeats)
     row.update(peak_bytes=peaks['train_peak'], steady_bytes=peaks['steady_peak'])
@@ -130,12 +168,18 @@ def format_row(row: Mapping[str, object]) -> str:
   mib = 2**20
   times = row.get('train_seconds') or {}
   timing = ''.join(f'  train {1000 * s:8.1f} ms @{n}t' for n, s in sorted(times.items()))
-  return (f'{row["model"]:10s} b{row["batch"]:<4d} {row["variant"]:9s} '
-          f'im2col {row["budget_kib"]:5d} KiB {row.get("weight_grads", "builtin"):7s}'
-          f'  file {row["size_bytes"] / mib:7.2f} MiB  density {row["density"]:.4f}'
-          + (f'  train peak {row["peak_bytes"] / mib:8.2f} MiB'
-             f'  (later calls {row["steady_bytes"] / mib:6.2f} MiB)' if 'peak_bytes' in row
-             else '') + timing)
+  return (
+    f'{row["model"]:10s} b{row["batch"]:<4d} {row["variant"]:9s} '
+    f'im2col {row["budget_kib"]:5d} KiB {row.get("weight_grads", "builtin"):7s}'
+    f'  file {row["size_bytes"] / mib:7.2f} MiB  density {row["density"]:.4f}'
+    + (
+      f'  train peak {row["peak_bytes"] / mib:8.2f} MiB'
+      f'  (later calls {row["steady_bytes"] / mib:6.2f} MiB)'
+      if 'peak_bytes' in row
+      else ''
+    )
+    + timing
+  )
 
 
 def time_ratio_lines(rows: Sequence[Mapping[str, object]]) -> List[str]:
@@ -143,14 +187,20 @@ def time_ratio_lines(rows: Sequence[Mapping[str, object]]) -> List[str]:
   baseline's at each thread count measured, and the verdict of the one-thread target
   (`TIME_TARGET_RATIO`). Rows without times give no line."""
   lines = []
-  groups = sorted({(r['model'], r['batch'], r['budget_kib'], r.get('weight_grads', 'builtin'))
-                   for r in rows}, key=lambda g: (g[0], g[1], -g[2], g[3]))
+  groups = sorted(
+    {(r['model'], r['batch'], r['budget_kib'], r.get('weight_grads', 'builtin')) for r in rows},
+    key=lambda g: (g[0], g[1], -g[2], g[3]),
+  )
   kinds = {(r['model'], r['batch']): set() for r in rows}
   for r in rows:
     kinds[r['model'], r['batch']].add(r.get('weight_grads', 'builtin'))
   for model, batch, budget, grads in groups:
-    mine = [r for r in rows if (r['model'], r['batch'], r['budget_kib'],
-                                r.get('weight_grads', 'builtin')) == (model, batch, budget, grads)]
+    mine = [
+      r
+      for r in rows
+      if (r['model'], r['batch'], r['budget_kib'], r.get('weight_grads', 'builtin'))
+      == (model, batch, budget, grads)
+    ]
     times = {r['variant']: r.get('train_seconds') or {} for r in mine}
     base = times.get('baseline') or {}
     if not base:
@@ -160,18 +210,19 @@ def time_ratio_lines(rows: Sequence[Mapping[str, object]]) -> List[str]:
       mine_t = times.get(variant) or {}
       shared = sorted(set(mine_t) & set(base))
       if shared:
-        parts.append(f'{variant}/baseline ' + ', '.join(
-            f'{mine_t[n] / base[n]:.2f}x @{n}t' for n in shared))
+        parts.append(
+          f'{variant}/baseline ' + ', '.join(f'{mine_t[n] / base[n]:.2f}x @{n}t' for n in shared)
+        )
     if not parts:
       continue
-    label = f'im2col {budget} KiB' + (f', {grads} weight grads'
-                                      if len(kinds[model, batch]) > 1 else '')
+    label = f'im2col {budget} KiB' + (
+      f', {grads} weight grads' if len(kinds[model, batch]) > 1 else ''
+    )
     line = f'{model} batch {batch} {label}: train time ' + '; '.join(parts)
     fedmef = times.get('fedmef') or {}
     if 1 in fedmef and 1 in base:
       ok = fedmef[1] <= TIME_TARGET_RATIO * base[1]
-      line += (f'  (target fedmef <= {TIME_TARGET_RATIO}x at 1 thread: '
-               f'{"met" if ok else "NOT met"})')
+      line += f'  (target fedmef <= {TIME_TARGET_RATIO}x at 1 thread: {"met" if ok else "NOT met"})'
     lines.append(line)
   return lines
 
@@ -184,15 +235,25 @@ def _ratios(rows) -> List[str]:
   for model, batch in keys:
     mine = [r for r in rows if r['model'] == model and r['batch'] == batch]
     kinds = sorted({r.get('weight_grads', 'builtin') for r in mine})
-    structures = sorted({(r['budget_kib'], r.get('weight_grads', 'builtin')) for r in mine},
-                        key=lambda s: (-s[0], s[1]))
+    structures = sorted(
+      {(r['budget_kib'], r.get('weight_grads', 'builtin')) for r in mine},
+      key=lambda s: (-s[0], s[1]),
+    )
     lowest = {}
     for budget, grads in structures:
-      peaks = {r['variant']: r['peak_bytes'] for r in mine
-               if r['budget_kib'] == budget and r.get('weight_grads', 'builtin') == grads}
+      peaks = {
+        r['variant']: r['peak_bytes']
+        for r in mine
+        if r['budget_kib'] == budget and r.get('weight_grads', 'builtin') == grads
+      }
       if 'tfmot' not in peaks:  # measured once per budget
-        peaks.update({r['variant']: r['peak_bytes'] for r in mine
-                      if r['variant'] == 'tfmot' and r['budget_kib'] == budget})
+        peaks.update(
+          {
+            r['variant']: r['peak_bytes']
+            for r in mine
+            if r['variant'] == 'tfmot' and r['budget_kib'] == budget
+          }
+        )
       for v, p in peaks.items():
         lowest[v] = min(lowest.get(v, float('inf')), p)
       base = peaks.get('baseline')
@@ -207,20 +268,24 @@ def _ratios(rows) -> List[str]:
       lines.append(line)
     if len(structures) > 1 and 'baseline' in lowest and 'fedmef' in lowest:
       ratio = lowest['fedmef'] / lowest['baseline']
-      lines.append(f'{model} batch {batch} lowest of each variant over the structures: fedmef '
-                   f'{lowest["fedmef"] / 2**20:.1f} MiB / baseline '
-                   f'{lowest["baseline"] / 2**20:.1f} MiB = {ratio:.2f}x  (target fedmef <= '
-                   f'{TARGET_RATIO}x: {"met" if ratio <= TARGET_RATIO else "NOT met"})')
+      lines.append(
+        f'{model} batch {batch} lowest of each variant over the structures: fedmef '
+        f'{lowest["fedmef"] / 2**20:.1f} MiB / baseline '
+        f'{lowest["baseline"] / 2**20:.1f} MiB = {ratio:.2f}x  (target fedmef <= '
+        f'{TARGET_RATIO}x: {"met" if ratio <= TARGET_RATIO else "NOT met"})'
+      )
     steady = {}
     for r in mine:
       if r.get('steady_bytes'):
         steady[r['variant']] = min(steady.get(r['variant'], float('inf')), r['steady_bytes'])
     if 'baseline' in steady and 'fedmef' in steady:
-      lines.append(f'{model} batch {batch} later calls (second call in the same process, not '
-                   f'the target\'s measure), lowest of each: fedmef '
-                   f'{steady["fedmef"] / 2**20:.1f} MiB / baseline '
-                   f'{steady["baseline"] / 2**20:.1f} MiB = '
-                   f'{steady["fedmef"] / steady["baseline"]:.2f}x')
+      lines.append(
+        f'{model} batch {batch} later calls (second call in the same process, not '
+        f"the target's measure), lowest of each: fedmef "
+        f'{steady["fedmef"] / 2**20:.1f} MiB / baseline '
+        f'{steady["baseline"] / 2**20:.1f} MiB = '
+        f'{steady["fedmef"] / steady["baseline"]:.2f}x'
+      )
   return lines
 
 
@@ -233,21 +298,36 @@ def main(argv=None) -> int:
   parser.add_argument('--gamma', type=float, default=0.7)
   parser.add_argument('--repeats', type=int, default=1)
   parser.add_argument('--out_dir', default=None, help='keep the exports here (default: temp)')
-  parser.add_argument('--plain_step', action='store_true',
-                      help='export every variant with the plain train step (all gradients, then '
-                           'all updates) instead of per-layer updates in the backward pass')
-  parser.add_argument('--weight_grads', default='builtin',
-                      help="conv weight gradients: 'builtin' (builtin TFLite ops), 'tf' "
-                           "(select-TF Conv2DBackpropFilter) or 'builtin,tf' (both, every "
-                           'fedmef and baseline export made with each; best against best)')
-  parser.add_argument('--max_im2col_kib', default='1024',
-                      help='im2col workspace per CONV_2D, KiB (0: whole batch); a comma list '
-                           'measures every variant under each and compares best against best')
-  parser.add_argument('--threads', default='1,2',
-                      help='thread counts at which the median train call is timed (comma list; '
-                           'empty: no timing)')
-  parser.add_argument('--time_calls', type=int, default=10,
-                      help='timed train calls per thread count (after two untimed ones)')
+  parser.add_argument(
+    '--plain_step',
+    action='store_true',
+    help='export every variant with the plain train step (all gradients, then '
+    'all updates) instead of per-layer updates in the backward pass',
+  )
+  parser.add_argument(
+    '--weight_grads',
+    default='builtin',
+    help="conv weight gradients: 'builtin' (builtin TFLite ops), 'tf' "
+    "(select-TF Conv2DBackpropFilter) or 'builtin,tf' (both, every "
+    'fedmef and baseline export made with each; best against best)',
+  )
+  parser.add_argument(
+    '--max_im2col_kib',
+    default='1024',
+    help='im2col workspace per CONV_2D, KiB (0: whole batch); a comma list '
+    'measures every variant under each and compares best against best',
+  )
+  parser.add_argument(
+    '--threads',
+    default='1,2',
+    help='thread counts at which the median train call is timed (comma list; empty: no timing)',
+  )
+  parser.add_argument(
+    '--time_calls',
+    type=int,
+    default=10,
+    help='timed train calls per thread count (after two untimed ones)',
+  )
   args = parser.parse_args(argv)
   try:
     threads = [int(n) for n in args.threads.split(',') if n.strip()]
@@ -269,20 +349,29 @@ def main(argv=None) -> int:
   out_dir = args.out_dir or tempfile.mkdtemp(prefix='tflite_memory_')
   os.makedirs(out_dir, exist_ok=True)
   try:
-    rows = run_benchmark([m for m in args.models.split(',') if m],
-                         [int(b) for b in args.batch_sizes.split(',') if b],
-                         density=args.density, gamma=args.gamma, repeats=args.repeats,
-                         out_dir=out_dir, layer_updates=not args.plain_step,
-                         max_im2col_kib=budgets, weight_grads=grads, threads=threads,
-                         time_calls=args.time_calls)
+    rows = run_benchmark(
+      [m for m in args.models.split(',') if m],
+      [int(b) for b in args.batch_sizes.split(',') if b],
+      density=args.density,
+      gamma=args.gamma,
+      repeats=args.repeats,
+      out_dir=out_dir,
+      layer_updates=not args.plain_step,
+      max_im2col_kib=budgets,
+      weight_grads=grads,
+      threads=threads,
+      time_calls=args.time_calls,
+    )
   finally:
     if not args.out_dir:
       shutil.rmtree(out_dir, ignore_errors=True)
   step = 'plain step' if args.plain_step else 'per-layer updates in the backward pass'
-  print(f'density {args.density}, gamma {args.gamma}, train step: {step}, im2col budgets '
-        f'{budgets} KiB, weight gradients {grads} (each for all variants); peak = VmHWM delta '
-        f'of one train call; time = median of {args.time_calls} train calls at threads '
-        f'{threads}')
+  print(
+    f'density {args.density}, gamma {args.gamma}, train step: {step}, im2col budgets '
+    f'{budgets} KiB, weight gradients {grads} (each for all variants); peak = VmHWM delta '
+    f'of one train call; time = median of {args.time_calls} train calls at threads '
+    f'{threads}'
+  )
   for line in _ratios(rows) + time_ratio_lines(rows):
     print(line)
   return 0

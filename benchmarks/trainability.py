@@ -64,8 +64,10 @@ def image_sets(seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     real = data.load_cifar10(d)
   rng = np.random.default_rng(seed + 1)
   noise = rng.integers(0, 256, size=real.train_images.shape, dtype=np.uint8)
-  return {'digits': (real.train_images, real.train_labels),
-          'noise': (noise, real.train_labels.copy())}
+  return {
+    'digits': (real.train_images, real.train_labels),
+    'noise': (noise, real.train_labels.copy()),
+  }
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> List[np.ndarray]:
@@ -81,13 +83,22 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> List[np.ndarray]
 
 def build(name: str, variant: str, stats, seed: int = 0) -> tf.keras.Model:
   mean, std = stats
-  return models.build_model(name, variant, density=DENSITY, gamma=GAMMA, seed=seed,
-                            input_mean=mean, input_std=std)
+  return models.build_model(
+    name, variant, density=DENSITY, gamma=GAMMA, seed=seed, input_mean=mean, input_std=std
+  )
 
 
-def run_cell(name: str, variant: str, images: np.ndarray, labels: np.ndarray, stats,
-             batch_size: int, learning_rate: float, steps: int, seed: int = 0
-             ) -> Dict[str, object]:
+def run_cell(
+  name: str,
+  variant: str,
+  images: np.ndarray,
+  labels: np.ndarray,
+  stats,
+  batch_size: int,
+  learning_rate: float,
+  steps: int,
+  seed: int = 0,
+) -> Dict[str, object]:
   """N client SGD steps from a fresh model; returns losses, diverged and the last mean."""
   model = build(name, variant, stats, seed)
   layers = masks.prunable_layers(model)
@@ -110,8 +121,11 @@ def run_cell(name: str, variant: str, images: np.ndarray, labels: np.ndarray, st
       break
   diverged = (not all(np.isfinite(losses))) or max(losses) > DIVERGE_FACTOR * losses[0]
   tail = losses[-LAST:]
-  return {'losses': losses, 'diverged': bool(diverged),
-          'last': float(np.mean(tail)) if all(np.isfinite(tail)) else float('nan')}
+  return {
+    'losses': losses,
+    'diverged': bool(diverged),
+    'last': float(np.mean(tail)) if all(np.isfinite(tail)) else float('nan'),
+  }
 
 
 def block_outputs(model: tf.keras.Model) -> List[str]:
@@ -128,24 +142,25 @@ def block_outputs(model: tf.keras.Model) -> List[str]:
       picked = [p for p in picked if p != n[:-6] + '_add'] + [n]
     elif n.startswith('block') and (n.endswith('_project') or n.endswith('_project_bn')):
       block = n.split('_')[0]
-      if block + '_add' not in names and (n.endswith('_project_bn') or
-                                          block + '_project_bn' not in names):
+      if block + '_add' not in names and (
+        n.endswith('_project_bn') or block + '_project_bn' not in names
+      ):
         picked.append(n)
   if 'classifier' in names:
     picked.append('classifier')
   return picked
 
 
-def block_scales(name: str, variant: str, images: np.ndarray, stats, seed: int = 0
-                 ) -> List[Tuple[str, float, float]]:
+def block_scales(
+  name: str, variant: str, images: np.ndarray, stats, seed: int = 0
+) -> List[Tuple[str, float, float]]:
   """`(block, mean, std)` of each block output at initialisation, training mode."""
   model = build(name, variant, stats, seed)
   outs = block_outputs(model)
   probe = tf.keras.Model(model.input, [model.get_layer(n).output for n in outs])
   x = tf.convert_to_tensor(images[:SCALE_BATCH].astype(np.float32) / 255.0)
   values = probe(x, training=True)
-  return [(n, float(tf.reduce_mean(v)), float(tf.math.reduce_std(v)))
-          for n, v in zip(outs, values)]
+  return [(n, float(tf.reduce_mean(v)), float(tf.math.reduce_std(v))) for n, v in zip(outs, values)]
 
 
 def summary_lines(cells: Sequence[Dict[str, object]], models_run: Sequence[str]) -> List[str]:
@@ -153,36 +168,52 @@ def summary_lines(cells: Sequence[Dict[str, object]], models_run: Sequence[str])
   last)."""
   lines = []
   index = {(c['model'], c['variant'], c['data'], c['batch'], c['lr']): c for c in cells}
-  bad = [k for k, c in index.items() if k[1] == 'fedmef' and c['diverged']
-         and not index.get((k[0], 'baseline') + k[2:], {'diverged': True})['diverged']]
-  lines.append('target: no cell where fedmef diverges and the baseline does not: '
-               + ('met' if not bad else 'NOT met: ' + ', '.join(
-                   f'{m} {d} b{b} lr{lr:g}' for m, _, d, b, lr in bad)))
+  bad = [
+    k
+    for k, c in index.items()
+    if k[1] == 'fedmef'
+    and c['diverged']
+    and not index.get((k[0], 'baseline') + k[2:], {'diverged': True})['diverged']
+  ]
+  lines.append(
+    'target: no cell where fedmef diverges and the baseline does not: '
+    + (
+      'met'
+      if not bad
+      else 'NOT met: ' + ', '.join(f'{m} {d} b{b} lr{lr:g}' for m, _, d, b, lr in bad)
+    )
+  )
   for m in models_run:
     f = index.get((m, 'fedmef', 'digits', 64, 0.1))
     b = index.get((m, 'baseline', 'digits', 64, 0.1))
     if f is None or b is None:
       continue
     ratio = f['last'] / b['last'] if b['last'] > 0 else float('inf')
-    lines.append(f'target: {m} lr 0.1 batch 64 digits: fedmef {f["last"]:.3f} / baseline '
-                 f'{b["last"]:.3f} = {ratio:.2f}x (at most 1.1x: '
-                 f'{"met" if ratio <= 1.1 else "NOT met"})')
+    lines.append(
+      f'target: {m} lr 0.1 batch 64 digits: fedmef {f["last"]:.3f} / baseline '
+      f'{b["last"]:.3f} = {ratio:.2f}x (at most 1.1x: '
+      f'{"met" if ratio <= 1.1 else "NOT met"})'
+    )
   return lines
 
 
-def plot_scales(scales: Dict[Tuple[str, str, str], List[Tuple[str, float, float]]],
-                path: str) -> None:
+def plot_scales(
+  scales: Dict[Tuple[str, str, str], List[Tuple[str, float, float]]], path: str
+) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   names = sorted({k[0] for k in scales})
   fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
   for ax, name in zip(axes[0], names):
     for (m, v, d), rows in sorted(scales.items()):
       if m != name:
         continue
-      ax.plot([r[2] for r in rows], marker='o', ms=3,
-              ls='-' if v == 'fedmef' else '--', label=f'{v} {d}')
+      ax.plot(
+        [r[2] for r in rows], marker='o', ms=3, ls='-' if v == 'fedmef' else '--', label=f'{v} {d}'
+      )
     ax.set_title(f'{name}: block output std at init')
     ax.set_xlabel('block')
     ax.set_ylabel('std')
@@ -247,16 +278,21 @@ def main(argv) -> int:
       for variant in models.VARIANTS:
         rows = block_scales(name, variant, all_sets[d][0], stats[d], args.seed)
         scales[(name, variant, d)] = rows
-        print(f'scale {name:12s} {variant:8s} {d:6s} std ' +
-              ' '.join(f'{s:.2f}' for _, _, s in rows) + '  mean ' +
-              ' '.join(f'{m:.2f}' for _, m, _ in rows), flush=True)
+        print(
+          f'scale {name:12s} {variant:8s} {d:6s} std '
+          + ' '.join(f'{s:.2f}' for _, _, s in rows)
+          + '  mean '
+          + ' '.join(f'{m:.2f}' for _, m, _ in rows),
+          flush=True,
+        )
   cells = []
   if args.scales_only:
     names_to_run = []
   else:
     names_to_run = names
-    print(f'{"model":12s} {"data":6s} {"batch":>5s} {"lr":>5s} | {"fedmef":>16s} | '
-          f'{"baseline":>16s}')
+    print(
+      f'{"model":12s} {"data":6s} {"batch":>5s} {"lr":>5s} | {"fedmef":>16s} | {"baseline":>16s}'
+    )
   for name in names_to_run:
     for d in sets:
       images, labels = all_sets[d]
@@ -264,13 +300,14 @@ def main(argv) -> int:
         for lr in rates:
           row = {}
           for variant in models.VARIANTS:
-            cell = run_cell(name, variant, images, labels, stats[d], b, lr, args.steps,
-                            args.seed)
+            cell = run_cell(name, variant, images, labels, stats[d], b, lr, args.steps, args.seed)
             cell.update(model=name, variant=variant, data=d, batch=b, lr=lr)
             cells.append(cell)
             row[variant] = ('DIVERGED' if cell['diverged'] else 'ok') + f' {cell["last"]:.3f}'
-          print(f'{name:12s} {d:6s} {b:5d} {lr:5g} | {row["fedmef"]:>16s} | '
-                f'{row["baseline"]:>16s}', flush=True)
+          print(
+            f'{name:12s} {d:6s} {b:5d} {lr:5g} | {row["fedmef"]:>16s} | {row["baseline"]:>16s}',
+            flush=True,
+          )
   for line in summary_lines(cells, names_to_run):
     print(line)
   print(f'{len(cells)} cells of {args.steps} steps in {time.monotonic() - start:.0f} s')
@@ -285,5 +322,7 @@ def main(argv) -> int:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=cli.flags_parser('trainability',
-                                              cli.program_help(__doc__, [__name__]), validate))
+  app.run(
+    main,
+    flags_parser=cli.flags_parser('trainability', cli.program_help(__doc__, [__name__]), validate),
+  )

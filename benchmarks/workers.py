@@ -30,9 +30,19 @@ _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 20, 'K.')
 
 def _median_round_seconds(root_dir: str, extra) -> float:
   from tff_programs import program_io  # pylint: disable=g-import-not-at-top
-  cmd = [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root_dir}', '--overwrite',
-         f'--rounds={_ROUNDS.value}', f'--num_clients={_NUM_CLIENTS.value}',
-         f'--eval_every={_ROUNDS.value}', '--delta_t=2', f'--t_end={_ROUNDS.value}'] + list(extra)
+
+  cmd = [
+    sys.executable,
+    '-m',
+    'tff_programs.train',
+    f'--root_dir={root_dir}',
+    '--overwrite',
+    f'--rounds={_ROUNDS.value}',
+    f'--num_clients={_NUM_CLIENTS.value}',
+    f'--eval_every={_ROUNDS.value}',
+    '--delta_t=2',
+    f'--t_end={_ROUNDS.value}',
+  ] + list(extra)
   subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
   rows = program_io.read_metrics(root_dir)
   return statistics.median(r['round_seconds'] for r in rows[1:])
@@ -41,9 +51,17 @@ def _median_round_seconds(root_dir: str, extra) -> float:
 def main(argv):
   del argv
   import portpicker  # pylint: disable=g-import-not-at-top
+
   ports = [portpicker.pick_unused_port() for _ in range(2)]
-  workers = [subprocess.Popen([sys.executable, '-m', 'tff_programs.worker', f'--port={p}'],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True) for p in ports]
+  workers = [
+    subprocess.Popen(
+      [sys.executable, '-m', 'tff_programs.worker', f'--port={p}'],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
+    for p in ports
+  ]
   try:
     for w in workers:
       assert 'listening on' in w.stdout.readline()
@@ -53,8 +71,9 @@ def main(argv):
       for s in _SIZES.value:
         extra = [f'--clients_per_round={s}']
         local = _median_round_seconds(os.path.join(tmp, f'local{s}'), extra)
-        remote = _median_round_seconds(os.path.join(tmp, f'remote{s}'),
-                                       extra + [f'--workers={spec}'])
+        remote = _median_round_seconds(
+          os.path.join(tmp, f'remote{s}'), extra + [f'--workers={spec}']
+        )
         print(f'{s:>4} {local:14.2f} {remote:18.2f} {remote / local:6.2f}', flush=True)
   finally:
     for w in workers:

@@ -15,15 +15,22 @@ The public names, re-exported here (tfmot's pattern) and imported on first use, 
 from fedmef_tf.lazy_exports import lazy_exports
 
 _EXPORTS = {
-    'build_model': 'models', 'MODEL_NAMES': 'models', 'VARIANTS': 'models',
-    'CUSTOM_OBJECTS': 'models',
-    'sparsify': 'conversion', 'ConversionError': 'conversion',
-    'custom_object_scope': 'model_io', 'save_model': 'model_io', 'load_model': 'model_io',
-    'init_sparse': 'masks', 'global_density': 'masks', 'prunable_layers': 'masks',
-    'erk_densities': 'masks',
-    'analytic_footprint': 'memory', 'measure_train_step_peak': 'memory',
+  'build_model': 'models',
+  'MODEL_NAMES': 'models',
+  'VARIANTS': 'models',
+  'CUSTOM_OBJECTS': 'models',
+  'sparsify': 'conversion',
+  'ConversionError': 'conversion',
+  'custom_object_scope': 'model_io',
+  'save_model': 'model_io',
+  'load_model': 'model_io',
+  'init_sparse': 'masks',
+  'global_density': 'masks',
+  'prunable_layers': 'masks',
+  'erk_densities': 'masks',
+  'analytic_footprint': 'memory',
+  'measure_train_step_peak': 'memory',
 }
-_MODULES = ('algorithms', 'conversion', 'data', 'losses', 'masks', 'memory', 'model_io',
-            'models')
+_MODULES = ('algorithms', 'conversion', 'data', 'losses', 'masks', 'memory', 'model_io', 'models')
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _MODULES)

@@ -68,7 +68,8 @@ def unit_axes(model: tf.keras.Model) -> List[UnitAxes]:
   kernel_axes = {}
   for layer in masks.prunable_layers(model):
     kernel_axes[layer.kernel.ref()] = nsconv.reduction_axes(
-        layer.kernel.shape.rank, layer.depthwise)
+      layer.kernel.shape.rank, layer.depthwise
+    )
   out = []
   for v in model.trainable_weights:
     if v.ref() in excluded:
@@ -90,8 +91,9 @@ def unitwise_norm(x: tf.Tensor, axes: Tuple[int, ...]) -> tf.Tensor:
   return tf.sqrt(tf.reduce_sum(tf.square(x), axis=list(axes), keepdims=True))
 
 
-def clip_gradient(grad: tf.Tensor, weight: tf.Tensor, axes: UnitAxes,
-                  clipping: float = CLIPPING, eps: float = EPS) -> tf.Tensor:
+def clip_gradient(
+  grad: tf.Tensor, weight: tf.Tensor, axes: UnitAxes, clipping: float = CLIPPING, eps: float = EPS
+) -> tf.Tensor:
   """AGC of one gradient against its weight (see the module docstring).
 
   Args:
@@ -109,24 +111,35 @@ def clip_gradient(grad: tf.Tensor, weight: tf.Tensor, axes: UnitAxes,
   grad = tf.convert_to_tensor(grad)
   max_norm = tf.maximum(unitwise_norm(weight, axes), eps) * clipping
   grad_norm = unitwise_norm(grad, axes)
-  factor = tf.where(grad_norm > max_norm,
-                    max_norm / tf.maximum(grad_norm, 1e-6), tf.ones_like(grad_norm))
+  factor = tf.where(
+    grad_norm > max_norm, max_norm / tf.maximum(grad_norm, 1e-6), tf.ones_like(grad_norm)
+  )
   return grad * factor
 
 
-def clip_gradients(grads: Sequence[Optional[tf.Tensor]], variables: Sequence[tf.Variable],
-                   axes: Sequence[UnitAxes], clipping: float = CLIPPING,
-                   eps: float = EPS) -> List[Optional[tf.Tensor]]:
+def clip_gradients(
+  grads: Sequence[Optional[tf.Tensor]],
+  variables: Sequence[tf.Variable],
+  axes: Sequence[UnitAxes],
+  clipping: float = CLIPPING,
+  eps: float = EPS,
+) -> List[Optional[tf.Tensor]]:
   """`clip_gradient` over parallel lists (None gradients stay None)."""
   if not len(grads) == len(variables) == len(axes):
-    raise ValueError(f'clip_gradients: {len(grads)} gradients, {len(variables)} variables and '
-                     f'{len(axes)} unit axes')
+    raise ValueError(
+      f'clip_gradients: {len(grads)} gradients, {len(variables)} variables and '
+      f'{len(axes)} unit axes'
+    )
   return [clip_gradient(g, v, a, clipping, eps) for g, v, a in zip(grads, variables, axes)]
 
 
-def clip_model_gradients(model: tf.keras.Model, grads: Sequence[Optional[tf.Tensor]],
-                         clipping: float = CLIPPING, eps: float = EPS,
-                         skip: Sequence[tf.Variable] = ()) -> List[Optional[tf.Tensor]]:
+def clip_model_gradients(
+  model: tf.keras.Model,
+  grads: Sequence[Optional[tf.Tensor]],
+  clipping: float = CLIPPING,
+  eps: float = EPS,
+  skip: Sequence[tf.Variable] = (),
+) -> List[Optional[tf.Tensor]]:
   """AGC of the gradients of `model.trainable_weights` (see `unit_axes`).
 
   The weight of a prunable kernel is `kernel * mask`, so that entries under the mask (zero

@@ -59,6 +59,7 @@ class Algorithm:
     dense: whether the model stays dense: the target density is 1 whatever is passed.
     summary: one line for help texts.
   """
+
   name: str
   variant: str
   uses_sap: bool
@@ -91,23 +92,75 @@ class Algorithm:
 
 
 _CATALOGUE: Tuple[Algorithm, ...] = (
-    Algorithm('fedmef', 'fedmef', uses_sap=True, uses_bae=True, mode=MODE_SERVER_ADJUST,
-              summary='FedMef: NSConv model with SAP, BaE, server prune/grow'),
-    Algorithm('fedmef_no_bae', 'fedmef', uses_sap=True, uses_bae=False,
-              mode=MODE_SERVER_ADJUST, summary='FedMef without BaE (lambda 0, plain rate)'),
-    Algorithm('fedmef_no_sap', 'fedmef', uses_sap=False, uses_bae=True,
-              mode=MODE_SERVER_ADJUST, summary='FedMef without SAP (gamma 0)'),
-    Algorithm('rigl', 'baseline', uses_sap=False, uses_bae=False, mode=MODE_SERVER_ADJUST,
-              summary='FedTiny-style RigL: server prune/grow, BatchNorm model'),
-    Algorithm('feddst', 'baseline', uses_sap=False, uses_bae=False, mode=MODE_FEDDST,
-              summary='FedDST: local regrowth, mask vote on the server'),
-    Algorithm('static', 'baseline', uses_sap=False, uses_bae=False, mode=MODE_SERVER_ADJUST,
-              adjusts_mask=False, summary='random ERK mask, never adjusted'),
-    Algorithm('tfmot', 'baseline', uses_sap=False, uses_bae=False, mode=MODE_TFMOT,
-              starts_dense=True,
-              summary="tfmot's polynomial-decay magnitude pruning, from dense"),
-    Algorithm('fedavg', 'baseline', uses_sap=False, uses_bae=False, mode=MODE_NONE,
-              adjusts_mask=False, starts_dense=True, dense=True, summary='dense FedAvg'),
+  Algorithm(
+    'fedmef',
+    'fedmef',
+    uses_sap=True,
+    uses_bae=True,
+    mode=MODE_SERVER_ADJUST,
+    summary='FedMef: NSConv model with SAP, BaE, server prune/grow',
+  ),
+  Algorithm(
+    'fedmef_no_bae',
+    'fedmef',
+    uses_sap=True,
+    uses_bae=False,
+    mode=MODE_SERVER_ADJUST,
+    summary='FedMef without BaE (lambda 0, plain rate)',
+  ),
+  Algorithm(
+    'fedmef_no_sap',
+    'fedmef',
+    uses_sap=False,
+    uses_bae=True,
+    mode=MODE_SERVER_ADJUST,
+    summary='FedMef without SAP (gamma 0)',
+  ),
+  Algorithm(
+    'rigl',
+    'baseline',
+    uses_sap=False,
+    uses_bae=False,
+    mode=MODE_SERVER_ADJUST,
+    summary='FedTiny-style RigL: server prune/grow, BatchNorm model',
+  ),
+  Algorithm(
+    'feddst',
+    'baseline',
+    uses_sap=False,
+    uses_bae=False,
+    mode=MODE_FEDDST,
+    summary='FedDST: local regrowth, mask vote on the server',
+  ),
+  Algorithm(
+    'static',
+    'baseline',
+    uses_sap=False,
+    uses_bae=False,
+    mode=MODE_SERVER_ADJUST,
+    adjusts_mask=False,
+    summary='random ERK mask, never adjusted',
+  ),
+  Algorithm(
+    'tfmot',
+    'baseline',
+    uses_sap=False,
+    uses_bae=False,
+    mode=MODE_TFMOT,
+    starts_dense=True,
+    summary="tfmot's polynomial-decay magnitude pruning, from dense",
+  ),
+  Algorithm(
+    'fedavg',
+    'baseline',
+    uses_sap=False,
+    uses_bae=False,
+    mode=MODE_NONE,
+    adjusts_mask=False,
+    starts_dense=True,
+    dense=True,
+    summary='dense FedAvg',
+  ),
 )
 
 #: The algorithm names, in the order the programs list and compare them.

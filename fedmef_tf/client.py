@@ -29,9 +29,9 @@ pass over the (batched) dataset (a client whose dataset is expensive to read can
 The loops over the dataset iterate an explicit iterator (`iter(batches)`), which AutoGraph
 turns into a `tf.while_loop`, instantiated once with the function. A plain `for` over a
 dataset becomes a `ReduceDataset` op, which instantiates (and optimises) its loop body, the
-whole SGD step, on every call: in TFF's worker and in a plain loop alike that cost several
-times a local step, on every client of every round. Training loss and accuracy are taken on each batch before its
-update, over all epochs.
+whole SGD step, on every call: in TFF's worker and in a plain loop alike that cost several times
+a local step, on every client of every round. Training loss and accuracy are taken on each batch
+before its update, over all epochs.
 
 This module knows nothing about TFF: `client_update` is a `tf.function` on a Keras model whose
 prunable layers follow the masked layer contract of `docs/DESIGN.md`.
@@ -87,13 +87,13 @@ class WeightLayout(object):
     self.marked_indices = [non_trainable[layer.marked.ref()] for layer in layers]
     self.lambda_indices = [non_trainable[layer.bae_lambda.ref()] for layer in layers]
     reserved = set(self.mask_indices + self.marked_indices + self.lambda_indices)
-    self.stat_indices = [
-        i for i in range(len(model.non_trainable_weights)) if i not in reserved]
+    self.stat_indices = [i for i in range(len(model.non_trainable_weights)) if i not in reserved]
     self.kernel_shapes = [tuple(int(d) for d in layer.kernel.shape) for layer in layers]
     self.kernel_sizes = [int(np.prod(s)) for s in self.kernel_shapes]
     kernel_set = set(self.kernel_indices)
-    dense = sum(int(np.prod(v.shape)) for i, v in enumerate(model.trainable_weights)
-                if i not in kernel_set)
+    dense = sum(
+      int(np.prod(v.shape)) for i, v in enumerate(model.trainable_weights) if i not in kernel_set
+    )
     dense += sum(int(np.prod(model.non_trainable_weights[i].shape)) for i in self.stat_indices)
     self.dense_param_count = dense
     self.num_trainable = len(model.trainable_weights)
@@ -119,6 +119,7 @@ class RoundConfig(NamedTuple):
     mask_changed: bool scalar, whether the mask differs from the previous broadcast (it is then
       sent with the weights, which the downlink count charges).
   """
+
   round_num: tf.Tensor
   learning_rate: tf.Tensor
   adjust: tf.Tensor
@@ -147,6 +148,7 @@ class ClientOutput(NamedTuple):
       examples seen, all epochs), used, rejected, empty (int32 counts), bytes_up, bytes_down
       (int64).
   """
+
   weight: tf.Tensor
   weighted_trainable: List[tf.Tensor]
   weighted_stats: List[tf.Tensor]
@@ -159,9 +161,15 @@ class ClientOutput(NamedTuple):
 default_loss_fn = losses.mean_loss
 
 
-def sgd_step(model: tf.keras.Model, layers: Sequence[tf.keras.layers.Layer], x: tf.Tensor,
-             y: tf.Tensor, learning_rate, loss_fn: Callable = default_loss_fn,
-             clipping: Optional[float] = None):
+def sgd_step(
+  model: tf.keras.Model,
+  layers: Sequence[tf.keras.layers.Layer],
+  x: tf.Tensor,
+  y: tf.Tensor,
+  learning_rate,
+  loss_fn: Callable = default_loss_fn,
+  clipping: Optional[float] = None,
+):
   """One masked SGD step of a client: forward in training mode, loss, gradient, update.
 
   Every trainable variable moves by `-learning_rate * gradient` (the masked layers' custom
@@ -214,18 +222,20 @@ def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
   return tf.reduce_all(tf.stack(flags))
 
 
-def build_client_update(model: tf.keras.Model,
-                        layout: WeightLayout,
-                        *,
-                        local_epochs: int,
-                        batch_size: int,
-                        eta_0: float,
-                        lambda_bae: float,
-                        use_bae: bool,
-                        server_adjust: bool,
-                        client_regrow: bool,
-                        loss_fn: Callable = default_loss_fn,
-                        gradient_clipping: Optional[float] = None):
+def build_client_update(
+  model: tf.keras.Model,
+  layout: WeightLayout,
+  *,
+  local_epochs: int,
+  batch_size: int,
+  eta_0: float,
+  lambda_bae: float,
+  use_bae: bool,
+  server_adjust: bool,
+  client_regrow: bool,
+  loss_fn: Callable = default_loss_fn,
+  gradient_clipping: Optional[float] = None,
+):
   """Returns `client_update(dataset, trainable, non_trainable, config) -> ClientOutput`.
 
   The returned function is a `tf.function` that loads the given weights into `model` (whose
@@ -266,13 +276,13 @@ def build_client_update(model: tf.keras.Model,
     grads = sparse_layers.dense_kernel_gradients(model, x, y, loss_fn)
     for l, layer in enumerate(layers):
       new_kernel, new_mask = mask_updates.client_prune_and_regrow(
-          layer.kernel, layer.mask, grads[l], k[l])
+        layer.kernel, layer.mask, grads[l], k[l]
+      )
       layer.mask.assign(new_mask)
       layer.kernel.assign(new_kernel)
 
   def _bae_lr(tau, budget, eta_t):
-    low_sq = tf.add_n([tf.reduce_sum(tf.square(layer.kernel * layer.marked))
-                       for layer in layers])
+    low_sq = tf.add_n([tf.reduce_sum(tf.square(layer.kernel * layer.marked)) for layer in layers])
     return schedules.bae_learning_rate(tau, budget, tf.sqrt(low_sq), eta_t, eta_0)
 
   @tf.function
@@ -309,8 +319,9 @@ def build_client_update(model: tf.keras.Model,
         n_batch = tf.shape(y)[0]
         loss_sum += loss * tf.cast(n_batch, tf.float32)
         predictions = tf.cast(tf.argmax(logits, axis=-1), tf.int64)
-        correct += tf.reduce_sum(tf.cast(
-            tf.equal(predictions, tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.int32))
+        correct += tf.reduce_sum(
+          tf.cast(tf.equal(predictions, tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.int32)
+        )
         seen += n_batch
         tau += 1
 
@@ -331,8 +342,7 @@ def build_client_update(model: tf.keras.Model,
           count = tf.constant(0, tf.int32)
           for l, layer in enumerate(layers):
             indices, values = mask_updates.top_k_inactive(grads[l], layer.mask, k[l])
-            new_dense.append(
-                mask_updates.scatter_pairs(indices, values, layout.kernel_shapes[l]))
+            new_dense.append(mask_updates.scatter_pairs(indices, values, layout.kernel_shapes[l]))
             count += tf.size(indices)
           grad_dense = tuple(new_dense)
           pairs_sent = count
@@ -341,8 +351,7 @@ def build_client_update(model: tf.keras.Model,
     stats = [tf.convert_to_tensor(model.non_trainable_weights[i]) for i in layout.stat_indices]
     client_masks = [tf.convert_to_tensor(layer.mask) for layer in layers]
     nonempty = num_examples > 0
-    finite = _all_finite(
-        trained + stats + (list(grad_dense) if server_adjust else []) + [loss_sum])
+    finite = _all_finite(trained + stats + (list(grad_dense) if server_adjust else []) + [loss_sum])
     usable = tf.logical_and(nonempty, finite)
     weight = tf.where(usable, tf.cast(num_examples, tf.float32), 0.0)
 
@@ -350,27 +359,34 @@ def build_client_update(model: tf.keras.Model,
       return [tf.where(usable, weight * t, tf.zeros_like(t)) for t in tensors]
 
     nnz_after = tf.stack([tf.reduce_sum(m) for m in client_masks])
-    bytes_up = (VALUE_BYTES * tf.cast(tf.reduce_sum(nnz_after), tf.int64) + dense_bytes +
-                (VALUE_BYTES + INDEX_BYTES) * tf.cast(pairs_sent, tf.int64))
+    bytes_up = (
+      VALUE_BYTES * tf.cast(tf.reduce_sum(nnz_after), tf.int64)
+      + dense_bytes
+      + (VALUE_BYTES + INDEX_BYTES) * tf.cast(pairs_sent, tf.int64)
+    )
     bytes_up += tf.where(regrow_on, tf.constant(mask_bytes, tf.int64), 0)
-    bytes_down = (VALUE_BYTES * tf.cast(tf.reduce_sum(nnz_before), tf.int64) + dense_bytes +
-                  tf.where(config.mask_changed, tf.constant(mask_bytes, tf.int64), 0))
+    bytes_down = (
+      VALUE_BYTES * tf.cast(tf.reduce_sum(nnz_before), tf.int64)
+      + dense_bytes
+      + tf.where(config.mask_changed, tf.constant(mask_bytes, tf.int64), 0)
+    )
     metrics = collections.OrderedDict(
-        loss_sum=tf.where(usable, loss_sum, 0.0),
-        correct=tf.where(usable, correct, 0),
-        num_examples=tf.where(usable, seen, 0),
-        used=tf.cast(usable, tf.int32),
-        rejected=tf.cast(tf.logical_and(nonempty, tf.logical_not(finite)), tf.int32),
-        empty=tf.cast(tf.logical_not(nonempty), tf.int32),
-        bytes_up=tf.where(nonempty, bytes_up, tf.constant(0, tf.int64)),
-        bytes_down=tf.where(nonempty, bytes_down, tf.constant(0, tf.int64)),
+      loss_sum=tf.where(usable, loss_sum, 0.0),
+      correct=tf.where(usable, correct, 0),
+      num_examples=tf.where(usable, seen, 0),
+      used=tf.cast(usable, tf.int32),
+      rejected=tf.cast(tf.logical_and(nonempty, tf.logical_not(finite)), tf.int32),
+      empty=tf.cast(tf.logical_not(nonempty), tf.int32),
+      bytes_up=tf.where(nonempty, bytes_up, tf.constant(0, tf.int64)),
+      bytes_down=tf.where(nonempty, bytes_down, tf.constant(0, tf.int64)),
     )
     return ClientOutput(
-        weight=weight,
-        weighted_trainable=_weighted(trained),
-        weighted_stats=_weighted(stats),
-        weighted_masks=_weighted(client_masks) if client_regrow else [],
-        weighted_grads=_weighted(list(grad_dense)) if server_adjust else [],
-        metrics=metrics)
+      weight=weight,
+      weighted_trainable=_weighted(trained),
+      weighted_stats=_weighted(stats),
+      weighted_masks=_weighted(client_masks) if client_regrow else [],
+      weighted_grads=_weighted(list(grad_dense)) if server_adjust else [],
+      metrics=metrics,
+    )
 
   return client_update

@@ -107,11 +107,17 @@ from fedmef_tf import masks
 from fedmef_tf import sap
 from fedmef_tf import sparse_layers as sl
 
-__all__ = ["ConversionError", "sparsify", "SUPPORTED_LAYERS", "VARIANTS", "RELU_GAIN",
-           "RESIDUAL_ALPHA"]
+__all__ = [
+  'ConversionError',
+  'sparsify',
+  'SUPPORTED_LAYERS',
+  'VARIANTS',
+  'RELU_GAIN',
+  'RESIDUAL_ALPHA',
+]
 
 #: 'fedmef': NSConv + SAP + BitReLU, no BatchNorm; 'baseline': masked layers, BatchNorm, ReLU.
-VARIANTS = ("fedmef", "baseline")
+VARIANTS = ('fedmef', 'baseline')
 
 #: Nonlinearity gain of ReLU for unit-variance Gaussian pre-activations, sqrt(2 / (1 - 1/pi))
 #: (Brock et al., 2021, NF-Nets): relu(z) * RELU_GAIN has unit variance again. ReLU6 uses the
@@ -129,435 +135,462 @@ RESIDUAL_ALPHA = 0.2
 
 #: Keras layer classes `sparsify` converts or keeps (exact classes, not subclasses).
 SUPPORTED_LAYERS = (
-    "InputLayer", "Conv2D", "DepthwiseConv2D", "Dense", "BatchNormalization", "ReLU",
-    "Activation", "Add", "GlobalAveragePooling2D", "Flatten",
+  'InputLayer',
+  'Conv2D',
+  'DepthwiseConv2D',
+  'Dense',
+  'BatchNormalization',
+  'ReLU',
+  'Activation',
+  'Add',
+  'GlobalAveragePooling2D',
+  'Flatten',
 )
 
-_CONV_ACTIVATIONS = ("linear", "relu", "relu6")
-_DENSE_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
-_RELU_MAX = {"relu": None, "relu6": 6.0}
+_CONV_ACTIVATIONS = ('linear', 'relu', 'relu6')
+_DENSE_ACTIVATIONS = ('linear', 'relu', 'relu6', 'softmax')
+_RELU_MAX = {'relu': None, 'relu6': 6.0}
 
 
 class ConversionError(ValueError):
-    """A model or layer `sparsify` cannot convert; the message is one line naming it."""
+  """A model or layer `sparsify` cannot convert; the message is one line naming it."""
 
 
 def _refuse(layer, reason: str) -> ConversionError:
-    return ConversionError(f"{layer.name} ({type(layer).__name__}): {reason}")
+  return ConversionError(f'{layer.name} ({type(layer).__name__}): {reason}')
 
 
 def _activation_name(activation) -> str:
-    return str(tf.keras.activations.serialize(tf.keras.activations.get(activation)))
+  return str(tf.keras.activations.serialize(tf.keras.activations.get(activation)))
 
 
 class _Signal:
-    """Expected state of one tensor of the fedmef variant (see the module docstring).
+  """Expected state of one tensor of the fedmef variant (see the module docstring).
 
-    Attributes:
-        variance: expected variance of the linear signal the tensor derives from.
-        gain: nonlinearity gain owed to a ReLU applied since (1.0 for a linear tensor).
-        from_input: the tensor is the (normalised) model input.
-    """
+  Attributes:
+      variance: expected variance of the linear signal the tensor derives from.
+      gain: nonlinearity gain owed to a ReLU applied since (1.0 for a linear tensor).
+      from_input: the tensor is the (normalised) model input.
+  """
 
-    def __init__(self, variance: float = 1.0, gain: float = 1.0, from_input: bool = False):
-        self.variance = float(variance)
-        self.gain = float(gain)
-        self.from_input = from_input
+  def __init__(self, variance: float = 1.0, gain: float = 1.0, from_input: bool = False):
+    self.variance = float(variance)
+    self.gain = float(gain)
+    self.from_input = from_input
 
-    @property
-    def act_gain(self) -> float:
-        """The factor an NSConv reading this tensor folds into its kernel: gain / beta."""
-        return self.gain / math.sqrt(self.variance)
+  @property
+  def act_gain(self) -> float:
+    """The factor an NSConv reading this tensor folds into its kernel: gain / beta."""
+    return self.gain / math.sqrt(self.variance)
 
-    @property
-    def output_variance(self) -> float:
-        """Variance of the tensor itself: that of a ReLU output of N(0, v) is v / gain^2."""
-        return self.variance / (self.gain * self.gain)
+  @property
+  def output_variance(self) -> float:
+    """Variance of the tensor itself: that of a ReLU output of N(0, v) is v / gain^2."""
+    return self.variance / (self.gain * self.gain)
 
 
 def _check_no_regularizers(layer) -> None:
-    for attr in ("kernel_regularizer", "depthwise_regularizer", "bias_regularizer",
-                 "activity_regularizer", "kernel_constraint", "depthwise_constraint",
-                 "bias_constraint"):
-        if getattr(layer, attr, None) is not None:
-            raise _refuse(layer, f"has a {attr.replace('_', ' ')}, which the masked layer would "
-                                 "drop; remove it first")
+  for attr in (
+    'kernel_regularizer',
+    'depthwise_regularizer',
+    'bias_regularizer',
+    'activity_regularizer',
+    'kernel_constraint',
+    'depthwise_constraint',
+    'bias_constraint',
+  ):
+    if getattr(layer, attr, None) is not None:
+      raise _refuse(
+        layer, f'has a {attr.replace("_", " ")}, which the masked layer would drop; remove it first'
+      )
 
 
 def _check_conv_common(layer, activations) -> None:
-    if layer.data_format != "channels_last":
-        raise _refuse(layer, f"data_format {layer.data_format!r} is not supported "
-                             "(channels_last only)")
-    if tuple(layer.dilation_rate) != (1, 1):
-        raise _refuse(layer, f"dilation_rate {tuple(layer.dilation_rate)} is not supported "
-                             "(1 only)")
-    if str(layer.padding).lower() not in ("same", "valid"):
-        raise _refuse(layer, f"padding {layer.padding!r} is not supported (same or valid)")
-    name = _activation_name(layer.activation)
-    if name not in activations:
-        raise _refuse(layer, f"activation {name!r} is not supported ({', '.join(activations)})")
-    _check_no_regularizers(layer)
+  if layer.data_format != 'channels_last':
+    raise _refuse(layer, f'data_format {layer.data_format!r} is not supported (channels_last only)')
+  if tuple(layer.dilation_rate) != (1, 1):
+    raise _refuse(layer, f'dilation_rate {tuple(layer.dilation_rate)} is not supported (1 only)')
+  if str(layer.padding).lower() not in ('same', 'valid'):
+    raise _refuse(layer, f'padding {layer.padding!r} is not supported (same or valid)')
+  name = _activation_name(layer.activation)
+  if name not in activations:
+    raise _refuse(layer, f'activation {name!r} is not supported ({", ".join(activations)})')
+  _check_no_regularizers(layer)
 
 
 def _kind(layer) -> str:
-    """The conversion rule of `layer` ('conv', 'dwconv', ...); raises ConversionError."""
-    kl = tf.keras.layers
-    cls = type(layer)
-    if cls is kl.InputLayer:
-        return "input"
-    if cls is kl.Conv2D:
-        _check_conv_common(layer, _CONV_ACTIVATIONS)
-        if int(layer.groups) != 1:
-            raise _refuse(layer, f"groups={layer.groups} is not supported (1 only)")
-        return "conv"
-    if cls is kl.DepthwiseConv2D:
-        _check_conv_common(layer, _CONV_ACTIVATIONS)
-        if layer.strides[0] != layer.strides[1]:
-            raise _refuse(layer, f"unequal strides {tuple(layer.strides)} are not supported")
-        return "dwconv"
-    if cls is kl.Dense:
-        name = _activation_name(layer.activation)
-        if name not in _DENSE_ACTIVATIONS:
-            raise _refuse(layer, f"activation {name!r} is not supported "
-                                 f"({', '.join(_DENSE_ACTIVATIONS)})")
-        _check_no_regularizers(layer)
-        return "dense"
-    if cls is kl.BatchNormalization:
-        return "bn"
-    if cls is kl.ReLU:
-        max_value = None if layer.max_value is None else float(layer.max_value)
-        leaky = float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0
-        if leaky or max_value not in (None, 6.0):
-            raise _refuse(layer, "only ReLU and ReLU6 (no negative_slope, threshold or other "
-                                 "max_value) are supported")
-        return "relu"
-    if cls is kl.Activation:
-        name = _activation_name(layer.activation)
-        if name in _RELU_MAX:
-            return "relu"
-        if name in ("linear", "softmax"):
-            return "keep"
-        raise _refuse(layer, f"activation {name!r} is not supported (relu, relu6, linear, "
-                             "softmax)")
-    if cls is kl.Add:
-        return "add"
-    if cls is kl.GlobalAveragePooling2D:
-        if layer.data_format != "channels_last" or getattr(layer, "keepdims", False):
-            raise _refuse(layer, "only channels_last without keepdims is supported")
-        return "pool"
-    if cls is kl.Flatten:
-        if layer.data_format != "channels_last":
-            raise _refuse(layer, "only channels_last is supported")
-        return "flatten"
-    if isinstance(layer, tf.keras.Model):
-        raise _refuse(layer, "nested models are not supported; build the model from its layers")
-    raise _refuse(layer, f"no FedMef equivalent (supported: {', '.join(SUPPORTED_LAYERS)})")
+  """The conversion rule of `layer` ('conv', 'dwconv', ...); raises ConversionError."""
+  kl = tf.keras.layers
+  cls = type(layer)
+  if cls is kl.InputLayer:
+    return 'input'
+  if cls is kl.Conv2D:
+    _check_conv_common(layer, _CONV_ACTIVATIONS)
+    if int(layer.groups) != 1:
+      raise _refuse(layer, f'groups={layer.groups} is not supported (1 only)')
+    return 'conv'
+  if cls is kl.DepthwiseConv2D:
+    _check_conv_common(layer, _CONV_ACTIVATIONS)
+    if layer.strides[0] != layer.strides[1]:
+      raise _refuse(layer, f'unequal strides {tuple(layer.strides)} are not supported')
+    return 'dwconv'
+  if cls is kl.Dense:
+    name = _activation_name(layer.activation)
+    if name not in _DENSE_ACTIVATIONS:
+      raise _refuse(
+        layer, f'activation {name!r} is not supported ({", ".join(_DENSE_ACTIVATIONS)})'
+      )
+    _check_no_regularizers(layer)
+    return 'dense'
+  if cls is kl.BatchNormalization:
+    return 'bn'
+  if cls is kl.ReLU:
+    max_value = None if layer.max_value is None else float(layer.max_value)
+    leaky = float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0
+    if leaky or max_value not in (None, 6.0):
+      raise _refuse(
+        layer, 'only ReLU and ReLU6 (no negative_slope, threshold or other max_value) are supported'
+      )
+    return 'relu'
+  if cls is kl.Activation:
+    name = _activation_name(layer.activation)
+    if name in _RELU_MAX:
+      return 'relu'
+    if name in ('linear', 'softmax'):
+      return 'keep'
+    raise _refuse(layer, f'activation {name!r} is not supported (relu, relu6, linear, softmax)')
+  if cls is kl.Add:
+    return 'add'
+  if cls is kl.GlobalAveragePooling2D:
+    if layer.data_format != 'channels_last' or getattr(layer, 'keepdims', False):
+      raise _refuse(layer, 'only channels_last without keepdims is supported')
+    return 'pool'
+  if cls is kl.Flatten:
+    if layer.data_format != 'channels_last':
+      raise _refuse(layer, 'only channels_last is supported')
+    return 'flatten'
+  if isinstance(layer, tf.keras.Model):
+    raise _refuse(layer, 'nested models are not supported; build the model from its layers')
+  raise _refuse(layer, f'no FedMef equivalent (supported: {", ".join(SUPPORTED_LAYERS)})')
 
 
 def _relu_max_value(layer) -> Optional[float]:
-    if type(layer) is tf.keras.layers.ReLU:
-        return None if layer.max_value is None else float(layer.max_value)
-    return _RELU_MAX[_activation_name(layer.activation)]
+  if type(layer) is tf.keras.layers.ReLU:
+    return None if layer.max_value is None else float(layer.max_value)
+  return _RELU_MAX[_activation_name(layer.activation)]
 
 
 def _initializer(initializer):
-    """A fresh copy of a Keras initializer (the converted model shares no object)."""
-    return tf.keras.initializers.deserialize(tf.keras.initializers.serialize(initializer))
+  """A fresh copy of a Keras initializer (the converted model shares no object)."""
+  return tf.keras.initializers.deserialize(tf.keras.initializers.serialize(initializer))
 
 
 class _Graph:
-    """The layers of a functional or Sequential model in topological order, with their
-    input and output tensors, consumers and ancestors (all keyed by `id` of KerasTensor)."""
+  """The layers of a functional or Sequential model in topological order, with their
+  input and output tensors, consumers and ancestors (all keyed by `id` of KerasTensor)."""
 
-    def __init__(self, model: tf.keras.Model):
-        if not isinstance(model, tf.keras.Model):
-            raise ConversionError(f"sparsify needs a tf.keras.Model, got {type(model).__name__}")
-        if not model.built or not getattr(model, "inputs", None) or not getattr(
-                model, "outputs", None):
-            raise ConversionError(
-                f"{model.name} ({type(model).__name__}): not a built functional or Sequential "
-                "model (give it an Input or an input shape; subclassed models are not supported)")
-        if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise ConversionError(
-                f"{model.name} ({type(model).__name__}): has {len(model.inputs)} inputs and "
-                f"{len(model.outputs)} outputs; sparsify converts one input, one output")
-        self.input = model.inputs[0]
-        self.input_name = model.input_names[0]
-        self.output = model.outputs[0]
-        self.kinds: Dict[int, str] = {}
-        self.inputs: Dict[int, list] = {}
-        self.outputs: Dict[int, object] = {}
-        self.consumers: Dict[int, list] = {}
-        pending = []
-        for layer in model.layers:
-            kind = _kind(layer)
-            if kind == "input":
-                continue
-            if len(layer.inbound_nodes) != 1:
-                raise _refuse(layer, f"is used {len(layer.inbound_nodes)} times; shared layers "
-                                     "are not supported")
-            ins = tf.nest.flatten(layer.input)
-            out = layer.output
-            if isinstance(out, (list, tuple)):
-                raise _refuse(layer, "has several outputs")
-            if kind == "add" and len(ins) != 2:
-                raise _refuse(layer, f"adds {len(ins)} tensors; only the sum of two is supported")
-            if kind == "add" and ins[0].shape != ins[1].shape:
-                raise _refuse(layer, f"adds shapes {ins[0].shape} and {ins[1].shape}; only equal "
-                                     "shapes are supported")
-            self.kinds[id(layer)] = kind
-            self.inputs[id(layer)] = ins
-            self.outputs[id(layer)] = out
-            for t in ins:
-                self.consumers.setdefault(id(t), []).append(layer)
-            pending.append(layer)
-        # Topological order: a layer comes after the layers producing its inputs.
-        known = {id(self.input)}
-        self.layers: List[tf.keras.layers.Layer] = []
-        while pending:
-            ready = [l for l in pending if all(id(t) in known for t in self.inputs[id(l)])]
-            if not ready:
-                raise _refuse(pending[0], "reads a tensor that is not computed from the model's "
-                                          "input")
-            for layer in ready:
-                self.layers.append(layer)
-                known.add(id(self.outputs[id(layer)]))
-            pending = [l for l in pending if all(l is not r for r in ready)]
-        if id(self.output) not in known:
-            raise ConversionError(f"{model.name}: its output is not computed by its layers")
-        self.ancestors: Dict[int, set] = {id(self.input): set()}
-        for layer in self.layers:
-            found = set()
-            for t in self.inputs[id(layer)]:
-                found |= self.ancestors[id(t)] | {id(t)}
-            self.ancestors[id(self.outputs[id(layer)])] = found
+  def __init__(self, model: tf.keras.Model):
+    if not isinstance(model, tf.keras.Model):
+      raise ConversionError(f'sparsify needs a tf.keras.Model, got {type(model).__name__}')
+    if not model.built or not getattr(model, 'inputs', None) or not getattr(model, 'outputs', None):
+      raise ConversionError(
+        f'{model.name} ({type(model).__name__}): not a built functional or Sequential '
+        'model (give it an Input or an input shape; subclassed models are not supported)'
+      )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+      raise ConversionError(
+        f'{model.name} ({type(model).__name__}): has {len(model.inputs)} inputs and '
+        f'{len(model.outputs)} outputs; sparsify converts one input, one output'
+      )
+    self.input = model.inputs[0]
+    self.input_name = model.input_names[0]
+    self.output = model.outputs[0]
+    self.kinds: Dict[int, str] = {}
+    self.inputs: Dict[int, list] = {}
+    self.outputs: Dict[int, object] = {}
+    self.consumers: Dict[int, list] = {}
+    pending = []
+    for layer in model.layers:
+      kind = _kind(layer)
+      if kind == 'input':
+        continue
+      if len(layer.inbound_nodes) != 1:
+        raise _refuse(
+          layer, f'is used {len(layer.inbound_nodes)} times; shared layers are not supported'
+        )
+      ins = tf.nest.flatten(layer.input)
+      out = layer.output
+      if isinstance(out, (list, tuple)):
+        raise _refuse(layer, 'has several outputs')
+      if kind == 'add' and len(ins) != 2:
+        raise _refuse(layer, f'adds {len(ins)} tensors; only the sum of two is supported')
+      if kind == 'add' and ins[0].shape != ins[1].shape:
+        raise _refuse(
+          layer, f'adds shapes {ins[0].shape} and {ins[1].shape}; only equal shapes are supported'
+        )
+      self.kinds[id(layer)] = kind
+      self.inputs[id(layer)] = ins
+      self.outputs[id(layer)] = out
+      for t in ins:
+        self.consumers.setdefault(id(t), []).append(layer)
+      pending.append(layer)
+    # Topological order: a layer comes after the layers producing its inputs.
+    known = {id(self.input)}
+    self.layers: List[tf.keras.layers.Layer] = []
+    while pending:
+      ready = [l for l in pending if all(id(t) in known for t in self.inputs[id(l)])]
+      if not ready:
+        raise _refuse(pending[0], "reads a tensor that is not computed from the model's input")
+      for layer in ready:
+        self.layers.append(layer)
+        known.add(id(self.outputs[id(layer)]))
+      pending = [l for l in pending if all(l is not r for r in ready)]
+    if id(self.output) not in known:
+      raise ConversionError(f'{model.name}: its output is not computed by its layers')
+    self.ancestors: Dict[int, set] = {id(self.input): set()}
+    for layer in self.layers:
+      found = set()
+      for t in self.inputs[id(layer)]:
+        found |= self.ancestors[id(t)] | {id(t)}
+      self.ancestors[id(self.outputs[id(layer)])] = found
 
 
 def _branch_end(graph: _Graph, tensor) -> Optional[tf.keras.layers.Layer]:
-    """The conv / dense layer without activation whose output `tensor` is, through BNs."""
-    producers = {id(graph.outputs[id(l)]): l for l in graph.layers}
-    layer = producers.get(id(tensor))
-    while layer is not None and graph.kinds[id(layer)] == "bn":
-        layer = producers.get(id(graph.inputs[id(layer)][0]))
-    if layer is None or graph.kinds[id(layer)] not in ("conv", "dwconv", "dense"):
-        return None
-    if _activation_name(layer.activation) != "linear":
-        return None
-    return layer
+  """The conv / dense layer without activation whose output `tensor` is, through BNs."""
+  producers = {id(graph.outputs[id(l)]): l for l in graph.layers}
+  layer = producers.get(id(tensor))
+  while layer is not None and graph.kinds[id(layer)] == 'bn':
+    layer = producers.get(id(graph.inputs[id(layer)][0]))
+  if layer is None or graph.kinds[id(layer)] not in ('conv', 'dwconv', 'dense'):
+    return None
+  if _activation_name(layer.activation) != 'linear':
+    return None
+  return layer
 
 
 def _residual_branch_ends(graph: _Graph) -> set:
-    """ids of the layers that end a residual branch added onto an identity shortcut."""
-    ends = set()
-    for layer in graph.layers:
-        if graph.kinds[id(layer)] != "add":
-            continue
-        a, b = graph.inputs[id(layer)]
-        for shortcut, branch in ((a, b), (b, a)):
-            if id(shortcut) in graph.ancestors[id(branch)]:
-                end = _branch_end(graph, branch)
-                if end is not None:
-                    ends.add(id(end))
-    return ends
+  """ids of the layers that end a residual branch added onto an identity shortcut."""
+  ends = set()
+  for layer in graph.layers:
+    if graph.kinds[id(layer)] != 'add':
+      continue
+    a, b = graph.inputs[id(layer)]
+    for shortcut, branch in ((a, b), (b, a)):
+      if id(shortcut) in graph.ancestors[id(branch)]:
+        end = _branch_end(graph, branch)
+        if end is not None:
+          ends.add(id(end))
+  return ends
 
 
 class _Converter:
-    """Builds the converted layers of one variant, tensor by tensor, and records the weights
-    to copy from the input model."""
+  """Builds the converted layers of one variant, tensor by tensor, and records the weights
+  to copy from the input model."""
 
-    def __init__(self, graph: _Graph, variant: str, gamma: float):
-        self.graph = graph
-        self.fedmef = variant == "fedmef"
-        self.gamma = float(gamma) if self.fedmef else 0.0
-        self.alpha_ends = _residual_branch_ends(graph) if self.fedmef else set()
-        self.names = {l.name for l in graph.layers} | {graph.input_name}
-        self.copies = []  # (target variable, source variable)
+  def __init__(self, graph: _Graph, variant: str, gamma: float):
+    self.graph = graph
+    self.fedmef = variant == 'fedmef'
+    self.gamma = float(gamma) if self.fedmef else 0.0
+    self.alpha_ends = _residual_branch_ends(graph) if self.fedmef else set()
+    self.names = {l.name for l in graph.layers} | {graph.input_name}
+    self.copies = []  # (target variable, source variable)
 
-    def unique(self, name: str) -> str:
-        candidate, i = name, 0
-        while candidate in self.names:
-            i += 1
-            candidate = f"{name}_{i}"
-        self.names.add(candidate)
-        return candidate
+  def unique(self, name: str) -> str:
+    candidate, i = name, 0
+    while candidate in self.names:
+      i += 1
+      candidate = f'{name}_{i}'
+    self.names.add(candidate)
+    return candidate
 
-    def feeds_only_bn(self, layer) -> bool:
-        users = self.graph.consumers.get(id(self.graph.outputs[id(layer)]), [])
-        return bool(users) and all(self.graph.kinds[id(u)] == "bn" for u in users)
+  def feeds_only_bn(self, layer) -> bool:
+    users = self.graph.consumers.get(id(self.graph.outputs[id(layer)]), [])
+    return bool(users) and all(self.graph.kinds[id(u)] == 'bn' for u in users)
 
-    def bit_relu(self, x, max_value, name, signal: _Signal):
-        x = sap.BitReLU(max_value=max_value, name=name)(x)
-        if signal.gain == 1.0:
-            return x, _Signal(signal.variance, RELU_GAIN)
-        return x, _Signal(signal.variance, signal.gain)
+  def bit_relu(self, x, max_value, name, signal: _Signal):
+    x = sap.BitReLU(max_value=max_value, name=name)(x)
+    if signal.gain == 1.0:
+      return x, _Signal(signal.variance, RELU_GAIN)
+    return x, _Signal(signal.variance, signal.gain)
 
-    def masked(self, layer, kind: str, x, signal: _Signal):
-        """The masked layer replacing `layer`, applied to `x`; returns (tensor, signal)."""
-        activation = _activation_name(layer.activation)
-        relu_split = self.fedmef and activation in _RELU_MAX
-        gain_init = RESIDUAL_ALPHA if id(layer) in self.alpha_ends else 1.0
-        if self.fedmef:
-            use_bias = True if kind != "dense" else bool(layer.use_bias)
-            common = dict(normalize=True, sap_gamma=self.gamma, act_gain=signal.act_gain,
-                          gain_init=gain_init)
-        else:
-            use_bias = bool(layer.use_bias) and not (
-                kind != "dense" and activation == "linear" and self.feeds_only_bn(layer))
-            common = dict(normalize=False, sap_gamma=0.0)
-        common.update(
-            use_bias=use_bias, name=layer.name,
-            activation=None if relu_split or activation == "linear" else activation,
-            bias_initializer=_initializer(layer.bias_initializer))
-        if kind == "conv":
-            stem = signal.from_input
-            if self.fedmef:
-                common.update(center=not stem, center_output=not stem)
-            new = sl.MaskedConv2D(
-                layer.filters, layer.kernel_size, strides=layer.strides, padding=layer.padding,
-                kernel_initializer=_initializer(layer.kernel_initializer), **common)
-            source_kernel = layer.kernel
-        elif kind == "dwconv":
-            if self.fedmef:
-                common.update(center=False, center_output=True)
-            new = sl.MaskedDepthwiseConv2D(
-                layer.kernel_size, strides=layer.strides, padding=layer.padding,
-                depth_multiplier=layer.depth_multiplier,
-                kernel_initializer=_initializer(layer.depthwise_initializer), **common)
-            source_kernel = layer.depthwise_kernel
-        else:
-            if self.fedmef:
-                common.update(center=not signal.from_input)
-            new = sl.MaskedDense(
-                layer.units, kernel_initializer=_initializer(layer.kernel_initializer), **common)
-            source_kernel = layer.kernel
-        y = new(x)
-        self.copies.append((new.kernel, source_kernel))
-        if new.bias is not None and layer.use_bias:
-            self.copies.append((new.bias, layer.bias))
-        out = _Signal(gain_init * gain_init, 1.0)
-        if relu_split:
-            y, out = self.bit_relu(y, _RELU_MAX[activation], self.unique(layer.name + "_relu"),
-                                   out)
-        return y, out
+  def masked(self, layer, kind: str, x, signal: _Signal):
+    """The masked layer replacing `layer`, applied to `x`; returns (tensor, signal)."""
+    activation = _activation_name(layer.activation)
+    relu_split = self.fedmef and activation in _RELU_MAX
+    gain_init = RESIDUAL_ALPHA if id(layer) in self.alpha_ends else 1.0
+    if self.fedmef:
+      use_bias = True if kind != 'dense' else bool(layer.use_bias)
+      common = dict(
+        normalize=True, sap_gamma=self.gamma, act_gain=signal.act_gain, gain_init=gain_init
+      )
+    else:
+      use_bias = bool(layer.use_bias) and not (
+        kind != 'dense' and activation == 'linear' and self.feeds_only_bn(layer)
+      )
+      common = dict(normalize=False, sap_gamma=0.0)
+    common.update(
+      use_bias=use_bias,
+      name=layer.name,
+      activation=None if relu_split or activation == 'linear' else activation,
+      bias_initializer=_initializer(layer.bias_initializer),
+    )
+    if kind == 'conv':
+      stem = signal.from_input
+      if self.fedmef:
+        common.update(center=not stem, center_output=not stem)
+      new = sl.MaskedConv2D(
+        layer.filters,
+        layer.kernel_size,
+        strides=layer.strides,
+        padding=layer.padding,
+        kernel_initializer=_initializer(layer.kernel_initializer),
+        **common,
+      )
+      source_kernel = layer.kernel
+    elif kind == 'dwconv':
+      if self.fedmef:
+        common.update(center=False, center_output=True)
+      new = sl.MaskedDepthwiseConv2D(
+        layer.kernel_size,
+        strides=layer.strides,
+        padding=layer.padding,
+        depth_multiplier=layer.depth_multiplier,
+        kernel_initializer=_initializer(layer.depthwise_initializer),
+        **common,
+      )
+      source_kernel = layer.depthwise_kernel
+    else:
+      if self.fedmef:
+        common.update(center=not signal.from_input)
+      new = sl.MaskedDense(
+        layer.units, kernel_initializer=_initializer(layer.kernel_initializer), **common
+      )
+      source_kernel = layer.kernel
+    y = new(x)
+    self.copies.append((new.kernel, source_kernel))
+    if new.bias is not None and layer.use_bias:
+      self.copies.append((new.bias, layer.bias))
+    out = _Signal(gain_init * gain_init, 1.0)
+    if relu_split:
+      y, out = self.bit_relu(y, _RELU_MAX[activation], self.unique(layer.name + '_relu'), out)
+    return y, out
 
-    def clone(self, layer, x):
-        new = type(layer).from_config(layer.get_config())
-        y = new(x)
-        self.copies.extend(zip(new.weights, layer.weights))
-        return y
+  def clone(self, layer, x):
+    new = type(layer).from_config(layer.get_config())
+    y = new(x)
+    self.copies.extend(zip(new.weights, layer.weights))
+    return y
 
-    def apply(self, layer, x: list, signals: List[_Signal]):
-        kind = self.graph.kinds[id(layer)]
-        if kind in ("conv", "dwconv", "dense"):
-            return self.masked(layer, kind, x[0], signals[0])
-        if kind == "add":
-            out = _Signal(sum(s.output_variance for s in signals), 1.0)
-            return lean_layers.ResidualAdd(name=layer.name)(x), out
-        if kind == "pool":
-            return lean_layers.GlobalAvgPool(name=layer.name)(x[0]), signals[0]
-        if kind == "bn":
-            if self.fedmef:
-                return x[0], signals[0]
-            return self.clone(layer, x[0]), signals[0]
-        if kind == "relu" and self.fedmef:
-            return self.bit_relu(x[0], _relu_max_value(layer), layer.name, signals[0])
-        # relu (baseline), flatten, keep: the layer itself, the state passed on.
-        return self.clone(layer, x[0]), signals[0]
+  def apply(self, layer, x: list, signals: List[_Signal]):
+    kind = self.graph.kinds[id(layer)]
+    if kind in ('conv', 'dwconv', 'dense'):
+      return self.masked(layer, kind, x[0], signals[0])
+    if kind == 'add':
+      out = _Signal(sum(s.output_variance for s in signals), 1.0)
+      return lean_layers.ResidualAdd(name=layer.name)(x), out
+    if kind == 'pool':
+      return lean_layers.GlobalAvgPool(name=layer.name)(x[0]), signals[0]
+    if kind == 'bn':
+      if self.fedmef:
+        return x[0], signals[0]
+      return self.clone(layer, x[0]), signals[0]
+    if kind == 'relu' and self.fedmef:
+      return self.bit_relu(x[0], _relu_max_value(layer), layer.name, signals[0])
+    # relu (baseline), flatten, keep: the layer itself, the state passed on.
+    return self.clone(layer, x[0]), signals[0]
 
 
 def _check_stats(name: str, values, channels: int) -> List[float]:
-    values = [float(v) for v in np.ravel(values)]
-    if len(values) != channels:
-        raise ConversionError(f"{name} needs {channels} channels, got {len(values)}")
-    if not all(np.isfinite(values)):
-        raise ConversionError(f"{name} must be finite, got {values}")
-    return values
+  values = [float(v) for v in np.ravel(values)]
+  if len(values) != channels:
+    raise ConversionError(f'{name} needs {channels} channels, got {len(values)}')
+  if not all(np.isfinite(values)):
+    raise ConversionError(f'{name} must be finite, got {values}')
+  return values
 
 
 def sparsify(
-    model: tf.keras.Model,
-    *,
-    density: float,
-    variant: str = "fedmef",
-    gamma: float = 0.7,
-    seed: int = 0,
-    input_mean: Optional[Sequence[float]] = None,
-    input_std: Optional[Sequence[float]] = None,
-    copy_weights: bool = True,
+  model: tf.keras.Model,
+  *,
+  density: float,
+  variant: str = 'fedmef',
+  gamma: float = 0.7,
+  seed: int = 0,
+  input_mean: Optional[Sequence[float]] = None,
+  input_std: Optional[Sequence[float]] = None,
+  copy_weights: bool = True,
 ) -> tf.keras.Model:
-    """Converts a functional or Sequential Keras model into a FedMef (or baseline) model.
+  """Converts a functional or Sequential Keras model into a FedMef (or baseline) model.
 
-    See the module docstring for the layer table and the signal-propagation rules.
+  See the module docstring for the layer table and the signal-propagation rules.
 
-        model = fedmef_tf.sparsify(my_keras_model, density=0.2, variant="fedmef", gamma=0.7)
-        model.compile(...); model.fit(...)   # masked weights stay exactly zero
+      model = fedmef_tf.sparsify(my_keras_model, density=0.2, variant="fedmef", gamma=0.7)
+      model.compile(...); model.fit(...)   # masked weights stay exactly zero
 
-    Args:
-        model: a built `tf.keras.Model` (functional or Sequential) with one input and one
-            output, made of the layers of `SUPPORTED_LAYERS`. It is not modified.
-        density: global density of the prunable kernels in (0, 1]; below 1 the converted model
-            gets ERK layer densities and random masks from `seed` (`masks.init_sparse`).
-            Inside a TFF process, pass 1.0: the process draws the masks itself.
-        variant: 'fedmef' (NSConv + SAP + BitReLU, no BatchNorm) or 'baseline' (masked layers
-            with BatchNorm and ReLU), as in `fedmef_tf.VARIANTS`.
-        gamma: SAP drop ratio in [0, 1] of the fedmef variant's masked layers (ignored by the
-            baseline, whose layers have sap_gamma 0).
-        seed: seed of the initial random masks.
-        input_mean, input_std: per-channel mean and standard deviation of the inputs, both or
-            neither. Given, the converted model starts with a Keras `Normalization` layer
-            'input_norm' (constants, no trained variables); the fedmef variant's signal
-            propagation assumes its input has unit variance.
-        copy_weights: True: the converted layers start from the input model's weights (see the
-            module docstring). False: from the initializers of the layers they replace, so the
-            input model serves as a description only (its variables are never read; it may
-            live in another graph, as `models.build_model`'s stock model does).
+  Args:
+      model: a built `tf.keras.Model` (functional or Sequential) with one input and one
+          output, made of the layers of `SUPPORTED_LAYERS`. It is not modified.
+      density: global density of the prunable kernels in (0, 1]; below 1 the converted model
+          gets ERK layer densities and random masks from `seed` (`masks.init_sparse`).
+          Inside a TFF process, pass 1.0: the process draws the masks itself.
+      variant: 'fedmef' (NSConv + SAP + BitReLU, no BatchNorm) or 'baseline' (masked layers
+          with BatchNorm and ReLU), as in `fedmef_tf.VARIANTS`.
+      gamma: SAP drop ratio in [0, 1] of the fedmef variant's masked layers (ignored by the
+          baseline, whose layers have sap_gamma 0).
+      seed: seed of the initial random masks.
+      input_mean, input_std: per-channel mean and standard deviation of the inputs, both or
+          neither. Given, the converted model starts with a Keras `Normalization` layer
+          'input_norm' (constants, no trained variables); the fedmef variant's signal
+          propagation assumes its input has unit variance.
+      copy_weights: True: the converted layers start from the input model's weights (see the
+          module docstring). False: from the initializers of the layers they replace, so the
+          input model serves as a description only (its variables are never read; it may
+          live in another graph, as `models.build_model`'s stock model does).
 
-    Returns:
-        A new, uncompiled `tf.keras.Model` named `<model.name>_<variant>`, with the input
-        model's kernels and biases copied (unless `copy_weights=False`) and masked.
+  Returns:
+      A new, uncompiled `tf.keras.Model` named `<model.name>_<variant>`, with the input
+      model's kernels and biases copied (unless `copy_weights=False`) and masked.
 
-    Raises:
-        ConversionError (a ValueError): a layer or model that cannot be converted, or a bad
-            argument; the message is one line and names the layer and its class.
-    """
-    if variant not in VARIANTS:
-        raise ConversionError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    if not 0.0 < float(density) <= 1.0:
-        raise ConversionError(f"density must be in (0, 1], got {density}")
-    if not 0.0 <= float(gamma) <= 1.0:
-        raise ConversionError(f"gamma must be in [0, 1], got {gamma}")
-    if (input_mean is None) != (input_std is None):
-        raise ConversionError("input_mean and input_std must be given together")
-    graph = _Graph(model)
-    input_shape = tuple(graph.input.shape[1:])
-    inputs = tf.keras.Input(shape=input_shape, dtype=graph.input.dtype,
-                            name=graph.input_name)
-    converter = _Converter(graph, variant, gamma)
-    x = inputs
-    if input_mean is not None:
-        channels = input_shape[-1]
-        mean = _check_stats("input_mean", input_mean, channels)
-        std = _check_stats("input_std", input_std, channels)
-        if not all(v > 0.0 for v in std):
-            raise ConversionError(f"input_std must be positive, got {std}")
-        x = tf.keras.layers.Normalization(
-            mean=mean, variance=[v * v for v in std], name=converter.unique("input_norm"))(x)
-    tensors = {id(graph.input): x}
-    signals = {id(graph.input): _Signal(from_input=True)}
-    for layer in graph.layers:
-        ins = graph.inputs[id(layer)]
-        y, signal = converter.apply(layer, [tensors[id(t)] for t in ins],
-                                    [signals[id(t)] for t in ins])
-        out = graph.outputs[id(layer)]
-        tensors[id(out)] = y
-        signals[id(out)] = signal
-    converted = tf.keras.Model(inputs, tensors[id(graph.output)], name=f"{model.name}_{variant}")
-    if not masks.prunable_layers(converted):
-        raise ConversionError(f"{model.name}: has no Conv2D, DepthwiseConv2D or Dense layer to "
-                              "mask")
-    if copy_weights:
-        for target, source in converter.copies:
-            target.assign(source)
-    if float(density) < 1.0:
-        masks.init_sparse(converted, float(density), int(seed))
-    return converted
+  Raises:
+      ConversionError (a ValueError): a layer or model that cannot be converted, or a bad
+          argument; the message is one line and names the layer and its class.
+  """
+  if variant not in VARIANTS:
+    raise ConversionError(f'unknown variant {variant!r}; choose one of {VARIANTS}')
+  if not 0.0 < float(density) <= 1.0:
+    raise ConversionError(f'density must be in (0, 1], got {density}')
+  if not 0.0 <= float(gamma) <= 1.0:
+    raise ConversionError(f'gamma must be in [0, 1], got {gamma}')
+  if (input_mean is None) != (input_std is None):
+    raise ConversionError('input_mean and input_std must be given together')
+  graph = _Graph(model)
+  input_shape = tuple(graph.input.shape[1:])
+  inputs = tf.keras.Input(shape=input_shape, dtype=graph.input.dtype, name=graph.input_name)
+  converter = _Converter(graph, variant, gamma)
+  x = inputs
+  if input_mean is not None:
+    channels = input_shape[-1]
+    mean = _check_stats('input_mean', input_mean, channels)
+    std = _check_stats('input_std', input_std, channels)
+    if not all(v > 0.0 for v in std):
+      raise ConversionError(f'input_std must be positive, got {std}')
+    x = tf.keras.layers.Normalization(
+      mean=mean, variance=[v * v for v in std], name=converter.unique('input_norm')
+    )(x)
+  tensors = {id(graph.input): x}
+  signals = {id(graph.input): _Signal(from_input=True)}
+  for layer in graph.layers:
+    ins = graph.inputs[id(layer)]
+    y, signal = converter.apply(layer, [tensors[id(t)] for t in ins], [signals[id(t)] for t in ins])
+    out = graph.outputs[id(layer)]
+    tensors[id(out)] = y
+    signals[id(out)] = signal
+  converted = tf.keras.Model(inputs, tensors[id(graph.output)], name=f'{model.name}_{variant}')
+  if not masks.prunable_layers(converted):
+    raise ConversionError(f'{model.name}: has no Conv2D, DepthwiseConv2D or Dense layer to mask')
+  if copy_weights:
+    for target, source in converter.copies:
+      target.assign(source)
+  if float(density) < 1.0:
+    masks.init_sparse(converted, float(density), int(seed))
+  return converted

@@ -53,8 +53,18 @@ CIFAR10_TRAIN_FILES = tuple(f'data_batch_{i}.bin' for i in range(1, 6))
 CIFAR10_TEST_FILE = 'test_batch.bin'
 CIFAR100_TRAIN_FILE = 'train.bin'
 CIFAR100_TEST_FILE = 'test.bin'
-CINIC10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
-                   'ship', 'truck')
+CINIC10_CLASSES = (
+  'airplane',
+  'automobile',
+  'bird',
+  'cat',
+  'deer',
+  'dog',
+  'frog',
+  'horse',
+  'ship',
+  'truck',
+)
 
 
 class DataError(Exception):
@@ -80,6 +90,7 @@ class ImageDataset:
     test_labels: int32 array `[N_test]`.
     num_classes: number of classes.
   """
+
   name: str
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -97,8 +108,9 @@ class ImageDataset:
 # Synthetic dataset.
 
 
-def synthetic(num_train: int = 10000, num_test: int = 2000, seed: int = 0,
-              num_classes: int = 10) -> ImageDataset:
+def synthetic(
+  num_train: int = 10000, num_test: int = 2000, seed: int = 0, num_classes: int = 10
+) -> ImageDataset:
   """Generates the built-in synthetic dataset (deterministic in `seed`; no download).
 
   SYNTHETIC DATA, not natural images. Each class has a template: a sum of three low-frequency
@@ -136,8 +148,9 @@ def synthetic(num_train: int = 10000, num_test: int = 2000, seed: int = 0,
   if num_classes < 2 or num_classes % 2:
     raise ValueError(f'num_classes must be even and >= 2, got {num_classes}')
   if num_train < num_classes or num_test < num_classes:
-    raise ValueError(f'num_train and num_test must be >= num_classes={num_classes}, '
-                     f'got {num_train} and {num_test}')
+    raise ValueError(
+      f'num_train and num_test must be >= num_classes={num_classes}, got {num_train} and {num_test}'
+    )
   templates_ss, train_ss, test_ss = np.random.SeedSequence([seed, 0x5EED]).spawn(3)
   templates = _synthetic_templates(np.random.default_rng(templates_ss), num_classes)
   train_x, train_y = _synthetic_examples(np.random.default_rng(train_ss), templates, num_train)
@@ -177,8 +190,9 @@ def _synthetic_templates(rng: np.random.Generator, num_classes: int) -> np.ndarr
   return np.stack(templates).astype(np.float32)
 
 
-def _synthetic_examples(rng: np.random.Generator, templates: np.ndarray,
-                        n: int) -> Tuple[np.ndarray, np.ndarray]:
+def _synthetic_examples(
+  rng: np.random.Generator, templates: np.ndarray, n: int
+) -> Tuple[np.ndarray, np.ndarray]:
   """Draws `n` examples (balanced labels) from `templates`; returns uint8 images, int32 labels."""
   num_classes, size = templates.shape[0], templates.shape[1]
   labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)
@@ -186,7 +200,7 @@ def _synthetic_examples(rng: np.random.Generator, templates: np.ndarray,
   yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing='ij')
   chunk = 1000
   for start in range(0, n, chunk):
-    y = labels[start:start + chunk]
+    y = labels[start : start + chunk]
     m = len(y)
     other = (y + rng.integers(1, num_classes, size=m)) % num_classes
 
@@ -202,11 +216,11 @@ def _synthetic_examples(rng: np.random.Generator, templates: np.ndarray,
       cy = rng.uniform(0, size, size=(m, 1, 1))
       cx = rng.uniform(0, size, size=(m, 1, 1))
       sigma = rng.uniform(2.0, 6.0, size=(m, 1, 1))
-      blob = np.exp(-((yy[None] - cy) ** 2 + (xx[None] - cx) ** 2) / (2 * sigma ** 2))
+      blob = np.exp(-((yy[None] - cy) ** 2 + (xx[None] - cx) ** 2) / (2 * sigma**2))
       x += blob[..., None] * rng.normal(0.0, _BLOB_SD, size=(m, 1, 1, 3))
     x = 0.5 + 0.16 * x + rng.uniform(-0.1, 0.1, size=(m, 1, 1, 1))
     x += rng.normal(0.0, _NOISE_SD, size=x.shape)
-    images[start:start + m] = np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
+    images[start : start + m] = np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
   return images, labels
 
 
@@ -232,8 +246,10 @@ def _find_dir(data_dir: str, marker: str, subdirs: Sequence[str], what: str) -> 
   for candidate in [data_dir] + [os.path.join(data_dir, s) for s in subdirs]:
     if os.path.exists(os.path.join(candidate, marker)):
       return candidate
-  raise DataError(f'{os.path.join(data_dir, marker)}: missing file or directory ({what}; '
-                  f'also looked in {", ".join(subdirs)})')
+  raise DataError(
+    f'{os.path.join(data_dir, marker)}: missing file or directory ({what}; '
+    f'also looked in {", ".join(subdirs)})'
+  )
 
 
 def _read_records(path: str, label_bytes: int, label_index: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -242,8 +258,9 @@ def _read_records(path: str, label_bytes: int, label_index: int) -> Tuple[np.nda
   record = label_bytes + CIFAR_IMAGE_BYTES
   size = os.path.getsize(path)
   if size == 0 or size % record:
-    raise DataError(f'{path}: wrong size {size} bytes, not a positive multiple of the '
-                    f'{record}-byte record')
+    raise DataError(
+      f'{path}: wrong size {size} bytes, not a positive multiple of the {record}-byte record'
+    )
   try:
     raw = np.fromfile(path, dtype=np.uint8)
   except OSError as e:
@@ -419,8 +436,9 @@ def load_tinyimagenet(data_dir: str) -> ImageDataset:
     paths += files
     labels += [index[wnid]] * len(files)
   train = (_decode_all(paths, 64), np.asarray(labels, np.int32))
-  ann_path = _require_file(os.path.join(d, 'val', 'val_annotations.txt'),
-                           'TinyImageNet validation labels')
+  ann_path = _require_file(
+    os.path.join(d, 'val', 'val_annotations.txt'), 'TinyImageNet validation labels'
+  )
   images_dir = _require_dir(os.path.join(d, 'val', 'images'), 'TinyImageNet validation images')
   paths, labels = [], []
   with open(ann_path, encoding='utf-8') as f:
@@ -429,8 +447,9 @@ def load_tinyimagenet(data_dir: str) -> ImageDataset:
         continue
       fields = line.rstrip('\n').split('\t')
       if len(fields) < 2:
-        raise DataError(f'{ann_path}: line {lineno} is malformed (expected tab-separated '
-                        'file name and wnid)')
+        raise DataError(
+          f'{ann_path}: line {lineno} is malformed (expected tab-separated file name and wnid)'
+        )
       if fields[1] not in index:
         raise DataError(f'{ann_path}: line {lineno} names wnid {fields[1]!r} not in wnids.txt')
       path = os.path.join(images_dir, fields[0])
@@ -443,8 +462,14 @@ def load_tinyimagenet(data_dir: str) -> ImageDataset:
   return ImageDataset('tinyimagenet', train[0], train[1], test[0], test[1], len(wnids))
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, *, seed: int = 0,
-                 synthetic_train: int = 10000, synthetic_test: int = 2000) -> ImageDataset:
+def load_dataset(
+  name: str,
+  data_dir: Optional[str] = None,
+  *,
+  seed: int = 0,
+  synthetic_train: int = 10000,
+  synthetic_test: int = 2000,
+) -> ImageDataset:
   """Loads a dataset by name.
 
   Args:
@@ -463,8 +488,12 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, seed: int = 0,
   """
   if name == 'synthetic':
     return synthetic(synthetic_train, synthetic_test, seed)
-  loaders = {'cifar10': load_cifar10, 'cifar100': load_cifar100, 'cinic10': load_cinic10,
-             'tinyimagenet': load_tinyimagenet}
+  loaders = {
+    'cifar10': load_cifar10,
+    'cifar100': load_cifar100,
+    'cinic10': load_cinic10,
+    'tinyimagenet': load_tinyimagenet,
+  }
   if name not in loaders:
     raise ValueError(f'unknown dataset {name!r}; expected one of {", ".join(DATASET_NAMES)}')
   if not data_dir:
@@ -496,8 +525,15 @@ def iid_partition(num_examples: int, num_clients: int, seed: int) -> List[np.nda
   return [np.sort(p) for p in np.array_split(perm, num_clients)]
 
 
-def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int, *,
-                        min_size: int = 10, max_tries: int = 100) -> List[np.ndarray]:
+def dirichlet_partition(
+  labels: np.ndarray,
+  num_clients: int,
+  alpha: float,
+  seed: int,
+  *,
+  min_size: int = 10,
+  max_tries: int = 100,
+) -> List[np.ndarray]:
   """Label-skew partition: each class is shared among clients by Dirichlet(alpha) proportions.
 
   For every class (in label order) the class's examples are shuffled and cut by proportions
@@ -525,8 +561,10 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
   labels = np.asarray(labels)
   n = labels.shape[0]
   if num_clients < 1 or alpha <= 0 or min_size < 0 or num_clients * min_size > n:
-    raise ValueError(f'need num_clients >= 1, alpha > 0 and num_clients * min_size <= {n}; '
-                     f'got num_clients={num_clients}, alpha={alpha}, min_size={min_size}')
+    raise ValueError(
+      f'need num_clients >= 1, alpha > 0 and num_clients * min_size <= {n}; '
+      f'got num_clients={num_clients}, alpha={alpha}, min_size={min_size}'
+    )
   rng = np.random.default_rng(seed)
   classes = np.unique(labels)
   for _ in range(max(1, max_tries)):
@@ -553,15 +591,15 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
   return [r.astype(np.int64) for r in result]
 
 
-def label_distribution(labels: np.ndarray, partitions: Sequence[np.ndarray],
-                       num_classes: int) -> np.ndarray:
+def label_distribution(
+  labels: np.ndarray, partitions: Sequence[np.ndarray], num_classes: int
+) -> np.ndarray:
   """Returns the int64 count matrix `[K, num_classes]` of each client's labels."""
   labels = np.asarray(labels)
   return np.stack([np.bincount(labels[p], minlength=num_classes) for p in partitions])
 
 
-def label_skew(labels: np.ndarray, partitions: Sequence[np.ndarray],
-               num_classes: int) -> dict:
+def label_skew(labels: np.ndarray, partitions: Sequence[np.ndarray], num_classes: int) -> dict:
   """Measures the label skew of a partition.
 
   Args:
@@ -582,14 +620,15 @@ def label_skew(labels: np.ndarray, partitions: Sequence[np.ndarray],
   with np.errstate(divide='ignore', invalid='ignore'):
     terms = np.where(p > 0, p * np.log(p / np.where(q > 0, q, 1)), 0.0)
   return {
-      'mean_kl': float(terms.sum(axis=1).mean()),
-      'mean_max_share': float(p.max(axis=1).mean()),
-      'mean_classes': float((counts > 0).sum(axis=1).mean()),
+    'mean_kl': float(terms.sum(axis=1).mean()),
+    'mean_max_share': float(p.max(axis=1).mean()),
+    'mean_classes': float((counts > 0).sum(axis=1).mean()),
   }
 
 
-def partition(labels: np.ndarray, num_clients: int, dirichlet_alpha: float, seed: int, *,
-              min_size: int = 10) -> List[np.ndarray]:
+def partition(
+  labels: np.ndarray, num_clients: int, dirichlet_alpha: float, seed: int, *, min_size: int = 10
+) -> List[np.ndarray]:
   """Dirichlet label-skew partition, or IID when `dirichlet_alpha <= 0` (the IID switch).
 
   Args:
@@ -635,7 +674,7 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> Tuple[List[float], L
   total = np.zeros(channels, np.float64)
   total_sq = np.zeros(channels, np.float64)
   for start in range(0, images.shape[0], chunk):
-    block = images[start:start + chunk].reshape(-1, channels).astype(np.float64)
+    block = images[start : start + chunk].reshape(-1, channels).astype(np.float64)
     total += block.sum(axis=0)
     total_sq += np.square(block).sum(axis=0)
   count = float(np.prod(images.shape[:-1]))
@@ -650,9 +689,14 @@ def to_float(images: tf.Tensor, labels: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor
   return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int32)
 
 
-def client_dataset(dataset: tf.data.Dataset, *, batch_size: Optional[int] = None,
-                   epochs: int = 1, shuffle_seed: Optional[int] = None,
-                   shuffle_buffer: int = 10000) -> tf.data.Dataset:
+def client_dataset(
+  dataset: tf.data.Dataset,
+  *,
+  batch_size: Optional[int] = None,
+  epochs: int = 1,
+  shuffle_seed: Optional[int] = None,
+  shuffle_buffer: int = 10000,
+) -> tf.data.Dataset:
   """Turns a client's unbatched `(image, label)` dataset into its training input.
 
   Shuffles (each iteration anew, deterministically when `shuffle_seed` is given), repeats
@@ -683,15 +727,18 @@ def client_dataset(dataset: tf.data.Dataset, *, batch_size: Optional[int] = None
   return dataset.map(to_float)
 
 
-def test_dataset(images: np.ndarray, labels: np.ndarray,
-                 batch_size: int = 500) -> tf.data.Dataset:
+def test_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> tf.data.Dataset:
   """Returns the evaluation pipeline `(float32 [b, H, W, 3], int32 [b])`, in order, unshuffled."""
   return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size).map(to_float)
 
 
-def make_client_dataset_fn(images: np.ndarray, labels: np.ndarray,
-                           partitions: Sequence[np.ndarray], *, as_float: bool = False
-                           ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+def make_client_dataset_fn(
+  images: np.ndarray,
+  labels: np.ndarray,
+  partitions: Sequence[np.ndarray],
+  *,
+  as_float: bool = False,
+) -> Callable[[tf.Tensor], tf.data.Dataset]:
   """Returns `fn(client_id) -> tf.data.Dataset` of one client's unbatched examples.
 
   Client ids are the decimal strings '0' .. 'K-1' (index into `partitions`). The function is
@@ -715,8 +762,9 @@ def make_client_dataset_fn(images: np.ndarray, labels: np.ndarray,
   images_t = tf.convert_to_tensor(images, tf.uint8)
   labels_t = tf.convert_to_tensor(np.asarray(labels, np.int32))
   parts = tf.RaggedTensor.from_row_lengths(
-      np.concatenate([np.asarray(p, np.int64) for p in partitions]),
-      np.asarray([len(p) for p in partitions], np.int64))
+    np.concatenate([np.asarray(p, np.int64) for p in partitions]),
+    np.asarray([len(p) for p in partitions], np.int64),
+  )
 
   def dataset_fn(client_id) -> tf.data.Dataset:
     k = tf.strings.to_number(client_id, out_type=tf.int64)

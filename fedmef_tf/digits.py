@@ -34,8 +34,9 @@ TEST_PER_CLASS = 30
 IMAGE_SIZE = 32
 
 
-def digit_images(seed: int = 0, test_per_class: int = TEST_PER_CLASS
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def digit_images(
+  seed: int = 0, test_per_class: int = TEST_PER_CLASS
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """The digits as uint8 32x32x3 images, split per class.
 
   Args:
@@ -69,8 +70,9 @@ def _records(images: np.ndarray, labels: np.ndarray) -> bytes:
   return np.concatenate([labels.astype(np.uint8)[:, None], planes], axis=1).tobytes()
 
 
-def write_cifar10_layout(directory: str, seed: int = 0,
-                         test_per_class: int = TEST_PER_CLASS) -> str:
+def write_cifar10_layout(
+  directory: str, seed: int = 0, test_per_class: int = TEST_PER_CLASS
+) -> str:
   """Writes the digits as the CIFAR-10 binary version into `directory` (created if needed).
 
   Args:
@@ -98,6 +100,7 @@ def write_cifar10_layout(directory: str, seed: int = 0,
 def main(argv) -> int:
   """`python -m fedmef_tf.digits --output=DIR [--seed=N]`: writes the set to `--output`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     print(f'digits: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
     return 2
@@ -113,6 +116,7 @@ def main(argv) -> int:
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   # Defined only when run as a program: importing the module defines no flag.
   flags.DEFINE_string('output', '', 'Directory to write the files to.')
   flags.DEFINE_integer('seed', 0, 'Seed of the train/test split.')

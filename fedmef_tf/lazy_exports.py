@@ -8,8 +8,9 @@ import importlib
 from typing import Callable, List, Mapping, Sequence, Tuple
 
 
-def lazy_exports(package: str, exports: Mapping[str, str], modules: Sequence[str]
-                 ) -> Tuple[List[str], Callable, Callable]:
+def lazy_exports(
+  package: str, exports: Mapping[str, str], modules: Sequence[str]
+) -> Tuple[List[str], Callable, Callable]:
   """`(__all__, __getattr__, __dir__)` for the package named `package`.
 
   Args:

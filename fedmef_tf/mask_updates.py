@@ -43,7 +43,8 @@ def _select_top(score, eligible, k):
   masked_score = tf.where(flat_eligible, flat_score, lowest)
   _, indices = tf.math.top_k(masked_score, k=k, sorted=True)
   selected = tf.scatter_nd(
-      tf.expand_dims(indices, 1), tf.ones_like(indices, dtype=tf.float32), tf.expand_dims(n, 0))
+    tf.expand_dims(indices, 1), tf.ones_like(indices, dtype=tf.float32), tf.expand_dims(n, 0)
+  )
   return tf.reshape(selected, tf.shape(score))
 
 
@@ -82,8 +83,7 @@ def top_k_inactive(grad, mask, k):
   """
   flat_grad = tf.reshape(tf.cast(grad, tf.float32), [-1])
   flat_inactive = tf.reshape(mask <= 0, [-1])
-  k = tf.clip_by_value(
-      tf.cast(k, tf.int32), 0, tf.reduce_sum(tf.cast(flat_inactive, tf.int32)))
+  k = tf.clip_by_value(tf.cast(k, tf.int32), 0, tf.reduce_sum(tf.cast(flat_inactive, tf.int32)))
   lowest = tf.fill(tf.shape(flat_grad), tf.constant(-float('inf'), tf.float32))
   score = tf.where(flat_inactive, tf.abs(flat_grad), lowest)
   _, indices = tf.math.top_k(score, k=k, sorted=True)
@@ -105,8 +105,11 @@ def scatter_pairs(indices, values, shape):
     A float32 tensor of `shape`.
   """
   size = tf.reduce_prod(tf.cast(shape, tf.int32))
-  flat = tf.scatter_nd(tf.expand_dims(tf.cast(indices, tf.int32), 1),
-                       tf.cast(values, tf.float32), tf.expand_dims(size, 0))
+  flat = tf.scatter_nd(
+    tf.expand_dims(tf.cast(indices, tf.int32), 1),
+    tf.cast(values, tf.float32),
+    tf.expand_dims(size, 0),
+  )
   return tf.reshape(flat, shape)
 
 
@@ -156,7 +159,8 @@ def server_adjust_layer(broadcast_kernel, mask, aggregated_kernel, aggregated_gr
   """
   pruned = marked_set(broadcast_kernel, mask, k)
   new_kernel, new_mask, grown = prune_and_grow(
-      aggregated_kernel, mask, pruned, tf.abs(aggregated_grad), k)
+    aggregated_kernel, mask, pruned, tf.abs(aggregated_grad), k
+  )
   return new_kernel, new_mask, pruned, grown
 
 
@@ -232,8 +236,12 @@ def tfmot_target_sparsity(t, *, final_sparsity, end_round, frequency):
     (should_prune, sparsity): bool and float32 scalar tensors.
   """
   schedule = tfmot_sparsity.PolynomialDecay(
-      initial_sparsity=0.0, final_sparsity=float(final_sparsity), begin_step=0,
-      end_step=int(end_round), frequency=int(frequency))
+    initial_sparsity=0.0,
+    final_sparsity=float(final_sparsity),
+    begin_step=0,
+    end_step=int(end_round),
+    frequency=int(frequency),
+  )
   should_prune, sparsity = schedule(tf.cast(t, tf.int64))
   return tf.convert_to_tensor(should_prune), tf.cast(sparsity, tf.float32)
 

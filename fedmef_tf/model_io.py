@@ -91,8 +91,9 @@ def read_config(directory: str) -> Dict[str, Any]:
   if missing:
     raise ModelFileError(f'{path}: model config lacks {missing}')
   if config['model'] not in models.MODEL_NAMES:
-    raise ModelFileError(f"{path}: unknown model '{config['model']}' "
-                         f'(known: {", ".join(models.MODEL_NAMES)})')
+    raise ModelFileError(
+      f"{path}: unknown model '{config['model']}' (known: {', '.join(models.MODEL_NAMES)})"
+    )
   if config['variant'] not in models.VARIANTS:
     raise ModelFileError(f"{path}: unknown variant '{config['variant']}'")
   if not os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
@@ -113,15 +114,23 @@ def load_model(directory: str, **overrides) -> Tuple[tf.keras.Model, Dict[str, A
   config = dict(read_config(directory))
   config.update(overrides)
   model = models.build_model(
-      config['model'], config['variant'], num_classes=int(config['num_classes']),
-      input_shape=tuple(config['input_shape']), gamma=float(config.get('gamma', 0.0)),
-      density=1.0, seed=int(config.get('seed', 0)),
-      input_mean=config.get('input_mean'), input_std=config.get('input_std'))
+    config['model'],
+    config['variant'],
+    num_classes=int(config['num_classes']),
+    input_shape=tuple(config['input_shape']),
+    gamma=float(config.get('gamma', 0.0)),
+    density=1.0,
+    seed=int(config.get('seed', 0)),
+    input_mean=config.get('input_mean'),
+    input_std=config.get('input_std'),
+  )
   try:
     model.load_weights(os.path.join(directory, WEIGHTS_FILE))
   except (OSError, ValueError, KeyError) as e:
     # h5py raises KeyError for a dataset missing from the file.
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ModelFileError(f'{directory}: weights do not fit model {config["model"]}/'
-                         f'{config["variant"]} ({type(e).__name__}: {reason})') from e
+    raise ModelFileError(
+      f'{directory}: weights do not fit model {config["model"]}/'
+      f'{config["variant"]} ({type(e).__name__}: {reason})'
+    ) from e
   return model, config

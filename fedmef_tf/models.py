@@ -88,23 +88,23 @@ from fedmef_tf.conversion import RELU_GAIN, RESIDUAL_ALPHA, VARIANTS
 from fedmef_tf.lean_layers import GlobalAvgPool, ResidualAdd
 
 __all__ = [
-    "MODEL_NAMES",
-    "VARIANTS",
-    "RELU_GAIN",
-    "RESIDUAL_ALPHA",
-    "build_model",
-    "keras_model",
-    "keras_cnn",
-    "keras_resnet18",
-    "keras_mobilenet_v2",
-    "count_parameters",
-    "ResidualAdd",
-    "GlobalAvgPool",
-    "CUSTOM_OBJECTS",
-    "MOBILENET_V2_32_SETTINGS",
+  'MODEL_NAMES',
+  'VARIANTS',
+  'RELU_GAIN',
+  'RESIDUAL_ALPHA',
+  'build_model',
+  'keras_model',
+  'keras_cnn',
+  'keras_resnet18',
+  'keras_mobilenet_v2',
+  'count_parameters',
+  'ResidualAdd',
+  'GlobalAvgPool',
+  'CUSTOM_OBJECTS',
+  'MOBILENET_V2_32_SETTINGS',
 ]
 
-MODEL_NAMES = ("cnn", "resnet18", "mobilenet_v2")
+MODEL_NAMES = ('cnn', 'resnet18', 'mobilenet_v2')
 
 #: Small CNN: (filters, stride) of the 3x3 convs; global average pooling; dense classifier.
 CNN_LAYERS: Tuple[Tuple[int, int], ...] = ((32, 1), (64, 2), (128, 2), (128, 2))
@@ -116,23 +116,25 @@ RESNET18_STAGES: Tuple[Tuple[int, int], ...] = ((64, 1), (128, 2), (256, 2), (51
 #: adapted to 32x32 inputs as in the common CIFAR form: stem stride 1 and the second row's stride
 #: 2 -> 1, so the feature maps are 32, 32, 32, 16, 8, 8, 4, 4 (ImageNet form: 112 ... 7).
 MOBILENET_V2_32_SETTINGS: Tuple[Tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 1),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
+  (1, 16, 1, 1),
+  (6, 24, 2, 1),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
 )
 MOBILENET_V2_STEM = 32
 MOBILENET_V2_LAST = 1280
 
 CUSTOM_OBJECTS: Dict[str, type] = dict(sl.CUSTOM_OBJECTS)
-CUSTOM_OBJECTS.update({
-    "ResidualAdd": ResidualAdd,
-    "GlobalAvgPool": GlobalAvgPool,
-    "BitReLU": sap.BitReLU,
-})
+CUSTOM_OBJECTS.update(
+  {
+    'ResidualAdd': ResidualAdd,
+    'GlobalAvgPool': GlobalAvgPool,
+    'BitReLU': sap.BitReLU,
+  }
+)
 
 L = tf.keras.layers
 
@@ -141,264 +143,294 @@ L = tf.keras.layers
 
 
 class _Initializers:
-    """Seeded kernel initializers, one seed per layer in construction order."""
+  """Seeded kernel initializers, one seed per layer in construction order."""
 
-    def __init__(self, seed: int):
-        self.seed = int(seed)
-        self._count = 0
+  def __init__(self, seed: int):
+    self.seed = int(seed)
+    self._count = 0
 
-    def _next_seed(self) -> int:
-        self._count += 1
-        return (self.seed * 100003 + self._count) % (2 ** 31 - 1)
+  def _next_seed(self) -> int:
+    self._count += 1
+    return (self.seed * 100003 + self._count) % (2**31 - 1)
 
-    def he(self):
-        return tf.keras.initializers.HeNormal(seed=self._next_seed())
+  def he(self):
+    return tf.keras.initializers.HeNormal(seed=self._next_seed())
 
-    def glorot(self):
-        return tf.keras.initializers.GlorotUniform(seed=self._next_seed())
+  def glorot(self):
+    return tf.keras.initializers.GlorotUniform(seed=self._next_seed())
 
 
 def _conv(init: _Initializers, x, filters: int, kernel_size: int, stride: int, name: str):
-    return L.Conv2D(filters, kernel_size, strides=stride, padding="same", use_bias=False,
-                    kernel_initializer=init.he(), name=name)(x)
+  return L.Conv2D(
+    filters,
+    kernel_size,
+    strides=stride,
+    padding='same',
+    use_bias=False,
+    kernel_initializer=init.he(),
+    name=name,
+  )(x)
 
 
 def _conv_bn_relu(init: _Initializers, x, filters, kernel_size, stride, name, relu6=False):
-    x = _conv(init, x, filters, kernel_size, stride, name + "_conv")
-    x = L.BatchNormalization(name=name + "_bn")(x)
-    return L.ReLU(6.0 if relu6 else None, name=name + "_relu")(x)
+  x = _conv(init, x, filters, kernel_size, stride, name + '_conv')
+  x = L.BatchNormalization(name=name + '_bn')(x)
+  return L.ReLU(6.0 if relu6 else None, name=name + '_relu')(x)
 
 
 def _head(init: _Initializers, x, num_classes: int):
-    x = L.GlobalAveragePooling2D(name="pool")(x)
-    return L.Dense(num_classes, kernel_initializer=init.glorot(), name="classifier")(x)
+  x = L.GlobalAveragePooling2D(name='pool')(x)
+  return L.Dense(num_classes, kernel_initializer=init.glorot(), name='classifier')(x)
 
 
 def _input(input_shape):
-    input_shape = tuple(int(d) for d in input_shape)
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"input_shape must be (H, W, C) with positive sizes, got {input_shape}")
-    return tf.keras.Input(shape=input_shape, name="images")
+  input_shape = tuple(int(d) for d in input_shape)
+  if len(input_shape) != 3 or min(input_shape) < 1:
+    raise ValueError(f'input_shape must be (H, W, C) with positive sizes, got {input_shape}')
+  return tf.keras.Input(shape=input_shape, name='images')
 
 
-def keras_cnn(*, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3),
-              seed: int = 0) -> tf.keras.Model:
-    """The small CNN as a stock Keras model: `CNN_LAYERS` conv-BN-ReLU, pooling, dense.
+def keras_cnn(
+  *, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3), seed: int = 0
+) -> tf.keras.Model:
+  """The small CNN as a stock Keras model: `CNN_LAYERS` conv-BN-ReLU, pooling, dense.
 
-    Layers `stem_conv/_bn/_relu`, `conv{i}_conv/_bn/_relu`, `pool`, `classifier`; the model is
-    named 'cnn'. Args as `build_model`'s.
-    """
-    init = _Initializers(seed)
-    inputs = _input(input_shape)
-    x = inputs
-    for i, (filters, stride) in enumerate(CNN_LAYERS):
-        x = _conv_bn_relu(init, x, filters, 3, stride, "stem" if i == 0 else f"conv{i}")
-    return tf.keras.Model(inputs, _head(init, x, int(num_classes)), name="cnn")
+  Layers `stem_conv/_bn/_relu`, `conv{i}_conv/_bn/_relu`, `pool`, `classifier`; the model is
+  named 'cnn'. Args as `build_model`'s.
+  """
+  init = _Initializers(seed)
+  inputs = _input(input_shape)
+  x = inputs
+  for i, (filters, stride) in enumerate(CNN_LAYERS):
+    x = _conv_bn_relu(init, x, filters, 3, stride, 'stem' if i == 0 else f'conv{i}')
+  return tf.keras.Model(inputs, _head(init, x, int(num_classes)), name='cnn')
 
 
 def _post_activation_block(init, x, filters: int, stride: int, name: str):
-    """Original BasicBlock: conv-BN-ReLU-conv-BN, plus the (projected) input, ReLU."""
-    shortcut = x
-    h = _conv(init, x, filters, 3, stride, name + "_conv1")
-    h = L.ReLU(name=name + "_relu1")(L.BatchNormalization(name=name + "_bn1")(h))
-    h = _conv(init, h, filters, 3, 1, name + "_conv2")
-    h = L.BatchNormalization(name=name + "_bn2")(h)
-    if stride != 1 or int(x.shape[-1]) != filters:
-        shortcut = _conv(init, x, filters, 1, stride, name + "_shortcut_conv")
-        shortcut = L.BatchNormalization(name=name + "_shortcut_bn")(shortcut)
-    h = L.Add(name=name + "_add")([h, shortcut])
-    return L.ReLU(name=name + "_relu2")(h)
+  """Original BasicBlock: conv-BN-ReLU-conv-BN, plus the (projected) input, ReLU."""
+  shortcut = x
+  h = _conv(init, x, filters, 3, stride, name + '_conv1')
+  h = L.ReLU(name=name + '_relu1')(L.BatchNormalization(name=name + '_bn1')(h))
+  h = _conv(init, h, filters, 3, 1, name + '_conv2')
+  h = L.BatchNormalization(name=name + '_bn2')(h)
+  if stride != 1 or int(x.shape[-1]) != filters:
+    shortcut = _conv(init, x, filters, 1, stride, name + '_shortcut_conv')
+    shortcut = L.BatchNormalization(name=name + '_shortcut_bn')(shortcut)
+  h = L.Add(name=name + '_add')([h, shortcut])
+  return L.ReLU(name=name + '_relu2')(h)
 
 
 def _pre_activation_block(init, x, filters: int, stride: int, name: str):
-    """Pre-activation BasicBlock: BN-ReLU-conv-BN-ReLU-conv plus the input, or in a transition
-    block (stride or width change) a 1x1 conv of the activated input."""
-    a = L.ReLU(name=name + "_relu1")(L.BatchNormalization(name=name + "_bn1")(x))
-    shortcut = x
-    if stride != 1 or int(x.shape[-1]) != filters:
-        shortcut = _conv(init, a, filters, 1, stride, name + "_shortcut_conv")
-    h = _conv(init, a, filters, 3, stride, name + "_conv1")
-    h = L.ReLU(name=name + "_relu2")(L.BatchNormalization(name=name + "_bn2")(h))
-    h = _conv(init, h, filters, 3, 1, name + "_conv2")
-    return L.Add(name=name + "_add")([h, shortcut])
+  """Pre-activation BasicBlock: BN-ReLU-conv-BN-ReLU-conv plus the input, or in a transition
+  block (stride or width change) a 1x1 conv of the activated input."""
+  a = L.ReLU(name=name + '_relu1')(L.BatchNormalization(name=name + '_bn1')(x))
+  shortcut = x
+  if stride != 1 or int(x.shape[-1]) != filters:
+    shortcut = _conv(init, a, filters, 1, stride, name + '_shortcut_conv')
+  h = _conv(init, a, filters, 3, stride, name + '_conv1')
+  h = L.ReLU(name=name + '_relu2')(L.BatchNormalization(name=name + '_bn2')(h))
+  h = _conv(init, h, filters, 3, 1, name + '_conv2')
+  return L.Add(name=name + '_add')([h, shortcut])
 
 
-def keras_resnet18(variant: str, *, num_classes: int = 10,
-                   input_shape: Sequence[int] = (32, 32, 3), seed: int = 0) -> tf.keras.Model:
-    """ResNet18 (CIFAR form: 3x3 stem of stride 1, `RESNET18_STAGES`) as a stock Keras model.
+def keras_resnet18(
+  variant: str, *, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3), seed: int = 0
+) -> tf.keras.Model:
+  """ResNet18 (CIFAR form: 3x3 stem of stride 1, `RESNET18_STAGES`) as a stock Keras model.
 
-    The block form depends on the variant (see the module docstring): 'baseline' gives the
-    original post-activation ResNet18 (`stem_conv/_bn/_relu`; blocks `layer{s}_{i}_conv1, _bn1,
-    _relu1, _conv2, _bn2, [_shortcut_conv, _shortcut_bn], _add, _relu2`), 'fedmef' the
-    pre-activation ResNet18 (`stem_conv`; blocks `layer{s}_{i}_bn1, _relu1,
-    [_shortcut_conv], _conv1, _bn2, _relu2, _conv2, _add`; `final_bn`, `final_relu`), which
-    `sparsify` turns into an NF-ResNet. Both end in `pool`, `classifier`; the model is named
-    'resnet18'. Other args as `build_model`'s.
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    init = _Initializers(seed)
-    inputs = _input(input_shape)
-    if variant == "baseline":
-        x = _conv_bn_relu(init, inputs, 64, 3, 1, "stem")
-        block = _post_activation_block
-    else:
-        x = _conv(init, inputs, 64, 3, 1, "stem_conv")
-        block = _pre_activation_block
-    for s, (filters, stride) in enumerate(RESNET18_STAGES, start=1):
-        for i in range(2):
-            x = block(init, x, filters, stride if i == 0 else 1, f"layer{s}_{i}")
-    if variant == "fedmef":
-        x = L.ReLU(name="final_relu")(L.BatchNormalization(name="final_bn")(x))
-    return tf.keras.Model(inputs, _head(init, x, int(num_classes)), name="resnet18")
-
-
-def keras_mobilenet_v2(*, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3),
-                       seed: int = 0) -> tf.keras.Model:
-    """MobileNetV2 (32x32 form, `MOBILENET_V2_32_SETTINGS`) as a stock Keras model.
-
-    Layers `stem_conv/_bn/_relu` (ReLU6); blocks `block{k}_expand, _expand_bn, _expand_relu`
-    (not in block 0, expansion 1), `_dw, _dw_bn, _dw_relu, _project, _project_bn` and `_add`
-    where stride 1 keeps the width (linear bottleneck: no activation after the projection);
-    `last_conv/_bn/_relu` (1x1 to `MOBILENET_V2_LAST`), `pool`, `classifier`; the model is named
-    'mobilenet_v2'. Args as `build_model`'s.
-    """
-    init = _Initializers(seed)
-    inputs = _input(input_shape)
-    x = _conv_bn_relu(init, inputs, MOBILENET_V2_STEM, 3, 1, "stem", relu6=True)
-    block = 0
-    for expansion, filters, repeats, first_stride in MOBILENET_V2_32_SETTINGS:
-        for i in range(repeats):
-            stride, name, c_in = first_stride if i == 0 else 1, f"block{block}", int(x.shape[-1])
-            h = x
-            if expansion != 1:
-                h = _conv(init, h, c_in * expansion, 1, 1, name + "_expand")
-                h = L.ReLU(6.0, name=name + "_expand_relu")(
-                    L.BatchNormalization(name=name + "_expand_bn")(h))
-            h = L.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
-                                  depthwise_initializer=init.he(), name=name + "_dw")(h)
-            h = L.ReLU(6.0, name=name + "_dw_relu")(L.BatchNormalization(name=name + "_dw_bn")(h))
-            h = _conv(init, h, filters, 1, 1, name + "_project")
-            h = L.BatchNormalization(name=name + "_project_bn")(h)
-            x = L.Add(name=name + "_add")([h, x]) if stride == 1 and c_in == filters else h
-            block += 1
-    x = _conv_bn_relu(init, x, MOBILENET_V2_LAST, 1, 1, "last", relu6=True)
-    return tf.keras.Model(inputs, _head(init, x, int(num_classes)), name="mobilenet_v2")
+  The block form depends on the variant (see the module docstring): 'baseline' gives the
+  original post-activation ResNet18 (`stem_conv/_bn/_relu`; blocks `layer{s}_{i}_conv1, _bn1,
+  _relu1, _conv2, _bn2, [_shortcut_conv, _shortcut_bn], _add, _relu2`), 'fedmef' the
+  pre-activation ResNet18 (`stem_conv`; blocks `layer{s}_{i}_bn1, _relu1,
+  [_shortcut_conv], _conv1, _bn2, _relu2, _conv2, _add`; `final_bn`, `final_relu`), which
+  `sparsify` turns into an NF-ResNet. Both end in `pool`, `classifier`; the model is named
+  'resnet18'. Other args as `build_model`'s.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r}; choose one of {VARIANTS}')
+  init = _Initializers(seed)
+  inputs = _input(input_shape)
+  if variant == 'baseline':
+    x = _conv_bn_relu(init, inputs, 64, 3, 1, 'stem')
+    block = _post_activation_block
+  else:
+    x = _conv(init, inputs, 64, 3, 1, 'stem_conv')
+    block = _pre_activation_block
+  for s, (filters, stride) in enumerate(RESNET18_STAGES, start=1):
+    for i in range(2):
+      x = block(init, x, filters, stride if i == 0 else 1, f'layer{s}_{i}')
+  if variant == 'fedmef':
+    x = L.ReLU(name='final_relu')(L.BatchNormalization(name='final_bn')(x))
+  return tf.keras.Model(inputs, _head(init, x, int(num_classes)), name='resnet18')
 
 
-def keras_model(name: str, variant: str, *, num_classes: int = 10,
-                input_shape: Sequence[int] = (32, 32, 3), seed: int = 0) -> tf.keras.Model:
-    """The stock Keras model of registry architecture `name` for `variant` (see above).
+def keras_mobilenet_v2(
+  *, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3), seed: int = 0
+) -> tf.keras.Model:
+  """MobileNetV2 (32x32 form, `MOBILENET_V2_32_SETTINGS`) as a stock Keras model.
 
-    Raises:
-        ValueError: unknown name or variant, or an argument out of range.
-    """
-    if name not in _STOCK:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return _STOCK[name](variant, num_classes=num_classes, input_shape=input_shape, seed=seed)
+  Layers `stem_conv/_bn/_relu` (ReLU6); blocks `block{k}_expand, _expand_bn, _expand_relu`
+  (not in block 0, expansion 1), `_dw, _dw_bn, _dw_relu, _project, _project_bn` and `_add`
+  where stride 1 keeps the width (linear bottleneck: no activation after the projection);
+  `last_conv/_bn/_relu` (1x1 to `MOBILENET_V2_LAST`), `pool`, `classifier`; the model is named
+  'mobilenet_v2'. Args as `build_model`'s.
+  """
+  init = _Initializers(seed)
+  inputs = _input(input_shape)
+  x = _conv_bn_relu(init, inputs, MOBILENET_V2_STEM, 3, 1, 'stem', relu6=True)
+  block = 0
+  for expansion, filters, repeats, first_stride in MOBILENET_V2_32_SETTINGS:
+    for i in range(repeats):
+      stride, name, c_in = first_stride if i == 0 else 1, f'block{block}', int(x.shape[-1])
+      h = x
+      if expansion != 1:
+        h = _conv(init, h, c_in * expansion, 1, 1, name + '_expand')
+        h = L.ReLU(6.0, name=name + '_expand_relu')(
+          L.BatchNormalization(name=name + '_expand_bn')(h)
+        )
+      h = L.DepthwiseConv2D(
+        3,
+        strides=stride,
+        padding='same',
+        use_bias=False,
+        depthwise_initializer=init.he(),
+        name=name + '_dw',
+      )(h)
+      h = L.ReLU(6.0, name=name + '_dw_relu')(L.BatchNormalization(name=name + '_dw_bn')(h))
+      h = _conv(init, h, filters, 1, 1, name + '_project')
+      h = L.BatchNormalization(name=name + '_project_bn')(h)
+      x = L.Add(name=name + '_add')([h, x]) if stride == 1 and c_in == filters else h
+      block += 1
+  x = _conv_bn_relu(init, x, MOBILENET_V2_LAST, 1, 1, 'last', relu6=True)
+  return tf.keras.Model(inputs, _head(init, x, int(num_classes)), name='mobilenet_v2')
+
+
+def keras_model(
+  name: str,
+  variant: str,
+  *,
+  num_classes: int = 10,
+  input_shape: Sequence[int] = (32, 32, 3),
+  seed: int = 0,
+) -> tf.keras.Model:
+  """The stock Keras model of registry architecture `name` for `variant` (see above).
+
+  Raises:
+      ValueError: unknown name or variant, or an argument out of range.
+  """
+  if name not in _STOCK:
+    raise ValueError(f'unknown model {name!r}; choose one of {MODEL_NAMES}')
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r}; choose one of {VARIANTS}')
+  if int(num_classes) < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  return _STOCK[name](variant, num_classes=num_classes, input_shape=input_shape, seed=seed)
 
 
 _STOCK: Dict[str, Callable[..., tf.keras.Model]] = {
-    "cnn": lambda variant, **kwargs: keras_cnn(**kwargs),
-    "resnet18": keras_resnet18,
-    "mobilenet_v2": lambda variant, **kwargs: keras_mobilenet_v2(**kwargs),
+  'cnn': lambda variant, **kwargs: keras_cnn(**kwargs),
+  'resnet18': keras_resnet18,
+  'mobilenet_v2': lambda variant, **kwargs: keras_mobilenet_v2(**kwargs),
 }
 
 
 def build_model(
-    name: str,
-    variant: str,
-    *,
-    num_classes: int = 10,
-    input_shape: Sequence[int] = (32, 32, 3),
-    density: float = 1.0,
-    gamma: float = 0.0,
-    seed: int = 0,
-    input_mean: Optional[Sequence[float]] = None,
-    input_std: Optional[Sequence[float]] = None,
+  name: str,
+  variant: str,
+  *,
+  num_classes: int = 10,
+  input_shape: Sequence[int] = (32, 32, 3),
+  density: float = 1.0,
+  gamma: float = 0.0,
+  seed: int = 0,
+  input_mean: Optional[Sequence[float]] = None,
+  input_std: Optional[Sequence[float]] = None,
 ) -> tf.keras.Model:
-    """Builds an uncompiled Keras functional model of the registry: `keras_model`, converted.
+  """Builds an uncompiled Keras functional model of the registry: `keras_model`, converted.
 
-    The stock model is a description only: `conversion.sparsify(..., copy_weights=False)` gives
-    the masked layers the stock layers' seeded initializers, so the result is the model that
-    `sparsify` of `keras_model(name, variant, seed=seed)` with its weights copied gives. Where
-    the caller runs eagerly the stock model is built eagerly and freed on return; where it
-    traces a graph (a TFF computation's `model_fn`) it is built in a throwaway graph, so none of
-    its variables joins the traced computation (the throwaway graph builds more slowly).
+  The stock model is a description only: `conversion.sparsify(..., copy_weights=False)` gives
+  the masked layers the stock layers' seeded initializers, so the result is the model that
+  `sparsify` of `keras_model(name, variant, seed=seed)` with its weights copied gives. Where
+  the caller runs eagerly the stock model is built eagerly and freed on return; where it
+  traces a graph (a TFF computation's `model_fn`) it is built in a throwaway graph, so none of
+  its variables joins the traced computation (the throwaway graph builds more slowly).
 
-    Args:
-        name: one of `MODEL_NAMES`: 'cnn' (4 convs 32-64-128-128, strides 1-2-2-2, about 0.24M
-            weights), 'resnet18' (CIFAR form, about 11.2M), 'mobilenet_v2' (32x32 form, about
-            2.2M).
-        variant: one of `VARIANTS`: 'fedmef' (NSConv + SAP + BitReLU, no BatchNorm) or
-            'baseline' (masked conv + BatchNorm + ReLU).
-        num_classes: number of output logits (>= 1).
-        input_shape: `(H, W, C)` of one example, channels last; any size works (the networks end
-            in a global average pooling), 32x32 is the design size.
-        density: global density of the prunable kernels in (0, 1]; below 1 the model gets ERK
-            densities and random masks (`masks.init_sparse`) from `seed`.
-        gamma: SAP drop ratio in [0, 1] of the fedmef variant (used when called with
-            `training=True`); ignored by the baseline.
-        seed: seed of the kernel initializers and of the initial masks.
-        input_mean, input_std: per-channel mean and standard deviation of the training images
-            in the units the model is fed (pixel / 255, see `fedmef_tf.data.channel_stats`).
-            Given, both variants start with a Keras `Normalization` layer ("input_norm",
-            constants, no variables) that maps the images to zero mean and unit variance per
-            channel, so the exported model takes the images as the data pipeline gives them.
-            The fedmef variant's signal propagation assumes that unit variance. None (both):
-            no normalisation.
+  Args:
+      name: one of `MODEL_NAMES`: 'cnn' (4 convs 32-64-128-128, strides 1-2-2-2, about 0.24M
+          weights), 'resnet18' (CIFAR form, about 11.2M), 'mobilenet_v2' (32x32 form, about
+          2.2M).
+      variant: one of `VARIANTS`: 'fedmef' (NSConv + SAP + BitReLU, no BatchNorm) or
+          'baseline' (masked conv + BatchNorm + ReLU).
+      num_classes: number of output logits (>= 1).
+      input_shape: `(H, W, C)` of one example, channels last; any size works (the networks end
+          in a global average pooling), 32x32 is the design size.
+      density: global density of the prunable kernels in (0, 1]; below 1 the model gets ERK
+          densities and random masks (`masks.init_sparse`) from `seed`.
+      gamma: SAP drop ratio in [0, 1] of the fedmef variant (used when called with
+          `training=True`); ignored by the baseline.
+      seed: seed of the kernel initializers and of the initial masks.
+      input_mean, input_std: per-channel mean and standard deviation of the training images
+          in the units the model is fed (pixel / 255, see `fedmef_tf.data.channel_stats`).
+          Given, both variants start with a Keras `Normalization` layer ("input_norm",
+          constants, no variables) that maps the images to zero mean and unit variance per
+          channel, so the exported model takes the images as the data pipeline gives them.
+          The fedmef variant's signal propagation assumes that unit variance. None (both):
+          no normalisation.
 
-    Returns:
-        A `tf.keras.Model` named `<name>_<variant>` mapping float32 `[B, H, W, C]` images to
-        `[B, num_classes]` logits.
+  Returns:
+      A `tf.keras.Model` named `<name>_<variant>` mapping float32 `[B, H, W, C]` images to
+      `[B, num_classes]` logits.
 
-    Raises:
-        ValueError: unknown name or variant, or an argument out of range.
-    """
-    stock_args = dict(num_classes=num_classes, input_shape=input_shape, seed=seed)
-    if tf.executing_eagerly():
-        stock = keras_model(name, variant, **stock_args)
-    else:
-        with tf.Graph().as_default():
-            stock = keras_model(name, variant, **stock_args)
-    return conversion.sparsify(stock, density=density, variant=variant, gamma=gamma, seed=seed,
-                               input_mean=input_mean, input_std=input_std, copy_weights=False)
+  Raises:
+      ValueError: unknown name or variant, or an argument out of range.
+  """
+  stock_args = dict(num_classes=num_classes, input_shape=input_shape, seed=seed)
+  if tf.executing_eagerly():
+    stock = keras_model(name, variant, **stock_args)
+  else:
+    with tf.Graph().as_default():
+      stock = keras_model(name, variant, **stock_args)
+  return conversion.sparsify(
+    stock,
+    density=density,
+    variant=variant,
+    gamma=gamma,
+    seed=seed,
+    input_mean=input_mean,
+    input_std=input_std,
+    copy_weights=False,
+  )
 
 
 def count_parameters(model: tf.keras.Model) -> Dict[str, int]:
-    """Parameter counts of a model (numbers of float32 entries, not bytes).
+  """Parameter counts of a model (numbers of float32 entries, not bytes).
 
-    Returns:
-        A dict with
-        - 'prunable': entries of all prunable kernels (dense size, whatever the mask);
-        - 'nonzero': active prunable entries (mask ones);
-        - 'dense': other trainable entries (biases, NSConv gains, BatchNorm scale and offset);
-        - 'trainable': prunable + dense;
-        - 'state': non-trainable entries that are not masks (BatchNorm moving statistics);
-        - 'mask': entries of mask, marked and bae_lambda variables.
-    """
-    layers = masks.prunable_layers(model)
-    prunable = sum(int(np.prod(layer.kernel.shape)) for layer in layers)
-    nonzero = sum(masks.layer_nnz(model))
-    kernel_ids = {id(layer.kernel) for layer in layers}
-    mask_ids = set()
-    for layer in layers:
-        mask_ids.update({id(layer.mask), id(layer.marked), id(layer.bae_lambda)})
-    dense = sum(int(np.prod(v.shape)) for v in model.trainable_weights
-                if id(v) not in kernel_ids)
-    state = sum(int(np.prod(v.shape)) for v in model.non_trainable_weights
-                if id(v) not in mask_ids)
-    mask_entries = sum(int(np.prod(v.shape)) for v in model.non_trainable_weights
-                       if id(v) in mask_ids)
-    return {
-        "prunable": prunable,
-        "nonzero": nonzero,
-        "dense": dense,
-        "trainable": prunable + dense,
-        "state": state,
-        "mask": mask_entries,
-    }
+  Returns:
+      A dict with
+      - 'prunable': entries of all prunable kernels (dense size, whatever the mask);
+      - 'nonzero': active prunable entries (mask ones);
+      - 'dense': other trainable entries (biases, NSConv gains, BatchNorm scale and offset);
+      - 'trainable': prunable + dense;
+      - 'state': non-trainable entries that are not masks (BatchNorm moving statistics);
+      - 'mask': entries of mask, marked and bae_lambda variables.
+  """
+  layers = masks.prunable_layers(model)
+  prunable = sum(int(np.prod(layer.kernel.shape)) for layer in layers)
+  nonzero = sum(masks.layer_nnz(model))
+  kernel_ids = {id(layer.kernel) for layer in layers}
+  mask_ids = set()
+  for layer in layers:
+    mask_ids.update({id(layer.mask), id(layer.marked), id(layer.bae_lambda)})
+  dense = sum(int(np.prod(v.shape)) for v in model.trainable_weights if id(v) not in kernel_ids)
+  state = sum(int(np.prod(v.shape)) for v in model.non_trainable_weights if id(v) not in mask_ids)
+  mask_entries = sum(
+    int(np.prod(v.shape)) for v in model.non_trainable_weights if id(v) in mask_ids
+  )
+  return {
+    'prunable': prunable,
+    'nonzero': nonzero,
+    'dense': dense,
+    'trainable': prunable + dense,
+    'state': state,
+    'mask': mask_entries,
+  }

@@ -40,7 +40,8 @@ def is_adjustment_round(t, delta_t, t_end):
   delta_t = tf.cast(delta_t, tf.int64)
   t_end = tf.cast(t_end, tf.int64)
   return tf.logical_and(
-      tf.logical_and(t > 0, t <= t_end), tf.equal(tf.math.floormod(t, delta_t), 0))
+    tf.logical_and(t > 0, t <= t_end), tf.equal(tf.math.floormod(t, delta_t), 0)
+  )
 
 
 def adjustment_fraction(t, alpha, t_end):
@@ -144,8 +145,7 @@ def bae_beta(tau, budget, low_norm, eta_0):
     A float32 scalar tensor in [0, eta_0).
   """
   low_norm = tf.cast(low_norm, tf.float32)
-  return (rex_profile(tau, budget) * (2.0 * tf.sigmoid(low_norm) - 1.0) *
-          tf.cast(eta_0, tf.float32))
+  return rex_profile(tau, budget) * (2.0 * tf.sigmoid(low_norm) - 1.0) * tf.cast(eta_0, tf.float32)
 
 
 def bae_learning_rate(tau, budget, low_norm, eta_t, eta_0):

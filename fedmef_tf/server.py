@@ -62,6 +62,7 @@ class ServerState(NamedTuple):
     mask_changed: bool scalar, whether the masks differ from those last broadcast (True at
       initialisation: the first broadcast carries the mask).
   """
+
   round_num: tf.Tensor
   trainable: List[tf.Tensor]
   non_trainable: List[tf.Tensor]
@@ -70,6 +71,7 @@ class ServerState(NamedTuple):
 
 class ScheduleConfig(NamedTuple):
   """Static (Python) schedule parameters of a process; see `schedules` and `mask_updates`."""
+
   mode: str
   delta_t: int
   t_end: int
@@ -97,8 +99,9 @@ def tfmot_end_round(delta_t: int, t_end: int) -> int:
   return max(int(delta_t), (int(t_end) // int(delta_t)) * int(delta_t))
 
 
-def round_config(state: ServerState, layout: client_lib.WeightLayout,
-                 config: ScheduleConfig) -> client_lib.RoundConfig:
+def round_config(
+  state: ServerState, layout: client_lib.WeightLayout, config: ScheduleConfig
+) -> client_lib.RoundConfig:
   """The broadcast configuration of the next round (round t = state.round_num + 1).
 
   Args:
@@ -124,13 +127,21 @@ def round_config(state: ServerState, layout: client_lib.WeightLayout,
     adjust = tf.constant(False)
     k = tf.zeros([num_layers], tf.int32)
   return client_lib.RoundConfig(
-      round_num=tf.cast(t, tf.int32), learning_rate=lr, adjust=adjust, k=k,
-      mask_changed=tf.convert_to_tensor(state.mask_changed))
+    round_num=tf.cast(t, tf.int32),
+    learning_rate=lr,
+    adjust=adjust,
+    k=k,
+    mask_changed=tf.convert_to_tensor(state.mask_changed),
+  )
 
 
-def server_update(state: ServerState, round_cfg: client_lib.RoundConfig,
-                  sums: client_lib.ClientOutput, layout: client_lib.WeightLayout,
-                  config: ScheduleConfig):
+def server_update(
+  state: ServerState,
+  round_cfg: client_lib.RoundConfig,
+  sums: client_lib.ClientOutput,
+  layout: client_lib.WeightLayout,
+  config: ScheduleConfig,
+):
   """Aggregates the clients' sums, adjusts masks, and returns the new state and metrics.
 
   Args:
@@ -171,15 +182,16 @@ def server_update(state: ServerState, round_cfg: client_lib.RoundConfig,
   overlap_hits = tf.constant(0.0)
   new_kernels, new_masks = [], []
   if config.mode == MODE_SERVER_ADJUST and not sums.weighted_grads:
-    raise ValueError('server_adjust mode needs the clients\' gradients (server_adjust=True)')
+    raise ValueError("server_adjust mode needs the clients' gradients (server_adjust=True)")
   if config.mode == MODE_FEDDST and not sums.weighted_masks:
-    raise ValueError('feddst mode needs the clients\' masks (client_regrow=True)')
+    raise ValueError("feddst mode needs the clients' masks (client_regrow=True)")
   if config.mode == MODE_SERVER_ADJUST:
     adjusted = tf.convert_to_tensor(round_cfg.adjust)
     for l in range(layout.num_layers):
       grad = sums.weighted_grads[l] / safe_total
       kernel_a, mask_a, pruned, _ = mask_updates.server_adjust_layer(
-          old_kernels[l], old_masks[l], agg_kernels[l], grad, k[l])
+        old_kernels[l], old_masks[l], agg_kernels[l], grad, k[l]
+      )
       smallest = mask_updates.marked_set(agg_kernels[l], old_masks[l], k[l])
       overlap_hits += tf.reduce_sum(pruned * smallest)
       new_kernels.append(tf.where(adjusted, kernel_a, agg_kernels[l] * old_masks[l]))
@@ -189,14 +201,17 @@ def server_update(state: ServerState, round_cfg: client_lib.RoundConfig,
     nnz_old = _nnz(old_masks)
     for l in range(layout.num_layers):
       kernel_a, mask_a = mask_updates.feddst_aggregate_layer(
-          sums.weighted_trainable[layout.kernel_indices[l]], sums.weighted_masks[l],
-          nnz_old[l])
+        sums.weighted_trainable[layout.kernel_indices[l]], sums.weighted_masks[l], nnz_old[l]
+      )
       new_kernels.append(tf.where(adjusted, kernel_a, agg_kernels[l] * old_masks[l]))
       new_masks.append(tf.where(adjusted, mask_a, old_masks[l]))
   elif config.mode == MODE_TFMOT:
     should_prune, sparsity = mask_updates.tfmot_target_sparsity(
-        t, final_sparsity=1.0 - config.density,
-        end_round=tfmot_end_round(config.delta_t, config.t_end), frequency=config.delta_t)
+      t,
+      final_sparsity=1.0 - config.density,
+      end_round=tfmot_end_round(config.delta_t, config.t_end),
+      frequency=config.delta_t,
+    )
     target = mask_updates.uniform_nnz(layout.kernel_sizes, sparsity)
     adjusted = tf.logical_and(should_prune, tf.reduce_any(target < _nnz(old_masks)))
     for l in range(layout.num_layers):
@@ -215,18 +230,24 @@ def server_update(state: ServerState, round_cfg: client_lib.RoundConfig,
     non_trainable[layout.mask_indices[l]] = new_masks[l]
     non_trainable[layout.marked_indices[l]] = tf.zeros_like(new_masks[l])
     non_trainable[layout.lambda_indices[l]] = tf.zeros_like(
-        state.non_trainable[layout.lambda_indices[l]])
+      state.non_trainable[layout.lambda_indices[l]]
+    )
   for j, i in enumerate(layout.stat_indices):
     non_trainable[i] = stats[j]
-  mask_changed = tf.reduce_any(tf.stack(
-      [tf.reduce_any(tf.not_equal(a, b)) for a, b in zip(new_masks, old_masks)]))
+  mask_changed = tf.reduce_any(
+    tf.stack([tf.reduce_any(tf.not_equal(a, b)) for a, b in zip(new_masks, old_masks)])
+  )
 
   candidate = ServerState(
-      round_num=tf.cast(state.round_num + 1, tf.int32), trainable=trainable,
-      non_trainable=non_trainable, mask_changed=mask_changed)
+    round_num=tf.cast(state.round_num + 1, tf.int32),
+    trainable=trainable,
+    non_trainable=non_trainable,
+    mask_changed=mask_changed,
+  )
   # A round without a usable client keeps the previous state entirely.
   new_state = tf.nest.map_structure(
-      lambda new, old: tf.where(usable, new, tf.convert_to_tensor(old)), candidate, state)
+    lambda new, old: tf.where(usable, new, tf.convert_to_tensor(old)), candidate, state
+  )
 
   final_masks = _masks(new_state, layout)
   nnz = _nnz(final_masks)
@@ -237,24 +258,23 @@ def server_update(state: ServerState, round_cfg: client_lib.RoundConfig,
   examples = tf.cast(m['num_examples'], tf.float32)
   safe_examples = tf.where(examples > 0, examples, 1.0)
   metrics = collections.OrderedDict(
-      round_num=tf.cast(t, tf.int32),
-      round_skipped=tf.cast(tf.logical_not(usable), tf.int32),
-      learning_rate=tf.cast(round_cfg.learning_rate, tf.float32),
-      train_loss=tf.where(examples > 0, m['loss_sum'] / safe_examples, 0.0),
-      train_accuracy=tf.where(
-          examples > 0, tf.cast(m['correct'], tf.float32) / safe_examples, 0.0),
-      num_examples=tf.cast(m['num_examples'], tf.int32),
-      global_density=tf.cast(tf.reduce_sum(nnz), tf.float32) / total_size,
-      layer_nnz=nnz,
-      k=tf.where(adjusted_now, k, tf.zeros_like(k)),
-      adjusted=tf.cast(adjusted_now, tf.int32),
-      marked_overlap=tf.where(
-          tf.logical_and(adjusted_now, k_total > 0),
-          overlap_hits / tf.maximum(k_total, 1.0), 0.0),
-      bytes_down=tf.cast(m['bytes_down'], tf.int64),
-      bytes_up=tf.cast(m['bytes_up'], tf.int64),
-      clients_used=tf.cast(m['used'], tf.int32),
-      clients_rejected=tf.cast(m['rejected'], tf.int32),
-      clients_empty=tf.cast(m['empty'], tf.int32),
+    round_num=tf.cast(t, tf.int32),
+    round_skipped=tf.cast(tf.logical_not(usable), tf.int32),
+    learning_rate=tf.cast(round_cfg.learning_rate, tf.float32),
+    train_loss=tf.where(examples > 0, m['loss_sum'] / safe_examples, 0.0),
+    train_accuracy=tf.where(examples > 0, tf.cast(m['correct'], tf.float32) / safe_examples, 0.0),
+    num_examples=tf.cast(m['num_examples'], tf.int32),
+    global_density=tf.cast(tf.reduce_sum(nnz), tf.float32) / total_size,
+    layer_nnz=nnz,
+    k=tf.where(adjusted_now, k, tf.zeros_like(k)),
+    adjusted=tf.cast(adjusted_now, tf.int32),
+    marked_overlap=tf.where(
+      tf.logical_and(adjusted_now, k_total > 0), overlap_hits / tf.maximum(k_total, 1.0), 0.0
+    ),
+    bytes_down=tf.cast(m['bytes_down'], tf.int64),
+    bytes_up=tf.cast(m['bytes_up'], tf.int64),
+    clients_used=tf.cast(m['used'], tf.int32),
+    clients_rejected=tf.cast(m['rejected'], tf.int32),
+    clients_empty=tf.cast(m['empty'], tf.int32),
   )
   return new_state, metrics

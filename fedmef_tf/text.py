@@ -47,7 +47,7 @@ def format_bytes(n, unit=None, precision: int = 1) -> str:
     raise ValueError(f'unit must be one of {_BYTE_UNITS} or None, got {unit!r}')
   if power == 0:
     return f'{n:.0f} B'
-  return f'{n / 1024.0 ** power:.{precision}f} {_BYTE_UNITS[power]}'
+  return f'{n / 1024.0**power:.{precision}f} {_BYTE_UNITS[power]}'
 
 
 def format_seconds(seconds: float) -> str:

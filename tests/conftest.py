@@ -3,6 +3,7 @@
 `tff_runtime`: one TFF C++ worker for the whole test session, started and ended by
 `tff_programs.runtime.LocalRuntime`, so no test leaves a `worker_binary` behind.
 """
+
 import os
 import sys
 

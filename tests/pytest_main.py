@@ -1,4 +1,5 @@
 """Runs one pytest file as a Bazel py_test: `pytest_main.py path/to/test_x.py`."""
+
 import os
 import sys
 

@@ -1,4 +1,5 @@
 """Every Python module and test file has a Bazel target (BUILD files are kept complete)."""
+
 import os
 import re
 
@@ -21,8 +22,11 @@ def _quoted(text):
 
 
 def _py_files(directory):
-  return sorted(f for f in os.listdir(os.path.join(ROOT, directory))
-                if f.endswith('.py') and not f.startswith('.'))
+  return sorted(
+    f
+    for f in os.listdir(os.path.join(ROOT, directory))
+    if f.endswith('.py') and not f.startswith('.')
+  )
 
 
 @pytest.mark.parametrize('package', PACKAGES)
@@ -46,6 +50,9 @@ def test_every_test_file_has_a_py_test():
 def test_no_python_package_without_build():
   for entry in sorted(os.listdir(ROOT)):
     full = os.path.join(ROOT, entry)
-    if (os.path.isdir(full) and os.path.isfile(os.path.join(full, '__init__.py'))
-        and not entry.startswith('.')):
+    if (
+      os.path.isdir(full)
+      and os.path.isfile(os.path.join(full, '__init__.py'))
+      and not entry.startswith('.')
+    ):
       assert os.path.isfile(os.path.join(full, 'BUILD')), f'package {entry}/ has no BUILD file'

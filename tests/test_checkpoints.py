@@ -25,17 +25,23 @@ Pair = collections.namedtuple('Pair', ['trainable', 'non_trainable'])
 
 
 def _state(scale=1.0):
-  return {'round': np.int64(3),
-          'process': collections.OrderedDict(
-              weights=Pair([np.full((2, 3), scale, np.float32), np.arange(4, dtype=np.float32)],
-                           [np.ones((3,), np.float32)]),
-              masks=[np.array([[1, 0], [0, 1]], np.float32)],
-              step=np.int32(7)),
-          'totals': {'down_bytes': np.float64(10.0), 'up_bytes': np.float64(4.5)}}
+  return {
+    'round': np.int64(3),
+    'process': collections.OrderedDict(
+      weights=Pair(
+        [np.full((2, 3), scale, np.float32), np.arange(4, dtype=np.float32)],
+        [np.ones((3,), np.float32)],
+      ),
+      masks=[np.array([[1, 0], [0, 1]], np.float32)],
+      step=np.int32(7),
+    ),
+    'totals': {'down_bytes': np.float64(10.0), 'up_bytes': np.float64(4.5)},
+  }
 
 
 def _assert_equal_states(a, b):
   import tree  # pylint: disable=import-outside-toplevel
+
   tree.assert_same_structure(a, b)
   for x, y in zip(tree.flatten(a), tree.flatten(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -82,7 +88,7 @@ def test_disk_full_during_the_write_leaves_no_temporary_and_keeps_the_earlier_ro
 
 def _damage_truncate(path):
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
 def _damage_change_bytes(path):
@@ -103,9 +109,11 @@ def _damage_drop_tensor(path):
   checkpoints.write_npz(str(path), arrays)
 
 
-@pytest.mark.parametrize('damage', [_damage_truncate, _damage_change_bytes, _damage_random,
-                                    _damage_drop_tensor],
-                         ids=['truncated', 'changed_bytes', 'random_bytes', 'missing_tensor'])
+@pytest.mark.parametrize(
+  'damage',
+  [_damage_truncate, _damage_change_bytes, _damage_random, _damage_drop_tensor],
+  ids=['truncated', 'changed_bytes', 'random_bytes', 'missing_tensor'],
+)
 def test_damaged_newest_version_is_reported_and_the_one_before_is_loaded(tmp_path, damage):
   manager = checkpoints.NpzProgramStateManager(str(tmp_path))
   _save(manager, _state(scale=1), 1)
@@ -142,8 +150,11 @@ def test_a_checkpoint_of_another_structure_is_refused(tmp_path):
   _save(manager, _state(), 1)
   other_shape = _state()
   other_shape['process']['masks'] = [np.ones((3, 3), np.float32)]
-  with pytest.raises(checkpoints.CheckpointError, match=r'masks/0 is float32\[2, 2\], this run '
-                     r'needs float32\[3, 3\]'):
+  with pytest.raises(
+    checkpoints.CheckpointError,
+    match=r'masks/0 is float32\[2, 2\], this run '
+    r'needs float32\[3, 3\]',
+  ):
     manager.read(1, other_shape)
   more_tensors = _state()
   more_tensors['process']['extra'] = np.zeros(2, np.float32)
@@ -155,7 +166,6 @@ def test_security_a_pickled_object_in_a_checkpoint_is_refused_and_never_run(tmp_
   marker = tmp_path / 'pwned'
 
   class Planted:  # unpickling it would create the marker file
-
     def __reduce__(self):
       return (open, (str(marker), 'w'))
 
@@ -177,9 +187,9 @@ def test_security_an_oversized_tensor_is_refused_before_it_is_unpacked(tmp_path)
   _save(manager, _state(), 1)
   with np.load(tmp_path / 'program_state_1.npz') as data:
     arrays = {k: data[k] for k in data.files}
-  arrays['leaf_00001'] = np.zeros((2 ** 20,), np.float32)  # 4 MB of zeros, packed small
+  arrays['leaf_00001'] = np.zeros((2**20,), np.float32)  # 4 MB of zeros, packed small
   np.savez_compressed(tmp_path / 'program_state_2.npz', **arrays)
-  assert (tmp_path / 'program_state_2.npz').stat().st_size < 2 ** 16
+  assert (tmp_path / 'program_state_2.npz').stat().st_size < 2**16
   with pytest.raises(checkpoints.CheckpointError, match='larger than this run needs'):
     manager.read(2, _state())
 
@@ -188,8 +198,9 @@ def test_security_saved_model_checkpoints_are_refused_not_loaded(tmp_path):
   saved_model = tmp_path / 'checkpoints' / 'program_state_4'
   saved_model.mkdir(parents=True)
   (saved_model / 'saved_model.pb').write_bytes(b'a graph that would run on load')
-  with pytest.raises(program_io.RunDirError, match='is a SavedModel checkpoint, which is not '
-                     'loaded'):
+  with pytest.raises(
+    program_io.RunDirError, match='is a SavedModel checkpoint, which is not loaded'
+  ):
     program_io.state_manager(str(tmp_path))
 
 

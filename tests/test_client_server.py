@@ -33,20 +33,36 @@ def _data(n, seed=0, nan=False):
 
 def _state(model, round_num=0):
   return server.ServerState(
-      round_num=tf.constant(round_num, tf.int32),
-      trainable=[tf.identity(v) for v in model.trainable_weights],
-      non_trainable=[tf.identity(v) for v in model.non_trainable_weights],
-      mask_changed=tf.constant(True))
+    round_num=tf.constant(round_num, tf.int32),
+    trainable=[tf.identity(v) for v in model.trainable_weights],
+    non_trainable=[tf.identity(v) for v in model.non_trainable_weights],
+    mask_changed=tf.constant(True),
+  )
 
 
 def _cfg(mode='server_adjust', alpha=0.2, density=0.5):
-  return server.ScheduleConfig(mode=mode, delta_t=2, t_end=6, alpha=alpha, eta_0=0.1,
-                               eta_min=0.01, total_rounds=10, density=density)
+  return server.ScheduleConfig(
+    mode=mode,
+    delta_t=2,
+    t_end=6,
+    alpha=alpha,
+    eta_0=0.1,
+    eta_min=0.01,
+    total_rounds=10,
+    density=density,
+  )
 
 
 def _update_fn(model, **overrides):
-  kwargs = dict(local_epochs=2, batch_size=8, eta_0=0.1, lambda_bae=0.01, use_bae=True,
-                server_adjust=True, client_regrow=False)
+  kwargs = dict(
+    local_epochs=2,
+    batch_size=8,
+    eta_0=0.1,
+    lambda_bae=0.01,
+    use_bae=True,
+    server_adjust=True,
+    client_regrow=False,
+  )
   kwargs.update(overrides)
   return client.build_client_update(model, client.WeightLayout(model), **kwargs)
 
@@ -64,7 +80,7 @@ def test_layout_indices():
     assert model.trainable_weights[layout.kernel_indices[l]] is layer.kernel
     assert model.non_trainable_weights[layout.mask_indices[l]] is layer.mask
   assert layout.stat_indices == []
-  assert layout.dense_param_count == 16 + 3     # the biases
+  assert layout.dense_param_count == 16 + 3  # the biases
   assert layout.mask_bytes() == (96 + 7) // 8 + (48 + 7) // 8
 
 
@@ -76,13 +92,14 @@ def test_plain_round_is_masked_sgd():
   assert not bool(rc.adjust)
   np.testing.assert_allclose(float(rc.learning_rate), 0.1)
   out = _update_fn(model, local_epochs=1, batch_size=5)(
-      _data(10), state.trainable, state.non_trainable, rc)
+    _data(10), state.trainable, state.non_trainable, rc
+  )
   # The same two steps by hand, on a fresh copy of the model.
   ref = _mlp()
   x, y = next(iter(_data(10).batch(10)))
   for start in (0, 5):
     with tf.GradientTape() as tape:
-      loss = client.default_loss_fn(y[start:start + 5], ref(x[start:start + 5], training=True))
+      loss = client.default_loss_fn(y[start : start + 5], ref(x[start : start + 5], training=True))
     for v, g in zip(ref.trainable_weights, tape.gradient(loss, ref.trainable_weights)):
       v.assign_sub(0.1 * g)
   assert float(out.weight) == 10.0
@@ -100,7 +117,7 @@ def test_bae_shrinks_marked_weights_by_hand():
   """Task gradient 0: each step multiplies marked weights by (1 - 2 lambda mu_tau)."""
   model = _mlp(density=0.5)
   layout = client.WeightLayout(model)
-  state = _state(model, round_num=1)     # round 2 adjusts (delta_t = 2)
+  state = _state(model, round_num=1)  # round 2 adjusts (delta_t = 2)
   rc = server.round_config(state, layout, _cfg())
   assert bool(rc.adjust)
   lam, eta_0 = 0.5, 0.1
@@ -109,24 +126,27 @@ def test_bae_shrinks_marked_weights_by_hand():
     del y_true
     return 0.0 * tf.reduce_sum(logits)
 
-  update = _update_fn(model, local_epochs=1, batch_size=4, lambda_bae=lam,
-                      server_adjust=False, loss_fn=zero_task_loss)
+  update = _update_fn(
+    model, local_epochs=1, batch_size=4, lambda_bae=lam, server_adjust=False, loss_fn=zero_task_loss
+  )
   out = update(_data(12), state.trainable, state.non_trainable, rc)
   kernels = [state.trainable[i].numpy() for i in layout.kernel_indices]
   mask_list = [state.non_trainable[i].numpy() for i in layout.mask_indices]
-  marked = [mask_updates.marked_set(kk, m, kl).numpy()
-            for kk, m, kl in zip(kernels, mask_list, rc.k.numpy())]
+  marked = [
+    mask_updates.marked_set(kk, m, kl).numpy()
+    for kk, m, kl in zip(kernels, mask_list, rc.k.numpy())
+  ]
   low = [kk * mk for kk, mk in zip(kernels, marked)]
   eta_t = float(rc.learning_rate)
-  budget = 3                                  # 1 epoch * ceil(12 / 4)
+  budget = 3  # 1 epoch * ceil(12 / 4)
   for tau in range(budget):
-    norm = np.sqrt(sum(float(np.sum(w ** 2)) for w in low))
+    norm = np.sqrt(sum(float(np.sum(w**2)) for w in low))
     mu = float(schedules.bae_learning_rate(tau, budget, norm, eta_t, eta_0))
     low = [w * (1 - 2 * lam * mu) for w in low]
   for l, i in enumerate(layout.kernel_indices):
     got = out.weighted_trainable[i].numpy() / 12.0
     np.testing.assert_allclose(got[marked[l] > 0], low[l][marked[l] > 0], rtol=1e-5)
-    unmarked = (marked[l] == 0)
+    unmarked = marked[l] == 0
     np.testing.assert_allclose(got[unmarked], kernels[l][unmarked], rtol=1e-6)
 
 
@@ -140,14 +160,15 @@ def test_adjustment_round_gradient_pairs_are_inactive_topk():
     grad = out.weighted_grads[l].numpy()
     mask = state.non_trainable[i].numpy()
     assert np.count_nonzero(grad) <= int(rc.k[l])
-    assert np.count_nonzero(grad) >= int(rc.k[l]) - 1   # an exact zero gradient is possible
+    assert np.count_nonzero(grad) >= int(rc.k[l]) - 1  # an exact zero gradient is possible
     assert np.all(grad[mask > 0] == 0)
   # Uplink: nonzeros + biases, plus 2 numbers of 4 bytes per pair.
   nnz = sum(int(state.non_trainable[i].numpy().sum()) for i in layout.mask_indices)
   expected_up = 4 * (nnz + layout.dense_param_count) + 8 * int(tf.reduce_sum(rc.k))
   assert int(out.metrics['bytes_up']) == expected_up
   assert int(out.metrics['bytes_down']) == (
-      4 * (nnz + layout.dense_param_count) + layout.mask_bytes())
+    4 * (nnz + layout.dense_param_count) + layout.mask_bytes()
+  )
 
 
 def test_examples_are_counted_when_the_cardinality_is_unknown():
@@ -197,12 +218,15 @@ def test_server_round_properties_and_poisoned_client():
   cfg = _cfg()
   rc = server.round_config(state, layout, cfg)
   update = _update_fn(model)
-  good = [update(_data(n, seed=s), state.trainable, state.non_trainable, rc)
-          for n, s in ((16, 1), (24, 2))]
+  good = [
+    update(_data(n, seed=s), state.trainable, state.non_trainable, rc)
+    for n, s in ((16, 1), (24, 2))
+  ]
   bad = update(_data(16, seed=3, nan=True), state.trainable, state.non_trainable, rc)
   new_state, metrics = server.server_update(state, rc, _sum(good), layout, cfg)
   poisoned_state, poisoned_metrics = server.server_update(
-      state, rc, _sum(good + [bad]), layout, cfg)
+    state, rc, _sum(good + [bad]), layout, cfg
+  )
   for a, b in zip(tf.nest.flatten(new_state), tf.nest.flatten(poisoned_state)):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
   assert int(poisoned_metrics['clients_rejected']) == 1
@@ -214,7 +238,8 @@ def test_server_round_properties_and_poisoned_client():
     new_mask = new_state.non_trainable[layout.mask_indices[l]].numpy()
     kernel = new_state.trainable[layout.kernel_indices[l]].numpy()
     marked = mask_updates.marked_set(
-        state.trainable[layout.kernel_indices[l]], old_mask, rc.k[l]).numpy()
+      state.trainable[layout.kernel_indices[l]], old_mask, rc.k[l]
+    ).numpy()
     pruned = (old_mask > 0) & (new_mask == 0)
     grown = (old_mask == 0) & (new_mask > 0)
     np.testing.assert_array_equal(pruned, marked > 0)
@@ -223,8 +248,9 @@ def test_server_round_properties_and_poisoned_client():
     assert new_mask.sum() == old_mask.sum()
     assert np.all(new_state.non_trainable[layout.marked_indices[l]].numpy() == 0)
   assert float(metrics['global_density']) == pytest.approx(
-      sum(int(m.sum()) for m in (state.non_trainable[i].numpy() for i in layout.mask_indices))
-      / sum(layout.kernel_sizes))
+    sum(int(m.sum()) for m in (state.non_trainable[i].numpy() for i in layout.mask_indices))
+    / sum(layout.kernel_sizes)
+  )
   np.testing.assert_array_equal(metrics['k'].numpy(), rc.k.numpy())
   assert 0.0 <= float(metrics['marked_overlap']) <= 1.0
   assert bool(new_state.mask_changed)
@@ -237,8 +263,9 @@ def test_weighted_mean_without_adjustment():
   cfg = _cfg()
   rc = server.round_config(state, layout, cfg)
   update = _update_fn(model)
-  outs = [update(_data(n, seed=s), state.trainable, state.non_trainable, rc)
-          for n, s in ((8, 1), (24, 2))]
+  outs = [
+    update(_data(n, seed=s), state.trainable, state.non_trainable, rc) for n, s in ((8, 1), (24, 2))
+  ]
   new_state, metrics = server.server_update(state, rc, _sum(outs), layout, cfg)
   for i, v in enumerate(new_state.trainable):
     want = (outs[0].weighted_trainable[i] + outs[1].weighted_trainable[i]) / 32.0
@@ -253,8 +280,10 @@ def test_round_without_usable_client_keeps_state():
   cfg = _cfg()
   rc = server.round_config(state, layout, cfg)
   update = _update_fn(model)
-  outs = [update(_data(8, nan=True), state.trainable, state.non_trainable, rc),
-          update(_data(8).take(0), state.trainable, state.non_trainable, rc)]
+  outs = [
+    update(_data(8, nan=True), state.trainable, state.non_trainable, rc),
+    update(_data(8).take(0), state.trainable, state.non_trainable, rc),
+  ]
   new_state, metrics = server.server_update(state, rc, _sum(outs), layout, cfg)
   for a, b in zip(tf.nest.flatten(new_state), tf.nest.flatten(state)):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -269,8 +298,10 @@ def test_feddst_round_keeps_density():
   cfg = _cfg(mode='feddst')
   rc = server.round_config(state, layout, cfg)
   update = _update_fn(model, use_bae=False, server_adjust=False, client_regrow=True)
-  outs = [update(_data(n, seed=s), state.trainable, state.non_trainable, rc)
-          for n, s in ((16, 1), (24, 2))]
+  outs = [
+    update(_data(n, seed=s), state.trainable, state.non_trainable, rc)
+    for n, s in ((16, 1), (24, 2))
+  ]
   # Each client changed its own mask, keeping nnz.
   for out in outs:
     for l, i in enumerate(layout.mask_indices):
@@ -288,13 +319,13 @@ def test_feddst_round_keeps_density():
 def test_tfmot_mode_prunes_to_schedule():
   model = _mlp(density=1.0)
   layout = client.WeightLayout(model)
-  state = _state(model, round_num=5)             # round 6 = end round, final sparsity
+  state = _state(model, round_num=5)  # round 6 = end round, final sparsity
   cfg = _cfg(mode='tfmot', density=0.25)
   rc = server.round_config(state, layout, cfg)
   update = _update_fn(model, use_bae=False, server_adjust=False)
   out = update(_data(16), state.trainable, state.non_trainable, rc)
   new_state, metrics = server.server_update(state, rc, out, layout, cfg)
-  np.testing.assert_array_equal(metrics['layer_nnz'].numpy(), [24, 12])   # 25% of 96, 48
+  np.testing.assert_array_equal(metrics['layer_nnz'].numpy(), [24, 12])  # 25% of 96, 48
   for l in range(layout.num_layers):
     mask = new_state.non_trainable[layout.mask_indices[l]].numpy()
     kernel = new_state.trainable[layout.kernel_indices[l]].numpy()

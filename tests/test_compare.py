@@ -1,4 +1,5 @@
 """python -m tff_programs.compare: ratios on a hand-made table, and a tiny real comparison."""
+
 import csv
 import json
 import math
@@ -14,18 +15,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _row(name, acc, peak, analytic, down, up, secs):
-  return {'algorithm': name, 'final_accuracy': acc, 'best_accuracy': acc,
-          'measured_peak_bytes': peak, 'analytic_bytes': analytic,
-          'down_bytes_per_round': down, 'up_bytes_per_round': up, 'seconds_per_round': secs,
-          'rounds_completed': 10, 'density': 0.1, 'curve': []}
+  return {
+    'algorithm': name,
+    'final_accuracy': acc,
+    'best_accuracy': acc,
+    'measured_peak_bytes': peak,
+    'analytic_bytes': analytic,
+    'down_bytes_per_round': down,
+    'up_bytes_per_round': up,
+    'seconds_per_round': secs,
+    'rounds_completed': 10,
+    'density': 0.1,
+    'curve': [],
+  }
 
 
 def test_ratios_on_hand_made_table():
-  rows = compare.add_ratios([
+  rows = compare.add_ratios(
+    [
       _row('fedmef', 0.60, 30.0, 40.0, 10.0, 10.0, 3.0),
       _row('rigl', 0.55, 100.0, 80.0, 10.0, 30.0, 2.0),
       _row('tfmot', 0.50, 60.0, 50.0, 40.0, 40.0, 1.5),
-  ])
+    ]
+  )
   fedmef = rows[0]
   assert fedmef['peak_vs_rigl'] == pytest.approx(0.30)
   assert fedmef['peak_vs_tfmot'] == pytest.approx(0.50)
@@ -41,14 +53,19 @@ def test_ratios_on_hand_made_table():
 def test_ratios_without_references_and_with_missing_values():
   rows = compare.add_ratios([_row('fedmef', 0.6, 30.0, 40.0, 1.0, 1.0, 1.0)])
   assert not any(k.startswith('peak_vs') for k in rows[0])
-  rows = compare.add_ratios([_row('fedmef', 0.6, float('nan'), 40.0, 1.0, 1.0, 1.0),
-                             _row('rigl', 0.5, 10.0, 0.0, 1.0, 1.0, 1.0)])
+  rows = compare.add_ratios(
+    [
+      _row('fedmef', 0.6, float('nan'), 40.0, 1.0, 1.0, 1.0),
+      _row('rigl', 0.5, 10.0, 0.0, 1.0, 1.0, 1.0),
+    ]
+  )
   assert math.isnan(rows[0]['peak_vs_rigl'])
   assert math.isnan(rows[0]['analytic_vs_rigl'])  # division by a zero reference
 
 
 def test_child_runs_share_every_flag_but_algorithm_and_root_dir():
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   values = {f.name: f.value for f in flags.FLAGS.get_flags_for_module(compare.train)}
   a = compare.child_argv('fedmef', '/tmp/x', values)
   b = compare.child_argv('rigl', '/tmp/x', values)
@@ -62,17 +79,30 @@ def test_child_runs_share_every_flag_but_algorithm_and_root_dir():
   assert len(shared_a) == len(values) - 2 - len(derived)
 
 
-TINY = ['--rounds=2', '--num_clients=4', '--clients_per_round=2', '--synthetic_train_size=240',
-        '--synthetic_test_size=60', '--batch_size=16', '--delta_t=1', '--t_end=2', '--eval_every=1',
-        '--min_client_size=8']
+TINY = [
+  '--rounds=2',
+  '--num_clients=4',
+  '--clients_per_round=2',
+  '--synthetic_train_size=240',
+  '--synthetic_test_size=60',
+  '--batch_size=16',
+  '--delta_t=1',
+  '--t_end=2',
+  '--eval_every=1',
+  '--min_client_size=8',
+]
 
 
 def test_tiny_comparison_writes_tables_from_the_runs(tmp_path):
   root = str(tmp_path / 'cmp')
   proc = subprocess.run(
-      [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={root}',
-       '--algorithms=fedmef,rigl'] + TINY,
-      capture_output=True, text=True, cwd=ROOT, timeout=900)
+    [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={root}', '--algorithms=fedmef,rigl']
+    + TINY,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in (compare.CSV_FILE, compare.MD_FILE, compare.PNG_FILE):
     assert os.path.getsize(os.path.join(root, name)) > 0
@@ -85,33 +115,59 @@ def test_tiny_comparison_writes_tables_from_the_runs(tmp_path):
     assert summary['algorithm'] == name
     assert float(row['final_accuracy']) == pytest.approx(summary['final_accuracy'])
     assert float(row['measured_peak_bytes']) == pytest.approx(
-        summary['memory']['measured_peak_bytes'])
+      summary['memory']['measured_peak_bytes']
+    )
     assert int(row['rounds_completed']) == 2
   assert float(rows['rigl']['peak_vs_rigl']) == pytest.approx(1.0)
   assert float(rows['fedmef']['peak_vs_rigl']) == pytest.approx(
-      float(rows['fedmef']['measured_peak_bytes']) / float(rows['rigl']['measured_peak_bytes']))
+    float(rows['fedmef']['measured_peak_bytes']) / float(rows['rigl']['measured_peak_bytes'])
+  )
   # A second call finds both runs finished and only rewrites the tables.
   again = subprocess.run(
-      [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={root}',
-       '--algorithms=fedmef,rigl'] + TINY,
-      capture_output=True, text=True, cwd=ROOT, timeout=600)
+    [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={root}', '--algorithms=fedmef,rigl']
+    + TINY,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'round 1/' not in again.stdout
 
 
 def test_unknown_algorithm_is_refused(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={tmp_path}',
-       '--algorithms=fedmef,nope'], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'tff_programs.compare',
+      f'--root_dir={tmp_path}',
+      '--algorithms=fedmef,nope',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert 'nope' in proc.stderr.strip().splitlines()[-1]
 
 
 def test_errors_are_reported_under_the_name_compare(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={tmp_path / "cmp"}',
-       '--rounds=0', '--algorithms=fedmef,nope'], capture_output=True, text=True, cwd=ROOT,
-      timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'tff_programs.compare',
+      f'--root_dir={tmp_path / "cmp"}',
+      '--rounds=0',
+      '--algorithms=fedmef,nope',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=120,
+  )
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith('compare: error: '), proc.stderr
@@ -120,23 +176,46 @@ def test_errors_are_reported_under_the_name_compare(tmp_path):
 
 
 def test_help_lists_the_shared_flags():
-  proc = subprocess.run([sys.executable, '-m', 'tff_programs.compare', '--help'],
-                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'tff_programs.compare', '--help'],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
-  for flag in ('--algorithms:', '--rounds:', '--density:', '--delta_t:', '--dataset:',
-               '--root_dir:'):
+  for flag in (
+    '--algorithms:',
+    '--rounds:',
+    '--density:',
+    '--delta_t:',
+    '--dataset:',
+    '--root_dir:',
+  ):
     assert flag in proc.stdout, flag
   assert '--algorithm:' not in proc.stdout  # set per run by the comparison
   assert "(default: 'runs/compare')" in proc.stdout
 
 
 def test_aggregate_seeds_mean_and_spread_on_hand_made_rows():
-  seed0 = compare.add_ratios([_row('fedmef', 0.60, 30.0, 40.0, 10.0, 10.0, 3.0),
-                              _row('rigl', 0.50, 100.0, 80.0, 10.0, 30.0, 2.0)])
-  seed1 = compare.add_ratios([_row('fedmef', 0.70, 30.0, 40.0, 10.0, 10.0, 5.0),
-                              _row('rigl', 0.56, 100.0, 80.0, 10.0, 30.0, 2.0)])
-  seed2 = compare.add_ratios([_row('fedmef', 0.68, 30.0, 40.0, 10.0, 10.0, 4.0),
-                              _row('rigl', 0.62, 100.0, 80.0, 10.0, 30.0, 2.0)])
+  seed0 = compare.add_ratios(
+    [
+      _row('fedmef', 0.60, 30.0, 40.0, 10.0, 10.0, 3.0),
+      _row('rigl', 0.50, 100.0, 80.0, 10.0, 30.0, 2.0),
+    ]
+  )
+  seed1 = compare.add_ratios(
+    [
+      _row('fedmef', 0.70, 30.0, 40.0, 10.0, 10.0, 5.0),
+      _row('rigl', 0.56, 100.0, 80.0, 10.0, 30.0, 2.0),
+    ]
+  )
+  seed2 = compare.add_ratios(
+    [
+      _row('fedmef', 0.68, 30.0, 40.0, 10.0, 10.0, 4.0),
+      _row('rigl', 0.62, 100.0, 80.0, 10.0, 30.0, 2.0),
+    ]
+  )
   seed0[0]['curve'] = [(1, 0.2), (2, 0.6)]
   seed1[0]['curve'] = [(1, 0.4), (2, 0.7)]
   seed2[0]['curve'] = [(2, 0.68)]  # this seed evaluated round 2 only
@@ -174,8 +253,14 @@ def test_aggregate_seeds_skips_missing_values_and_single_seed_has_zero_spread():
 
 def test_tiny_multi_seed_comparison_reports_mean_and_spread(tmp_path):
   root = str(tmp_path / 'seeds')
-  argv = [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={root}',
-          '--algorithms=fedmef,rigl', '--seeds=0,1'] + TINY
+  argv = [
+    sys.executable,
+    '-m',
+    'tff_programs.compare',
+    f'--root_dir={root}',
+    '--algorithms=fedmef,rigl',
+    '--seeds=0,1',
+  ] + TINY
   proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   finals = {}
@@ -203,7 +288,17 @@ def test_tiny_multi_seed_comparison_reports_mean_and_spread(tmp_path):
 
 def test_bad_seeds_are_refused(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'tff_programs.compare', f'--root_dir={tmp_path / "cmp"}',
-       '--seeds=0,x,0'], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'tff_programs.compare',
+      f'--root_dir={tmp_path / "cmp"}',
+      '--seeds=0,x,0',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert '--seeds' in proc.stderr

@@ -174,8 +174,9 @@ def test_cifar10_missing_file_is_error(tmp_path, missing):
   _one_line_error(e, missing, 'missing')
 
 
-@pytest.mark.parametrize('loader', [data.load_cifar10, data.load_cifar100, data.load_cinic10,
-                                    data.load_tinyimagenet])
+@pytest.mark.parametrize(
+  'loader', [data.load_cifar10, data.load_cifar100, data.load_cinic10, data.load_tinyimagenet]
+)
 def test_missing_directory_is_error(tmp_path, loader):
   where = str(tmp_path / 'nope')
   with pytest.raises(data.DataError) as e:
@@ -238,8 +239,9 @@ def test_tinyimagenet_reads_folders(tmp_path):
 def test_tinyimagenet_grey_jpeg_becomes_rgb(tmp_path):
   _write_tiny(str(tmp_path))
   grey = np.full((64, 64, 1), 77, np.uint8)
-  tf.io.write_file(str(tmp_path / 'train' / 'n01' / 'images' / 'n01_0.JPEG'),
-                   tf.io.encode_jpeg(grey, quality=100))
+  tf.io.write_file(
+    str(tmp_path / 'train' / 'n01' / 'images' / 'n01_0.JPEG'), tf.io.encode_jpeg(grey, quality=100)
+  )
   ds = data.load_tinyimagenet(str(tmp_path))
   assert ds.train_images[0].shape == (64, 64, 3)
   assert abs(int(ds.train_images[0].mean()) - 77) <= 1
@@ -306,11 +308,14 @@ def test_synthetic_is_learnable_but_not_trivial():
   ds = data.synthetic(2000, 500, seed=0)
   x = ds.train_images.reshape(len(ds.train_images), -1).astype(np.float32) / 255
   xt = ds.test_images.reshape(len(ds.test_images), -1).astype(np.float32) / 255
+
   # Shifts are random, so use translation-invariant features: the power spectrum per channel.
   def feats(v):
     img = v.reshape(-1, 32, 32, 3)
     return np.abs(np.fft.fft2(img - img.mean(axis=(1, 2), keepdims=True), axes=(1, 2))).reshape(
-        len(v), -1)
+      len(v), -1
+    )
+
   f, ft = feats(x), feats(xt)
   means = np.stack([f[ds.train_labels == c].mean(0) for c in range(10)])
   pred = np.argmin(((ft[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
@@ -366,8 +371,10 @@ def test_label_skew_falls_as_dirichlet_parameter_grows():
   skews = []
   for alpha in (0.05, 0.1, 0.5, 1.0, 10.0, 100.0):
     # Averaged over seeds so the measurement, not one draw, is compared.
-    s = [data.label_skew(labels, data.dirichlet_partition(labels, 20, alpha, seed=s), 10)
-         for s in range(3)]
+    s = [
+      data.label_skew(labels, data.dirichlet_partition(labels, 20, alpha, seed=s), 10)
+      for s in range(3)
+    ]
     skews.append({k: np.mean([x[k] for x in s]) for k in s[0]})
   kls = [s['mean_kl'] for s in skews]
   shares = [s['mean_max_share'] for s in skews]
@@ -426,8 +433,9 @@ def test_client_dataset_fn_and_pipeline():
   assert [len(b[1]) for b in batches] == [10, 10, 10, 10, 10]
   x0, y0 = batches[0]
   assert x0.dtype == np.float32 and 0.0 <= x0.min() and x0.max() <= 1.0 and y0.dtype == np.int32
-  again = list(data.client_dataset(fn('2'), batch_size=10, epochs=2,
-                                   shuffle_seed=5).as_numpy_iterator())
+  again = list(
+    data.client_dataset(fn('2'), batch_size=10, epochs=2, shuffle_seed=5).as_numpy_iterator()
+  )
   np.testing.assert_array_equal(batches[3][1], again[3][1])  # same seed, same order
   # Each epoch is a permutation of the client's labels.
   labels = np.concatenate([b[1] for b in batches])
@@ -439,14 +447,16 @@ def test_client_dataset_fn_and_pipeline():
 
 def test_test_dataset_in_order():
   ds = data.synthetic(20, 30, seed=0)
-  batches = list(data.test_dataset(ds.test_images, ds.test_labels, batch_size=8)
-                 .as_numpy_iterator())
+  batches = list(
+    data.test_dataset(ds.test_images, ds.test_labels, batch_size=8).as_numpy_iterator()
+  )
   np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), ds.test_labels)
   np.testing.assert_allclose(batches[0][0], ds.test_images[:8] / 255.0, atol=1e-6)
 
 
 def test_client_data_round_trip():
   from tff_programs import client_data  # pylint: disable=import-outside-toplevel
+
   ds = data.synthetic(120, 20, seed=1)
   parts = data.dirichlet_partition(ds.train_labels, 6, 0.5, seed=0, min_size=5)
   cd = client_data.make_client_data(ds.train_images, ds.train_labels, parts)
@@ -473,15 +483,20 @@ def test_client_dataset_unbatched_is_float_examples():
 
 def test_as_float_client_data_equals_uint8_pipeline():
   from tff_programs import client_data  # pylint: disable=import-outside-toplevel
+
   ds = data.synthetic(60, 20, seed=2)
   parts = data.iid_partition(60, 3, seed=0)
   plain = client_data.make_client_data(ds.train_images, ds.train_labels, parts)
   floats = client_data.make_client_data(ds.train_images, ds.train_labels, parts, as_float=True)
   assert floats.element_type_structure[0].dtype == tf.float32
-  a = list(data.client_dataset(plain.create_tf_dataset_for_client('1'),
-                               shuffle_seed=4).as_numpy_iterator())
-  b = list(data.client_dataset(floats.create_tf_dataset_for_client('1'),
-                               shuffle_seed=4).as_numpy_iterator())
+  a = list(
+    data.client_dataset(plain.create_tf_dataset_for_client('1'), shuffle_seed=4).as_numpy_iterator()
+  )
+  b = list(
+    data.client_dataset(
+      floats.create_tf_dataset_for_client('1'), shuffle_seed=4
+    ).as_numpy_iterator()
+  )
   np.testing.assert_allclose(np.stack([x for x, _ in a]), np.stack([x for x, _ in b]), atol=1e-7)
   np.testing.assert_array_equal([y for _, y in a], [y for _, y in b])
 
@@ -514,14 +529,25 @@ def test_random_bytes_jpeg_is_one_line_error_without_library_warnings(tmp_path):
   _write_tiny(str(tmp_path))
   bad = tmp_path / 'val' / 'images' / 'val_1.JPEG'
   bad.write_bytes(b'\xff\xd8\xff\xe0' + np.random.RandomState(0).bytes(3000))
-  code = ('import sys; from fedmef_tf import data\n'
-          'try:\n  data.load_tinyimagenet(sys.argv[1])\n'
-          'except data.DataError as e:\n  print(e, file=sys.stderr)\n')
+  code = (
+    'import sys; from fedmef_tf import data\n'
+    'try:\n  data.load_tinyimagenet(sys.argv[1])\n'
+    'except data.DataError as e:\n  print(e, file=sys.stderr)\n'
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
-             PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  proc = subprocess.run([sys.executable, '-c', code, str(tmp_path)], env=env,
-                        capture_output=True, text=True, timeout=120, check=False)
+  env = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL='3',
+    PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code, str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith(f'{bad}: unreadable image')

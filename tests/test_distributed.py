@@ -1,4 +1,5 @@
 """Rounds on two TFF worker services (`python -m tff_programs.worker`) match the local context."""
+
 import os
 import signal
 import subprocess
@@ -18,9 +19,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def two_workers():
   """Two worker programs on 127.0.0.1, ended (and checked ended) after the module's tests."""
   ports = [portpicker.pick_unused_port() for _ in range(2)]
-  procs = [subprocess.Popen([sys.executable, '-m', 'tff_programs.worker', f'--port={p}'],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-           for p in ports]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-m', 'tff_programs.worker', f'--port={p}'],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+    )
+    for p in ports
+  ]
   try:
     binaries = []
     for proc in procs:
@@ -46,19 +54,31 @@ def _fedavg_rounds(num_rounds=2):
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   def model_fn():
-    keras_model = tf.keras.Sequential([
+    keras_model = tf.keras.Sequential(
+      [
         tf.keras.layers.Input((6,)),
-        tf.keras.layers.Dense(3, kernel_initializer=tf.keras.initializers.GlorotUniform(seed=1))])
+        tf.keras.layers.Dense(3, kernel_initializer=tf.keras.initializers.GlorotUniform(seed=1)),
+      ]
+    )
     return tff.learning.models.from_keras_model(
-        keras_model, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        input_spec=(tf.TensorSpec([None, 6], tf.float32), tf.TensorSpec([None], tf.int32)))
+      keras_model,
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      input_spec=(tf.TensorSpec([None, 6], tf.float32), tf.TensorSpec([None], tf.int32)),
+    )
 
   process = tff.learning.algorithms.build_weighted_fed_avg(
-      model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1))
+    model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1)
+  )
   rng = np.random.default_rng(3)
-  clients = [tf.data.Dataset.from_tensor_slices(
-      (rng.normal(size=(10 + i, 6)).astype(np.float32),
-       rng.integers(0, 3, size=10 + i).astype(np.int32))).batch(4) for i in range(5)]
+  clients = [
+    tf.data.Dataset.from_tensor_slices(
+      (
+        rng.normal(size=(10 + i, 6)).astype(np.float32),
+        rng.integers(0, 3, size=10 + i).astype(np.int32),
+      )
+    ).batch(4)
+    for i in range(5)
+  ]
   state = process.initialize()
   losses = []
   for _ in range(num_rounds):
@@ -95,24 +115,43 @@ def test_bad_worker_addresses_are_refused(spec):
 
 
 def test_worker_program_refuses_out_of_range_port():
-  proc = subprocess.run([sys.executable, '-m', 'tff_programs.worker', '--port=0'],
-                        capture_output=True, text=True, cwd=ROOT, timeout=60)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'tff_programs.worker', '--port=0'],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=60,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == 'worker: --port=0 is out of range 1..65535'
 
 
-TINY = ['--rounds=3', '--num_clients=4', '--clients_per_round=2', '--synthetic_train_size=240',
-        '--synthetic_test_size=60', '--batch_size=16', '--delta_t=1', '--t_end=2',
-        '--eval_every=1', '--min_client_size=8']
+TINY = [
+  '--rounds=3',
+  '--num_clients=4',
+  '--clients_per_round=2',
+  '--synthetic_train_size=240',
+  '--synthetic_test_size=60',
+  '--batch_size=16',
+  '--delta_t=1',
+  '--t_end=2',
+  '--eval_every=1',
+  '--min_client_size=8',
+]
 
 
 def _train(root_dir, extra=()):
-  proc = subprocess.run([sys.executable, '-m', 'tff_programs.train', f'--root_dir={root_dir}']
-                        + TINY + list(extra), capture_output=True, text=True, cwd=ROOT,
-                        timeout=600)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root_dir}'] + TINY + list(extra),
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   from tff_programs import program_io  # pylint: disable=g-import-not-at-top
   from fedmef_tf import model_io  # pylint: disable=g-import-not-at-top
+
   rows = program_io.read_metrics(root_dir)
   model, _ = model_io.load_model(os.path.join(root_dir, program_io.FINAL_MODEL_DIR))
   return rows, [np.asarray(w) for w in model.get_weights()]
@@ -121,12 +160,18 @@ def _train(root_dir, extra=()):
 def test_training_program_on_two_workers_matches_local_run(two_workers, tmp_path):
   targets, _ = two_workers
   local_rows, local_weights = _train(str(tmp_path / 'local'))
-  remote_rows, remote_weights = _train(str(tmp_path / 'remote'),
-                                       [f'--workers={",".join(targets)}'])
+  remote_rows, remote_weights = _train(str(tmp_path / 'remote'), [f'--workers={",".join(targets)}'])
   assert len(remote_rows) == len(local_rows) == 3
   for a, b in zip(remote_rows, local_rows):
-    for key in ('train_loss', 'train_accuracy', 'test_accuracy', 'density', 'bytes_down',
-                'bytes_up', 'clients_used'):
+    for key in (
+      'train_loss',
+      'train_accuracy',
+      'test_accuracy',
+      'density',
+      'bytes_down',
+      'bytes_up',
+      'clients_used',
+    ):
       assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
   assert len(remote_weights) == len(local_weights)
   for a, b in zip(remote_weights, local_weights):
@@ -136,9 +181,20 @@ def test_training_program_on_two_workers_matches_local_run(two_workers, tmp_path
 def test_training_program_names_an_unreachable_worker(tmp_path):
   port = portpicker.pick_unused_port()
   start = time.monotonic()
-  proc = subprocess.run([sys.executable, '-m', 'tff_programs.train',
-                         f'--root_dir={tmp_path / "run"}', f'--workers=127.0.0.1:{port}'] + TINY,
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'tff_programs.train',
+      f'--root_dir={tmp_path / "run"}',
+      f'--workers=127.0.0.1:{port}',
+    ]
+    + TINY,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   assert last == f'train: error: TFF worker at 127.0.0.1:{port} not reachable within 15s'

@@ -137,21 +137,24 @@ def test_input_grad_kernel_is_made_after_the_weight_gradient_and_used_for_dx():
     seen.append(dw.shape.as_list())
     return w * 2.0  # a different kernel, to show that dx uses it
 
-  for op, kw in ((sap.sap_conv2d, dict(strides=1, padding='SAME')),
-                 (sap.sap_depthwise_conv2d, dict(strides=1, padding='SAME'))):
+  for op, kw in (
+    (sap.sap_conv2d, dict(strides=1, padding='SAME')),
+    (sap.sap_depthwise_conv2d, dict(strides=1, padding='SAME')),
+  ):
     wk = w if op is sap.sap_conv2d else w[..., :1]
     _, dx_ref, dw_ref = _conv_grads(lambda x, w, op=op: op(x, w, gamma=0.5, **kw), x, wk)
     kernel = (lambda dw: remade(dw)) if op is sap.sap_conv2d else (lambda dw: wk * 2.0)
     _, dx, dw = _conv_grads(
-        lambda x, w, op=op, kernel=kernel: op(x, w, gamma=0.5, input_grad_kernel=kernel, **kw),
-        x, wk)
+      lambda x, w, op=op, kernel=kernel: op(x, w, gamma=0.5, input_grad_kernel=kernel, **kw), x, wk
+    )
     np.testing.assert_array_equal(dw.numpy(), dw_ref.numpy())
     np.testing.assert_allclose(dx.numpy(), 2.0 * dx_ref.numpy(), rtol=1e-6, atol=1e-6)
   assert seen == [[3, 3, 3, 2]]
   xm, wm = tf.reshape(x, [2, -1]), tf.constant(rng.standard_normal((75, 4)), tf.float32)
   _, dx_ref, _ = _conv_grads(lambda x, w: sap.sap_matmul(x, w, 0.5), xm, wm)
   _, dx, _ = _conv_grads(
-      lambda x, w: sap.sap_matmul(x, w, 0.5, input_grad_kernel=lambda dw: wm * 2.0), xm, wm)
+    lambda x, w: sap.sap_matmul(x, w, 0.5, input_grad_kernel=lambda dw: wm * 2.0), xm, wm
+  )
   np.testing.assert_allclose(dx.numpy(), 2.0 * dx_ref.numpy(), rtol=1e-6, atol=1e-6)
 
 
@@ -214,8 +217,10 @@ def test_masked_layers_make_their_kernel_through_the_strategy_s_layer_kernels():
   with execution.scope(execution.Strategy(layer_kernels=kernels)):
     got = layer(x)
     probe_grads = sparse_layers.dense_kernel_gradients(
-        layer, x, tf.zeros([4, 3]), lambda y, p: tf.reduce_sum(p))
+      layer, x, tf.zeros([4, 3]), lambda y, p: tf.reduce_sum(p)
+    )
   assert kernels.layers == ['dense']  # the probe of the growth score takes the plain kernel
   np.testing.assert_allclose(got.numpy(), 2.0 * expected.numpy(), rtol=1e-6)
-  np.testing.assert_allclose(probe_grads[0].numpy(),
-                             np.tile(x.numpy().sum(0)[:, None], (1, 3)), rtol=1e-5)
+  np.testing.assert_allclose(
+    probe_grads[0].numpy(), np.tile(x.numpy().sum(0)[:, None], (1, 3)), rtol=1e-5
+  )

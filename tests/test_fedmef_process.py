@@ -1,14 +1,11 @@
 """Execution and type tests of tff_programs.fedmef_process (small CNN, tiny data, few rounds)."""
 
-import collections
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmef_tf import mask_updates
-from fedmef_tf import models
 from tff_programs import fedmef_process
 
 INPUT_SHAPE = (8, 8, 3)
@@ -32,20 +29,33 @@ def _clients(sizes=(24, 16, 32), seed=0):
 
 def _model_fn(algorithm, gamma=0.5):
   return fedmef_process.make_model_fn(
-      'cnn', algorithm, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE, gamma=gamma, seed=1)
+    'cnn', algorithm, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE, gamma=gamma, seed=1
+  )
 
 
 def _process(algorithm='fedmef', **overrides):
-  kwargs = dict(algorithm=algorithm, density=0.3, delta_t=2, t_end=5, alpha=0.3,
-                lambda_bae=0.01, gamma=0.5, client_lr=0.1, client_lr_min=0.05,
-                total_rounds=10, local_epochs=1, batch_size=8, seed=3)
+  kwargs = dict(
+    algorithm=algorithm,
+    density=0.3,
+    delta_t=2,
+    t_end=5,
+    alpha=0.3,
+    lambda_bae=0.01,
+    gamma=0.5,
+    client_lr=0.1,
+    client_lr_min=0.05,
+    total_rounds=10,
+    local_epochs=1,
+    batch_size=8,
+    seed=3,
+  )
   kwargs.update(overrides)
-  return fedmef_process.build_fedmef_process(
-      _model_fn(algorithm, kwargs['gamma']), **kwargs)
+  return fedmef_process.build_fedmef_process(_model_fn(algorithm, kwargs['gamma']), **kwargs)
 
 
 def _layout(algorithm='fedmef'):
   from fedmef_tf import client  # pylint: disable=import-outside-toplevel
+
   return client.WeightLayout(_model_fn(algorithm)())
 
 
@@ -65,10 +75,23 @@ def test_model_variant_for():
     fedmef_process.model_variant_for('fedprox')
 
 
-@pytest.mark.parametrize('name,value', [
-    ('density', 0.0), ('density', 1.5), ('delta_t', 0), ('alpha', -0.1), ('lambda_bae', -1.0),
-    ('gamma', 1.2), ('client_lr', 0.0), ('client_lr_min', 0.5), ('local_epochs', 0),
-    ('batch_size', 2.5), ('algorithm', 'fedprox'), ('total_rounds', True)])
+@pytest.mark.parametrize(
+  'name,value',
+  [
+    ('density', 0.0),
+    ('density', 1.5),
+    ('delta_t', 0),
+    ('alpha', -0.1),
+    ('lambda_bae', -1.0),
+    ('gamma', 1.2),
+    ('client_lr', 0.0),
+    ('client_lr_min', 0.5),
+    ('local_epochs', 0),
+    ('batch_size', 2.5),
+    ('algorithm', 'fedprox'),
+    ('total_rounds', True),
+  ],
+)
 def test_builder_validates_arguments(name, value):
   with pytest.raises(ValueError):
     _process(**{name: value})
@@ -77,7 +100,8 @@ def test_builder_validates_arguments(name, value):
 def test_builder_rejects_model_with_wrong_sap_gamma():
   with pytest.raises(ValueError, match='SAP gamma'):
     fedmef_process.build_fedmef_process(
-        _model_fn('fedmef', 0.5), algorithm='fedmef_no_sap', gamma=0.5)
+      _model_fn('fedmef', 0.5), algorithm='fedmef_no_sap', gamma=0.5
+    )
 
 
 def test_next_type_signature(fedmef_process_):
@@ -91,11 +115,24 @@ def test_next_type_signature(fedmef_process_):
   assert state_type.member.is_equivalent_to(next_type.result.state.member)
   metric_names = [name for name, _ in tff.structure.iter_elements(next_type.result.metrics.member)]
   assert metric_names == [
-      'round_num', 'round_skipped', 'learning_rate', 'train_loss', 'train_accuracy',
-      'num_examples', 'global_density', 'layer_nnz', 'k', 'adjusted', 'marked_overlap',
-      'bytes_down', 'bytes_up', 'clients_used', 'clients_rejected', 'clients_empty']
-  assert fedmef_process_.initialize.type_signature.result.member.is_equivalent_to(
-      state_type.member)
+    'round_num',
+    'round_skipped',
+    'learning_rate',
+    'train_loss',
+    'train_accuracy',
+    'num_examples',
+    'global_density',
+    'layer_nnz',
+    'k',
+    'adjusted',
+    'marked_overlap',
+    'bytes_down',
+    'bytes_up',
+    'clients_used',
+    'clients_rejected',
+    'clients_empty',
+  ]
+  assert fedmef_process_.initialize.type_signature.result.member.is_equivalent_to(state_type.member)
 
 
 def test_rounds_with_adjustments_keep_sparsity_invariants(fedmef_process_):
@@ -123,7 +160,8 @@ def test_rounds_with_adjustments_keep_sparsity_invariants(fedmef_process_):
       grown = (old_mask == 0) & (new_mask > 0)
       if metrics['adjusted']:
         marked = mask_updates.marked_set(
-            old.trainable[layout.kernel_indices[l]], old_mask, metrics['k'][l]).numpy()
+          old.trainable[layout.kernel_indices[l]], old_mask, metrics['k'][l]
+        ).numpy()
         np.testing.assert_array_equal(pruned, marked > 0)
         assert grown.sum() == pruned.sum() == metrics['k'][l]
         assert not np.any(grown & pruned)
@@ -142,8 +180,7 @@ def test_poisoned_and_empty_clients_do_not_change_the_aggregate(fedmef_process_)
   state = fedmef_process_.initialize()
   clients = _clients()
   clean = fedmef_process_.next(state, clients)
-  dirty = fedmef_process_.next(
-      state, clients + [_dataset(16, 9, nan=True), _dataset(0, 10)])
+  dirty = fedmef_process_.next(state, clients + [_dataset(16, 9, nan=True), _dataset(0, 10)])
   for a, b in zip(tf.nest.flatten(clean.state), tf.nest.flatten(dirty.state)):
     np.testing.assert_array_equal(a, b)
   assert dirty.metrics['clients_rejected'] == 1
@@ -168,26 +205,40 @@ def test_model_weights_round_trip(fedmef_process_):
 def test_dense_round_equals_tff_weighted_fed_avg(tff_runtime):
   del tff_runtime
   keras_fn = fedmef_process.make_model_fn(
-      'cnn', 'fedmef_no_bae', num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE, gamma=0.0,
-      seed=1)
+    'cnn', 'fedmef_no_bae', num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE, gamma=0.0, seed=1
+  )
   process = fedmef_process.build_fedmef_process(
-      keras_fn, algorithm='fedmef_no_bae', density=1.0, gamma=0.0, client_lr=0.1,
-      client_lr_min=0.1, total_rounds=5, local_epochs=1, batch_size=8, delta_t=1, t_end=5)
-  element_spec = (tf.TensorSpec([None] + list(INPUT_SHAPE), tf.float32),
-                  tf.TensorSpec([None], tf.int32))
+    keras_fn,
+    algorithm='fedmef_no_bae',
+    density=1.0,
+    gamma=0.0,
+    client_lr=0.1,
+    client_lr_min=0.1,
+    total_rounds=5,
+    local_epochs=1,
+    batch_size=8,
+    delta_t=1,
+    t_end=5,
+  )
+  element_spec = (
+    tf.TensorSpec([None] + list(INPUT_SHAPE), tf.float32),
+    tf.TensorSpec([None], tf.int32),
+  )
 
   def tff_model_fn():
     return tff.learning.models.from_keras_model(
-        keras_fn(), loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        input_spec=element_spec)
+      keras_fn(),
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      input_spec=element_spec,
+    )
 
   fed_avg = tff.learning.algorithms.build_weighted_fed_avg(
-      tff_model_fn,
-      client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.1),
-      server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0))
+    tff_model_fn,
+    client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.1),
+    server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
+  )
   state = process.initialize()
-  reference = fed_avg.set_model_weights(
-      fed_avg.initialize(), process.get_model_weights(state))
+  reference = fed_avg.set_model_weights(fed_avg.initialize(), process.get_model_weights(state))
   clients = _clients((20, 13, 32))
   ours = process.next(state, clients)
   theirs = fed_avg.next(reference, [ds.batch(8) for ds in clients])
@@ -197,7 +248,8 @@ def test_dense_round_equals_tff_weighted_fed_avg(tff_runtime):
   for a, b in zip(ours_w.trainable, theirs_w.trainable):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert ours.metrics['train_loss'] == pytest.approx(
-      theirs.metrics['client_work']['train']['loss'], rel=1e-4)
+    theirs.metrics['client_work']['train']['loss'], rel=1e-4
+  )
 
 
 @pytest.mark.parametrize('algorithm', fedmef_process.ALGORITHMS)

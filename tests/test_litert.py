@@ -26,10 +26,19 @@ from tflite_export import train_module
 # -- depthwise gradients from builtin ops -----------------------------------------------------
 
 
-@pytest.mark.parametrize('size,k,stride,padding,multiplier', [
-    ((8, 8), 3, 1, 'SAME', 1), ((8, 8), 3, 2, 'SAME', 1), ((7, 9), 3, 2, 'SAME', 1),
-    ((8, 8), 3, 2, 'VALID', 1), ((9, 7), 5, 2, 'SAME', 2), ((5, 5), 3, 1, 'VALID', 3),
-    ((6, 6), 1, 1, 'VALID', 1), ((8, 8), 3, 3, 'SAME', 1)])
+@pytest.mark.parametrize(
+  'size,k,stride,padding,multiplier',
+  [
+    ((8, 8), 3, 1, 'SAME', 1),
+    ((8, 8), 3, 2, 'SAME', 1),
+    ((7, 9), 3, 2, 'SAME', 1),
+    ((8, 8), 3, 2, 'VALID', 1),
+    ((9, 7), 5, 2, 'SAME', 2),
+    ((5, 5), 3, 1, 'VALID', 3),
+    ((6, 6), 1, 1, 'VALID', 1),
+    ((8, 8), 3, 3, 'SAME', 1),
+  ],
+)
 def test_depthwise_gradients_equal_tf(size, k, stride, padding, multiplier):
   rng = np.random.default_rng(0)
   x = tf.constant(rng.standard_normal((2, *size, 4)).astype(np.float32))
@@ -53,9 +62,10 @@ def test_depthwise_gradients_equal_tf(size, k, stride, padding, multiplier):
 def test_masked_depthwise_layers_take_the_scoped_ops():
   calls = []
   ops = execution.DepthwiseOps(
-      conv=lambda *a: calls.append('conv') or depthwise_grad.depthwise_conv2d(*a),
-      input_grad=depthwise_grad.depthwise_input_grad,
-      filter_grad=lambda *a: calls.append('filter') or depthwise_grad.depthwise_filter_grad(*a))
+    conv=lambda *a: calls.append('conv') or depthwise_grad.depthwise_conv2d(*a),
+    input_grad=depthwise_grad.depthwise_input_grad,
+    filter_grad=lambda *a: calls.append('filter') or depthwise_grad.depthwise_filter_grad(*a),
+  )
   x = tf.random.stateless_uniform([2, 6, 6, 3], seed=[1, 2])
   w = tf.random.stateless_normal([3, 3, 3, 1], seed=[3, 4])
   with execution.scope(execution.DEFAULT.replace(depthwise=ops)):
@@ -73,8 +83,11 @@ def test_masked_depthwise_layers_take_the_scoped_ops():
 
 
 def test_checkpoint_layout_pack_unpack_and_file(tmp_path):
-  variables = [tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3)),
-               tf.Variable(np.float32(-0.5)), tf.Variable(np.ones([2, 1, 2], np.float32))]
+  variables = [
+    tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3)),
+    tf.Variable(np.float32(-0.5)),
+    tf.Variable(np.ones([2, 1, 2], np.float32)),
+  ]
   entries = checkpoint.layout(['a', 'b', 'c'], [v.shape for v in variables])
   assert entries == [('a', 0, [2, 3]), ('b', 6, []), ('c', 7, [2, 1, 2])]
   assert checkpoint.checkpoint_size(entries) == 11
@@ -95,25 +108,29 @@ def test_checkpoint_layout_pack_unpack_and_file(tmp_path):
 
 
 class _TwoSignatures(tf.Module):
-
   @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 2], tf.float32)])
   def plain(self, x):
     return {'y': tf.nn.relu(x) * 2.0}
 
   @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 2], tf.float32)])
   def flex(self, x):
-    return {'dw': tf.raw_ops.Conv2DBackpropFilter(
-        input=x, filter_sizes=[3, 3, 2, 2], out_backprop=x, strides=[1, 1, 1, 1],
-        padding='SAME')}
+    return {
+      'dw': tf.raw_ops.Conv2DBackpropFilter(
+        input=x, filter_sizes=[3, 3, 2, 2], out_backprop=x, strides=[1, 1, 1, 1], padding='SAME'
+      )
+    }
 
 
 @pytest.fixture(scope='module')
 def two_signature_file(tmp_path_factory):
   module = _TwoSignatures()
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
-      [module.plain.get_concrete_function(), module.flex.get_concrete_function()], module)
-  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
-                                         tf.lite.OpsSet.SELECT_TF_OPS]
+    [module.plain.get_concrete_function(), module.flex.get_concrete_function()], module
+  )
+  converter.target_spec.supported_ops = [
+    tf.lite.OpsSet.TFLITE_BUILTINS,
+    tf.lite.OpsSet.SELECT_TF_OPS,
+  ]
   path = tmp_path_factory.mktemp('litert') / 'two.tflite'
   path.write_bytes(converter.convert())
   return str(path)
@@ -123,8 +140,10 @@ def test_select_tf_ops_are_found_per_signature(two_signature_file):
   with open(two_signature_file, 'rb') as f:
     data = f.read()
   assert select_ops.select_tf_ops(data) == ['Conv2DBackpropFilter']
-  assert select_ops.select_tf_ops_by_signature(data) == {'plain': [],
-                                                         'flex': ['Conv2DBackpropFilter']}
+  assert select_ops.select_tf_ops_by_signature(data) == {
+    'plain': [],
+    'flex': ['Conv2DBackpropFilter'],
+  }
   with pytest.raises(ValueError, match='not a TFLite flatbuffer'):
     select_ops.select_tf_ops(b'\0' * 16)
 
@@ -133,8 +152,9 @@ def test_litert_child_is_stock_runtime(two_signature_file):
   x = np.random.default_rng(1).standard_normal((1, 4, 4, 2)).astype(np.float32)
   with litert_runtime.LiteRTInterpreter(two_signature_file) as lite:
     assert sorted(lite.get_signature_list()) == ['flex', 'plain']
-    np.testing.assert_array_equal(lite.get_signature_runner('plain')(x=x)['y'],
-                                  np.maximum(x, 0) * 2)
+    np.testing.assert_array_equal(
+      lite.get_signature_runner('plain')(x=x)['y'], np.maximum(x, 0) * 2
+    )
     with pytest.raises(RuntimeError, match='Select TensorFlow op'):
       lite.get_signature_runner('flex')(x=x)
     assert lite.get_signature_runner('plain')(x=-x)['y'].shape == x.shape  # still serving
@@ -162,11 +182,13 @@ def _depthwise_block_model():
   h = sap.BitReLU(max_value=6.0, name='stem_relu')(h)
   h = sparse_layers.MaskedConv2D(16, 1, name='expand', **kw)(h)
   h = sap.BitReLU(max_value=6.0, name='expand_relu')(h)
-  h = sparse_layers.MaskedDepthwiseConv2D(3, strides=2, center=False, center_output=True,
-                                          name='dw_s2', **kw)(h)
+  h = sparse_layers.MaskedDepthwiseConv2D(
+    3, strides=2, center=False, center_output=True, name='dw_s2', **kw
+  )(h)
   h = sap.BitReLU(max_value=6.0, name='dw_s2_relu')(h)
-  d = sparse_layers.MaskedDepthwiseConv2D(3, strides=1, center=False, center_output=True,
-                                          name='dw_s1', **kw)(h)
+  d = sparse_layers.MaskedDepthwiseConv2D(
+    3, strides=1, center=False, center_output=True, name='dw_s1', **kw
+  )(h)
   h = tf.keras.layers.Add(name='residual')([h, sap.BitReLU(max_value=6.0, name='dw_relu')(d)])
   h = tf.keras.layers.GlobalAveragePooling2D(name='pool')(h)
   out = sparse_layers.MaskedDense(2, normalize=True, sap_gamma=0.7, name='classifier')(h)
@@ -178,8 +200,12 @@ def _depthwise_block_model():
 def test_depthwise_fedmef_train_module_converts_without_select_tf_ops():
   # Every signature (train with SAP and per-layer updates, dense_gradients, save/restore, ...)
   # of a network with masked depthwise convolutions, converted as the exporter does.
-  module = train_module.TrainModule(_depthwise_block_model(), batch_size=2, learning_rate=0.1,
-                                    metadata={'model': 'test', 'variant': 'fedmef'})
+  module = train_module.TrainModule(
+    _depthwise_block_model(),
+    batch_size=2,
+    learning_rate=0.1,
+    metadata={'model': 'test', 'variant': 'fedmef'},
+  )
   flatbuffer = export.convert(module)
   by_signature = select_ops.select_tf_ops_by_signature(flatbuffer)
   assert sorted(by_signature) == sorted(module.signature_names())
@@ -198,9 +224,11 @@ FULL_EXPORTS = os.environ.get('FEDMEF_FULL_EXPORT_TESTS') == '1'
 @pytest.mark.parametrize('model', ['resnet18', 'mobilenet_v2'])
 def test_fedmef_export_has_no_select_tf_op(model, tmp_path):
   # Smallest input and batch that keep every layer and signature; conversion only.
-  keras_model, config = export.load_source(model=model, variant='fedmef', density=0.1,
-                                           num_classes=2, input_shape=(8, 8, 3))
-  report = export.export_model(keras_model, config, str(tmp_path / f'{model}.tflite'),
-                               batch_size=1, measure_memory=False)
+  keras_model, config = export.load_source(
+    model=model, variant='fedmef', density=0.1, num_classes=2, input_shape=(8, 8, 3)
+  )
+  report = export.export_model(
+    keras_model, config, str(tmp_path / f'{model}.tflite'), batch_size=1, measure_memory=False
+  )
   assert sorted(report.select_tf_ops) == sorted(report.metadata['signatures'])
   assert not report.needs_select_tf_ops, report.select_tf_ops

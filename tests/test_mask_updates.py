@@ -24,9 +24,11 @@ def test_marked_set_hand_case_with_ties():
   # Active |w|: 0.5 (0), 0.1 (1), 0.1 (3), 2.0 (4), 0.3 (5); two smallest: flat 1 and 3 (tie
   # on 0.1, both taken); with k = 1 the lower index 1 wins the tie.
   np.testing.assert_array_equal(
-      mask_updates.marked_set(kernel, mask, 2).numpy(), [[0, 1, 0], [1, 0, 0]])
+    mask_updates.marked_set(kernel, mask, 2).numpy(), [[0, 1, 0], [1, 0, 0]]
+  )
   np.testing.assert_array_equal(
-      mask_updates.marked_set(kernel, mask, 1).numpy(), [[0, 1, 0], [0, 0, 0]])
+    mask_updates.marked_set(kernel, mask, 1).numpy(), [[0, 1, 0], [0, 0, 0]]
+  )
   # The inactive zero at flat 2 is never marked, even though |w| = 0 is smallest.
   assert mask_updates.marked_set(kernel, mask, 5).numpy()[0, 2] == 0
   # k beyond nnz is clipped to nnz.
@@ -53,22 +55,26 @@ def test_server_adjust_hand_case():
   aggregated = np.array([0.8, 0.01, 0.0, -0.25, 0.0, 0.0], np.float32)
   grad = np.array([0.0, 0.0, 0.3, 0.0, -0.7, 0.1], np.float32)
   kernel, new_mask, pruned, grown = mask_updates.server_adjust_layer(
-      broadcast, mask, aggregated, grad, 2)
-  np.testing.assert_array_equal(pruned.numpy(), [0, 1, 0, 1, 0, 0])   # |0.05|, |-0.2|
-  np.testing.assert_array_equal(grown.numpy(), [0, 0, 1, 0, 1, 0])    # |-0.7|, |0.3|
+    broadcast, mask, aggregated, grad, 2
+  )
+  np.testing.assert_array_equal(pruned.numpy(), [0, 1, 0, 1, 0, 0])  # |0.05|, |-0.2|
+  np.testing.assert_array_equal(grown.numpy(), [0, 0, 1, 0, 1, 0])  # |-0.7|, |0.3|
   np.testing.assert_array_equal(new_mask.numpy(), [1, 0, 1, 0, 1, 0])
   np.testing.assert_array_equal(kernel.numpy(), np.float32([0.8, 0, 0, 0, 0, 0]))
 
 
-@pytest.mark.parametrize('shape,density,k,seed', [
-    ((3, 3, 4, 8), 0.2, 10, 0), ((64, 10), 0.5, 40, 1), ((5, 5, 1, 7), 0.1, 3, 2)])
+@pytest.mark.parametrize(
+  'shape,density,k,seed',
+  [((3, 3, 4, 8), 0.2, 10, 0), ((64, 10), 0.5, 40, 1), ((5, 5, 1, 7), 0.1, 3, 2)],
+)
 def test_server_adjust_properties(shape, density, k, seed):
   kernel, mask = _random_layer(shape, density, seed)
   rng = np.random.default_rng(seed + 10)
   aggregated = (kernel + 0.01 * rng.normal(size=shape).astype(np.float32)) * mask
   grad = rng.normal(size=shape).astype(np.float32)
   new_kernel, new_mask, pruned, grown = [
-      x.numpy() for x in mask_updates.server_adjust_layer(kernel, mask, aggregated, grad, k)]
+    x.numpy() for x in mask_updates.server_adjust_layer(kernel, mask, aggregated, grad, k)
+  ]
   # Pruned set is exactly the marked set.
   np.testing.assert_array_equal(pruned, mask_updates.marked_set(kernel, mask, k).numpy())
   assert pruned.sum() == k and grown.sum() == k
@@ -132,19 +138,18 @@ def test_magnitude_mask_ties_and_eligibility():
   kernel = np.array([0.2, -0.2, 0.5, 0.9], np.float32)
   eligible = np.array([1, 1, 1, 0], np.float32)
   np.testing.assert_array_equal(
-      mask_updates.magnitude_mask(kernel, eligible, 2).numpy(), [1, 0, 1, 0])
+    mask_updates.magnitude_mask(kernel, eligible, 2).numpy(), [1, 0, 1, 0]
+  )
 
 
 def test_tfmot_target_sparsity_follows_polynomial_decay():
   # s(t) = s_f + (0 - s_f) * (1 - t / end) ** 3, pruning every `frequency` rounds.
   for t in [0, 5, 10, 20, 25]:
-    should, s = mask_updates.tfmot_target_sparsity(
-        t, final_sparsity=0.9, end_round=20, frequency=5)
+    should, s = mask_updates.tfmot_target_sparsity(t, final_sparsity=0.9, end_round=20, frequency=5)
     expected = 0.9 - 0.9 * (1 - min(t, 20) / 20) ** 3
     np.testing.assert_allclose(float(s), expected, rtol=1e-6, atol=1e-7)
     assert bool(should) is (t % 5 == 0 and t <= 20)
 
 
 def test_uniform_nnz():
-  np.testing.assert_array_equal(
-      mask_updates.uniform_nnz([100, 10, 3], 0.9).numpy(), [10, 1, 1])
+  np.testing.assert_array_equal(mask_updates.uniform_nnz([100, 10, 3], 0.9).numpy(), [10, 1, 1])

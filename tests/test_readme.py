@@ -28,11 +28,18 @@ def test_the_section_has_the_promised_snippets():
     blocks = library_blocks(f.read())
   code = '\n'.join(blocks)
   assert len(blocks) >= 3
-  for name in ('fedmef_tf.build_model', 'fedmef_tf.sparsify(', '.fit(',
-               'tff_programs.build_fedmef_process',
-               'TestClientData', 'assign_weights_to', 'tf.keras.models.load_model',
-               'fedmef_tf.custom_object_scope()', 'tflite_export.export_model(sparse',
-               "get_signature_runner('train')"):
+  for name in (
+    'fedmef_tf.build_model',
+    'fedmef_tf.sparsify(',
+    '.fit(',
+    'tff_programs.build_fedmef_process',
+    'TestClientData',
+    'assign_weights_to',
+    'tf.keras.models.load_model',
+    'fedmef_tf.custom_object_scope()',
+    'tflite_export.export_model(sparse',
+    "get_signature_runner('train')",
+  ):
     assert name in code, name
   assert 'custom_objects=' not in code
 
@@ -45,19 +52,33 @@ def test_library_snippets_run(tmp_path):
   env = dict(os.environ)
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
-  proc = subprocess.run([sys.executable, str(path)], cwd=str(tmp_path), env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, str(path)],
+    cwd=str(tmp_path),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert 'README snippets: ok' in proc.stdout
 
 
-@pytest.mark.parametrize('package,heavy', [('fedmef_tf', 'tensorflow_federated'),
-                                           ('tff_programs', 'tensorflow')])
+@pytest.mark.parametrize(
+  'package,heavy', [('fedmef_tf', 'tensorflow_federated'), ('tff_programs', 'tensorflow')]
+)
 def test_importing_a_package_is_light(package, heavy):
-  code = (f'import sys, {package}; names = {package}.__all__; '
-          f'print(len(names), {heavy!r} in sys.modules)')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+  code = (
+    f'import sys, {package}; names = {package}.__all__; print(len(names), {heavy!r} in sys.modules)'
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+  )
   assert proc.returncode == 0, proc.stderr
   count, imported = proc.stdout.split()
   assert int(count) > 3 and imported == 'False', proc.stdout
@@ -66,6 +87,7 @@ def test_importing_a_package_is_light(package, heavy):
 def test_public_names_resolve():
   import fedmef_tf  # pylint: disable=import-outside-toplevel
   import tflite_export  # pylint: disable=import-outside-toplevel
+
   for name in fedmef_tf.__all__:
     assert getattr(fedmef_tf, name) is not None, name
   assert fedmef_tf.build_model is fedmef_tf.models.build_model

@@ -31,8 +31,13 @@ time.sleep(600)
 
 def _holder(root_dir, mode='sleep'):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  proc = subprocess.Popen([sys.executable, '-c', _HOLDER, str(root_dir), mode], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, '-c', _HOLDER, str(root_dir), mode],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   assert proc.stdout.readline().strip() == 'held'
   return proc
 

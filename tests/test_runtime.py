@@ -1,4 +1,5 @@
 """The TFF runtime ends its worker on every exit path, and computes through it correctly."""
+
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A program that starts the runtime, runs a federated mean, prints the worker PID, then ends
 # in the way named by argv[1].
-CHILD = textwrap.dedent('''
+CHILD = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, %(root)r)
     from tff_programs import runtime
@@ -39,7 +40,7 @@ CHILD = textwrap.dedent('''
       while True:
         mean([1.0, 2.0])
         time.sleep(0.05)
-''') % {'root': ROOT}
+""") % {'root': ROOT}
 
 
 def _is_worker(pid: int) -> bool:
@@ -64,8 +65,13 @@ def _wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
 
 
 def _start(mode: str):
-  proc = subprocess.Popen([sys.executable, '-c', CHILD, mode], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  proc = subprocess.Popen(
+    [sys.executable, '-c', CHILD, mode],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
   line = proc.stdout.readline()
   assert line.startswith('WORKER'), (line, proc.stderr.read() if proc.poll() is not None else '')
   return proc, int(line.split()[1])
@@ -81,11 +87,14 @@ def test_worker_ends_when_program_ends(mode, expected_rc):
   assert _wait_gone(pid), f'worker {pid} outlived its program ({mode})'
 
 
-@pytest.mark.parametrize('sig,expected_rc', [
+@pytest.mark.parametrize(
+  'sig,expected_rc',
+  [
     (signal.SIGINT, -signal.SIGINT),  # KeyboardInterrupt: Python re-raises SIGINT at exit
     (signal.SIGTERM, 128 + signal.SIGTERM),
     (signal.SIGKILL, -signal.SIGKILL),
-])
+  ],
+)
 def test_worker_ends_when_program_is_signalled(sig, expected_rc):
   proc, pid = _start('wait')
   assert proc.stdout.readline().startswith('WAITING')
@@ -104,8 +113,9 @@ def test_federated_mean_through_runtime(tff_runtime):
   def mean(x):
     return tff.federated_mean(x)
 
-  @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS),
-                             tff.FederatedType(np.float32, tff.CLIENTS))
+  @tff.federated_computation(
+    tff.FederatedType(np.float32, tff.CLIENTS), tff.FederatedType(np.float32, tff.CLIENTS)
+  )
   def weighted_mean(x, w):
     return tff.federated_mean(x, weight=w)
 
@@ -114,7 +124,8 @@ def test_federated_mean_through_runtime(tff_runtime):
   weights = rng.uniform(1, 5, size=7).astype(np.float32)
   assert float(mean(list(values))) == pytest.approx(float(values.mean()), rel=1e-6)
   assert float(weighted_mean(list(values), list(weights))) == pytest.approx(
-      float((values * weights).sum() / weights.sum()), rel=1e-5)
+    float((values * weights).sum() / weights.sum()), rel=1e-5
+  )
   assert tff_runtime.worker.alive()
 
 
@@ -147,5 +158,5 @@ def test_security_local_worker_is_not_reachable_over_the_network(tff_runtime):
     with pytest.raises(ConnectionRefusedError):
       socket.create_connection((host, port), timeout=5).close()
   assert tff_runtime.worker.target.startswith('unix:')
-  directory = os.path.dirname(tff_runtime.worker.target[len('unix:'):])
+  directory = os.path.dirname(tff_runtime.worker.target[len('unix:') :])
   assert os.stat(directory).st_mode & 0o077 == 0  # only this user may reach the socket

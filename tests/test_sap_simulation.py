@@ -29,23 +29,37 @@ from tff_programs import fedmef_process
 
 INPUT_SHAPE = (8, 8, 3)
 NUM_CLASSES = 3
-SETTINGS = dict(density=0.5, delta_t=1, t_end=5, alpha=0.3, lambda_bae=0.01, client_lr=0.1,
-                client_lr_min=0.05, total_rounds=10, local_epochs=1, batch_size=8, seed=2)
+SETTINGS = dict(
+  density=0.5,
+  delta_t=1,
+  t_end=5,
+  alpha=0.3,
+  lambda_bae=0.01,
+  client_lr=0.1,
+  client_lr_min=0.05,
+  total_rounds=10,
+  local_epochs=1,
+  batch_size=8,
+  seed=2,
+)
 
 
 def _model_fn(gamma):
   def model_fn():
     tf.keras.utils.set_random_seed(7)
     inp = tf.keras.Input(INPUT_SHAPE)
-    h = sparse_layers.MaskedConv2D(6, 3, padding='same', normalize=True, sap_gamma=gamma,
-                                   name='conv')(inp)
+    h = sparse_layers.MaskedConv2D(
+      6, 3, padding='same', normalize=True, sap_gamma=gamma, name='conv'
+    )(inp)
     h = sap.BitReLU(name='relu1')(h)
-    h = sparse_layers.MaskedDepthwiseConv2D(3, padding='same', normalize=True,
-                                            sap_gamma=gamma, name='depthwise')(h)
+    h = sparse_layers.MaskedDepthwiseConv2D(
+      3, padding='same', normalize=True, sap_gamma=gamma, name='depthwise'
+    )(h)
     h = sap.BitReLU(name='relu2')(h)
     h = tf.keras.layers.Flatten()(h)
     out = sparse_layers.MaskedDense(NUM_CLASSES, sap_gamma=gamma, name='dense')(h)
     return tf.keras.Model(inp, out)
+
   return model_fn
 
 
@@ -63,20 +77,34 @@ def _plain_round(model_fn, gamma, state0):
   model = model_fn()
   layout = client.WeightLayout(model)
   schedule = server.ScheduleConfig(
-      mode=server.MODE_SERVER_ADJUST, delta_t=SETTINGS['delta_t'], t_end=SETTINGS['t_end'],
-      alpha=SETTINGS['alpha'], eta_0=SETTINGS['client_lr'], eta_min=SETTINGS['client_lr_min'],
-      total_rounds=SETTINGS['total_rounds'], density=SETTINGS['density'])
+    mode=server.MODE_SERVER_ADJUST,
+    delta_t=SETTINGS['delta_t'],
+    t_end=SETTINGS['t_end'],
+    alpha=SETTINGS['alpha'],
+    eta_0=SETTINGS['client_lr'],
+    eta_min=SETTINGS['client_lr_min'],
+    total_rounds=SETTINGS['total_rounds'],
+    density=SETTINGS['density'],
+  )
   state = server.ServerState(
-      round_num=tf.constant(state0.round_num, tf.int32),
-      trainable=[tf.constant(a) for a in state0.trainable],
-      non_trainable=[tf.constant(a) for a in state0.non_trainable],
-      mask_changed=tf.constant(state0.mask_changed))
+    round_num=tf.constant(state0.round_num, tf.int32),
+    trainable=[tf.constant(a) for a in state0.trainable],
+    non_trainable=[tf.constant(a) for a in state0.non_trainable],
+    mask_changed=tf.constant(state0.mask_changed),
+  )
   config = server.round_config(state, layout, schedule)
   update = client.build_client_update(
-      model, layout, local_epochs=SETTINGS['local_epochs'], batch_size=SETTINGS['batch_size'],
-      eta_0=SETTINGS['client_lr'], lambda_bae=SETTINGS['lambda_bae'], use_bae=True,
-      server_adjust=True, client_regrow=False,
-      gradient_clipping=agc.clipping_for('fedmef'))
+    model,
+    layout,
+    local_epochs=SETTINGS['local_epochs'],
+    batch_size=SETTINGS['batch_size'],
+    eta_0=SETTINGS['client_lr'],
+    lambda_bae=SETTINGS['lambda_bae'],
+    use_bae=True,
+    server_adjust=True,
+    client_regrow=False,
+    gradient_clipping=agc.clipping_for('fedmef'),
+  )
   assert sap.current_strategy() == sap.STORED and sap_native.enabled()
   output = update(_dataset(), list(state.trainable), list(state.non_trainable), config)
   return server.server_update(state, config, output, layout, schedule)
@@ -90,7 +118,8 @@ def test_tff_round_equals_plain_tf_round_with_native_kernels(tff_runtime, gamma)
   kinds = [type(l).__name__ for l in masks.prunable_layers(model_fn())]
   assert kinds == ['MaskedConv2D', 'MaskedDepthwiseConv2D', 'MaskedDense']
   process = fedmef_process.build_fedmef_process(
-      model_fn, algorithm='fedmef', gamma=gamma, sap_strategy=sap.SIMULATED, **SETTINGS)
+    model_fn, algorithm='fedmef', gamma=gamma, sap_strategy=sap.SIMULATED, **SETTINGS
+  )
   state0 = process.initialize()
   output = process.next(state0, [_dataset()])
   state, metrics = output.state, output.metrics

@@ -8,8 +8,10 @@ import pytest
 from fedmef_tf import schedules
 
 
-@pytest.mark.parametrize('t,expected', [
-    (0, False), (5, False), (10, True), (20, True), (300, True), (310, False), (15, False)])
+@pytest.mark.parametrize(
+  't,expected',
+  [(0, False), (5, False), (10, True), (20, True), (300, True), (310, False), (15, False)],
+)
 def test_is_adjustment_round(t, expected):
   assert bool(schedules.is_adjustment_round(t, 10, 300)) is expected
 
@@ -18,16 +20,18 @@ def test_no_adjustment_when_t_end_zero():
   assert not bool(schedules.is_adjustment_round(10, 10, 0))
 
 
-@pytest.mark.parametrize('t,expected', [
-    (150, 0.1),                                   # cos(pi/2) = 0
-    (100, 0.15),                                  # 0.1 * (1 + 0.5)
-    (10, 0.1 * (1 + math.cos(math.pi / 30))),     # 0.19945...
-    (300, 0.0),                                   # cos(pi) = -1
-    (400, 0.0),                                   # after T_end
-])
+@pytest.mark.parametrize(
+  't,expected',
+  [
+    (150, 0.1),  # cos(pi/2) = 0
+    (100, 0.15),  # 0.1 * (1 + 0.5)
+    (10, 0.1 * (1 + math.cos(math.pi / 30))),  # 0.19945...
+    (300, 0.0),  # cos(pi) = -1
+    (400, 0.0),  # after T_end
+  ],
+)
 def test_adjustment_fraction(t, expected):
-  np.testing.assert_allclose(
-      float(schedules.adjustment_fraction(t, 0.2, 300)), expected, atol=1e-7)
+  np.testing.assert_allclose(float(schedules.adjustment_fraction(t, 0.2, 300)), expected, atol=1e-7)
 
 
 def test_adjustment_counts_floor():
@@ -60,14 +64,16 @@ def test_adjustment_counts_capped_by_inactive():
   np.testing.assert_array_equal(k.numpy(), [1, 2])
 
 
-@pytest.mark.parametrize('n,b,e,expected', [(130, 64, 5, 15), (128, 64, 5, 10), (0, 64, 5, 0),
-                                            (1, 64, 1, 1)])
+@pytest.mark.parametrize(
+  'n,b,e,expected', [(130, 64, 5, 15), (128, 64, 5, 10), (0, 64, 5, 0), (1, 64, 1, 1)]
+)
 def test_local_step_budget(n, b, e, expected):
   assert int(schedules.local_step_budget(n, b, e)) == expected
 
 
-@pytest.mark.parametrize('tau,expected', [
-    (0, 1.0), (5, 10.0 / 15.0), (9, 2.0 / 11.0), (10, 0.0), (12, 0.0)])
+@pytest.mark.parametrize(
+  'tau,expected', [(0, 1.0), (5, 10.0 / 15.0), (9, 2.0 / 11.0), (10, 0.0), (12, 0.0)]
+)
 def test_rex_profile(tau, expected):
   np.testing.assert_allclose(float(schedules.rex_profile(tau, 10)), expected, rtol=1e-6)
 
@@ -87,18 +93,22 @@ def test_bae_beta_hand_computed():
 def test_bae_learning_rate_is_max():
   # beta(0) with norm ln 3 is 0.05; eta_t 0.02 -> mu 0.05; eta_t 0.08 -> mu 0.08.
   np.testing.assert_allclose(
-      float(schedules.bae_learning_rate(0, 10, math.log(3.0), 0.02, 0.1)), 0.05, rtol=1e-6)
+    float(schedules.bae_learning_rate(0, 10, math.log(3.0), 0.02, 0.1)), 0.05, rtol=1e-6
+  )
   np.testing.assert_allclose(
-      float(schedules.bae_learning_rate(0, 10, math.log(3.0), 0.08, 0.1)), 0.08, rtol=1e-6)
+    float(schedules.bae_learning_rate(0, 10, math.log(3.0), 0.08, 0.1)), 0.08, rtol=1e-6
+  )
   # At the end of the budget mu falls back to eta_t.
   np.testing.assert_allclose(
-      float(schedules.bae_learning_rate(10, 10, 5.0, 0.02, 0.1)), 0.02, rtol=1e-6)
+    float(schedules.bae_learning_rate(10, 10, 5.0, 0.02, 0.1)), 0.02, rtol=1e-6
+  )
 
 
-@pytest.mark.parametrize('t,expected', [(1, 0.1), (2, 0.1 * 0.1 ** 0.5), (3, 0.01), (9, 0.01)])
+@pytest.mark.parametrize('t,expected', [(1, 0.1), (2, 0.1 * 0.1**0.5), (3, 0.01), (9, 0.01)])
 def test_client_learning_rate(t, expected):
   np.testing.assert_allclose(
-      float(schedules.client_learning_rate(t, 0.1, 0.01, 3)), expected, rtol=1e-6)
+    float(schedules.client_learning_rate(t, 0.1, 0.01, 3)), expected, rtol=1e-6
+  )
 
 
 def test_client_learning_rate_single_round():

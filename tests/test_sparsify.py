@@ -56,8 +56,7 @@ def _mobilenet_style(seed=0):
     h = L.Conv2D(16, 1, use_bias=False, name=name + '_expand')(x)
     h = L.BatchNormalization(name=name + '_expand_bn')(h)
     h = L.ReLU(6.0, name=name + '_expand_relu')(h)
-    h = L.DepthwiseConv2D(3, strides=stride, padding='same', use_bias=False,
-                          name=name + '_dw')(h)
+    h = L.DepthwiseConv2D(3, strides=stride, padding='same', use_bias=False, name=name + '_dw')(h)
     h = L.BatchNormalization(name=name + '_dw_bn')(h)
     h = L.ReLU(6.0, name=name + '_dw_relu')(h)
     h = L.Conv2D(8, 1, use_bias=False, name=name + '_project')(h)
@@ -92,20 +91,41 @@ def _toy_data(n, seed):
 
 def test_cnn_with_bn_fedmef_rules_masks_and_erk():
   source = _bn_cnn()
-  model = fedmef_tf.sparsify(source, density=0.3, variant='fedmef', gamma=0.5, seed=4,
-                             input_mean=[0.1, 0.2, 0.3], input_std=[0.5, 1.0, 2.0])
+  model = fedmef_tf.sparsify(
+    source,
+    density=0.3,
+    variant='fedmef',
+    gamma=0.5,
+    seed=4,
+    input_mean=[0.1, 0.2, 0.3],
+    input_std=[0.5, 1.0, 2.0],
+  )
   assert model.name == 'bn_cnn_fedmef'
   types = [type(l).__name__ for l in model.layers]
-  assert types == ['InputLayer', 'Normalization', 'MaskedConv2D', 'BitReLU', 'MaskedConv2D',
-                   'BitReLU', 'Flatten', 'MaskedDense', 'BitReLU', 'MaskedDense']
+  assert types == [
+    'InputLayer',
+    'Normalization',
+    'MaskedConv2D',
+    'BitReLU',
+    'MaskedConv2D',
+    'BitReLU',
+    'Flatten',
+    'MaskedDense',
+    'BitReLU',
+    'MaskedDense',
+  ]
   assert not any(isinstance(l, L.BatchNormalization) for l in model.layers)
   norm = model.get_layer('input_norm')
   np.testing.assert_allclose(np.ravel(norm.mean), [0.1, 0.2, 0.3])
   np.testing.assert_allclose(np.ravel(norm.variance), [0.25, 1.0, 4.0])
   # The stem reads the normalised input (unit variance, centred); every later layer a ReLU
   # output of a unit-variance NSConv output.
-  expected = {'conv1': (1.0, False, False), 'conv2': (RELU_GAIN, True, True),
-              'fc1': (RELU_GAIN, True, False), 'logits': (RELU_GAIN, True, False)}
+  expected = {
+    'conv1': (1.0, False, False),
+    'conv2': (RELU_GAIN, True, True),
+    'fc1': (RELU_GAIN, True, False),
+    'logits': (RELU_GAIN, True, False),
+  }
   for name, (act_gain, center, center_output) in expected.items():
     config = _config(model, name)
     assert config['normalize'] and config['sap_gamma'] == 0.5 and config['gain_init'] == 1.0
@@ -117,24 +137,35 @@ def test_cnn_with_bn_fedmef_rules_masks_and_erk():
   # Masks: exactly the ERK densities and random masks of fedmef_tf.masks for this seed.
   shapes, expected_masks = _erk_masks(model, 0.3, 4)
   assert shapes == [(3, 3, 3, 8), (3, 3, 8, 16), (256, 32), (32, NUM_CLASSES)]
-  for layer, mask, d in zip(masks.prunable_layers(model), expected_masks,
-                            masks.erk_densities(shapes, 0.3)):
+  for layer, mask, d in zip(
+    masks.prunable_layers(model), expected_masks, masks.erk_densities(shapes, 0.3)
+  ):
     np.testing.assert_array_equal(layer.mask.numpy(), mask)
     size = int(np.prod(layer.kernel.shape))
     assert masks.layer_nnz(layer)[0] == math.floor(d * size + 0.5)
   assert masks.global_density(model) == pytest.approx(0.3, abs=0.01)
   # The input model's kernels are copied, then masked.
   for layer in masks.prunable_layers(model):
-    np.testing.assert_array_equal(layer.kernel.numpy(),
-                                  source.get_layer(layer.name).kernel.numpy() * layer.mask.numpy())
+    np.testing.assert_array_equal(
+      layer.kernel.numpy(), source.get_layer(layer.name).kernel.numpy() * layer.mask.numpy()
+    )
 
 
 def test_cnn_with_bn_baseline_keeps_bn_and_the_function():
   source = _bn_cnn()
   model = fedmef_tf.sparsify(source, density=1.0, variant='baseline', gamma=0.5)
   types = [type(l).__name__ for l in model.layers]
-  assert types == ['InputLayer', 'MaskedConv2D', 'BatchNormalization', 'ReLU', 'MaskedConv2D',
-                   'BatchNormalization', 'Flatten', 'MaskedDense', 'MaskedDense']
+  assert types == [
+    'InputLayer',
+    'MaskedConv2D',
+    'BatchNormalization',
+    'ReLU',
+    'MaskedConv2D',
+    'BatchNormalization',
+    'Flatten',
+    'MaskedDense',
+    'MaskedDense',
+  ]
   for layer in masks.prunable_layers(model):
     config = layer.get_config()
     assert not config['normalize'] and config['sap_gamma'] == 0.0
@@ -147,27 +178,28 @@ def test_cnn_with_bn_baseline_keeps_bn_and_the_function():
 
 
 def test_mobilenet_style_depthwise_and_identity_add():
-  model = fedmef_tf.sparsify(_mobilenet_style(), density=0.5, variant='fedmef', gamma=0.7,
-                             seed=2)
+  model = fedmef_tf.sparsify(_mobilenet_style(), density=0.5, variant='fedmef', gamma=0.7, seed=2)
   assert not any(isinstance(l, L.BatchNormalization) for l in model.layers)
   assert isinstance(model.get_layer('b0_add'), models.ResidualAdd)
   assert isinstance(model.get_layer('pool'), models.GlobalAvgPool)
   assert isinstance(model.get_layer('b0_dw'), sparse_layers.MaskedDepthwiseConv2D)
-  assert all(_config(model, n)['max_value'] == 6.0
-             for n in ('stem_relu', 'b0_expand_relu', 'b0_dw_relu', 'last_relu'))
+  assert all(
+    _config(model, n)['max_value'] == 6.0
+    for n in ('stem_relu', 'b0_expand_relu', 'b0_dw_relu', 'last_relu')
+  )
   # After b0's Add: the branch (alpha^2) plus its identity shortcut, the stem's ReLU6 output
   # of a unit-variance NSConv output (variance 1 / RELU_GAIN^2).
   beta = math.sqrt(ALPHA * ALPHA + 1.0 / (RELU_GAIN * RELU_GAIN))
   expected = {  # act_gain, center, center_output, gain_init
-      'stem': (1.0, False, False, 1.0),
-      'b0_expand': (RELU_GAIN, True, True, 1.0),
-      'b0_dw': (RELU_GAIN, False, True, 1.0),
-      'b0_project': (RELU_GAIN, True, True, ALPHA),  # residual branch onto an identity
-      'b1_expand': (1.0 / beta, True, True, 1.0),
-      'b1_dw': (RELU_GAIN, False, True, 1.0),
-      'b1_project': (RELU_GAIN, True, True, 1.0),  # no shortcut: the stream restarts at 1
-      'last': (1.0, True, True, 1.0),
-      'classifier': (RELU_GAIN, True, False, 1.0),  # the pooled ReLU6 features' gain
+    'stem': (1.0, False, False, 1.0),
+    'b0_expand': (RELU_GAIN, True, True, 1.0),
+    'b0_dw': (RELU_GAIN, False, True, 1.0),
+    'b0_project': (RELU_GAIN, True, True, ALPHA),  # residual branch onto an identity
+    'b1_expand': (1.0 / beta, True, True, 1.0),
+    'b1_dw': (RELU_GAIN, False, True, 1.0),
+    'b1_project': (RELU_GAIN, True, True, 1.0),  # no shortcut: the stream restarts at 1
+    'last': (1.0, True, True, 1.0),
+    'classifier': (RELU_GAIN, True, False, 1.0),  # the pooled ReLU6 features' gain
   }
   for name, (act_gain, center, center_output, gain_init) in expected.items():
     config = _config(model, name)
@@ -208,8 +240,9 @@ def test_residual_block_variance_is_propagated(projection):
     assert _config(model, 'conv2')['gain_init'] == ALPHA
     variance = ALPHA * ALPHA + 1.0 / (RELU_GAIN * RELU_GAIN)
   assert _config(model, 'conv1')['gain_init'] == 1.0
-  assert _config(model, 'next')['act_gain'] == pytest.approx(RELU_GAIN / math.sqrt(variance),
-                                                            rel=1e-12)
+  assert _config(model, 'next')['act_gain'] == pytest.approx(
+    RELU_GAIN / math.sqrt(variance), rel=1e-12
+  )
 
 
 # -- the registry models: the converter on the stock architectures ---------------------------
@@ -272,8 +305,9 @@ def test_registry_models_follow_the_signal_propagation_rules(name):
   # layers are plain (normalize=False, no SAP, settings at their defaults).
   shape = (8, 8, 3)
   stats = dict(input_mean=[0.4, 0.5, 0.6], input_std=[0.2, 0.25, 0.3])
-  fed = models.build_model(name, 'fedmef', input_shape=shape, density=0.1, gamma=0.7, seed=5,
-                           **stats)
+  fed = models.build_model(
+    name, 'fedmef', input_shape=shape, density=0.1, gamma=0.7, seed=5, **stats
+  )
   rules = _registry_rules(name)
   assert [l.name for l in masks.prunable_layers(fed)] == list(rules)
   for layer in masks.prunable_layers(fed):
@@ -285,8 +319,9 @@ def test_registry_models_follow_the_signal_propagation_rules(name):
     if not isinstance(layer, sparse_layers.MaskedDense):
       assert config['center_output'] is center_output, layer.name
   if name == 'cnn':
-    base = models.build_model(name, 'baseline', input_shape=shape, density=0.1, gamma=0.7,
-                              seed=5, **stats)
+    base = models.build_model(
+      name, 'baseline', input_shape=shape, density=0.1, gamma=0.7, seed=5, **stats
+    )
     defaults = sparse_layers.MaskedConv2D(1, 1).get_config()
     for layer in masks.prunable_layers(base):
       config = layer.get_config()
@@ -302,12 +337,13 @@ def test_registry_models_follow_the_signal_propagation_rules(name):
 
 
 class _Custom(L.Layer):
-
   def call(self, inputs):
     return inputs * 2.0
 
 
-@pytest.mark.parametrize('layer,cls', [
+@pytest.mark.parametrize(
+  'layer,cls',
+  [
     (L.MaxPooling2D(name='maxpool'), 'MaxPooling2D'),
     (L.Dropout(0.5, name='dropout'), 'Dropout'),
     (L.LayerNormalization(name='ln'), 'LayerNormalization'),
@@ -318,7 +354,8 @@ class _Custom(L.Layer):
     (L.Conv2D(4, 3, kernel_regularizer='l2', name='l2_conv'), 'Conv2D'),
     (L.ReLU(negative_slope=0.1, name='leaky'), 'ReLU'),
     (_Custom(name='custom'), '_Custom'),
-])
+  ],
+)
 def test_unsupported_layer_is_refused_in_one_line_naming_it(layer, cls):
   i = tf.keras.Input(INPUT_SHAPE)
   x = L.Conv2D(4, 3, padding='same', name='first')(i)
@@ -340,7 +377,6 @@ def test_shared_layer_and_subclassed_model_are_refused():
     fedmef_tf.sparsify(shared, density=0.5)
 
   class Sub(tf.keras.Model):
-
     def __init__(self):
       super().__init__(name='sub')
       self.dense = L.Dense(2)
@@ -355,14 +391,25 @@ def test_shared_layer_and_subclassed_model_are_refused():
 
 
 def test_sequential_model_and_the_public_name():
-  seq = tf.keras.Sequential([tf.keras.Input(INPUT_SHAPE), L.Conv2D(4, 3, activation='relu'),
-                             L.GlobalAveragePooling2D(), L.Dense(2, activation='softmax')],
-                            name='seq')
+  seq = tf.keras.Sequential(
+    [
+      tf.keras.Input(INPUT_SHAPE),
+      L.Conv2D(4, 3, activation='relu'),
+      L.GlobalAveragePooling2D(),
+      L.Dense(2, activation='softmax'),
+    ],
+    name='seq',
+  )
   model = fedmef_tf.sparsify(seq, density=0.5, variant='fedmef')
   assert fedmef_tf.sparsify is conversion.sparsify  # the re-export, on a second access too
   assert fedmef_tf.ConversionError is conversion.ConversionError
   assert [type(l).__name__ for l in model.layers] == [
-      'InputLayer', 'MaskedConv2D', 'BitReLU', 'GlobalAvgPool', 'MaskedDense']
+    'InputLayer',
+    'MaskedConv2D',
+    'BitReLU',
+    'GlobalAvgPool',
+    'MaskedDense',
+  ]
   probabilities = model(np.ones((2,) + INPUT_SHAPE, np.float32)).numpy()
   np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
   with pytest.raises(conversion.ConversionError, match='variant'):
@@ -377,8 +424,14 @@ def test_sequential_model_and_the_public_name():
 
 
 def test_converted_model_saves_and_loads_in_the_custom_object_scope(tmp_path):
-  model = fedmef_tf.sparsify(_mobilenet_style(), density=0.3, variant='fedmef', gamma=0.7,
-                             input_mean=[0.5] * 3, input_std=[0.25] * 3)
+  model = fedmef_tf.sparsify(
+    _mobilenet_style(),
+    density=0.3,
+    variant='fedmef',
+    gamma=0.7,
+    input_mean=[0.5] * 3,
+    input_std=[0.25] * 3,
+  )
   path = str(tmp_path / 'converted.keras')
   model.save(path)
   with fedmef_tf.custom_object_scope():
@@ -390,14 +443,15 @@ def test_converted_model_saves_and_loads_in_the_custom_object_scope(tmp_path):
     assert a.get_config()['act_gain'] == b.get_config()['act_gain']
 
 
-
 @pytest.mark.parametrize('builder', [_bn_cnn, _mobilenet_style])
 def test_converted_model_fits_and_keeps_its_masks(builder):
   model = fedmef_tf.sparsify(builder(), density=0.3, variant='fedmef', gamma=0.5, seed=1)
   masks_before = masks.masks_of(model)
   x, y = _toy_data(64, 0)
-  model.compile(optimizer=tf.keras.optimizers.SGD(0.05, momentum=0.9),
-                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  model.compile(
+    optimizer=tf.keras.optimizers.SGD(0.05, momentum=0.9),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
   history = model.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False)
   losses = history.history['loss']
   assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
@@ -413,11 +467,22 @@ def test_three_tff_rounds_of_a_converted_model(tff_runtime):
     return fedmef_tf.sparsify(_bn_cnn(), density=1.0, variant='fedmef', gamma=0.5)
 
   clients = tff.simulation.datasets.TestClientData(
-      {str(k): _toy_data(16 + 8 * k, k) for k in range(3)})
+    {str(k): _toy_data(16 + 8 * k, k) for k in range(3)}
+  )
   process = fedmef_process.build_fedmef_process(
-      model_fn, algorithm='fedmef', density=0.4, delta_t=1, t_end=2, gamma=0.5,
-      client_lr=0.05, client_lr_min=0.01, total_rounds=3, local_epochs=1, batch_size=8,
-      element_spec=clients.element_type_structure)
+    model_fn,
+    algorithm='fedmef',
+    density=0.4,
+    delta_t=1,
+    t_end=2,
+    gamma=0.5,
+    client_lr=0.05,
+    client_lr_min=0.01,
+    total_rounds=3,
+    local_epochs=1,
+    batch_size=8,
+    element_spec=clients.element_type_structure,
+  )
   state = process.initialize()
   datasets = [clients.create_tf_dataset_for_client(c) for c in clients.client_ids]
   for t in range(1, 4):
@@ -435,14 +500,20 @@ def test_three_tff_rounds_of_a_converted_model(tff_runtime):
 
 
 def test_tflite_export_of_a_converted_model_trains(tmp_path):
-  model = fedmef_tf.sparsify(_mobilenet_style(), density=0.3, variant='fedmef', gamma=0.7,
-                             seed=3)
-  config = {'model': 'mobilenet_style', 'variant': 'fedmef', 'num_classes': NUM_CLASSES,
-            'input_shape': list(INPUT_SHAPE), 'gamma': 0.7, 'density': 0.3,
-            'source': 'fedmef_tf.sparsify'}
+  model = fedmef_tf.sparsify(_mobilenet_style(), density=0.3, variant='fedmef', gamma=0.7, seed=3)
+  config = {
+    'model': 'mobilenet_style',
+    'variant': 'fedmef',
+    'num_classes': NUM_CLASSES,
+    'input_shape': list(INPUT_SHAPE),
+    'gamma': 0.7,
+    'density': 0.3,
+    'source': 'fedmef_tf.sparsify',
+  }
   batch = 4
-  report = export.export_model(model, config, str(tmp_path / 'm.tflite'), batch_size=batch,
-                               measure_memory=False)
+  report = export.export_model(
+    model, config, str(tmp_path / 'm.tflite'), batch_size=batch, measure_memory=False
+  )
   assert report.global_density == pytest.approx(0.3, abs=0.01)
   interpreter = tf.lite.Interpreter(model_path=report.path)
   meta = json.loads(interpreter.get_signature_runner('metadata')()['json'].item().decode())

@@ -40,8 +40,15 @@ def _run_export(argv):
 
 def _cli(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  return subprocess.run([sys.executable, '-m', 'tflite_export.export', *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  return subprocess.run(
+    [sys.executable, '-m', 'tflite_export.export', *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
 
 
 #: Input normalisation constants of the trained model (as a run stores them).
@@ -57,14 +64,30 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def trained_model(workdir):
   """A fedmef cnn saved as a training run's final model (weights moved away from init)."""
-  model = models.build_model('cnn', 'fedmef', input_shape=INPUT_SHAPE, density=DENSITY,
-                             gamma=0.7, seed=3, input_mean=INPUT_MEAN, input_std=INPUT_STD)
+  model = models.build_model(
+    'cnn',
+    'fedmef',
+    input_shape=INPUT_SHAPE,
+    density=DENSITY,
+    gamma=0.7,
+    seed=3,
+    input_mean=INPUT_MEAN,
+    input_std=INPUT_STD,
+  )
   for v in model.trainable_variables:  # stand-in for training: any change of the weights
     v.assign(v * 1.5)
   run_dir = workdir / 'run'
-  config = {'model': 'cnn', 'variant': 'fedmef', 'num_classes': 10,
-            'input_shape': list(INPUT_SHAPE), 'gamma': 0.7, 'density': DENSITY, 'seed': 3,
-            'input_mean': INPUT_MEAN, 'input_std': INPUT_STD}
+  config = {
+    'model': 'cnn',
+    'variant': 'fedmef',
+    'num_classes': 10,
+    'input_shape': list(INPUT_SHAPE),
+    'gamma': 0.7,
+    'density': DENSITY,
+    'seed': 3,
+    'input_mean': INPUT_MEAN,
+    'input_std': INPUT_STD,
+  }
   model_io.save_model(model, config, str(run_dir / export.RUN_MODEL_SUBDIR))
   return model, run_dir
 
@@ -74,8 +97,9 @@ def fedmef_export(workdir, trained_model):
   """CLI export of the run's final model, with the on-device memory measurement."""
   _, run_dir = trained_model
   path = workdir / 'fedmef.tflite'
-  rc, out, err = _run_export([f'--root_dir={run_dir}', f'--output={path}',
-                              f'--batch_size={BATCH}', '--learning_rate=0.05'])
+  rc, out, err = _run_export(
+    [f'--root_dir={run_dir}', f'--output={path}', f'--batch_size={BATCH}', '--learning_rate=0.05']
+  )
   assert rc == 0, err
   return str(path), out
 
@@ -88,9 +112,18 @@ SLICING_KIB = 64
 def _fresh_export(workdir, name, variant, *flags):
   """In-process export of a fresh registry cnn at the test size, no memory measurement."""
   path = workdir / f'{name}.tflite'
-  rc, out, err = _run_export(['--model=cnn', f'--variant={variant}', f'--density={DENSITY}',
-                              '--input_shape=16,16,3', f'--batch_size={BATCH}',
-                              f'--output={path}', '--nomeasure_memory', *flags])
+  rc, out, err = _run_export(
+    [
+      '--model=cnn',
+      f'--variant={variant}',
+      f'--density={DENSITY}',
+      '--input_shape=16,16,3',
+      f'--batch_size={BATCH}',
+      f'--output={path}',
+      '--nomeasure_memory',
+      *flags,
+    ]
+  )
   assert rc == 0, err
   return str(path), out
 
@@ -140,8 +173,17 @@ def _train_ops(path, op_name):
 def test_fedmef_export_has_all_signatures_and_shapes(fedmef_export):
   interpreter = tf.lite.Interpreter(model_path=fedmef_export[0])
   sigs = interpreter.get_signature_list()
-  for name in ('train', 'infer', 'get_weights', 'set_weights', 'save', 'restore',
-               'set_learning_rate', 'metadata', 'dense_gradients'):
+  for name in (
+    'train',
+    'infer',
+    'get_weights',
+    'set_weights',
+    'save',
+    'restore',
+    'set_learning_rate',
+    'metadata',
+    'dense_gradients',
+  ):
     assert name in sigs
   assert sigs['train']['inputs'] == ['x', 'y'] and sigs['train']['outputs'] == ['loss']
   assert sigs['infer']['outputs'] == ['logits']
@@ -201,22 +243,26 @@ def test_fedmef_train_graph_uses_the_static_sap_storage(fedmef_export):
   assert 'Bincount' not in ops and ' WHERE(' not in ops
 
 
-def test_train_convolutions_run_in_batch_slices_under_a_budget(fedmef_export,
-                                                               sliced_fedmef_export):
+def test_train_convolutions_run_in_batch_slices_under_a_budget(fedmef_export, sliced_fedmef_export):
   # The test CNN has four 3x3 convs; at 16x16, batch 8 the default budget slices none of them;
   # with 64 KiB each runs in the slices chunked_conv.slice_count asks for (the values are
   # checked by verify, masked_export).
   assert _train_ops(fedmef_export[0], 'CONV_2D') == 4
   expected, size, c_in = 0, INPUT_SHAPE[0], INPUT_SHAPE[2]
   for filters, stride in models.CNN_LAYERS:
-    work = chunked_conv.im2col_bytes([BATCH, size, size, c_in], [3, 3, c_in, filters],
-                                     (1, stride, stride, 1), 'SAME')
+    work = chunked_conv.im2col_bytes(
+      [BATCH, size, size, c_in], [3, 3, c_in, filters], (1, stride, stride, 1), 'SAME'
+    )
     expected += chunked_conv.slice_count(BATCH, work, SLICING_KIB * 1024)
     size, c_in = -(-size // stride), filters
   assert expected > 4
   assert _train_ops(sliced_fedmef_export[0], 'CONV_2D') == expected
-  meta = json.loads(tf.lite.Interpreter(model_path=sliced_fedmef_export[0])
-                    .get_signature_runner('metadata')()['json'].item().decode())
+  meta = json.loads(
+    tf.lite.Interpreter(model_path=sliced_fedmef_export[0])
+    .get_signature_runner('metadata')()['json']
+    .item()
+    .decode()
+  )
   assert meta['max_im2col_bytes'] == SLICING_KIB * 1024
 
 
@@ -224,14 +270,19 @@ def _train_graph(path):
   """(the `train` subgraph, its operators' names: builtin names, custom codes for custom ops
   such as `FlexConv2DBackpropFilter`, and tensor index -> producing operator index)."""
   from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+
   with open(path, 'rb') as f:
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
   names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith('_')}
   train = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}['train']
   graph = model.subgraphs[train]
   codes = [model.operatorCodes[op.opcodeIndex] for op in graph.operators]
-  kinds = [c.customCode.decode() if c.customCode
-           else names.get(max(c.builtinCode, c.deprecatedBuiltinCode), '?') for c in codes]
+  kinds = [
+    c.customCode.decode()
+    if c.customCode
+    else names.get(max(c.builtinCode, c.deprecatedBuiltinCode), '?')
+    for c in codes
+  ]
   producer = {t: k for k, op in enumerate(graph.operators) for t in op.outputs}
   return graph, kinds, producer
 
@@ -259,8 +310,11 @@ def test_backward_rebuilds_and_forward_slices_wait_for_their_inputs(sliced_fedme
   assert len(rebuilds) == 5  # 4 convs and the classifier
   for k in rebuilds:  # each waits for the loss gradient (SOFTMAX of the cross-entropy's grad)
     assert 'SOFTMAX' in _ancestor_kinds(graph, kinds, producer, k), k
-  slices = [op for op, kind in zip(graph.operators, kinds)
-            if kind == 'GATHER' and len(graph.tensors[op.outputs[0]].shape) == 4]
+  slices = [
+    op
+    for op, kind in zip(graph.operators, kinds)
+    if kind == 'GATHER' and len(graph.tensors[op.outputs[0]].shape) == 4
+  ]
   assert len(slices) > 4
   for op in slices:  # rows computed from the previous slice's output, not constant
     assert op.inputs[1] in producer
@@ -272,13 +326,15 @@ def test_fedmef_export_needs_no_select_tf_op_in_any_signature(fedmef_export, wor
   # nothing of FedMef's export runs through the Flex delegate, and the exporter says so.
   by_signature = _select_tf_ops(fedmef_export[0])
   assert sorted(by_signature) == sorted(
-      verify.read_metadata(tf.lite.Interpreter(model_path=fedmef_export[0]))['signatures'])
+    verify.read_metadata(tf.lite.Interpreter(model_path=fedmef_export[0]))['signatures']
+  )
   assert all(ops == [] for ops in by_signature.values()), by_signature
   assert [k for k in _train_graph(fedmef_export[0])[1] if k.startswith('Flex')] == []
   assert 'select-TF ops: none' in fedmef_export[1]
   # The check sees select-TF operators where there are some: TF's own weight gradients.
-  flex_path, flex_out = _fresh_export(workdir, 'fedmef_tfgrad', 'fedmef',
-                                      '--nobuiltin_weight_grads')
+  flex_path, flex_out = _fresh_export(
+    workdir, 'fedmef_tfgrad', 'fedmef', '--nobuiltin_weight_grads'
+  )
   assert 'FlexConv2DBackpropFilter' in _train_graph(flex_path)[1]
   assert _select_tf_ops(flex_path)['train'] == ['Conv2DBackpropFilter']
   assert _select_tf_ops(flex_path)['infer'] == []
@@ -374,8 +430,10 @@ def test_every_signature_of_the_fedmef_export_passes_verify_on_stock_litert(fedm
 
 def _batch(seed):
   rng = np.random.default_rng(seed)
-  return (rng.random((BATCH, *INPUT_SHAPE)).astype(np.float32),
-          rng.integers(0, 10, BATCH).astype(np.int32))
+  return (
+    rng.random((BATCH, *INPUT_SHAPE)).astype(np.float32),
+    rng.integers(0, 10, BATCH).astype(np.int32),
+  )
 
 
 def test_train_gives_the_same_result_on_both_runtimes(fedmef_export):
@@ -409,8 +467,11 @@ def test_twenty_train_calls_on_stock_litert_lower_the_loss_and_keep_masked_zeros
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0] and max(losses[-5:]) < min(losses[:5]), losses
   by_suffix = {n.split('_', 1)[1]: n for n in after}  # names are w<index>_<layer>_<variable>
-  pairs = [(n, by_suffix[n.split('_', 1)[1][:-len('kernel')] + 'mask']) for n in after
-           if n.endswith('_kernel') and n.split('_', 1)[1][:-len('kernel')] + 'mask' in by_suffix]
+  pairs = [
+    (n, by_suffix[n.split('_', 1)[1][: -len('kernel')] + 'mask'])
+    for n in after
+    if n.endswith('_kernel') and n.split('_', 1)[1][: -len('kernel')] + 'mask' in by_suffix
+  ]
   assert len(pairs) == 5
   masked = 0
   for kernel, mask_name in pairs:
@@ -457,14 +518,26 @@ def test_verify_fails_a_step_with_the_wrong_learning_rate(monkeypatch, fedmef_ex
 
 def test_verify_cli_exit_status(baseline_export):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  ok = subprocess.run([sys.executable, '-m', 'tflite_export.verify', baseline_export[0],
-                       '--steps=3'], cwd=ROOT, env=env, capture_output=True, text=True,
-                      timeout=300, check=False)
+  ok = subprocess.run(
+    [sys.executable, '-m', 'tflite_export.verify', baseline_export[0], '--steps=3'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert ok.returncode == 0, ok.stdout + ok.stderr
   assert 'FAIL' not in ok.stdout
-  missing = subprocess.run([sys.executable, '-m', 'tflite_export.verify', '/nonexistent.tflite'],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                           check=False)
+  missing = subprocess.run(
+    [sys.executable, '-m', 'tflite_export.verify', '/nonexistent.tflite'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert missing.returncode != 0
 
 
@@ -528,8 +601,11 @@ def test_unknown_registry_name(tmp_path):
 def test_saved_model_with_unknown_name(tmp_path):
   model_dir = tmp_path / 'saved'
   model_dir.mkdir()
-  (model_dir / model_io.CONFIG_FILE).write_text(json.dumps(
-      {'model': 'vgg99', 'variant': 'fedmef', 'num_classes': 10, 'input_shape': [32, 32, 3]}))
+  (model_dir / model_io.CONFIG_FILE).write_text(
+    json.dumps(
+      {'model': 'vgg99', 'variant': 'fedmef', 'num_classes': 10, 'input_shape': [32, 32, 3]}
+    )
+  )
   (model_dir / model_io.WEIGHTS_FILE).write_bytes(b'')
   out = tmp_path / 'm.tflite'
   rc, _, err = _run_export([f'--model_dir={model_dir}', f'--output={out}'])
@@ -544,8 +620,9 @@ def test_model_with_a_mask_that_is_not_binary(tmp_path):
   layer.mask.assign(layer.mask * 0.5)
   out = tmp_path / 'm.tflite'
   with pytest.raises(export.ExportError, match='must be 0 or 1'):
-    export.export_model(model, {'model': 'cnn', 'variant': 'fedmef'}, str(out),
-                        batch_size=BATCH, measure_memory=False)
+    export.export_model(
+      model, {'model': 'cnn', 'variant': 'fedmef'}, str(out), batch_size=BATCH, measure_memory=False
+    )
   assert not out.exists()
 
 
@@ -584,8 +661,9 @@ def test_no_partial_file_on_failure(monkeypatch, tmp_path, failing):
   else:
     monkeypatch.setattr(memprobe, 'measure_train_peak', boom)
     target = existing
-  rc, _, err = _run_export(['--model=cnn', '--input_shape=16,16,3', f'--batch_size={BATCH}',
-                            f'--output={target}'])
+  rc, _, err = _run_export(
+    ['--model=cnn', '--input_shape=16,16,3', f'--batch_size={BATCH}', f'--output={target}']
+  )
   assert rc == 1
   assert len(err.strip().splitlines()) == 1 and 'injected failure' in err
   assert existing.read_bytes() == b'old'
@@ -595,16 +673,18 @@ def test_no_partial_file_on_failure(monkeypatch, tmp_path, failing):
 # -- per-layer updates in the on-device train step, and the memory probe ---------------------------
 
 
-@pytest.mark.parametrize('variant,clipping', [('fedmef', None), ('fedmef', 0.16),
-                                              ('baseline', None)])
+@pytest.mark.parametrize(
+  'variant,clipping', [('fedmef', None), ('fedmef', 0.16), ('baseline', None)]
+)
 def test_in_backward_updates_equal_the_plain_step(variant, clipping):
   """The TFLite train step's per-layer kernel (and gain) updates, traced in TF, give the plain
   step's variables (BaE on, values loaded under the mask, NSConv gains away from 1)."""
   from tflite_export import train_module  # pylint: disable=import-outside-toplevel
 
   def build():
-    model = models.build_model('cnn', variant, input_shape=INPUT_SHAPE, density=DENSITY,
-                               gamma=0.7, seed=5)
+    model = models.build_model(
+      'cnn', variant, input_shape=INPUT_SHAPE, density=DENSITY, gamma=0.7, seed=5
+    )
     rng = np.random.RandomState(1)
     for layer in model.submodules:
       if getattr(layer, 'marked', None) is not None:
@@ -613,8 +693,9 @@ def test_in_backward_updates_equal_the_plain_step(variant, clipping):
         layer.kernel.assign(layer.kernel + 0.01 * (1.0 - layer.mask))  # junk under the mask
       if getattr(layer, 'gain', None) is not None:
         layer.gain.assign(rng.uniform(0.5, 1.5, size=layer.gain.shape).astype(np.float32))
-    return train_module.TrainModule(model, batch_size=BATCH, learning_rate=0.05, metadata={},
-                                    gradient_clipping=clipping)
+    return train_module.TrainModule(
+      model, batch_size=BATCH, learning_rate=0.05, metadata={}, gradient_clipping=clipping
+    )
 
   plain, fused = build(), build()
   fused._tracing_tflite = True  # pylint: disable=protected-access
@@ -626,8 +707,9 @@ def test_in_backward_updates_equal_the_plain_step(variant, clipping):
   assert loss_fused == pytest.approx(loss_plain, rel=1e-6)
   for a, b, v0 in zip(plain.model.variables, fused.model.variables, build().model.variables):
     update = np.abs(a.numpy() - v0.numpy()).max()
-    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0,
-                               atol=1e-4 * max(update, 1e-6), err_msg=a.name)
+    np.testing.assert_allclose(
+      b.numpy(), a.numpy(), rtol=0, atol=1e-4 * max(update, 1e-6), err_msg=a.name
+    )
   for layer in fused.model.submodules:
     if getattr(layer, 'mask', None) is not None:
       assert not np.any(layer.kernel.numpy()[layer.mask.numpy() == 0])
@@ -639,13 +721,16 @@ def test_memprobe_excludes_variable_initialisation(tmp_path):
   n = 10_000_000
 
   class Big(tf.Module):
-
     def __init__(self):
       super().__init__()
       self.v = tf.Variable(tf.ones([n]))
 
-    @tf.function(input_signature=[tf.TensorSpec([8], tf.float32, name='x'),
-                                  tf.TensorSpec([8], tf.int32, name='y')])
+    @tf.function(
+      input_signature=[
+        tf.TensorSpec([8], tf.float32, name='x'),
+        tf.TensorSpec([8], tf.int32, name='y'),
+      ]
+    )
     def train(self, x, y):
       del y
       self.v.assign_add(x[0] * tf.ones([n]))
@@ -657,12 +742,19 @@ def test_memprobe_excludes_variable_initialisation(tmp_path):
 
   module = Big()
   saved = str(tmp_path / 'saved')
-  tf.saved_model.save(module, saved, signatures={
+  tf.saved_model.save(
+    module,
+    saved,
+    signatures={
       'train': module.train.get_concrete_function(),
-      'metadata': module.metadata.get_concrete_function()})
+      'metadata': module.metadata.get_concrete_function(),
+    },
+  )
   converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
-                                         tf.lite.OpsSet.SELECT_TF_OPS]
+  converter.target_spec.supported_ops = [
+    tf.lite.OpsSet.TFLITE_BUILTINS,
+    tf.lite.OpsSet.SELECT_TF_OPS,
+  ]
   converter.experimental_enable_resource_variables = True
   path = tmp_path / 'big.tflite'
   path.write_bytes(converter.convert())
@@ -675,12 +767,22 @@ def test_memprobe_excludes_variable_initialisation(tmp_path):
 
 def test_benchmark_target_line_compares_each_variant_at_its_best():
   from benchmarks import tflite_memory  # pylint: disable=g-import-not-at-top
+
   mib = 2**20
-  row = lambda variant, budget, peak: {'model': 'cnn', 'batch': 32, 'variant': variant,
-                                       'budget_kib': budget, 'peak_bytes': peak * mib}
+  row = lambda variant, budget, peak: {
+    'model': 'cnn',
+    'batch': 32,
+    'variant': variant,
+    'budget_kib': budget,
+    'peak_bytes': peak * mib,
+  }
   # Equal settings flatter FedMef at 1024 KiB (25/48), but the baseline is lowest at 0 (36).
-  rows = [row('fedmef', 1024, 25), row('baseline', 1024, 48), row('fedmef', 0, 27),
-          row('baseline', 0, 36)]
+  rows = [
+    row('fedmef', 1024, 25),
+    row('baseline', 1024, 48),
+    row('fedmef', 0, 27),
+    row('baseline', 0, 36),
+  ]
   lines = tflite_memory._ratios(rows)  # pylint: disable=protected-access
   assert lines[0].startswith('cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.52x')
   assert lines[1].startswith('cnn batch 32 im2col 0 KiB: fedmef/baseline 0.75x')
@@ -688,54 +790,79 @@ def test_benchmark_target_line_compares_each_variant_at_its_best():
   assert lines[2].endswith('= 0.69x  (target fedmef <= 0.45x: NOT met)')
   # Two kinds of weight gradient: each structure labelled, the baseline's lowest anywhere.
   tagged = [dict(r, weight_grads='builtin') for r in rows] + [
-      dict(row('fedmef', 1024, 26), weight_grads='tf'),
-      dict(row('baseline', 1024, 30), weight_grads='tf')]
+    dict(row('fedmef', 1024, 26), weight_grads='tf'),
+    dict(row('baseline', 1024, 30), weight_grads='tf'),
+  ]
   lines = tflite_memory._ratios(tagged)  # pylint: disable=protected-access
   assert 'cnn batch 32 im2col 1024 KiB, tf weight grads: fedmef/baseline 0.87x' in lines
-  assert lines[-1].endswith('fedmef 25.0 MiB / baseline 30.0 MiB = 0.83x  '
-                            '(target fedmef <= 0.45x: NOT met)')
+  assert lines[-1].endswith(
+    'fedmef 25.0 MiB / baseline 30.0 MiB = 0.83x  (target fedmef <= 0.45x: NOT met)'
+  )
   # One budget: the verdict is at those settings.
   single = tflite_memory._ratios(rows[:2])  # pylint: disable=protected-access
-  assert single == ['cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.52x  '
-                    '(target fedmef <= 0.45x: NOT met)']
+  assert single == [
+    'cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.52x  (target fedmef <= 0.45x: NOT met)'
+  ]
   lower = [row('fedmef', 1024, 20), rows[1]]
   single = tflite_memory._ratios(lower)  # pylint: disable=protected-access
-  assert single == ['cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.42x  '
-                    '(target fedmef <= 0.45x: met)']
+  assert single == [
+    'cnn batch 32 im2col 1024 KiB: fedmef/baseline 0.42x  (target fedmef <= 0.45x: met)'
+  ]
 
 
 def _timed_row(variant, seconds, model='cnn', batch=32, budget=1024):
-  return {'model': model, 'batch': batch, 'variant': variant, 'budget_kib': budget,
-          'weight_grads': 'builtin', 'size_bytes': 3 * 2**20, 'density': 0.1,
-          'peak_bytes': 10 * 2**20, 'steady_bytes': 12 * 2**20, 'train_seconds': seconds}
+  return {
+    'model': model,
+    'batch': batch,
+    'variant': variant,
+    'budget_kib': budget,
+    'weight_grads': 'builtin',
+    'size_bytes': 3 * 2**20,
+    'density': 0.1,
+    'peak_bytes': 10 * 2**20,
+    'steady_bytes': 12 * 2**20,
+    'train_seconds': seconds,
+  }
 
 
 def test_benchmark_time_columns_and_ratios_on_hand_made_rows():
   from benchmarks import tflite_memory  # pylint: disable=g-import-not-at-top
+
   fedmef = _timed_row('fedmef', {1: 0.3, 2: 0.2})
   line = tflite_memory.format_row(fedmef)
   assert 'train peak    10.00 MiB' in line and 'train    300.0 ms @1t' in line
   assert line.endswith('train    200.0 ms @2t')
   rows = [fedmef, _timed_row('baseline', {1: 0.1, 2: 0.08}), _timed_row('tfmot', {1: 0.12})]
   assert tflite_memory.time_ratio_lines(rows) == [
-      'cnn batch 32 im2col 1024 KiB: train time fedmef/baseline 3.00x @1t, 2.50x @2t; '
-      'tfmot/baseline 1.20x @1t  (target fedmef <= 1.5x at 1 thread: NOT met)']
+    'cnn batch 32 im2col 1024 KiB: train time fedmef/baseline 3.00x @1t, 2.50x @2t; '
+    'tfmot/baseline 1.20x @1t  (target fedmef <= 1.5x at 1 thread: NOT met)'
+  ]
   rows[0] = _timed_row('fedmef', {1: 0.15, 2: 0.1})  # exactly 1.5x: met
   assert tflite_memory.time_ratio_lines(rows)[0].endswith(
-      '(target fedmef <= 1.5x at 1 thread: met)')
+    '(target fedmef <= 1.5x at 1 thread: met)'
+  )
   # Rows without times (memory only) give no time line; another batch gets its own.
   assert tflite_memory.time_ratio_lines([dict(r, train_seconds={}) for r in rows]) == []
   other = [_timed_row('fedmef', {1: 0.2}, batch=8), _timed_row('baseline', {1: 0.4}, batch=8)]
   assert tflite_memory.time_ratio_lines(rows + other)[0].startswith(
-      'cnn batch 8 im2col 1024 KiB: train time fedmef/baseline 0.50x @1t')
+    'cnn batch 8 im2col 1024 KiB: train time fedmef/baseline 0.50x @1t'
+  )
 
 
 def test_benchmark_measures_time_beside_memory_on_real_exports(fedmef_export, baseline_export):
   from benchmarks import tflite_memory  # pylint: disable=g-import-not-at-top
+
   rows = []
   for variant, path in (('fedmef', fedmef_export[0]), ('baseline', baseline_export[0])):
-    row = {'model': 'cnn', 'batch': BATCH, 'variant': variant, 'budget_kib': 1024,
-           'weight_grads': 'builtin', 'size_bytes': os.path.getsize(path), 'density': DENSITY}
+    row = {
+      'model': 'cnn',
+      'batch': BATCH,
+      'variant': variant,
+      'budget_kib': 1024,
+      'weight_grads': 'builtin',
+      'size_bytes': os.path.getsize(path),
+      'density': DENSITY,
+    }
     # The peak columns are measured by memprobe, tested above; here only the times.
     row.update(tflite_memory.measure_export(path, threads=(1, 2), time_calls=2, memory=False))
     assert sorted(row['train_seconds']) == [1, 2]
@@ -743,8 +870,9 @@ def test_benchmark_measures_time_beside_memory_on_real_exports(fedmef_export, ba
     assert '@1t' in tflite_memory.format_row(row) and '@2t' in tflite_memory.format_row(row)
     rows.append(row)
   lines = tflite_memory.time_ratio_lines(rows)
-  assert len(lines) == 1 and lines[0].startswith(f'cnn batch {BATCH} im2col 1024 KiB: train '
-                                                 'time fedmef/baseline ')
+  assert len(lines) == 1 and lines[0].startswith(
+    f'cnn batch {BATCH} im2col 1024 KiB: train time fedmef/baseline '
+  )
   assert '@1t' in lines[0] and '@2t' in lines[0] and 'target fedmef <= 1.5x' in lines[0]
 
 
@@ -765,17 +893,26 @@ def test_export_refuses_non_finite_weights(tmp_path):
   kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0, 0, 0]], [float('nan')]))
   out = tmp_path / 'm.tflite'
   with pytest.raises(export.ExportError, match=r'1 of \d+ values are NaN or infinite'):
-    export.export_model(model, {'model': 'cnn', 'variant': 'baseline'}, str(out),
-                        batch_size=BATCH, measure_memory=False)
+    export.export_model(
+      model,
+      {'model': 'cnn', 'variant': 'baseline'},
+      str(out),
+      batch_size=BATCH,
+      measure_memory=False,
+    )
   assert os.listdir(tmp_path) == []
 
 
 def test_weights_file_with_a_dataset_deleted_is_one_line_error(tmp_path):
   import h5py  # pylint: disable=import-outside-toplevel
+
   model = models.build_model('cnn', 'baseline', input_shape=INPUT_SHAPE, density=DENSITY, seed=1)
   model_dir = tmp_path / 'saved'
-  model_io.save_model(model, {'model': 'cnn', 'variant': 'baseline', 'num_classes': 10,
-                              'input_shape': list(INPUT_SHAPE)}, str(model_dir))
+  model_io.save_model(
+    model,
+    {'model': 'cnn', 'variant': 'baseline', 'num_classes': 10, 'input_shape': list(INPUT_SHAPE)},
+    str(model_dir),
+  )
   with h5py.File(model_dir / model_io.WEIGHTS_FILE, 'r+') as f:
     names = []
     f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -809,7 +946,7 @@ def _children(pid):
           stat = f.read()
       except OSError:
         continue
-      fields = stat[stat.rindex(')') + 2:].split()
+      fields = stat[stat.rindex(')') + 2 :].split()
       if fields[1] == str(pid) and fields[0] != 'Z':
         found.append(int(entry))
   return found
@@ -826,11 +963,14 @@ def _alive(pid):
 def test_memory_probe_dies_with_its_killed_parent(tmp_path):
   model = tmp_path / 'm.tflite'
   model.write_bytes(b'\0' * 64)
-  code = ('import sys; from tflite_export import memprobe; '
-          'memprobe.measure_train_peak(sys.argv[1])')
+  code = 'import sys; from tflite_export import memprobe; memprobe.measure_train_peak(sys.argv[1])'
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  parent = subprocess.Popen([sys.executable, '-c', code, str(model)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  parent = subprocess.Popen(
+    [sys.executable, '-c', code, str(model)],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     deadline = time.monotonic() + 60
     probes = []
@@ -851,10 +991,22 @@ def test_ctrl_c_during_export_is_one_line_and_keeps_the_old_file(tmp_path):
   out = tmp_path / 'm.tflite'
   out.write_bytes(b'old')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  proc = subprocess.Popen([sys.executable, '-m', 'tflite_export.export', '--model=cnn',
-                           '--input_shape=16,16,3', f'--batch_size={BATCH}', f'--output={out}'],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'tflite_export.export',
+      '--model=cnn',
+      '--input_shape=16,16,3',
+      f'--batch_size={BATCH}',
+      f'--output={out}',
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   time.sleep(8)  # inside the export (TensorFlow imported, model being built or converted)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
@@ -866,9 +1018,15 @@ def test_ctrl_c_during_export_is_one_line_and_keeps_the_old_file(tmp_path):
 
 def _verify_cli(path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  return subprocess.run([sys.executable, '-m', 'tflite_export.verify', str(path), '--steps=2'],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                        check=False)
+  return subprocess.run(
+    [sys.executable, '-m', 'tflite_export.verify', str(path), '--steps=2'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
 
 
 def test_verify_reports_damaged_files_in_one_line_without_crashing(baseline_export, tmp_path):
@@ -880,14 +1038,21 @@ def test_verify_reports_damaged_files_in_one_line_without_crashing(baseline_expo
   random_tfl3 = bytearray(rng.bytes(4096))
   random_tfl3[0:4] = (16).to_bytes(4, 'little')
   random_tfl3[4:8] = b'TFL3'
-  cases = {'half.tflite': data[:len(data) // 2], 'changed.tflite': bytes(changed),
-           'random.tflite': bytes(random_tfl3), 'plain.tflite': rng.bytes(4096)}
+  cases = {
+    'half.tflite': data[: len(data) // 2],
+    'changed.tflite': bytes(changed),
+    'random.tflite': bytes(random_tfl3),
+    'plain.tflite': rng.bytes(4096),
+  }
   for name, content in cases.items():
     path = tmp_path / name
     path.write_bytes(content)
     proc = _verify_cli(path)
     assert proc.returncode == 2 or (name == 'changed.tflite' and proc.returncode == 1), (
-        name, proc.returncode, proc.stderr)
+      name,
+      proc.returncode,
+      proc.stderr,
+    )
     if proc.returncode == 2:
       assert str(path) in _one_error_line(proc.stderr), name
 
@@ -898,9 +1063,13 @@ def test_verify_refuses_non_finite_weights(tmp_path):
   marker = np.float32(1234.5678)
   bias.assign(tf.tensor_scatter_nd_update(bias, [[0]], [marker]))
   path = tmp_path / 'm.tflite'
-  export.export_model(model, {'model': 'cnn', 'variant': 'baseline', 'num_classes': 10,
-                              'input_shape': list(INPUT_SHAPE)}, str(path),
-                      batch_size=BATCH, measure_memory=False)
+  export.export_model(
+    model,
+    {'model': 'cnn', 'variant': 'baseline', 'num_classes': 10, 'input_shape': list(INPUT_SHAPE)},
+    str(path),
+    batch_size=BATCH,
+    measure_memory=False,
+  )
   data = path.read_bytes()
   assert data.count(marker.tobytes()) == 1  # the bias's initial value, stored once
   path.write_bytes(data.replace(marker.tobytes(), np.float32(np.nan).tobytes()))

@@ -23,14 +23,18 @@ from tflite_export import static_sap
 from tflite_export import train_module
 
 
-@pytest.mark.parametrize('batch,size,c_in,c_out,k,stride,padding', [
+@pytest.mark.parametrize(
+  'batch,size,c_in,c_out,k,stride,padding',
+  [
     (8, 9, 3, 5, 3, 1, 'SAME'),
     (6, 16, 4, 8, 3, 2, 'SAME'),
     (4, 11, 5, 3, 3, 2, 'VALID'),
     (6, 7, 2, 4, 1, 2, 'SAME'),
-])
-def test_sliced_conv_equals_conv2d_with_the_same_gradients(batch, size, c_in, c_out, k, stride,
-                                                           padding):
+  ],
+)
+def test_sliced_conv_equals_conv2d_with_the_same_gradients(
+  batch, size, c_in, c_out, k, stride, padding
+):
   rng = np.random.default_rng(0)
   x = tf.constant(rng.standard_normal((batch, size, size, c_in)), tf.float32)
   w = tf.Variable(rng.standard_normal((k, k, c_in, c_out)).astype(np.float32))
@@ -74,8 +78,9 @@ def test_im2col_bytes_follows_tflite_conv():
   # 1x1 stride 1 is a plain GEMM on the input: no buffer.
   assert chunked_conv.im2col_bytes([32, 16, 16, 64], [1, 1, 64, 8], (1, 1, 1, 1), 'SAME') == 0
   # The small CNN's second conv at batch 32: 32 * 16 * 16 * (3 * 3 * 32) floats = 9 MiB.
-  assert chunked_conv.im2col_bytes([32, 32, 32, 32], [3, 3, 32, 64], (1, 2, 2, 1),
-                                   'SAME') == 9 << 20
+  assert (
+    chunked_conv.im2col_bytes([32, 32, 32, 32], [3, 3, 32, 64], (1, 2, 2, 1), 'SAME') == 9 << 20
+  )
 
 
 def test_a_strategy_with_bounded_conv_slices_the_masked_conv_forward_only_in_its_scope():
@@ -107,7 +112,8 @@ def test_known_nonnegative_reads_the_graph(native):
   def f(x):
     seen['relu'] = static_sap.known_nonnegative(tf.nn.relu(x))
     seen['relu6_through_identities'] = static_sap.known_nonnegative(
-        tf.stop_gradient(tf.identity(tf.nn.relu6(x))))
+      tf.stop_gradient(tf.identity(tf.nn.relu6(x)))
+    )
     seen['bit_relu'] = static_sap.known_nonnegative(sap.bit_relu(x))
     seen['scaled_relu'] = static_sap.known_nonnegative(2.0 * tf.nn.relu(x))
     seen['plain'] = static_sap.known_nonnegative(x + 1.0)
@@ -115,8 +121,13 @@ def test_known_nonnegative_reads_the_graph(native):
 
   with contextlib.nullcontext() if native else sap_native.portable():
     f(tf.zeros([2, 3]))
-  assert seen == {'relu': True, 'relu6_through_identities': True, 'bit_relu': True,
-                  'scaled_relu': False, 'plain': False}
+  assert seen == {
+    'relu': True,
+    'relu6_through_identities': True,
+    'bit_relu': True,
+    'scaled_relu': False,
+    'plain': False,
+  }
   assert not static_sap.known_nonnegative(tf.nn.relu(tf.ones([2])))  # eager: no graph
 
 
@@ -134,6 +145,7 @@ def test_compress_after_relu_keeps_the_largest_entries():
   rebuilt, reference = kept(z)
   # Ties only at zero after a ReLU; zeros add nothing, so the rebuilt inputs are equal.
   np.testing.assert_array_equal(rebuilt.numpy(), reference.numpy())
+
   def abs_ops(fn):
     graph = tf.function(fn).get_concrete_function(z).graph
     return [op for op in graph.get_operations() if op.type == 'Abs']
@@ -142,10 +154,19 @@ def test_compress_after_relu_keeps_the_largest_entries():
   assert abs_ops(lambda z: static_sap.TOPK.compress(z, gamma))  # signed input: ranked by |x|
 
 
-@pytest.mark.parametrize('size,k,stride,padding', [
-    ((9, 7), 3, 1, 'SAME'), ((9, 7), 3, 2, 'SAME'), ((8, 8), 3, 2, 'SAME'),
-    ((9, 7), 3, 2, 'VALID'), ((8, 6), 1, 2, 'SAME'), ((6, 6), 5, 1, 'SAME'),
-    ((5, 5), 5, 3, 'SAME'), ((6, 5), 1, 1, 'VALID')])
+@pytest.mark.parametrize(
+  'size,k,stride,padding',
+  [
+    ((9, 7), 3, 1, 'SAME'),
+    ((9, 7), 3, 2, 'SAME'),
+    ((8, 8), 3, 2, 'SAME'),
+    ((9, 7), 3, 2, 'VALID'),
+    ((8, 6), 1, 2, 'SAME'),
+    ((6, 6), 5, 1, 'SAME'),
+    ((5, 5), 5, 3, 'SAME'),
+    ((6, 5), 1, 1, 'VALID'),
+  ],
+)
 def test_builtin_filter_grad_equals_conv2d_backprop_filter(size, k, stride, padding):
   rng = np.random.RandomState(7)
   x = rng.standard_normal((3, *size, 4)).astype(np.float32)
@@ -153,8 +174,9 @@ def test_builtin_filter_grad_equals_conv2d_backprop_filter(size, k, stride, padd
   strides = (1, stride, stride, 1)
   y = tf.nn.conv2d(x, rng.standard_normal(w_shape).astype(np.float32), strides, padding)
   dy = rng.standard_normal(y.shape).astype(np.float32)
-  expected = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=w_shape, out_backprop=dy,
-                                             strides=strides, padding=padding).numpy()
+  expected = tf.raw_ops.Conv2DBackpropFilter(
+    input=x, filter_sizes=w_shape, out_backprop=dy, strides=strides, padding=padding
+  ).numpy()
   got = filter_grad.conv2d_filter_grad(x, dy, w_shape, strides, padding).numpy()
   assert got.shape == tuple(w_shape)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -196,14 +218,16 @@ def test_topk_storage_keeps_the_set_of_the_packed_storage(gamma, relu):
 
 def _small_model():
   layers = [
-      sparse_layers.MaskedConv2D(6, 3, strides=2, padding='same', normalize=True, sap_gamma=0.6,
-                                 use_bias=False, name='conv'),
-      sap.BitReLU(),
-      sparse_layers.MaskedDepthwiseConv2D(3, padding='same', normalize=True, sap_gamma=0.6,
-                                          name='dw'),
-      sap.BitReLU(),
-      tf.keras.layers.Flatten(),
-      sparse_layers.MaskedDense(5, sap_gamma=0.6, name='dense'),
+    sparse_layers.MaskedConv2D(
+      6, 3, strides=2, padding='same', normalize=True, sap_gamma=0.6, use_bias=False, name='conv'
+    ),
+    sap.BitReLU(),
+    sparse_layers.MaskedDepthwiseConv2D(
+      3, padding='same', normalize=True, sap_gamma=0.6, name='dw'
+    ),
+    sap.BitReLU(),
+    tf.keras.layers.Flatten(),
+    sparse_layers.MaskedDense(5, sap_gamma=0.6, name='dense'),
   ]
   model = tf.keras.Sequential([tf.keras.Input((8, 8, 3))] + layers)
   rng = np.random.RandomState(0)
@@ -230,8 +254,9 @@ def test_sap_layers_under_the_tflite_strategy_give_the_default_gradients(builtin
   y = tf.constant(rng.randint(0, 5, size=4).astype(np.int32))
   step = tf.function(lambda x, y: _loss_and_grads(model, x, y))
   loss_ref, grads_ref = step(x, y)
-  strategy = train_module.tflite_strategy(max_im2col_bytes=256,
-                                          builtin_weight_grads=builtin_weight_grads)
+  strategy = train_module.tflite_strategy(
+    max_im2col_bytes=256, builtin_weight_grads=builtin_weight_grads
+  )
   with execution.scope(strategy):
     fn = tf.function(lambda x, y: _loss_and_grads(model, x, y)).get_concrete_function(x, y)
   ops = {op.type for op in fn.graph.get_operations()}
@@ -240,9 +265,13 @@ def test_sap_layers_under_the_tflite_strategy_give_the_default_gradients(builtin
   loss, grads = fn(x, y)
   assert float(loss) == pytest.approx(float(loss_ref), rel=1e-6)
   for g, g_ref, v in zip(grads, grads_ref, model.trainable_variables):
-    np.testing.assert_allclose(g.numpy(), g_ref.numpy(), rtol=1e-4,
-                               atol=1e-5 * max(np.abs(g_ref.numpy()).max(), 1e-6),
-                               err_msg=v.name)
+    np.testing.assert_allclose(
+      g.numpy(),
+      g_ref.numpy(),
+      rtol=1e-4,
+      atol=1e-5 * max(np.abs(g_ref.numpy()).max(), 1e-6),
+      err_msg=v.name,
+    )
 
 
 def test_in_backward_updates_equal_the_plain_sgd_step():
@@ -272,7 +301,8 @@ def test_in_backward_updates_equal_the_plain_sgd_step():
   fused_step(x, y)
   layers = sparse_layers.prunable_layers(fused)
   assert [v.name for v in updates.updated] == [
-      v.name for layer in layers for v in (layer.kernel, layer.gain) if v is not None]
+    v.name for layer in layers for v in (layer.kernel, layer.gain) if v is not None
+  ]
   for a, b in zip(plain.variables, fused.variables):
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
   for layer in layers:

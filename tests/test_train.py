@@ -31,12 +31,23 @@ from tff_programs import training_loop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HAVE_PROCESS = os.path.isfile(os.path.join(ROOT, 'tff_programs', 'fedmef_process.py'))
 needs_process = pytest.mark.skipif(
-    not _HAVE_PROCESS, reason='tff_programs/fedmef_process.py has not landed yet')
+  not _HAVE_PROCESS, reason='tff_programs/fedmef_process.py has not landed yet'
+)
 
 # Tiny settings: about 20-30 s per run on 2 cores, most of it start-up.
-TINY = ['--synthetic_train_size=400', '--synthetic_test_size=100', '--num_clients=6',
-        '--clients_per_round=2', '--min_client_size=20', '--batch_size=16', '--eval_every=2',
-        '--delta_t=1', '--t_end=2', '--density=0.3', '--seed=3']
+TINY = [
+  '--synthetic_train_size=400',
+  '--synthetic_test_size=100',
+  '--num_clients=6',
+  '--clients_per_round=2',
+  '--min_client_size=20',
+  '--batch_size=16',
+  '--eval_every=2',
+  '--delta_t=1',
+  '--t_end=2',
+  '--density=0.3',
+  '--seed=3',
+]
 
 
 def _env():
@@ -48,8 +59,15 @@ def _env():
 
 
 def _cli(args, timeout=240, **kwargs):
-  return subprocess.run([sys.executable, '-m', 'tff_programs.train'] + list(args), cwd=ROOT,
-                        env=_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+  return subprocess.run(
+    [sys.executable, '-m', 'tff_programs.train'] + list(args),
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kwargs,
+  )
 
 
 def _error_line(proc):
@@ -63,49 +81,50 @@ def _error_line(proc):
 # Flag checks through the command line.
 
 BAD_FLAGS = [
-    ('--algorithm=fedprox', '--algorithm', 'one of fedmef'),
-    ('--model=vgg', '--model', 'one of cnn'),
-    ('--dataset=mnist', '--dataset', 'one of synthetic'),
-    ('--num_clients=0', '--num_clients', '[1, 100000]'),
-    ('--clients_per_round=0', '--clients_per_round', '[1, 20]'),
-    ('--clients_per_round=21', '--clients_per_round', '[1, 20]'),
-    ('--rounds=0', '--rounds', '[1, 1000000]'),
-    ('--local_epochs=0', '--local_epochs', '[1, 1000]'),
-    ('--batch_size=0', '--batch_size', '[1, 65536]'),
-    ('--client_lr=0', '--client_lr', '(0, 100]'),
-    ('--client_lr=-1', '--client_lr', '(0, 100]'),
-    ('--client_lr=nan', '--client_lr', '(0, 100]'),
-    ('--client_lr_min=0.5', '--client_lr_min', '(0, 0.1]'),
-    ('--density=0', '--density', '(0, 1]'),
-    ('--density=1.01', '--density', '(0, 1]'),
-    ('--delta_t=0', '--delta_t', '[1, 60]'),
-    ('--delta_t=61', '--delta_t', '[1, 60]'),
-    ('--t_end=-1', '--t_end', '[0, 60]'),
-    ('--t_end=61', '--t_end', '[0, 60]'),
-    ('--alpha=1.5', '--alpha', '[0, 1]'),
-    ('--alpha=-0.1', '--alpha', '[0, 1]'),
-    ('--lambda_bae=-1', '--lambda_bae', '[0, 100]'),
-    ('--gamma=1', '--gamma', '[0, 1)'),
-    ('--gamma=-0.1', '--gamma', '[0, 1)'),
-    ('--dirichlet_alpha=0', '--dirichlet_alpha', '(0, 1e+06]'),
-    ('--min_client_size=0', '--min_client_size', '[1, 1000000]'),
-    ('--eval_every=0', '--eval_every', '[1, 60]'),
-    ('--eval_every=61', '--eval_every', '[1, 60]'),
-    ('--eval_batch_size=0', '--eval_batch_size', '[1, 65536]'),
-    ('--seed=-1', '--seed', '[0, 2147483647]'),
-    ('--synthetic_train_size=5', '--synthetic_train_size', '[10, 10000000]'),
-    ('--synthetic_test_size=5', '--synthetic_test_size', '[10, 10000000]'),
-    ('--synthetic_train_size=100', '--synthetic_train_size', '>= --num_clients'),
-    ('--dataset=cifar10', '--data_dir', 'required'),
-    ('--data_dir=/nonexistent/dir', '--data_dir', 'not an existing directory'),
-    ('--root_dir=', '--root_dir', 'must not be empty'),
-    ('--rounds=many', '--rounds', 'invalid literal'),
-    ('--no_such_flag=1', 'no_such_flag', 'Unknown'),
+  ('--algorithm=fedprox', '--algorithm', 'one of fedmef'),
+  ('--model=vgg', '--model', 'one of cnn'),
+  ('--dataset=mnist', '--dataset', 'one of synthetic'),
+  ('--num_clients=0', '--num_clients', '[1, 100000]'),
+  ('--clients_per_round=0', '--clients_per_round', '[1, 20]'),
+  ('--clients_per_round=21', '--clients_per_round', '[1, 20]'),
+  ('--rounds=0', '--rounds', '[1, 1000000]'),
+  ('--local_epochs=0', '--local_epochs', '[1, 1000]'),
+  ('--batch_size=0', '--batch_size', '[1, 65536]'),
+  ('--client_lr=0', '--client_lr', '(0, 100]'),
+  ('--client_lr=-1', '--client_lr', '(0, 100]'),
+  ('--client_lr=nan', '--client_lr', '(0, 100]'),
+  ('--client_lr_min=0.5', '--client_lr_min', '(0, 0.1]'),
+  ('--density=0', '--density', '(0, 1]'),
+  ('--density=1.01', '--density', '(0, 1]'),
+  ('--delta_t=0', '--delta_t', '[1, 60]'),
+  ('--delta_t=61', '--delta_t', '[1, 60]'),
+  ('--t_end=-1', '--t_end', '[0, 60]'),
+  ('--t_end=61', '--t_end', '[0, 60]'),
+  ('--alpha=1.5', '--alpha', '[0, 1]'),
+  ('--alpha=-0.1', '--alpha', '[0, 1]'),
+  ('--lambda_bae=-1', '--lambda_bae', '[0, 100]'),
+  ('--gamma=1', '--gamma', '[0, 1)'),
+  ('--gamma=-0.1', '--gamma', '[0, 1)'),
+  ('--dirichlet_alpha=0', '--dirichlet_alpha', '(0, 1e+06]'),
+  ('--min_client_size=0', '--min_client_size', '[1, 1000000]'),
+  ('--eval_every=0', '--eval_every', '[1, 60]'),
+  ('--eval_every=61', '--eval_every', '[1, 60]'),
+  ('--eval_batch_size=0', '--eval_batch_size', '[1, 65536]'),
+  ('--seed=-1', '--seed', '[0, 2147483647]'),
+  ('--synthetic_train_size=5', '--synthetic_train_size', '[10, 10000000]'),
+  ('--synthetic_test_size=5', '--synthetic_test_size', '[10, 10000000]'),
+  ('--synthetic_train_size=100', '--synthetic_train_size', '>= --num_clients'),
+  ('--dataset=cifar10', '--data_dir', 'required'),
+  ('--data_dir=/nonexistent/dir', '--data_dir', 'not an existing directory'),
+  ('--root_dir=', '--root_dir', 'must not be empty'),
+  ('--rounds=many', '--rounds', 'invalid literal'),
+  ('--no_such_flag=1', 'no_such_flag', 'Unknown'),
 ]
 
 
-@pytest.mark.parametrize('arg,flag,expected', BAD_FLAGS,
-                         ids=[b[0].lstrip('-') or 'empty' for b in BAD_FLAGS])
+@pytest.mark.parametrize(
+  'arg,flag,expected', BAD_FLAGS, ids=[b[0].lstrip('-') or 'empty' for b in BAD_FLAGS]
+)
 def test_bad_flag_is_one_line_error_exit_2_before_any_work(tmp_path, arg, flag, expected):
   root = tmp_path / 'run'
   extra = ['--dataset=cifar10'] if arg.startswith('--data_dir') else []
@@ -124,9 +143,23 @@ def test_validate_accepts_the_defaults_and_paper_protocol():
   train.FLAGS(['train'])
   defaults = train.FLAGS.flag_values_dict()
   train.validate(defaults)
-  paper = dict(defaults, num_clients=100, clients_per_round=10, rounds=500, local_epochs=5,
-               batch_size=64, density=0.1, delta_t=10, t_end=300, alpha=0.2, lambda_bae=0.01,
-               gamma=0.7, dirichlet_alpha=0.5, client_lr=0.1, client_lr_min=0.01)
+  paper = dict(
+    defaults,
+    num_clients=100,
+    clients_per_round=10,
+    rounds=500,
+    local_epochs=5,
+    batch_size=64,
+    density=0.1,
+    delta_t=10,
+    t_end=300,
+    alpha=0.2,
+    lambda_bae=0.01,
+    gamma=0.7,
+    dirichlet_alpha=0.5,
+    client_lr=0.1,
+    client_lr_min=0.01,
+  )
   train.validate(paper)
   with pytest.raises(train.UsageError, match='--t_end=501'):
     train.validate(dict(paper, t_end=501))
@@ -134,6 +167,7 @@ def test_validate_accepts_the_defaults_and_paper_protocol():
 
 def test_flag_lists_match_the_registries():
   from fedmef_tf import data  # pylint: disable=import-outside-toplevel
+
   assert train.DATASETS == data.DATASET_NAMES + ('client_data',)
   try:
     from fedmef_tf import models  # pylint: disable=import-outside-toplevel
@@ -162,12 +196,29 @@ def test_defaults_that_follow_rounds():
 
 def test_every_conflict_is_reported_at_once(tmp_path):
   root = tmp_path / 'run'
-  proc = _cli([f'--root_dir={root}', '--rounds=10', '--delta_t=20', '--t_end=30',
-               '--eval_every=50', '--gamma=1', '--clients_per_round=30'], timeout=60)
+  proc = _cli(
+    [
+      f'--root_dir={root}',
+      '--rounds=10',
+      '--delta_t=20',
+      '--t_end=30',
+      '--eval_every=50',
+      '--gamma=1',
+      '--clients_per_round=30',
+    ],
+    timeout=60,
+  )
   assert proc.returncode == 2, proc.stderr
   line = _error_line(proc)
-  for part in ('--delta_t=20', '[1, 10]', '--t_end=30', '[0, 10]', '--eval_every=50',
-               '--gamma=1', '--clients_per_round=30'):
+  for part in (
+    '--delta_t=20',
+    '[1, 10]',
+    '--t_end=30',
+    '[0, 10]',
+    '--eval_every=50',
+    '--gamma=1',
+    '--clients_per_round=30',
+  ):
     assert part in line, line
   assert not root.exists()
 
@@ -179,22 +230,37 @@ def test_help_exits_0_with_ranges_and_derived_defaults():
   assert '--delta_t: dT' in out and 'in [1, --rounds]' in out and 'derived from --rounds' in out
   assert '--clients_per_round:' in out and 'in [1, --num_clients]' in out
   for module in ('tff_programs.worker', 'tff_programs.compare'):
-    proc = subprocess.run([sys.executable, '-m', module, '--help'], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+      [sys.executable, '-m', module, '--help'],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert proc.returncode == 0, (module, proc.stderr)
     assert '--' in proc.stdout and not proc.stderr.strip(), (module, proc.stderr)
 
 
 def test_model_spec_per_algorithm():
-  assert training_loop.model_spec('fedmef', 0.1, 0.7) == {'variant': 'fedmef', 'density': 0.1,
-                                                  'gamma': 0.7}
+  assert training_loop.model_spec('fedmef', 0.1, 0.7) == {
+    'variant': 'fedmef',
+    'density': 0.1,
+    'gamma': 0.7,
+  }
   assert training_loop.model_spec('fedmef_no_sap', 0.1, 0.7)['gamma'] == 0.0
   assert training_loop.model_spec('fedmef_no_bae', 0.1, 0.7)['gamma'] == 0.7
-  assert training_loop.model_spec('fedavg', 0.1, 0.7) == {'variant': 'baseline', 'density': 1.0,
-                                                  'gamma': 0.0}
+  assert training_loop.model_spec('fedavg', 0.1, 0.7) == {
+    'variant': 'baseline',
+    'density': 1.0,
+    'gamma': 0.0,
+  }
   for algo in ('rigl', 'feddst', 'static', 'tfmot'):
-    assert training_loop.model_spec(algo, 0.1, 0.7) == {'variant': 'baseline', 'density': 0.1,
-                                                'gamma': 0.0}
+    assert training_loop.model_spec(algo, 0.1, 0.7) == {
+      'variant': 'baseline',
+      'density': 0.1,
+      'gamma': 0.0,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,8 +365,20 @@ def test_run_config_leaves_out_what_does_not_change_the_result():
   cfg = train.run_config(values)
   for name in ('root_dir', 'overwrite', 'verbose', 'data_dir'):
     assert name not in cfg
-  for name in ('algorithm', 'model', 'dataset', 'rounds', 'seed', 'density', 'gamma',
-               'dirichlet_alpha', 'lambda_bae', 'alpha', 't_end', 'delta_t'):
+  for name in (
+    'algorithm',
+    'model',
+    'dataset',
+    'rounds',
+    'seed',
+    'density',
+    'gamma',
+    'dirichlet_alpha',
+    'lambda_bae',
+    'alpha',
+    't_end',
+    'delta_t',
+  ):
     assert name in cfg
   json.dumps(cfg)
   assert train.run_config(dict(values, iid=True))['dirichlet_alpha'] is None
@@ -327,16 +405,27 @@ def test_metrics_release_csv_and_tensorboard_and_replace_on_resume(tmp_path):
 
 
 def test_plots_are_png(tmp_path):
-  rows = [{'round': t, 'train_loss': 2.0 / t, 'train_accuracy': 0.1 * t,
-           'test_accuracy': float('nan') if t % 2 else 0.2 * t, 'test_loss': 1.0}
-          for t in range(1, 5)]
+  rows = [
+    {
+      'round': t,
+      'train_loss': 2.0 / t,
+      'train_accuracy': 0.1 * t,
+      'test_accuracy': float('nan') if t % 2 else 0.2 * t,
+      'test_loss': 1.0,
+    }
+    for t in range(1, 5)
+  ]
   paths = [
-      program_io.plot_curves(rows, str(tmp_path / 'a.png'), 't'),
-      program_io.plot_layer_density(['c1', 'c2', 'fc'], [0.5, 0.1, 0.3],
-                                    str(tmp_path / 'b.png'), 't'),
-      program_io.plot_memory({'weight_bytes': 1e6, 'cached_bytes': 4e6},
-                             {'analytic step peak': 5e6, 'measured step peak': 3e6},
-                             str(tmp_path / 'c.png'), 't'),
+    program_io.plot_curves(rows, str(tmp_path / 'a.png'), 't'),
+    program_io.plot_layer_density(
+      ['c1', 'c2', 'fc'], [0.5, 0.1, 0.3], str(tmp_path / 'b.png'), 't'
+    ),
+    program_io.plot_memory(
+      {'weight_bytes': 1e6, 'cached_bytes': 4e6},
+      {'analytic step peak': 5e6, 'measured step peak': 3e6},
+      str(tmp_path / 'c.png'),
+      't',
+    ),
   ]
   for p in paths:
     with open(p, 'rb') as f:
@@ -367,10 +456,12 @@ def test_write_json_atomic(tmp_path):
 
 def _h5_weights(path):
   import h5py  # pylint: disable=import-outside-toplevel
+
   out = {}
   with h5py.File(path, 'r') as f:
-    f.visititems(lambda name, obj: out.__setitem__(name, obj[()])
-                 if isinstance(obj, h5py.Dataset) else None)
+    f.visititems(
+      lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+    )
   return out
 
 
@@ -378,8 +469,10 @@ def _wait_for(path, proc, timeout):
   deadline = time.monotonic() + timeout
   while not os.path.exists(path):
     if proc.poll() is not None:
-      raise AssertionError(f'program ended ({proc.returncode}) before {path} appeared: '
-                           f'{proc.stderr.read() if proc.stderr else ""}')
+      raise AssertionError(
+        f'program ended ({proc.returncode}) before {path} appeared: '
+        f'{proc.stderr.read() if proc.stderr else ""}'
+      )
     if time.monotonic() > deadline:
       raise AssertionError(f'{path} did not appear within {timeout}s')
     time.sleep(0.1)
@@ -396,8 +489,8 @@ def _worker_children(pid):
         stat = f.read()
     except OSError:
       continue
-    comm = stat[stat.index('(') + 1:stat.rindex(')')]
-    fields = stat[stat.rindex(')') + 2:].split()
+    comm = stat[stat.index('(') + 1 : stat.rindex(')')]
+    fields = stat[stat.rindex(')') + 2 :].split()
     if fields[1] == str(pid) and fields[0] != 'Z' and 'worker_bin' in comm:
       found.append(int(entry))
   return found
@@ -441,8 +534,16 @@ def test_end_to_end_writes_every_artifact(uninterrupted):
     assert f'round {t}/3' in out
   assert 'ETA' in out and 'done: 3 rounds' in out
   summary = json.loads((root / 'summary.json').read_text())
-  for key in ('algorithm', 'model', 'dataset', 'rounds_completed', 'final_accuracy', 'density',
-              'memory', 'traffic'):
+  for key in (
+    'algorithm',
+    'model',
+    'dataset',
+    'rounds_completed',
+    'final_accuracy',
+    'density',
+    'memory',
+    'traffic',
+  ):
     assert key in summary
   assert summary['algorithm'] == 'fedmef' and summary['rounds_completed'] == 3
   assert 0.0 <= summary['final_accuracy'] <= 1.0
@@ -451,8 +552,16 @@ def test_end_to_end_writes_every_artifact(uninterrupted):
   assert summary['traffic']['down_bytes'] > 0 and summary['traffic']['up_bytes'] > 0
   rows = program_io.read_metrics(str(root))
   assert [r['round'] for r in rows] == [1, 2, 3]
-  for col in ('train_loss', 'test_accuracy', 'density', 'bytes_down', 'bytes_up',
-              'round_seconds', 'clients_used', 'clients_rejected'):
+  for col in (
+    'train_loss',
+    'test_accuracy',
+    'density',
+    'bytes_down',
+    'bytes_up',
+    'round_seconds',
+    'clients_used',
+    'clients_rejected',
+  ):
     assert col in rows[0]
   assert math.isnan(rows[0]['test_accuracy']) and not math.isnan(rows[1]['test_accuracy'])
   assert rows[0]['clients_used'] + rows[0]['clients_rejected'] == 2
@@ -466,11 +575,13 @@ def test_end_to_end_writes_every_artifact(uninterrupted):
   assert sorted(os.listdir(root / 'checkpoints')) == ['program_state_2.npz', 'program_state_3.npz']
   # The saved model loads in the exporter's reader with its masks.
   from fedmef_tf import masks, model_io  # pylint: disable=import-outside-toplevel
+
   model, _ = model_io.load_model(str(root / 'final_model'))
   assert float(masks.global_density(model)) == pytest.approx(summary['density'], abs=1e-6)
   # The input normalisation constants are those of the training split, stored with the run
   # (config.json) and in the saved model, whose first layer applies them.
   from fedmef_tf import data as data_lib  # pylint: disable=import-outside-toplevel
+
   train = data_lib.synthetic(num_train=400, num_test=100, seed=3)
   mean, std = data_lib.channel_stats(train.train_images)
   run_cfg = json.loads((root / 'config.json').read_text())
@@ -478,8 +589,9 @@ def test_end_to_end_writes_every_artifact(uninterrupted):
   assert model_cfg['input_mean'] == mean and model_cfg['input_std'] == std
   norm = model.get_layer('input_norm')
   x = np.full((1, 2, 2, 3), 0.5, np.float32)
-  np.testing.assert_allclose(norm(x).numpy()[0, 0, 0], (0.5 - np.array(mean)) / np.array(std),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    norm(x).numpy()[0, 0, 0], (0.5 - np.array(mean)) / np.array(std), rtol=1e-5
+  )
 
 
 @needs_process
@@ -498,8 +610,9 @@ def test_resume_after_sigkill_gives_the_same_final_weights(uninterrupted, tmp_pa
   reference_root, _ = uninterrupted
   root = tmp_path / 'killed'
   args = [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root}', '--rounds=3'] + TINY
-  proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   try:
     _wait_for(str(root / 'checkpoints' / 'program_state_2.npz'), proc, timeout=200)
     workers = _worker_children(proc.pid)
@@ -529,8 +642,9 @@ def test_resume_after_sigkill_gives_the_same_final_weights(uninterrupted, tmp_pa
 def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
   root = tmp_path / 'interrupted'
   args = [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root}', '--rounds=40'] + TINY
-  proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   try:
     _wait_for(str(root / 'checkpoints' / 'program_state_1.npz'), proc, timeout=200)
     workers = _worker_children(proc.pid)
@@ -544,9 +658,11 @@ def test_ctrl_c_stops_between_rounds_and_keeps_the_checkpoint(tmp_path):
   assert 'stopped after round' in out
   assert workers and _gone(workers), f'TFF worker(s) {workers} outlived the program'
   assert len([l for l in err.splitlines() if l.strip()]) <= 2, err  # no traceback
-  versions = sorted(int(n[len('program_state_'):-len('.npz')])
-                    for n in os.listdir(root / 'checkpoints')
-                    if n.startswith('program_state_') and n.endswith('.npz'))
+  versions = sorted(
+    int(n[len('program_state_') : -len('.npz')])
+    for n in os.listdir(root / 'checkpoints')
+    if n.startswith('program_state_') and n.endswith('.npz')
+  )
   assert versions and versions[-1] < 40
   rows = program_io.read_metrics(str(root))
   assert rows[-1]['round'] == versions[-1]
@@ -580,9 +696,11 @@ def test_one_line_escapes_control_characters_and_undecodable_bytes_of_file_names
 
 
 @needs_process
-def test_damaged_newest_checkpoint_is_reported_and_the_round_before_resumed(uninterrupted,
-                                                                            tmp_path):
+def test_damaged_newest_checkpoint_is_reported_and_the_round_before_resumed(
+  uninterrupted, tmp_path
+):
   import shutil  # pylint: disable=import-outside-toplevel
+
   reference_root, _ = uninterrupted
   root = tmp_path / 'damaged'
   shutil.copytree(reference_root, root)
@@ -604,10 +722,12 @@ def test_damaged_newest_checkpoint_is_reported_and_the_round_before_resumed(unin
 @needs_process
 def test_second_run_on_a_busy_root_dir_is_refused_and_sigterm_exits_143(tmp_path):
   from tff_programs import run_lock  # pylint: disable=import-outside-toplevel
+
   root = tmp_path / 'busy'
   args = [sys.executable, '-m', 'tff_programs.train', f'--root_dir={root}', '--rounds=60'] + TINY
-  first = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen(
+    args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   try:
     _wait_for(str(root / 'checkpoints' / 'program_state_1.npz'), first, timeout=200)
     second = _cli([f'--root_dir={root}', '--rounds=60'] + TINY)
@@ -633,8 +753,17 @@ def test_a_run_in_which_no_client_survives_warns_has_no_loss_and_fails(tmp_path)
   root = tmp_path / 'diverged'
   # Unclipped SGD at lr 100 for 8 local epochs: every client's update overflows (the FedMef
   # model's clipped steps can survive such a rate).
-  proc = _cli([f'--root_dir={root}', '--rounds=3', '--client_lr=100', '--client_lr_min=100',
-               '--algorithm=rigl', '--local_epochs=8'] + TINY)
+  proc = _cli(
+    [
+      f'--root_dir={root}',
+      '--rounds=3',
+      '--client_lr=100',
+      '--client_lr_min=100',
+      '--algorithm=rigl',
+      '--local_epochs=8',
+    ]
+    + TINY
+  )
   assert proc.returncode == 1, proc.stdout + proc.stderr
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 2, proc.stderr
@@ -668,8 +797,9 @@ def test_truncated_dataset_file_is_one_line_error_exit_2(tmp_path):
   _write_tiny_cifar10(data_dir)
   bad = data_dir / 'data_batch_4.bin'
   bad.write_bytes(bad.read_bytes()[:-100])
-  proc = _cli([f'--root_dir={tmp_path / "run"}', '--dataset=cifar10', f'--data_dir={data_dir}'],
-              timeout=120)
+  proc = _cli(
+    [f'--root_dir={tmp_path / "run"}', '--dataset=cifar10', f'--data_dir={data_dir}'], timeout=120
+  )
   assert proc.returncode == 2, proc.stdout + proc.stderr
   line = _error_line(proc)
   assert str(bad) in line and 'wrong size' in line
@@ -693,16 +823,25 @@ def test_failed_data_load_leaves_the_root_dir_reusable(tmp_path):
   foreign.mkdir()
   (foreign / 'config.json').write_text(json.dumps({'algorithm': 'rigl'}))
   (foreign / 'metrics.csv').write_text('round\n1\n')
-  proc = _cli([f'--root_dir={foreign}', '--dataset=cifar10', f'--data_dir={data_dir}',
-               '--overwrite'], timeout=120)
+  proc = _cli(
+    [f'--root_dir={foreign}', '--dataset=cifar10', f'--data_dir={data_dir}', '--overwrite'],
+    timeout=120,
+  )
   assert proc.returncode == 2, proc.stdout + proc.stderr
   assert json.loads((foreign / 'config.json').read_text()) == {'algorithm': 'rigl'}
   assert (foreign / 'metrics.csv').read_text() == 'round\n1\n'
 
 
 # Tiny data without --delta_t, --t_end or --eval_every: their defaults follow --rounds.
-TINY_DATA = ['--synthetic_train_size=240', '--synthetic_test_size=60', '--num_clients=4',
-             '--clients_per_round=2', '--min_client_size=20', '--batch_size=16', '--seed=5']
+TINY_DATA = [
+  '--synthetic_train_size=240',
+  '--synthetic_test_size=60',
+  '--num_clients=4',
+  '--clients_per_round=2',
+  '--min_client_size=20',
+  '--batch_size=16',
+  '--seed=5',
+]
 
 
 @pytest.fixture(scope='module')
@@ -755,10 +894,22 @@ def test_cifar10_binary_files_train_end_to_end(tmp_path):
   data_dir = tmp_path / 'cifar'
   _write_tiny_cifar10(data_dir)
   root = tmp_path / 'run'
-  proc = _cli([f'--root_dir={root}', '--dataset=cifar10', f'--data_dir={data_dir}',
-               '--algorithm=rigl', '--rounds=1', '--num_clients=4', '--clients_per_round=2',
-               '--min_client_size=5', '--batch_size=16', '--eval_every=1', '--delta_t=1',
-               '--t_end=1'])
+  proc = _cli(
+    [
+      f'--root_dir={root}',
+      '--dataset=cifar10',
+      f'--data_dir={data_dir}',
+      '--algorithm=rigl',
+      '--rounds=1',
+      '--num_clients=4',
+      '--clients_per_round=2',
+      '--min_client_size=5',
+      '--batch_size=16',
+      '--eval_every=1',
+      '--delta_t=1',
+      '--t_end=1',
+    ]
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'data: cifar10 200 train / 40 test' in proc.stdout
   summary = json.loads((root / 'summary.json').read_text())

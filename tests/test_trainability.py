@@ -10,7 +10,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from benchmarks import trainability  # pylint: disable=g-import-not-at-top
 from fedmef_tf import data  # pylint: disable=g-import-not-at-top
@@ -88,11 +87,13 @@ def test_fedmef_block_outputs_keep_a_known_scale_at_initialisation(image_sets, n
 
 @pytest.mark.parametrize('name,steps', [('cnn', 30), ('resnet18', 12), ('mobilenet_v2', 16)])
 def test_fedmef_sgd_at_the_papers_rate_and_a_phones_batch_is_finite_and_falls(
-    image_sets, name, steps):
+  image_sets, name, steps
+):
   sets, stats = image_sets
   images, labels = sets['digits']
-  cell = trainability.run_cell(name, 'fedmef', images, labels, stats['digits'], batch_size=8,
-                               learning_rate=0.1, steps=steps)
+  cell = trainability.run_cell(
+    name, 'fedmef', images, labels, stats['digits'], batch_size=8, learning_rate=0.1, steps=steps
+  )
   losses = np.array(cell['losses'])
   assert len(losses) == steps and np.all(np.isfinite(losses)), losses
   assert not cell['diverged'], losses
@@ -104,25 +105,38 @@ def test_a_saved_model_keeps_its_normalisation(tmp_path, image_sets):
   _, stats = image_sets
   model = trainability.build('cnn', 'fedmef', stats['digits'])
   x = np.random.default_rng(1).random((4, 32, 32, 3)).astype(np.float32)
-  config = {'model': 'cnn', 'variant': 'fedmef', 'num_classes': 10, 'input_shape': [32, 32, 3],
-            'gamma': 0.7, 'input_mean': stats['digits'][0], 'input_std': stats['digits'][1]}
+  config = {
+    'model': 'cnn',
+    'variant': 'fedmef',
+    'num_classes': 10,
+    'input_shape': [32, 32, 3],
+    'gamma': 0.7,
+    'input_mean': stats['digits'][0],
+    'input_std': stats['digits'][1],
+  }
   model_io.save_model(model, config, str(tmp_path / 'm'))
   loaded, _ = model_io.load_model(str(tmp_path / 'm'))
-  np.testing.assert_array_equal(loaded(x, training=False).numpy(),
-                                model(x, training=False).numpy())
+  np.testing.assert_array_equal(loaded(x, training=False).numpy(), model(x, training=False).numpy())
 
 
 def test_summary_lines_flag_a_fedmef_only_divergence_and_the_loss_ratio():
   def cell(variant, diverged, last, lr=0.1, batch=64):
-    return dict(model='cnn', variant=variant, data='digits', batch=batch, lr=lr,
-                diverged=diverged, last=last)
-  cells = [cell('fedmef', False, 1.0), cell('baseline', False, 1.0),
-           cell('fedmef', True, float('nan'), lr=0.2), cell('baseline', False, 1.2, lr=0.2),
-           cell('fedmef', True, float('nan'), batch=8), cell('baseline', True, float('nan'),
-                                                              batch=8)]
+    return dict(
+      model='cnn', variant=variant, data='digits', batch=batch, lr=lr, diverged=diverged, last=last
+    )
+
+  cells = [
+    cell('fedmef', False, 1.0),
+    cell('baseline', False, 1.0),
+    cell('fedmef', True, float('nan'), lr=0.2),
+    cell('baseline', False, 1.2, lr=0.2),
+    cell('fedmef', True, float('nan'), batch=8),
+    cell('baseline', True, float('nan'), batch=8),
+  ]
   lines = trainability.summary_lines(cells, ['cnn'])
   assert lines[0].endswith('NOT met: cnn digits b64 lr0.2')
   assert '1.00x' in lines[1] and lines[1].endswith('met)')
-  lines = trainability.summary_lines([cell('fedmef', False, 1.5), cell('baseline', False, 1.0)],
-                                     ['cnn'])
+  lines = trainability.summary_lines(
+    [cell('fedmef', False, 1.5), cell('baseline', False, 1.0)], ['cnn']
+  )
   assert lines[0].endswith(': met') and '1.50x' in lines[1] and 'NOT met' in lines[1]

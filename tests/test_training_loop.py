@@ -34,10 +34,12 @@ def test_catalogue_parts_follow_the_ablations():
   # Each ablation removes exactly one part of FedMef.
   no_bae = algorithms.get('fedmef_no_bae')
   no_sap = algorithms.get('fedmef_no_sap')
-  assert dataclasses.replace(no_bae, name='fedmef', uses_bae=True, summary='') == \
-      dataclasses.replace(fedmef, summary='')
-  assert dataclasses.replace(no_sap, name='fedmef', uses_sap=True, summary='') == \
-      dataclasses.replace(fedmef, summary='')
+  assert dataclasses.replace(
+    no_bae, name='fedmef', uses_bae=True, summary=''
+  ) == dataclasses.replace(fedmef, summary='')
+  assert dataclasses.replace(
+    no_sap, name='fedmef', uses_sap=True, summary=''
+  ) == dataclasses.replace(fedmef, summary='')
   for name in ('rigl', 'feddst', 'static', 'tfmot', 'fedavg'):
     entry = algorithms.get(name)
     assert entry.variant == 'baseline' and not entry.uses_sap and not entry.uses_bae, name
@@ -117,10 +119,17 @@ def test_run_config_without_a_derived_value_is_refused():
 
 
 def _metrics(**overrides):
-  m = {'train_loss': np.float32(1.25), 'train_accuracy': np.float32(0.5),
-       'global_density': np.float32(0.2), 'bytes_down': np.int64(3 * 2 ** 20),
-       'bytes_up': np.int64(1536), 'clients_used': np.int32(2), 'clients_rejected': np.int32(0),
-       'adjusted': np.int32(1), 'learning_rate': np.float32(0.1)}
+  m = {
+    'train_loss': np.float32(1.25),
+    'train_accuracy': np.float32(0.5),
+    'global_density': np.float32(0.2),
+    'bytes_down': np.int64(3 * 2**20),
+    'bytes_up': np.int64(1536),
+    'clients_used': np.int32(2),
+    'clients_rejected': np.int32(0),
+    'adjusted': np.int32(1),
+    'learning_rate': np.float32(0.1),
+  }
   m.update(overrides)
   return m
 
@@ -128,10 +137,21 @@ def _metrics(**overrides):
 def test_round_row_from_nested_metrics():
   nested = {'client_work': {'train': _metrics()}, 'other': 3}
   row = training_loop.round_row(training_loop.pick_metrics(nested), 0.75, 0.625, 2.5)
-  assert list(row) == ['train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'density',
-                       'bytes_down', 'bytes_up', 'round_seconds', 'clients_used',
-                       'clients_rejected', 'adjusted', 'learning_rate']
-  assert row['train_loss'] == 1.25 and row['bytes_down'] == 3 * 2 ** 20
+  assert list(row) == [
+    'train_loss',
+    'train_accuracy',
+    'test_loss',
+    'test_accuracy',
+    'density',
+    'bytes_down',
+    'bytes_up',
+    'round_seconds',
+    'clients_used',
+    'clients_rejected',
+    'adjusted',
+    'learning_rate',
+  ]
+  assert row['train_loss'] == 1.25 and row['bytes_down'] == 3 * 2**20
   assert row['test_accuracy'] == 0.625 and row['round_seconds'] == 2.5
   assert row['density'] == pytest.approx(0.2)
 
@@ -147,8 +167,10 @@ def test_round_row_of_a_clientless_round_has_no_training_loss():
 def test_round_line_numbers():
   row = training_loop.round_row(_metrics(), 0.75, 0.625, 2.5)
   line = training_loop.round_line(7, 40, row, True, math.nan, 2, 125.0)
-  assert line == ('round  7/40  loss 1.250  test acc 0.625  density 0.200  down 3.0 MiB  '
-                  'up 1.5 KiB  clients 2/2  adjusted  2.5s  ETA 2m05s')
+  assert line == (
+    'round  7/40  loss 1.250  test acc 0.625  density 0.200  down 3.0 MiB  '
+    'up 1.5 KiB  clients 2/2  adjusted  2.5s  ETA 2m05s'
+  )
   stale = training_loop.round_line(8, 40, dict(row, adjusted=0.0), False, 0.5, 3, 7.0)
   assert 'test acc 0.500*' in stale and 'adjusted' not in stale and 'clients 2/3' in stale
   first = training_loop.round_line(1, 40, row, False, math.nan, 2, 0.0)
@@ -156,21 +178,27 @@ def test_round_line_numbers():
 
 
 def test_done_line_numbers():
-  summary = {'rounds_completed': 3, 'final_accuracy': 0.12345, 'density': 0.3,
-             'traffic': {'down_bytes': 2048, 'up_bytes': 100}, 'train_seconds': 3725.0,
-             'memory': {'batch_size': 16, 'analytic_bytes': 5 * 2 ** 20,
-                        'measured_peak_bytes': None}}
+  summary = {
+    'rounds_completed': 3,
+    'final_accuracy': 0.12345,
+    'density': 0.3,
+    'traffic': {'down_bytes': 2048, 'up_bytes': 100},
+    'train_seconds': 3725.0,
+    'memory': {'batch_size': 16, 'analytic_bytes': 5 * 2**20, 'measured_peak_bytes': None},
+  }
   line = training_loop.done_line(summary, 'runs/x')
-  assert line == ('done: 3 rounds, test accuracy 0.1235, density 0.3000, traffic down 2.0 KiB '
-                  'up 100 B, training 1h02m; memory of a training step (batch 16): analytic '
-                  '5.0 MiB, measured peak 0 B; report in runs/x/summary.json')
+  assert line == (
+    'done: 3 rounds, test accuracy 0.1235, density 0.3000, traffic down 2.0 KiB '
+    'up 100 B, training 1h02m; memory of a training step (batch 16): analytic '
+    '5.0 MiB, measured peak 0 B; report in runs/x/summary.json'
+  )
 
 
 def test_sampling_and_shuffle_seeds_are_functions_of_their_arguments():
   assert training_loop.sample_clients(1, 1, 5, 5) == [0, 1, 2, 3, 4]
   a = training_loop.sample_clients(3, 9, 50, 7)
   assert a == training_loop.sample_clients(3, 9, 50, 7) and len(set(a)) == 7 and a == sorted(a)
-  assert 0 <= training_loop.shuffle_seed(1, 2, 3) <= 2 ** 31 - 1
+  assert 0 <= training_loop.shuffle_seed(1, 2, 3) <= 2**31 - 1
   assert training_loop.shuffle_seed(1, 2, 3) != training_loop.shuffle_seed(1, 2, 4)
 
 
@@ -226,28 +254,43 @@ def test_format_bytes_units_and_edges():
   assert text.format_bytes(1023) == '1023 B'
   assert text.format_bytes(1024) == '1.0 KiB'
   assert text.format_bytes(1536) == '1.5 KiB'
-  assert text.format_bytes(5 * 2 ** 20) == '5.0 MiB'
-  assert text.format_bytes(3 * 2 ** 30, precision=2) == '3.00 GiB'
-  assert text.format_bytes(2 ** 19, 'MiB', 2) == '0.50 MiB'
+  assert text.format_bytes(5 * 2**20) == '5.0 MiB'
+  assert text.format_bytes(3 * 2**30, precision=2) == '3.00 GiB'
+  assert text.format_bytes(2**19, 'MiB', 2) == '0.50 MiB'
   assert text.format_bytes(None) == '-' and text.format_bytes(float('nan')) == '-'
   with pytest.raises(ValueError, match='unit'):
     text.format_bytes(1, 'MB')
 
 
 def test_format_seconds():
-  assert [text.format_seconds(s) for s in (-1, 0.4, 59.6, 61, 3599, 3600, 7384)] == \
-      ['0s', '0s', '1m00s', '1m01s', '59m59s', '1h00m', '2h03m']
+  assert [text.format_seconds(s) for s in (-1, 0.4, 59.6, 61, 3599, 3600, 7384)] == [
+    '0s',
+    '0s',
+    '1m00s',
+    '1m01s',
+    '59m59s',
+    '1h00m',
+    '2h03m',
+  ]
 
 
 def test_library_messages_name_settings_as_their_caller_asks():
   from tff_programs import program_io  # pylint: disable=import-outside-toplevel
-  assert text.KEYWORDS.setting('rounds', 40) == 'rounds=40' and text.KEYWORDS.name('t_end') == 't_end'
+
+  assert (
+    text.KEYWORDS.setting('rounds', 40) == 'rounds=40' and text.KEYWORDS.name('t_end') == 't_end'
+  )
   assert text.FLAGS.setting('rounds', 40) == '--rounds=40' and text.FLAGS.name('t_end') == '--t_end'
-  assert program_io.ClientlessRounds(warn_after=1).record(1, 0).endswith(
-      'a lower client_lr may help')
-  assert program_io.ClientlessRounds(warn_after=1, names=text.FLAGS).record(1, 0).endswith(
-      'a lower --client_lr may help')
+  assert (
+    program_io.ClientlessRounds(warn_after=1).record(1, 0).endswith('a lower client_lr may help')
+  )
+  assert (
+    program_io.ClientlessRounds(warn_after=1, names=text.FLAGS)
+    .record(1, 0)
+    .endswith('a lower --client_lr may help')
+  )
   full = OSError(28, 'No space left on device')
   assert '--' not in program_io.disk_full_message(full, 'runs/x')
   assert 'copy --root_dir=runs/x to a larger one' in program_io.disk_full_message(
-      full, 'runs/x', names=text.FLAGS)
+    full, 'runs/x', names=text.FLAGS
+  )

@@ -33,7 +33,7 @@ def _files(package: str) -> List[str]:
 
 
 def _module_name(path: str) -> str:
-  rel = os.path.relpath(path, ROOT)[:-len('.py')].split(os.sep)
+  rel = os.path.relpath(path, ROOT)[: -len('.py')].split(os.sep)
   if rel[-1] == '__init__':
     rel = rel[:-1]
   return '.'.join(rel)
@@ -83,11 +83,11 @@ class _Scan:
       changed = False
       for node in ast.walk(self.tree):
         names = []
-        if isinstance(node, ast.Assign) and (self._is_ref(node.value)
-                                             or self._is_ref_collection(node.value)):
+        if isinstance(node, ast.Assign) and (
+          self._is_ref(node.value) or self._is_ref_collection(node.value)
+        ):
           names = [t.id for t in node.targets if isinstance(t, ast.Name)]
-        elif isinstance(node, (ast.For, ast.comprehension)) and self._is_ref_collection(
-            node.iter):
+        elif isinstance(node, (ast.For, ast.comprehension)) and self._is_ref_collection(node.iter):
           names = [node.target.id] if isinstance(node.target, ast.Name) else []
         for name in names:
           if name not in self.refs:
@@ -116,9 +116,13 @@ class _Scan:
           found.append(f'{self.label}:{node.lineno}: {ast.unparse(t)} = ...')
         elif isinstance(t, ast.Subscript) and _namespace_of(t.value, self):
           found.append(f'{self.label}:{node.lineno}: {ast.unparse(t)} = ...')
-      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-          and node.func.id in ('setattr', 'delattr') and node.args
-          and self._is_ref(node.args[0])):
+      if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ('setattr', 'delattr')
+        and node.args
+        and self._is_ref(node.args[0])
+      ):
         found.append(self._where(node))
     return found
 
@@ -134,10 +138,16 @@ class _Scan:
       elif isinstance(node, ast.Import):
         if any(_is_private(p) for a in node.names for p in a.name.split('.')):
           found.append(self._where(node))
-      elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id in ('getattr', 'hasattr', 'setattr') and len(node.args) >= 2
-            and self._is_ref(node.args[0]) and isinstance(node.args[1], ast.Constant)
-            and isinstance(node.args[1].value, str) and _is_private(node.args[1].value)):
+      elif (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ('getattr', 'hasattr', 'setattr')
+        and len(node.args) >= 2
+        and self._is_ref(node.args[0])
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+        and _is_private(node.args[1].value)
+      ):
         found.append(self._where(node))
     return found
 
@@ -164,8 +174,7 @@ def _namespace_of(node, scan: _Scan) -> bool:
   """`vars(ref)` or `ref.__dict__`: the namespace of an imported module or class."""
   if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'vars':
     return bool(node.args) and scan._is_ref(node.args[0])  # pylint: disable=protected-access
-  return (isinstance(node, ast.Attribute) and node.attr == '__dict__'
-          and scan._is_ref(node.value))  # pylint: disable=protected-access
+  return isinstance(node, ast.Attribute) and node.attr == '__dict__' and scan._is_ref(node.value)  # pylint: disable=protected-access
 
 
 def _scan_file(path: str) -> _Scan:
@@ -191,14 +200,19 @@ def _imports(path: str, modules: Set[str]) -> Set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
       if node.level:
-        parent = package.split('.')[:len(package.split('.')) - node.level + 1]
+        parent = package.split('.')[: len(package.split('.')) - node.level + 1]
         base = '.'.join(parent + ([base] if base else []))
       for a in node.names:
         sub = f'{base}.{a.name}'
         targets.append(sub if sub in modules else base)
-    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-          and node.func.attr == 'import_module' and node.args
-          and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+    elif (
+      isinstance(node, ast.Call)
+      and isinstance(node.func, ast.Attribute)
+      and node.func.attr == 'import_module'
+      and node.args
+      and isinstance(node.args[0], ast.Constant)
+      and isinstance(node.args[0].value, str)
+    ):
       targets = [node.args[0].value]
     found |= {t for t in targets if t in modules and t != name}
   return found
@@ -244,7 +258,9 @@ def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
 # -- the checker finds what it must ------------------------------------------------------------
 
 
-@pytest.mark.parametrize('source', [
+@pytest.mark.parametrize(
+  'source',
+  [
     'from fedmef_tf import sap\nsap._compress = None\n',
     'from fedmef_tf import sap\nsap.conv2d = lambda *a: None\n',
     'from fedmef_tf import sap\nfor name in ("a",):\n  setattr(sap, name, None)\n',
@@ -261,12 +277,15 @@ def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
     'from fedmef_tf import sap\na, sap.after = 1, None\n',
     'from fedmef_tf import sap\nvars(sap)["after"] = None\n',
     'def f(layer):\n  type(layer).call = None\n',
-])
+  ],
+)
 def test_the_checker_finds_rebinding(source):
   assert _Scan(source, 'snippet').rebinding()
 
 
-@pytest.mark.parametrize('source', [
+@pytest.mark.parametrize(
+  'source',
+  [
     'class A:\n  pass\nA.x = 1\n',  # a class of this module
     'from fedmef_tf import sparse_layers\nlayer = sparse_layers.MaskedDense(3)\n'
     'layer.name_scope_hint = 1\n',  # an instance, not the class
@@ -274,27 +293,33 @@ def test_the_checker_finds_rebinding(source):
     'import os\nos.environ["A"] = "1"\n',  # an item, not an attribute
     'from fedmef_tf import sap\nd = {}\nd[sap.STORED] = 1\n',
     'X = 1\ndef f():\n  global X\n  X = 2\n',
-])
+  ],
+)
 def test_the_checker_lets_ordinary_assignments_pass(source):
   assert not _Scan(source, 'snippet').rebinding()
 
 
-@pytest.mark.parametrize('source', [
+@pytest.mark.parametrize(
+  'source',
+  [
     'from fedmef_tf import sap\nsap._compress(1, 0.5)\n',
     'from tff_programs import runtime\nruntime._make_stub()\n',
     'from fedmef_tf import sparse_layers\nsparse_layers.MaskedLayer._op\n',
     'from fedmef_tf.sap import _storage\n',
     'from fedmef_tf import sap\ngetattr(sap, "_storage")\n',
     'from fedmef_tf import sparse_layers as sl\ncls = sl.MaskedLayer\ncls._op\n',
-])
+  ],
+)
 def test_the_checker_finds_private_access(source):
   assert _Scan(source, 'snippet').private_access()
 
 
 def test_the_checker_lets_public_and_own_names_pass():
-  source = ('import tensorflow as tf\nfrom fedmef_tf import sap\n_LOCAL = 1\n'
-            'def _helper():\n  return _LOCAL\nsap.after(tf.__internal__, 1)\n'
-            'def f(layer):\n  return layer._probe\n')
+  source = (
+    'import tensorflow as tf\nfrom fedmef_tf import sap\n_LOCAL = 1\n'
+    'def _helper():\n  return _LOCAL\nsap.after(tf.__internal__, 1)\n'
+    'def f(layer):\n  return layer._probe\n'
+  )
   assert not _Scan(source, 'snippet').private_access()
 
 
@@ -325,19 +350,29 @@ def test_the_project_modules_import_each_other_without_cycles():
   assert not cycles, f'import cycles: {cycles}'
 
 
-@pytest.mark.parametrize('package,forbidden', [
+@pytest.mark.parametrize(
+  'package,forbidden',
+  [
     ('fedmef_tf', ('tensorflow_federated', 'tff_programs', 'tflite_export', 'benchmarks')),
     ('tflite_export', ('tensorflow_federated', 'tff_programs', 'benchmarks')),
-])
+  ],
+)
 def test_the_layers_import_only_downwards(package, forbidden):
   found = []
   for path in _files(package):
     with open(path, encoding='utf-8') as f:
       tree = ast.parse(f.read(), path)
     for node in ast.walk(tree):
-      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-               else [node.module or ''] if isinstance(node, ast.ImportFrom) and not node.level
-               else [])
-      found += [f'{os.path.relpath(path, ROOT)}:{node.lineno}: {n}' for n in names
-                if n.split('.')[0] in forbidden]
+      names = (
+        [a.name for a in node.names]
+        if isinstance(node, ast.Import)
+        else [node.module or '']
+        if isinstance(node, ast.ImportFrom) and not node.level
+        else []
+      )
+      found += [
+        f'{os.path.relpath(path, ROOT)}:{node.lineno}: {n}'
+        for n in names
+        if n.split('.')[0] in forbidden
+      ]
   assert not found, '\n'.join(found)

@@ -27,16 +27,17 @@ def _write(path, clients, make_element):
 
   def dataset_fn(client_id):
     rows = [make_element(client_id, i) for i in range(clients[client_id])]
-    return tf.data.Dataset.from_tensor_slices(
-        {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    return tf.data.Dataset.from_tensor_slices({k: np.stack([r[k] for r in rows]) for k in rows[0]})
 
   tff.simulation.datasets.save_to_sql_client_data(sorted(clients), dataset_fn, str(path))
 
 
 def _image_element(client_id, i, shape=(8, 8, 3)):
   rng = np.random.default_rng([int(client_id[1:]), i])
-  return {'image': rng.integers(0, 256, size=shape, dtype=np.uint8),
-          'label': np.int64((int(client_id[1:]) + i) % 4)}
+  return {
+    'image': rng.integers(0, 256, size=shape, dtype=np.uint8),
+    'label': np.int64((int(client_id[1:]) + i) % 4),
+  }
 
 
 def _write_dir(directory, train_clients=None, shape=(8, 8, 3)):
@@ -65,8 +66,11 @@ def test_grey_square_images_and_an_explicit_shape(tmp_path):
   d = _write_dir(tmp_path / 'grey', shape=(6, 6, 1))
   assert user_data.element_spec(str(d / user_data.TRAIN_FILE))['image'].shape == (6, 6, 1)
   path = tmp_path / 'wide.sqlite'
-  _write(path, {'c0': 2}, lambda c, i: dict(_image_element(c, i, (4, 6, 3)),
-                                            image_shape=np.array([4, 6, 3], np.int64)))
+  _write(
+    path,
+    {'c0': 2},
+    lambda c, i: dict(_image_element(c, i, (4, 6, 3)), image_shape=np.array([4, 6, 3], np.int64)),
+  )
   assert user_data.element_spec(str(path))['image'].shape == (4, 6, 3)
 
 
@@ -83,34 +87,48 @@ def _one_line_error(fn, *parts):
 def test_one_line_errors(tmp_path):
   d = tmp_path / 'data'
   d.mkdir()
-  _one_line_error(lambda: user_data.load_sql_client_data(str(d), 2),
-                  str(d / user_data.TRAIN_FILE), 'missing file')
+  _one_line_error(
+    lambda: user_data.load_sql_client_data(str(d), 2), str(d / user_data.TRAIN_FILE), 'missing file'
+  )
   (d / user_data.TRAIN_FILE).write_bytes(b'not a database at all, just bytes' * 50)
-  _one_line_error(lambda: user_data.load_sql_client_data(str(d), 2),
-                  str(d / user_data.TRAIN_FILE), 'not TFF SQL client data')
+  _one_line_error(
+    lambda: user_data.load_sql_client_data(str(d), 2),
+    str(d / user_data.TRAIN_FILE),
+    'not TFF SQL client data',
+  )
   wrong = tmp_path / 'wrong.sqlite'
-  _write(wrong, {'c0': 2}, lambda c, i: {'pixels': np.zeros((4, 4, 3), np.uint8),
-                                         'label': np.int64(0)})
+  _write(
+    wrong, {'c0': 2}, lambda c, i: {'pixels': np.zeros((4, 4, 3), np.uint8), 'label': np.int64(0)}
+  )
   _one_line_error(lambda: user_data.element_spec(str(wrong)), "no 'image' feature", 'pixels')
   floats = tmp_path / 'floats.sqlite'
-  _write(floats, {'c0': 2}, lambda c, i: {'image': np.zeros((4, 4, 3), np.float32),
-                                          'label': np.int64(0)})
+  _write(
+    floats, {'c0': 2}, lambda c, i: {'image': np.zeros((4, 4, 3), np.float32), 'label': np.int64(0)}
+  )
   _one_line_error(lambda: user_data.element_spec(str(floats)), 'integer pixel values')
   odd = tmp_path / 'odd.sqlite'
-  _write(odd, {'c0': 2}, lambda c, i: {'image': np.zeros((5, 7, 3), np.uint8),
-                                       'label': np.int64(0)})
+  _write(
+    odd, {'c0': 2}, lambda c, i: {'image': np.zeros((5, 7, 3), np.uint8), 'label': np.int64(0)}
+  )
   _one_line_error(lambda: user_data.element_spec(str(odd)), 'cannot infer the shape')
   good = _write_dir(tmp_path / 'good')
-  _one_line_error(lambda: user_data.load_sql_client_data(str(good), 5),
-                  '4 clients, fewer than the 5 asked for')
+  _one_line_error(
+    lambda: user_data.load_sql_client_data(str(good), 5), '4 clients, fewer than the 5 asked for'
+  )
 
 
 def _cli(args, timeout=300):
   env = dict(os.environ)
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
-  return subprocess.run([sys.executable, '-m', 'tff_programs.train'] + list(args), cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-m', 'tff_programs.train'] + list(args),
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_own_client_data_trains_two_rounds_through_the_command_line(tmp_path):
@@ -118,8 +136,16 @@ def test_own_client_data_trains_two_rounds_through_the_command_line(tmp_path):
   good_test = (d / user_data.TEST_FILE).read_bytes()
   (d / user_data.TEST_FILE).write_bytes(good_test[:200])  # a truncated database
   root = tmp_path / 'run'
-  args = [f'--root_dir={root}', '--dataset=client_data', f'--data_dir={d}', '--rounds=2',
-          '--num_clients=4', '--clients_per_round=2', '--batch_size=8', '--eval_batch_size=8']
+  args = [
+    f'--root_dir={root}',
+    '--dataset=client_data',
+    f'--data_dir={d}',
+    '--rounds=2',
+    '--num_clients=4',
+    '--clients_per_round=2',
+    '--batch_size=8',
+    '--eval_batch_size=8',
+  ]
   proc = _cli(args)
   assert proc.returncode == 2, proc.stdout + proc.stderr
   lines = [l for l in proc.stderr.splitlines() if l.strip()]

@@ -17,11 +17,15 @@ The public names, re-exported here (tfmot's pattern) and imported on first use, 
 from fedmef_tf.lazy_exports import lazy_exports
 
 _EXPORTS = {
-    'build_fedmef_process': 'fedmef_process', 'make_model_fn': 'fedmef_process',
-    'ALGORITHMS': 'fedmef_process',
-    'LocalRuntime': 'runtime', 'RemoteRuntime': 'runtime', 'make_runtime': 'runtime',
-    'make_client_data': 'client_data', 'load_sql_client_data': 'user_data',
-    'RunConfig': 'training_loop',
+  'build_fedmef_process': 'fedmef_process',
+  'make_model_fn': 'fedmef_process',
+  'ALGORITHMS': 'fedmef_process',
+  'LocalRuntime': 'runtime',
+  'RemoteRuntime': 'runtime',
+  'make_runtime': 'runtime',
+  'make_client_data': 'client_data',
+  'load_sql_client_data': 'user_data',
+  'RunConfig': 'training_loop',
 }
 _MODULES = ('fedmef_process', 'runtime', 'client_data', 'user_data', 'training_loop')
 

@@ -98,8 +98,12 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
       a writer that fails.
   """
 
-  def __init__(self, root_dir: str, keep: int = 2,
-               write_file: Callable[[str, Mapping[str, np.ndarray]], None] = write_npz):
+  def __init__(
+    self,
+    root_dir: str,
+    keep: int = 2,
+    write_file: Callable[[str, Mapping[str, np.ndarray]], None] = write_npz,
+  ):
     self._root_dir = root_dir
     self._keep = keep
     self._write_file = write_file
@@ -120,8 +124,9 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
   async def get_versions(self) -> Optional[List[int]]:
     if not os.path.isdir(self._root_dir):
       return None
-    versions = sorted(int(m.group(1)) for m in map(_NAME.fullmatch, os.listdir(self._root_dir))
-                      if m)
+    versions = sorted(
+      int(m.group(1)) for m in map(_NAME.fullmatch, os.listdir(self._root_dir)) if m
+    )
     return versions or None
 
   def read(self, version: int, structure):
@@ -136,12 +141,16 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
           raise CheckpointError(f'{path}: not a checkpoint of this program (no {_PATHS_KEY})')
         want_names = np.asarray(want_paths, dtype=np.str_)
         if data.zip.getinfo(_PATHS_KEY + '.npy').file_size > want_names.nbytes + _NPY_HEADER_MAX:
-          raise CheckpointError(f'{path}: holds another structure than this run\'s program '
-                                'state (its tensor names are longer)')
+          raise CheckpointError(
+            f"{path}: holds another structure than this run's program "
+            'state (its tensor names are longer)'
+          )
         paths = [str(p) for p in data[_PATHS_KEY]]
         if paths != want_paths:
-          raise CheckpointError(f'{path}: holds another structure than this run\'s program '
-                                f'state ({len(paths)} tensors, {len(want_paths)} expected)')
+          raise CheckpointError(
+            f"{path}: holds another structure than this run's program "
+            f'state ({len(paths)} tensors, {len(want_paths)} expected)'
+          )
         leaves = []
         for i, (name, want) in enumerate(zip(want_paths, want_leaves)):
           key = f'leaf_{i:05d}'
@@ -150,13 +159,16 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
           # The size the member unpacks to is checked before it is read, so that a small
           # compressed file cannot make the reader allocate more than this run's state needs.
           if data.zip.getinfo(key + '.npy').file_size > want.nbytes + _NPY_HEADER_MAX:
-            raise CheckpointError(f'{path}: tensor {name} is larger than this run needs '
-                                  f'({want.dtype}{list(want.shape)})')
+            raise CheckpointError(
+              f'{path}: tensor {name} is larger than this run needs '
+              f'({want.dtype}{list(want.shape)})'
+            )
           value = data[key]
           if value.dtype != want.dtype or value.shape != want.shape:
             raise CheckpointError(
-                f'{path}: tensor {name} is {value.dtype}{list(value.shape)}, this run needs '
-                f'{want.dtype}{list(want.shape)}')
+              f'{path}: tensor {name} is {value.dtype}{list(value.shape)}, this run needs '
+              f'{want.dtype}{list(want.shape)}'
+            )
           leaves.append(value)
     except CheckpointError:
       raise
@@ -211,8 +223,9 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
     arrays = {f'leaf_{i:05d}': leaf for i, leaf in enumerate(leaves)}
     arrays[_PATHS_KEY] = np.asarray(paths, dtype=np.str_)
     os.makedirs(self._root_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.program_state_{version}.npz.', suffix='.tmp',
-                               dir=self._root_dir)
+    fd, tmp = tempfile.mkstemp(
+      prefix=f'.program_state_{version}.npz.', suffix='.tmp', dir=self._root_dir
+    )
     os.close(fd)
     os.remove(tmp)  # `write_file` creates it anew
     try:
@@ -227,5 +240,5 @@ class NpzProgramStateManager(tff.program.ProgramStateManager):
       if os.path.exists(tmp):
         os.remove(tmp)
       raise
-    for old in (await self.get_versions() or [])[:-self._keep]:
+    for old in (await self.get_versions() or [])[: -self._keep]:
       os.remove(self.path(old))

@@ -18,11 +18,11 @@ from absl import flags
 
 # The exit codes of every program of fedmef-tf (train, compare, worker, the benchmarks and the
 # data writer):
-EXIT_OK = 0            # done
-EXIT_FAILURE = 1       # failed while running (disk full, a worker lost, no client used, ...)
-EXIT_USAGE = 2         # bad flag, unusable run directory or data files
+EXIT_OK = 0  # done
+EXIT_FAILURE = 1  # failed while running (disk full, a worker lost, no client used, ...)
+EXIT_USAGE = 2  # bad flag, unusable run directory or data files
 EXIT_INTERRUPTED = 130  # stopped by SIGINT (128 + 2); rerun to resume
-EXIT_TERMINATED = 143   # stopped by SIGTERM (128 + 15; tff_programs.runtime); rerun to resume
+EXIT_TERMINATED = 143  # stopped by SIGTERM (128 + 15; tff_programs.runtime); rerun to resume
 HELP_ARGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull')
 
 # Flags whose default (None on the command line) is derived from --rounds by `round_defaults`.
@@ -46,8 +46,7 @@ class Problems:
   def add(self, message: str) -> None:
     self.messages.append(message)
 
-  def check_range(self, name: str, value, lo=None, hi=None, lo_open=False,
-                  hi_open=False) -> bool:
+  def check_range(self, name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> bool:
     """Records `--name=value is out of range: must be in [lo, hi]` unless it is; returns ok."""
     ok = True
     if lo is not None:
@@ -88,9 +87,11 @@ def round_defaults(rounds: int) -> Dict[str, int]:
   1. For R = 40: 1, 24 and 5; for R = 500: 10, 300 and 63.
   """
   rounds = max(1, int(rounds))
-  return {'delta_t': max(1, _half_up(rounds / 50)),
-          't_end': min(rounds, max(1, _half_up(0.6 * rounds))),
-          'eval_every': max(1, _half_up(rounds / 8))}
+  return {
+    'delta_t': max(1, _half_up(rounds / 50)),
+    't_end': min(rounds, max(1, _half_up(0.6 * rounds))),
+    'eval_every': max(1, _half_up(rounds / 8)),
+  }
 
 
 def resolve_defaults(values: Mapping[str, Any]) -> Dict[str, Any]:
@@ -114,8 +115,7 @@ def _default_text(flag) -> str:
   return repr(flag.default) if isinstance(flag.default, str) else _fmt(flag.default)
 
 
-def flags_help(modules: Sequence[Any], flag_values=flags.FLAGS,
-               skip: Sequence[str] = ()) -> str:
+def flags_help(modules: Sequence[Any], flag_values=flags.FLAGS, skip: Sequence[str] = ()) -> str:
   """Help text of the flags defined by `modules` (module objects or names), with defaults."""
   lines = []
   seen = set(skip)
@@ -124,8 +124,11 @@ def flags_help(modules: Sequence[Any], flag_values=flags.FLAGS,
       if flag.name in seen:
         continue
       seen.add(flag.name)
-      lines.append(textwrap.fill(f'--{flag.name}: {flag.help}', width=100,
-                                 initial_indent='  ', subsequent_indent='    '))
+      lines.append(
+        textwrap.fill(
+          f'--{flag.name}: {flag.help}', width=100, initial_indent='  ', subsequent_indent='    '
+        )
+      )
       lines.append(f'    (default: {_default_text(flag)})')
   return '\n'.join(lines)
 
@@ -140,9 +143,12 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
-def flags_parser(program: str, help_text: Callable[[], str],
-                 check: Optional[Callable[[Dict[str, Any]], None]] = None,
-                 flag_values=flags.FLAGS) -> Callable[[List[str]], List[str]]:
+def flags_parser(
+  program: str,
+  help_text: Callable[[], str],
+  check: Optional[Callable[[Dict[str, Any]], None]] = None,
+  flag_values=flags.FLAGS,
+) -> Callable[[List[str]], List[str]]:
   """An absl `flags_parser` for `program`.
 
   Args:
@@ -159,7 +165,7 @@ def flags_parser(program: str, help_text: Callable[[], str],
   def parse(argv: List[str]) -> List[str]:
     args = list(argv[1:])
     if '--' in args:
-      args = args[:args.index('--')]
+      args = args[: args.index('--')]
     if any(a in HELP_ARGS for a in args):
       print(help_text())
       sys.exit(0)

@@ -19,9 +19,13 @@ def client_ids(num_clients: int) -> List[str]:
   return [str(k) for k in range(num_clients)]
 
 
-def make_client_data(images: np.ndarray, labels: np.ndarray,
-                     partitions: Sequence[np.ndarray], *,
-                     as_float: bool = False) -> tff.simulation.datasets.ClientData:
+def make_client_data(
+  images: np.ndarray,
+  labels: np.ndarray,
+  partitions: Sequence[np.ndarray],
+  *,
+  as_float: bool = False,
+) -> tff.simulation.datasets.ClientData:
   """Wraps a partition of `(images, labels)` as a `ClientData`.
 
   Each client's dataset yields unbatched `(uint8 [H, W, 3], int32 [])` examples in index order
@@ -38,8 +42,7 @@ def make_client_data(images: np.ndarray, labels: np.ndarray,
     A `ClientData` with ids '0' .. 'K-1'.
   """
   fn = data_lib.make_client_dataset_fn(images, labels, partitions, as_float=as_float)
-  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-      client_ids(len(partitions)), fn)
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids(len(partitions)), fn)
 
 
 def client_sizes(partitions: Sequence[np.ndarray]) -> List[int]:

@@ -54,12 +54,17 @@ CSV_FILE = 'comparison.csv'
 MD_FILE = 'comparison.md'
 PNG_FILE = 'comparison.png'
 
-flags.DEFINE_list('algorithms', list(DEFAULT_ALGORITHMS),
-                  'Algorithms to run and compare, comma-separated.')
-flags.DEFINE_list('seeds', [], 'Seeds, comma-separated: each algorithm runs once per seed k in '
-                  '<root_dir>/<algorithm>/seed<k> with --seed=k, and the tables give the mean '
-                  'and standard deviation over the seeds. Empty: one run per algorithm in '
-                  '<root_dir>/<algorithm> with --seed.')
+flags.DEFINE_list(
+  'algorithms', list(DEFAULT_ALGORITHMS), 'Algorithms to run and compare, comma-separated.'
+)
+flags.DEFINE_list(
+  'seeds',
+  [],
+  'Seeds, comma-separated: each algorithm runs once per seed k in '
+  '<root_dir>/<algorithm>/seed<k> with --seed=k, and the tables give the mean '
+  'and standard deviation over the seeds. Empty: one run per algorithm in '
+  '<root_dir>/<algorithm> with --seed.',
+)
 # Defaults of the shared flags of a comparison of every algorithm on the built-in dataset (its
 # duration is in README.md, "Comparison with the baselines"); each can be set on the command line.
 _COMPARE_DEFAULTS = {'root_dir': os.path.join('runs', 'compare'), 'density': 0.1}
@@ -67,9 +72,18 @@ _COMPARE_DEFAULTS = {'root_dir': os.path.join('runs', 'compare'), 'density': 0.1
 # Flags of the training program that are not passed to the child runs as shared settings.
 _PER_RUN_FLAGS = ('algorithm', 'root_dir')
 
-COLUMNS = ('algorithm', 'final_accuracy', 'best_accuracy', 'measured_peak_bytes',
-           'analytic_bytes', 'down_bytes_per_round', 'up_bytes_per_round', 'seconds_per_round',
-           'rounds_completed', 'density')
+COLUMNS = (
+  'algorithm',
+  'final_accuracy',
+  'best_accuracy',
+  'measured_peak_bytes',
+  'analytic_bytes',
+  'down_bytes_per_round',
+  'up_bytes_per_round',
+  'seconds_per_round',
+  'rounds_completed',
+  'density',
+)
 
 
 def _train_flag_names() -> List[str]:
@@ -83,14 +97,18 @@ def run_dir_for(root_dir: str, algorithm: str, seed=None) -> str:
   return os.path.join(root_dir, algorithm, f'seed{int(seed)}')
 
 
-def child_argv(algorithm: str, root_dir: str, values: Mapping[str, Any],
-               seed=None) -> List[str]:
+def child_argv(algorithm: str, root_dir: str, values: Mapping[str, Any], seed=None) -> List[str]:
   """Command line of the training run of `algorithm`, sharing every other flag's value.
 
   With `seed` the run goes to `run_dir_for(root_dir, algorithm, seed)` with `--seed=<seed>`.
   """
-  argv = [sys.executable, '-m', 'tff_programs.train', f'--algorithm={algorithm}',
-          f'--root_dir={run_dir_for(root_dir, algorithm, seed)}']
+  argv = [
+    sys.executable,
+    '-m',
+    'tff_programs.train',
+    f'--algorithm={algorithm}',
+    f'--root_dir={run_dir_for(root_dir, algorithm, seed)}',
+  ]
   for name in _train_flag_names():
     if name in _PER_RUN_FLAGS:
       continue
@@ -117,23 +135,28 @@ def run_result(run_dir: str) -> Dict[str, Any]:
   """Reads one finished run: its summary and per-round metrics, reduced to one table row."""
   summary = program_io.read_json(os.path.join(run_dir, program_io.SUMMARY_FILE))
   rows = program_io.read_metrics(run_dir)
-  accs = [r['test_accuracy'] for r in rows
-          if r.get('test_accuracy') is not None and not math.isnan(r['test_accuracy'])]
+  accs = [
+    r['test_accuracy']
+    for r in rows
+    if r.get('test_accuracy') is not None and not math.isnan(r['test_accuracy'])
+  ]
   memory = summary.get('memory', {})
-  traffic = summary.get('traffic', {})
   return {
-      'algorithm': summary['algorithm'],
-      'final_accuracy': float(summary['final_accuracy']),
-      'best_accuracy': max(accs + [float(summary['final_accuracy'])]),
-      'measured_peak_bytes': float(memory.get('measured_peak_bytes') or float('nan')),
-      'analytic_bytes': float(memory.get('analytic_bytes') or float('nan')),
-      'down_bytes_per_round': _mean([r.get('bytes_down') for r in rows]),
-      'up_bytes_per_round': _mean([r.get('bytes_up') for r in rows]),
-      'seconds_per_round': _mean([r.get('round_seconds') for r in rows]),
-      'rounds_completed': int(summary['rounds_completed']),
-      'density': float(summary['density']),
-      'curve': [(int(r['round']), r['test_accuracy']) for r in rows
-                if r.get('test_accuracy') is not None and not math.isnan(r['test_accuracy'])],
+    'algorithm': summary['algorithm'],
+    'final_accuracy': float(summary['final_accuracy']),
+    'best_accuracy': max(accs + [float(summary['final_accuracy'])]),
+    'measured_peak_bytes': float(memory.get('measured_peak_bytes') or float('nan')),
+    'analytic_bytes': float(memory.get('analytic_bytes') or float('nan')),
+    'down_bytes_per_round': _mean([r.get('bytes_down') for r in rows]),
+    'up_bytes_per_round': _mean([r.get('bytes_up') for r in rows]),
+    'seconds_per_round': _mean([r.get('round_seconds') for r in rows]),
+    'rounds_completed': int(summary['rounds_completed']),
+    'density': float(summary['density']),
+    'curve': [
+      (int(r['round']), r['test_accuracy'])
+      for r in rows
+      if r.get('test_accuracy') is not None and not math.isnan(r['test_accuracy'])
+    ],
   }
 
 
@@ -143,8 +166,9 @@ def _ratio(a: float, b: float) -> float:
   return a / b
 
 
-def add_ratios(results: Sequence[Mapping[str, Any]],
-               references: Sequence[str] = REFERENCES) -> List[Dict[str, Any]]:
+def add_ratios(
+  results: Sequence[Mapping[str, Any]], references: Sequence[str] = REFERENCES
+) -> List[Dict[str, Any]]:
   """Adds, per reference algorithm present, ratios and accuracy differences to each row.
 
   For reference `r`: `peak_vs_r` = measured peak / r's, `analytic_vs_r`, `traffic_vs_r`
@@ -162,8 +186,9 @@ def add_ratios(results: Sequence[Mapping[str, Any]],
       row[f'peak_vs_{ref_name}'] = _ratio(row['measured_peak_bytes'], ref['measured_peak_bytes'])
       row[f'analytic_vs_{ref_name}'] = _ratio(row['analytic_bytes'], ref['analytic_bytes'])
       row[f'traffic_vs_{ref_name}'] = _ratio(
-          row['down_bytes_per_round'] + row['up_bytes_per_round'],
-          ref['down_bytes_per_round'] + ref['up_bytes_per_round'])
+        row['down_bytes_per_round'] + row['up_bytes_per_round'],
+        ref['down_bytes_per_round'] + ref['up_bytes_per_round'],
+      )
       row[f'time_vs_{ref_name}'] = _ratio(row['seconds_per_round'], ref['seconds_per_round'])
       row[f'accuracy_minus_{ref_name}'] = 100.0 * (row['final_accuracy'] - ref['final_accuracy'])
     out.append(row)
@@ -171,8 +196,11 @@ def add_ratios(results: Sequence[Mapping[str, Any]],
 
 
 def _numbers(values: Sequence[Any]) -> List[float]:
-  return [float(v) for v in values
-          if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)]
+  return [
+    float(v)
+    for v in values
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+  ]
 
 
 def aggregate_seeds(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> List[Dict[str, Any]]:
@@ -209,8 +237,8 @@ def aggregate_seeds(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> List[Dic
     common = sorted(set.intersection(*[set(c) for c in curves])) if curves else []
     agg['curve'] = [(r, statistics.fmean([c[r] for c in curves])) for r in common]
     agg['curve_std'] = [
-        (r, statistics.stdev([c[r] for c in curves]) if len(curves) > 1 else 0.0)
-        for r in common]
+      (r, statistics.stdev([c[r] for c in curves]) if len(curves) > 1 else 0.0) for r in common
+    ]
     out.append(agg)
   return out
 
@@ -249,29 +277,56 @@ def _fmt_spread(row: Mapping[str, Any], key: str, spec: str) -> str:
 
 def write_markdown(rows: Sequence[Mapping[str, Any]], path: str, settings: str) -> None:
   refs = [r for r in REFERENCES if any(f'peak_vs_{r}' in row for row in rows)]
-  head = ['algorithm', 'final acc', 'best acc', 'client-step peak', 'analytic', 'down/round',
-          'up/round', 's/round']
+  head = [
+    'algorithm',
+    'final acc',
+    'best acc',
+    'client-step peak',
+    'analytic',
+    'down/round',
+    'up/round',
+    's/round',
+  ]
   for r in refs:
     head += [f'peak vs {r}', f'acc - {r} (pt)']
-  lines = [f'# Comparison\n\n{settings}\n', '| ' + ' | '.join(head) + ' |',
-           '|' + '---|' * len(head)]
+  lines = [
+    f'# Comparison\n\n{settings}\n',
+    '| ' + ' | '.join(head) + ' |',
+    '|' + '---|' * len(head),
+  ]
   for row in rows:
-    cells = [row['algorithm'], _fmt_spread(row, 'final_accuracy', '.4f'),
-             _fmt_spread(row, 'best_accuracy', '.4f')]
-    cells += [text.format_bytes(row[k]) for k in ('measured_peak_bytes', 'analytic_bytes',
-                                                  'down_bytes_per_round', 'up_bytes_per_round')]
+    cells = [
+      row['algorithm'],
+      _fmt_spread(row, 'final_accuracy', '.4f'),
+      _fmt_spread(row, 'best_accuracy', '.4f'),
+    ]
+    cells += [
+      text.format_bytes(row[k])
+      for k in (
+        'measured_peak_bytes',
+        'analytic_bytes',
+        'down_bytes_per_round',
+        'up_bytes_per_round',
+      )
+    ]
     cells.append(_fmt(row['seconds_per_round'], '.1f'))
     for r in refs:
-      cells += [_fmt(row.get(f'peak_vs_{r}'), '.3f') + 'x',
-                _fmt_spread(row, f'accuracy_minus_{r}', '+.1f')]
+      cells += [
+        _fmt(row.get(f'peak_vs_{r}'), '.3f') + 'x',
+        _fmt_spread(row, f'accuracy_minus_{r}', '+.1f'),
+      ]
     lines.append('| ' + ' | '.join(cells) + ' |')
   seeds = max([row.get('seeds', 1) for row in rows] or [1])
   if seeds > 1:
-    lines.append(f'\nMean ± sample standard deviation over {seeds} seeds; accuracy '
-                 'differences are taken per seed against the reference run of the same seed.')
-  lines.append('\nPeak: allocator peak of one compiled client training step at the run\'s batch '
-               'size, minus what was resident before it (one process per run). Ratios below 1 '
-               'mean less than the reference.')
+    lines.append(
+      f'\nMean ± sample standard deviation over {seeds} seeds; accuracy '
+      'differences are taken per seed against the reference run of the same seed.'
+    )
+  lines.append(
+    "\nPeak: allocator peak of one compiled client training step at the run's batch "
+    'size, minus what was resident before it (one process per run). Ratios below 1 '
+    'mean less than the reference.'
+  )
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.write('\n'.join(lines) + '\n')
@@ -284,11 +339,16 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
   for row in rows:
     if row['curve']:
       xs, ys = zip(*row['curve'])
-      line, = ax1.plot(xs, ys, marker='.', label=row['algorithm'])
+      (line,) = ax1.plot(xs, ys, marker='.', label=row['algorithm'])
       if row.get('seeds', 1) > 1 and row.get('curve_std'):
         sd = [s for _, s in row['curve_std']]
-        ax1.fill_between(xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)],
-                         color=line.get_color(), alpha=0.2)
+        ax1.fill_between(
+          xs,
+          [y - d for y, d in zip(ys, sd)],
+          [y + d for y, d in zip(ys, sd)],
+          color=line.get_color(),
+          alpha=0.2,
+        )
   ax1.set_xlabel('round')
   ax1.set_ylabel('test accuracy')
   ax1.set_title('accuracy against round')
@@ -296,10 +356,21 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
   ax1.grid(alpha=0.3)
   for row in rows:
     x = row['measured_peak_bytes'] / 2**20
-    ax2.errorbar([x], [row['final_accuracy']], xerr=row.get('measured_peak_bytes_std', 0) / 2**20,
-                 yerr=row.get('final_accuracy_std', 0), fmt='o', capsize=3)
-    ax2.annotate(row['algorithm'], (x, row['final_accuracy']), fontsize=8,
-                 textcoords='offset points', xytext=(4, 4))
+    ax2.errorbar(
+      [x],
+      [row['final_accuracy']],
+      xerr=row.get('measured_peak_bytes_std', 0) / 2**20,
+      yerr=row.get('final_accuracy_std', 0),
+      fmt='o',
+      capsize=3,
+    )
+    ax2.annotate(
+      row['algorithm'],
+      (x, row['final_accuracy']),
+      fontsize=8,
+      textcoords='offset points',
+      xytext=(4, 4),
+    )
   ax2.set_xlabel('measured client-step peak memory (MiB)')
   ax2.set_ylabel('final test accuracy')
   ax2.set_title('memory against accuracy')
@@ -339,9 +410,11 @@ def validate(values: Mapping[str, Any]) -> None:
 def help_text() -> str:
   """What `--help` prints: the docstring, the flags of the comparison and the shared ones."""
   shared = cli.flags_help([train.__name__], skip=('algorithm',))
-  return (f'{__doc__.strip()}\n\nFlags of the comparison:\n{cli.flags_help([__name__])}\n\n'
-          'Flags of python -m tff_programs.train, shared by every run (each run goes to '
-          f'<--root_dir>/<algorithm>):\n{shared}')
+  return (
+    f'{__doc__.strip()}\n\nFlags of the comparison:\n{cli.flags_help([__name__])}\n\n'
+    'Flags of python -m tff_programs.train, shared by every run (each run goes to '
+    f'<--root_dir>/<algorithm>):\n{shared}'
+  )
 
 
 def main(argv: List[str]) -> int:
@@ -362,8 +435,11 @@ def main(argv: List[str]) -> int:
         print('compare: interrupted; rerun the same command to resume', file=sys.stderr)
         return cli.EXIT_INTERRUPTED
       if rc != 0:
-        print(f'compare: error: the {algorithm} run exited with code {rc}; its output is '
-              f'above, its files in {run_dir}', file=sys.stderr)
+        print(
+          f'compare: error: the {algorithm} run exited with code {rc}; its output is '
+          f'above, its files in {run_dir}',
+          file=sys.stderr,
+        )
         return rc if rc > 0 else cli.EXIT_FAILURE
       results.append(run_result(run_dir))
     per_seed.append(add_ratios(results))
@@ -371,10 +447,12 @@ def main(argv: List[str]) -> int:
     rows, seed_text = per_seed[0], f'seed {values["seed"]}'
   else:
     rows, seed_text = aggregate_seeds(per_seed), f'seeds {",".join(map(str, seeds))}'
-  settings = (f'{values["model"]} on {values["dataset"]}, density {values["density"]}, '
-              f'{values["rounds"]} rounds, {values["clients_per_round"]} of '
-              f'{values["num_clients"]} clients per round, E={values["local_epochs"]}, '
-              f'B={values["batch_size"]}, {seed_text}.')
+  settings = (
+    f'{values["model"]} on {values["dataset"]}, density {values["density"]}, '
+    f'{values["rounds"]} rounds, {values["clients_per_round"]} of '
+    f'{values["num_clients"]} clients per round, E={values["local_epochs"]}, '
+    f'B={values["batch_size"]}, {seed_text}.'
+  )
   write_csv(rows, os.path.join(root_dir, CSV_FILE))
   write_markdown(rows, os.path.join(root_dir, MD_FILE), settings)
   plot(rows, os.path.join(root_dir, PNG_FILE), settings)

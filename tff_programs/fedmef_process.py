@@ -49,7 +49,6 @@ Round metrics (all at the server, one `OrderedDict`):
 - `clients_used`, `clients_rejected` (non-finite update), `clients_empty`.
 """
 
-import collections
 import functools
 from typing import Callable, Optional
 
@@ -87,9 +86,17 @@ def sap_gamma_for(algorithm: str, gamma: float) -> float:
   return algorithms.get(algorithm).sap_gamma(gamma)
 
 
-def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
-                  input_shape=(32, 32, 3), gamma: float = 0.7, seed: int = 0,
-                  input_mean=None, input_std=None):
+def make_model_fn(
+  name: str,
+  algorithm: str,
+  *,
+  num_classes: int = 10,
+  input_shape=(32, 32, 3),
+  gamma: float = 0.7,
+  seed: int = 0,
+  input_mean=None,
+  input_std=None,
+):
   """A zero-argument `model_fn` building model `name` as `algorithm` needs it.
 
   Calls `fedmef_tf.models.build_model(name, variant, ...)` with the algorithm's variant and SAP
@@ -111,15 +118,24 @@ def make_model_fn(name: str, algorithm: str, *, num_classes: int = 10,
   sap_gamma = entry.sap_gamma(gamma)
 
   def model_fn():
-    return models.build_model(name, variant, num_classes=num_classes,
-                              input_shape=tuple(input_shape), density=1.0, gamma=sap_gamma,
-                              seed=seed, input_mean=input_mean, input_std=input_std)
+    return models.build_model(
+      name,
+      variant,
+      num_classes=num_classes,
+      input_shape=tuple(input_shape),
+      density=1.0,
+      gamma=sap_gamma,
+      seed=seed,
+      input_mean=input_mean,
+      input_std=input_std,
+    )
 
   return model_fn
 
 
-def sample_clients(num_clients: int, clients_per_round: int, round_num: int,
-                   seed: int = 0) -> np.ndarray:
+def sample_clients(
+  num_clients: int, clients_per_round: int, round_num: int, seed: int = 0
+) -> np.ndarray:
   """The S client indices of round t, drawn without replacement from K, repeatable.
 
   Depends only on (seed, round_num), so a resumed run samples the same clients.
@@ -166,9 +182,10 @@ def _check_model_gamma(model, expected: float, algorithm: str) -> None:
     bad = [g for g in gammas if g not in (0.0, expected)]
   if bad:
     raise ValueError(
-        f'algorithm {algorithm!r} needs SAP gamma {expected}, but the model has prunable '
-        f'layers with sap_gamma {sorted(set(bad))}; build it with '
-        f'sap_gamma_for(algorithm, gamma) (see make_model_fn)')
+      f'algorithm {algorithm!r} needs SAP gamma {expected}, but the model has prunable '
+      f'layers with sap_gamma {sorted(set(bad))}; build it with '
+      f'sap_gamma_for(algorithm, gamma) (see make_model_fn)'
+    )
 
 
 def _default_element_spec(model):
@@ -192,24 +209,24 @@ def _portable_ops(build):
 
 @_portable_ops
 def build_fedmef_process(
-    model_fn: Callable[[], tf.keras.Model],
-    *,
-    algorithm: str = 'fedmef',
-    density: float = 0.1,
-    delta_t: int = 10,
-    t_end: int = 300,
-    alpha: float = 0.2,
-    lambda_bae: float = 0.01,
-    gamma: float = 0.7,
-    client_lr: float = 0.1,
-    client_lr_min: float = 0.01,
-    total_rounds: int = 500,
-    local_epochs: int = 5,
-    batch_size: int = 64,
-    seed: int = 0,
-    element_spec=None,
-    loss_fn: Optional[Callable] = None,
-    sap_strategy: str = sap.SIMULATED,
+  model_fn: Callable[[], tf.keras.Model],
+  *,
+  algorithm: str = 'fedmef',
+  density: float = 0.1,
+  delta_t: int = 10,
+  t_end: int = 300,
+  alpha: float = 0.2,
+  lambda_bae: float = 0.01,
+  gamma: float = 0.7,
+  client_lr: float = 0.1,
+  client_lr_min: float = 0.01,
+  total_rounds: int = 500,
+  local_epochs: int = 5,
+  batch_size: int = 64,
+  seed: int = 0,
+  element_spec=None,
+  loss_fn: Optional[Callable] = None,
+  sap_strategy: str = sap.SIMULATED,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the FedMef (or baseline) learning process.
 
@@ -299,17 +316,25 @@ def build_fedmef_process(
   del model
 
   schedule = server_lib.ScheduleConfig(
-      mode=mode, delta_t=delta_t, t_end=t_end, alpha=alpha, eta_0=client_lr,
-      eta_min=client_lr_min, total_rounds=total_rounds, density=density)
+    mode=mode,
+    delta_t=delta_t,
+    t_end=t_end,
+    alpha=alpha,
+    eta_0=client_lr,
+    eta_min=client_lr_min,
+    total_rounds=total_rounds,
+    density=density,
+  )
 
   @tff.tensorflow.computation
   def initial_state_tf():
     return server_lib.ServerState(
-        round_num=tf.constant(0, tf.int32),
-        trainable=[tf.constant(a) for a in init_trainable],
-        non_trainable=[tf.constant(a) for a in init_non_trainable],
-        # Dense FedAvg never sends a mask; every other algorithm sends it in round 1.
-        mask_changed=tf.constant(mode != server_lib.MODE_NONE))
+      round_num=tf.constant(0, tf.int32),
+      trainable=[tf.constant(a) for a in init_trainable],
+      non_trainable=[tf.constant(a) for a in init_non_trainable],
+      # Dense FedAvg never sends a mask; every other algorithm sends it in round 1.
+      mask_changed=tf.constant(mode != server_lib.MODE_NONE),
+    )
 
   state_type = initial_state_tf.type_signature.result
   trainable_type = state_type.trainable
@@ -324,58 +349,72 @@ def build_fedmef_process(
     return server_lib.round_config(state, layout, schedule)
 
   config_type = round_config_tf.type_signature.result
-  dataset_type = tff.SequenceType(
-      tff.types.tensorflow_to_type(element_spec))
+  dataset_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
 
   @tff.tensorflow.computation(dataset_type, trainable_type, non_trainable_type, config_type)
   def client_update_tf(dataset, trainable, non_trainable, config):
     with sap.strategy(sap_strategy):
       client_model = model_fn()
       update = client_lib.build_client_update(
-          client_model, client_lib.WeightLayout(client_model),
-          local_epochs=local_epochs, batch_size=batch_size, eta_0=client_lr,
-          lambda_bae=lambda_bae, use_bae=use_bae,
-          server_adjust=(mode == server_lib.MODE_SERVER_ADJUST),
-          client_regrow=(mode == server_lib.MODE_FEDDST), loss_fn=loss_fn,
-          gradient_clipping=agc.clipping_for(entry.variant))
-      return update(dataset, list(trainable), list(non_trainable),
-                    client_lib.RoundConfig(*config))
+        client_model,
+        client_lib.WeightLayout(client_model),
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        eta_0=client_lr,
+        lambda_bae=lambda_bae,
+        use_bae=use_bae,
+        server_adjust=(mode == server_lib.MODE_SERVER_ADJUST),
+        client_regrow=(mode == server_lib.MODE_FEDDST),
+        loss_fn=loss_fn,
+        gradient_clipping=agc.clipping_for(entry.variant),
+      )
+      return update(dataset, list(trainable), list(non_trainable), client_lib.RoundConfig(*config))
 
   client_output_type = client_update_tf.type_signature.result
 
   @tff.tensorflow.computation(state_type, config_type, client_output_type)
   def server_update_tf(state, config, sums):
     state = server_lib.ServerState(
-        round_num=state.round_num, trainable=list(state.trainable),
-        non_trainable=list(state.non_trainable), mask_changed=state.mask_changed)
+      round_num=state.round_num,
+      trainable=list(state.trainable),
+      non_trainable=list(state.non_trainable),
+      mask_changed=state.mask_changed,
+    )
     sums = client_lib.ClientOutput(
-        weight=sums.weight, weighted_trainable=list(sums.weighted_trainable),
-        weighted_stats=list(sums.weighted_stats), weighted_masks=list(sums.weighted_masks),
-        weighted_grads=list(sums.weighted_grads), metrics=sums.metrics)
-    return server_lib.server_update(
-        state, client_lib.RoundConfig(*config), sums, layout, schedule)
+      weight=sums.weight,
+      weighted_trainable=list(sums.weighted_trainable),
+      weighted_stats=list(sums.weighted_stats),
+      weighted_masks=list(sums.weighted_masks),
+      weighted_grads=list(sums.weighted_grads),
+      metrics=sums.metrics,
+    )
+    return server_lib.server_update(state, client_lib.RoundConfig(*config), sums, layout, schedule)
 
   @tff.federated_computation(
-      tff.FederatedType(state_type, tff.SERVER), tff.FederatedType(dataset_type, tff.CLIENTS))
+    tff.FederatedType(state_type, tff.SERVER), tff.FederatedType(dataset_type, tff.CLIENTS)
+  )
   def next_fn(state, client_datasets):
     config = tff.federated_map(round_config_tf, state)
     trainable = tff.federated_broadcast(state.trainable)
     non_trainable = tff.federated_broadcast(state.non_trainable)
     client_config = tff.federated_broadcast(config)
     outputs = tff.federated_map(
-        client_update_tf, (client_datasets, trainable, non_trainable, client_config))
+      client_update_tf, (client_datasets, trainable, non_trainable, client_config)
+    )
     sums = tff.federated_sum(outputs)
     new_state, metrics = tff.federated_map(server_update_tf, (state, config, sums))
     return tff.learning.templates.LearningProcessOutput(state=new_state, metrics=metrics)
 
   model_weights_type = tff.StructWithPythonType(
-      [('trainable', trainable_type), ('non_trainable', non_trainable_type)],
-      tff.learning.models.ModelWeights)
+    [('trainable', trainable_type), ('non_trainable', non_trainable_type)],
+    tff.learning.models.ModelWeights,
+  )
 
   @tff.tensorflow.computation(state_type)
   def get_model_weights(state):
     return tff.learning.models.ModelWeights(
-        trainable=list(state.trainable), non_trainable=list(state.non_trainable))
+      trainable=list(state.trainable), non_trainable=list(state.non_trainable)
+    )
 
   @tff.tensorflow.computation(state_type, model_weights_type)
   def set_model_weights(state, weights):
@@ -384,8 +423,12 @@ def build_fedmef_process(
     for l, i in enumerate(layout.kernel_indices):
       trainable[i] = trainable[i] * non_trainable[layout.mask_indices[l]]
     return server_lib.ServerState(
-        round_num=state.round_num, trainable=trainable, non_trainable=non_trainable,
-        mask_changed=tf.constant(True))
+      round_num=state.round_num,
+      trainable=trainable,
+      non_trainable=non_trainable,
+      mask_changed=tf.constant(True),
+    )
 
   return tff.learning.templates.LearningProcess(
-      initialize_fn, next_fn, get_model_weights, set_model_weights)
+    initialize_fn, next_fn, get_model_weights, set_model_weights
+  )

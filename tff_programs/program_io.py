@@ -39,8 +39,15 @@ TENSORBOARD_DIR = 'tensorboard'
 SUMMARY_FILE = 'summary.json'
 PLOTS_DIR = 'plots'
 FINAL_MODEL_DIR = 'final_model'
-RUN_ENTRIES = (CONFIG_FILE, CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, SUMMARY_FILE,
-               PLOTS_DIR, FINAL_MODEL_DIR)
+RUN_ENTRIES = (
+  CONFIG_FILE,
+  CHECKPOINT_DIR,
+  METRICS_FILE,
+  TENSORBOARD_DIR,
+  SUMMARY_FILE,
+  PLOTS_DIR,
+  FINAL_MODEL_DIR,
+)
 _KEEP_CHECKPOINTS = 2
 
 
@@ -72,11 +79,15 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any],
-                 names: text.SettingNames) -> List[str]:
+def _differences(
+  old: Mapping[str, Any], new: Mapping[str, Any], names: text.SettingNames
+) -> List[str]:
   keys = sorted(set(old) | set(new))
-  return [f'{names.setting(k, old.get(k, "(unset)"))} there, {new.get(k, "(unset)")} now'
-          for k in keys if old.get(k) != new.get(k)]
+  return [
+    f'{names.setting(k, old.get(k, "(unset)"))} there, {new.get(k, "(unset)")} now'
+    for k in keys
+    if old.get(k) != new.get(k)
+  ]
 
 
 def clear_run(root_dir: str) -> None:
@@ -94,9 +105,13 @@ def clear_run(root_dir: str) -> None:
 DATA_KEYS = ('input_mean', 'input_std')
 
 
-def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
-                   ignore: Sequence[str] = (),
-                   names: text.SettingNames = text.KEYWORDS) -> bool:
+def check_root_dir(
+  root_dir: str,
+  config: Mapping[str, Any],
+  overwrite: bool,
+  ignore: Sequence[str] = (),
+  names: text.SettingNames = text.KEYWORDS,
+) -> bool:
   """Checks, without writing anything, that `root_dir` can hold a run of `config`.
 
   A new or empty directory, or one without run entries, is fine. A directory whose
@@ -138,19 +153,24 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
       if refusal:
         raise RunDirError(refusal)
     if not overwrite:
-      diffs = (_differences(old, config, names) if isinstance(old, dict)
-               else ['config.json unreadable'])
+      diffs = (
+        _differences(old, config, names) if isinstance(old, dict) else ['config.json unreadable']
+      )
       more = f' (and {len(diffs) - 2} more)' if len(diffs) > 2 else ''
-      raise RunDirError(f'{names.setting("root_dir", root_dir)} holds a run of another '
-                        f'configuration ({"; ".join(diffs[:2])}{more}); rerun with '
-                        f'{names.name("overwrite")} to replace it, or choose another '
-                        f'{names.name("root_dir")}')
+      raise RunDirError(
+        f'{names.setting("root_dir", root_dir)} holds a run of another '
+        f'configuration ({"; ".join(diffs[:2])}{more}); rerun with '
+        f'{names.name("overwrite")} to replace it, or choose another '
+        f'{names.name("root_dir")}'
+      )
   elif os.path.isdir(root_dir) and not overwrite:
     present = [n for n in RUN_ENTRIES if os.path.lexists(os.path.join(root_dir, n))]
     if present:
-      raise RunDirError(f'{names.setting("root_dir", root_dir)} holds {", ".join(present)} but '
-                        f'no {CONFIG_FILE}; rerun with {names.name("overwrite")} to replace '
-                        f'them, or choose another {names.name("root_dir")}')
+      raise RunDirError(
+        f'{names.setting("root_dir", root_dir)} holds {", ".join(present)} but '
+        f'no {CONFIG_FILE}; rerun with {names.name("overwrite")} to replace '
+        f'them, or choose another {names.name("root_dir")}'
+      )
   return False
 
 
@@ -158,8 +178,9 @@ def check_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
 LENGTH_KEYS = ('rounds', 'delta_t', 't_end', 'eval_every')
 
 
-def _length_refusal(root_dir: str, old: Mapping[str, Any], new: Mapping[str, Any],
-                    names: text.SettingNames) -> str:
+def _length_refusal(
+  root_dir: str, old: Mapping[str, Any], new: Mapping[str, Any], names: text.SettingNames
+) -> str:
   """The refusal of a run that differs from the one in `root_dir` only in its length, or ''.
 
   Such a run does not continue the stored one: the client learning rate of every round decays
@@ -171,13 +192,15 @@ def _length_refusal(root_dir: str, old: Mapping[str, Any], new: Mapping[str, Any
     return ''
   state = 'finished' if os.path.isfile(os.path.join(root_dir, SUMMARY_FILE)) else 'unfinished'
   n = names.name
-  return (f'{names.setting("root_dir", root_dir)} holds a {state} run of '
-          f'{names.setting("rounds", old.get("rounds"))} that '
-          f'{names.setting("rounds", new.get("rounds"))} cannot extend or reuse: the '
-          f'learning-rate decay (to {n("client_lr_min")} at the last round) and the mask '
-          f'schedule ({n("delta_t")}, {n("t_end")}) of every round follow {n("rounds")}, so a run '
-          f'of another length is a new run; choose another {n("root_dir")}, or rerun with '
-          f'{n("overwrite")} to replace it')
+  return (
+    f'{names.setting("root_dir", root_dir)} holds a {state} run of '
+    f'{names.setting("rounds", old.get("rounds"))} that '
+    f'{names.setting("rounds", new.get("rounds"))} cannot extend or reuse: the '
+    f'learning-rate decay (to {n("client_lr_min")} at the last round) and the mask '
+    f'schedule ({n("delta_t")}, {n("t_end")}) of every round follow {n("rounds")}, so a run '
+    f'of another length is a new run; choose another {n("root_dir")}, or rerun with '
+    f'{n("overwrite")} to replace it'
+  )
 
 
 def finished_summary(root_dir: str, rounds: int) -> Any:
@@ -195,8 +218,12 @@ def finished_summary(root_dir: str, rounds: int) -> Any:
   return summary
 
 
-def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
-                     names: text.SettingNames = text.KEYWORDS) -> bool:
+def prepare_root_dir(
+  root_dir: str,
+  config: Mapping[str, Any],
+  overwrite: bool,
+  names: text.SettingNames = text.KEYWORDS,
+) -> bool:
   """Makes `root_dir` ready for a run of `config`; returns whether an earlier run may be resumed.
 
   `check_root_dir` decides; unless resuming, the run entries are cleared (`clear_run`) and
@@ -221,13 +248,15 @@ def prepare_root_dir(root_dir: str, config: Mapping[str, Any], overwrite: bool,
     clear_run(root_dir)
     write_json(os.path.join(root_dir, CONFIG_FILE), json.loads(json.dumps(dict(config))))
   except OSError as e:
-    raise RunDirError(f'{names.setting("root_dir", root_dir)}: cannot be written '
-                      f'({e.strerror or e})') from None
+    raise RunDirError(
+      f'{names.setting("root_dir", root_dir)}: cannot be written ({e.strerror or e})'
+    ) from None
   return False
 
 
-def disk_full_message(error: BaseException, root_dir: str,
-                      names: text.SettingNames = text.KEYWORDS) -> Optional[str]:
+def disk_full_message(
+  error: BaseException, root_dir: str, names: text.SettingNames = text.KEYWORDS
+) -> Optional[str]:
   """The one-line message for `error` when it is a full disk (or quota) while writing the run.
 
   `names` says how the message names `root_dir` (see `check_root_dir`).
@@ -240,10 +269,12 @@ def disk_full_message(error: BaseException, root_dir: str,
   if not full:
     return None
   where = getattr(error, 'path', None) or getattr(error, 'filename', None) or root_dir
-  return (f'disk full while writing {text.one_line(os.fsdecode(where))}; the rounds saved '
-          'before it are intact: free space on that disk (or copy '
-          f'{names.setting("root_dir", text.one_line(root_dir))} to a larger one and point '
-          f'{names.name("root_dir")} at the copy), then rerun the same command to resume')
+  return (
+    f'disk full while writing {text.one_line(os.fsdecode(where))}; the rounds saved '
+    'before it are intact: free space on that disk (or copy '
+    f'{names.setting("root_dir", text.one_line(root_dir))} to a larger one and point '
+    f'{names.name("root_dir")} at the copy), then rerun the same command to resume'
+  )
 
 
 def state_manager(root_dir: str):
@@ -257,15 +288,18 @@ def state_manager(root_dir: str):
     RunDirError: when the checkpoint directory holds SavedModel checkpoints.
   """
   from tff_programs import checkpoints  # pylint: disable=import-outside-toplevel
+
   directory = os.path.join(root_dir, CHECKPOINT_DIR)
   if os.path.isdir(directory):
-    saved_models = sorted(n for n in os.listdir(directory)
-                          if re.fullmatch(r'program_state_\d+(_temp\d+)?', n))
+    saved_models = sorted(
+      n for n in os.listdir(directory) if re.fullmatch(r'program_state_\d+(_temp\d+)?', n)
+    )
     if saved_models:
       raise RunDirError(
-          f'{os.path.join(directory, saved_models[-1])} is a SavedModel checkpoint, '
-          'which is not loaded (loading one runs the graph it holds); rerun with --overwrite '
-          'to start afresh, or move it away')
+        f'{os.path.join(directory, saved_models[-1])} is a SavedModel checkpoint, '
+        'which is not loaded (loading one runs the graph it holds); rerun with --overwrite '
+        'to start afresh, or move it away'
+      )
   manager = checkpoints.NpzProgramStateManager(directory, keep=_KEEP_CHECKPOINTS)
   manager.remove_temporary_files()
   return manager
@@ -282,15 +316,17 @@ class MetricsReleaser:
 
   def __init__(self, root_dir: str):
     import tensorflow_federated as tff  # pylint: disable=import-outside-toplevel
+
     self._csv = tff.program.CSVFileReleaseManager(
-        os.path.join(root_dir, METRICS_FILE), key_fieldname='round')
+      os.path.join(root_dir, METRICS_FILE), key_fieldname='round'
+    )
     self._tensorboard = tff.program.TensorBoardReleaseManager(
-        os.path.join(root_dir, TENSORBOARD_DIR))
+      os.path.join(root_dir, TENSORBOARD_DIR)
+    )
 
   def release(self, metrics: Mapping[str, float], round_num: int) -> None:
     """Releases `metrics` (flat name -> number) as round `round_num`."""
-    finite = {k: v for k, v in metrics.items()
-              if not (isinstance(v, float) and math.isnan(v))}
+    finite = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
     async def _release():
       await self._csv.release(dict(metrics), round_num)
@@ -334,9 +370,11 @@ class ClientlessRounds:
     self._count += 1
     if self._count != self._warn_after:
       return None
-    return (f'rounds {self._first}..{round_num} used no client (every client update was '
-            f'non-finite or empty, so the model did not change); a lower '
-            f'{self._names.name("client_lr")} may help')
+    return (
+      f'rounds {self._first}..{round_num} used no client (every client update was '
+      f'non-finite or empty, so the model did not change); a lower '
+      f'{self._names.name("client_lr")} may help'
+    )
 
 
 def any_client_used(rows: Sequence[Mapping[str, float]]) -> bool:
@@ -366,8 +404,10 @@ def read_metrics(root_dir: str) -> List[Dict[str, float]]:
 def pyplot():
   """matplotlib's `pyplot` on the file-only Agg backend (no display needed)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   return plt
 
 
@@ -402,8 +442,9 @@ def plot_curves(rows: Sequence[Mapping[str, float]], path: str, title: str) -> s
   return save_figure(fig, plt, path)
 
 
-def plot_layer_density(names: Sequence[str], densities: Sequence[float], path: str,
-                       title: str) -> str:
+def plot_layer_density(
+  names: Sequence[str], densities: Sequence[float], path: str, title: str
+) -> str:
   """Bar chart of the final mask density of each prunable layer; returns `path`."""
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
@@ -417,8 +458,9 @@ def plot_layer_density(names: Sequence[str], densities: Sequence[float], path: s
   return save_figure(fig, plt, path)
 
 
-def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str,
-                title: str) -> str:
+def plot_memory(
+  parts: Mapping[str, float], bars: Mapping[str, float], path: str, title: str
+) -> str:
   """Memory of one training step in MiB; returns `path`.
 
   Args:
@@ -433,14 +475,14 @@ def plot_memory(parts: Mapping[str, float], bars: Mapping[str, float], path: str
   if parts:
     bottom = 0.0
     for name, value in parts.items():
-      mib = float(value) / 2 ** 20
+      mib = float(value) / 2**20
       ax.bar(0, mib, bottom=bottom, label=name.replace('_bytes', '').replace('_', ' '))
       bottom += mib
     labels.append('analytic parts')
   for name, value in bars.items():
     if value is None or math.isnan(float(value)):
       continue
-    ax.bar(len(labels), float(value) / 2 ** 20, color='grey' if 'measured' in name else 'tan')
+    ax.bar(len(labels), float(value) / 2**20, color='grey' if 'measured' in name else 'tan')
     labels.append(name)
   ax.set_xticks(range(len(labels)))
   ax.set_xticklabels(labels, fontsize=8)

@@ -94,8 +94,9 @@ class RunLock:
       os.makedirs(self.root_dir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
-      raise LockError(f'{self._names.setting("root_dir", self.root_dir)}: cannot be written '
-                      f'({e.strerror or e})') from None
+      raise LockError(
+        f'{self._names.setting("root_dir", self.root_dir)}: cannot be written ({e.strerror or e})'
+      ) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -106,9 +107,10 @@ class RunLock:
       who = f'process {pid}' if pid else 'another process'
       command = _command_line(pid) if pid else ''
       raise LockedError(
-          f'{self._names.setting("root_dir", self.root_dir)} is in use by {who}'
-          f'{f" ({command})" if command else ""}; wait for it to end or stop it, or choose '
-          f'another {self._names.name("root_dir")}') from None
+        f'{self._names.setting("root_dir", self.root_dir)} is in use by {who}'
+        f'{f" ({command})" if command else ""}; wait for it to end or stop it, or choose '
+        f'another {self._names.name("root_dir")}'
+      ) from None
     old = os.read(fd, 64).decode('ascii', 'replace').strip()
     if old.isdigit() and int(old) != os.getpid() and not pid_alive(int(old)):
       self.stale_pid = int(old)

@@ -63,6 +63,7 @@ def verbose_from_environment() -> bool:
   """Whether `VERBOSE_ENV` asks for logs (set and not '0')."""
   return os.environ.get(VERBOSE_ENV, '') not in ('', '0')
 
+
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS = 0x8913
@@ -71,9 +72,9 @@ _IFF_UP = 0x1
 _WORKER_READY_TIMEOUT_S = 60.0
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 _GRPC_OPTIONS = [
-    ('grpc.max_message_length', _GRPC_MAX_MESSAGE_BYTES),
-    ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
-    ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
+  ('grpc.max_message_length', _GRPC_MAX_MESSAGE_BYTES),
+  ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
+  ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
 ]
 
 
@@ -104,6 +105,7 @@ def configure_logging(verbose: Optional[bool] = None) -> None:
     py_logging.getLogger(name).setLevel(py_logging.ERROR)
   try:
     from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
     absl_logging.set_verbosity(absl_logging.WARNING)
   except ImportError:  # pragma: no cover
     pass
@@ -161,7 +163,7 @@ class _NamespaceRelay:
     self._ready.wait(10)
     if self._error is not None or not self._ready.is_set():
       self.stop()
-      raise WorkerError(f'cannot enter the worker\'s network namespace ({self._error})')
+      raise WorkerError(f"cannot enter the worker's network namespace ({self._error})")
 
   def _serve(self) -> None:
     try:
@@ -197,8 +199,9 @@ class _NamespaceRelay:
       client.settimeout(None)
       self._connections += [client, upstream]
       for src, dst in ((client, upstream), (upstream, client)):
-        threading.Thread(target=_pump, args=(src, dst), daemon=True,
-                         name='tff-worker-relay-copy').start()
+        threading.Thread(
+          target=_pump, args=(src, dst), daemon=True, name='tff-worker-relay-copy'
+        ).start()
 
   def stop(self) -> None:
     self._stopping.set()
@@ -234,9 +237,12 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 def worker_binary_path() -> str:
   """Absolute path of the C++ worker binary shipped inside the TFF package."""
   import tensorflow_federated  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(os.path.dirname(tensorflow_federated.__file__), 'data', 'worker_binary')
   if not os.path.isfile(path):
-    raise WorkerError(f'TFF worker binary not found at {path}; reinstall with scripts/install.sh --force')
+    raise WorkerError(
+      f'TFF worker binary not found at {path}; reinstall with scripts/install.sh --force'
+    )
   return path
 
 
@@ -271,12 +277,23 @@ class WorkerProcess:
       is `localhost:<port>`.
   """
 
-  def __init__(self, port: Optional[int] = None, *, max_concurrent_computation_calls: int = -1,
-               log_path: Optional[str] = None, verbose: bool = False, isolated: bool = False):
+  def __init__(
+    self,
+    port: Optional[int] = None,
+    *,
+    max_concurrent_computation_calls: int = -1,
+    log_path: Optional[str] = None,
+    verbose: bool = False,
+    isolated: bool = False,
+  ):
     import portpicker  # pylint: disable=g-import-not-at-top
+
     self.port = port or portpicker.pick_unused_port()
-    args = [worker_binary_path(), f'--port={self.port}',
-            f'--max_concurrent_computation_calls={max_concurrent_computation_calls}']
+    args = [
+      worker_binary_path(),
+      f'--port={self.port}',
+      f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
+    ]
     if verbose:
       out = None
       self.log_path = None
@@ -290,13 +307,19 @@ class WorkerProcess:
     self._relay: Optional[_NamespaceRelay] = None
     try:
       self.process = subprocess.Popen(  # pylint: disable=consider-using-with
-          args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-          preexec_fn=_isolate_network if isolated else _set_parent_death_signal,
-          start_new_session=True, close_fds=True)
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=out,
+        preexec_fn=_isolate_network if isolated else _set_parent_death_signal,
+        start_new_session=True,
+        close_fds=True,
+      )
     except subprocess.SubprocessError as e:
       self._close_log()
-      raise WorkerError(f'cannot start the TFF worker in a network namespace of its own ({e})'
-                        ) from None
+      raise WorkerError(
+        f'cannot start the TFF worker in a network namespace of its own ({e})'
+      ) from None
     self.pid = self.process.pid
     _LIVE_WORKERS.add(self)
     self.target = f'localhost:{self.port}'
@@ -355,8 +378,10 @@ def wait_ready(stub, target: str, timeout_s: float, worker: Optional[WorkerProce
   deadline = time.monotonic() + timeout_s
   while not stub.is_ready:
     if worker is not None and not worker.alive():
-      raise WorkerError(f'TFF worker at {target} exited with code {worker.process.returncode} '
-                          f'(log: {worker.log_path})')
+      raise WorkerError(
+        f'TFF worker at {target} exited with code {worker.process.returncode} '
+        f'(log: {worker.log_path})'
+      )
     if time.monotonic() > deadline:
       raise WorkerError(f'TFF worker at {target} not reachable within {timeout_s:.0f}s')
     time.sleep(0.05)
@@ -366,6 +391,7 @@ def make_stub(target: str, on_state=None):
   """A TFF executor stub for `target`; `on_state(connectivity)` hears of channel changes."""
   import grpc  # pylint: disable=g-import-not-at-top
   from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub  # pylint: disable=g-import-not-at-top
+
   channel = grpc.insecure_channel(target, _GRPC_OPTIONS)
   if on_state is not None:
     channel.subscribe(on_state, try_to_connect=False)
@@ -389,10 +415,15 @@ def _executor_factory(stub, default_num_clients: int):
 
 def _context_kwargs():
   from tensorflow_federated.python.core.backends.native import compiler  # pylint: disable=g-import-not-at-top
-  from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation  # pylint: disable=g-import-not-at-top
-  return dict(compiler_fn=compiler.desugar_and_transform_to_native,
-              transform_args=tensorflow_computation.transform_args,
-              transform_result=tensorflow_computation.transform_result)
+  from tensorflow_federated.python.core.environments.tensorflow_frontend import (
+    tensorflow_computation,
+  )  # pylint: disable=g-import-not-at-top
+
+  return dict(
+    compiler_fn=compiler.desugar_and_transform_to_native,
+    transform_args=tensorflow_computation.transform_args,
+    transform_result=tensorflow_computation.transform_result,
+  )
 
 
 def _install_default_context(context):
@@ -401,6 +432,7 @@ def _install_default_context(context):
   Called where no `with_context` scope is open, so the current context is the default one.
   """
   from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
+
   stack = context_stack_impl.context_stack
   previous = stack.current
   stack.set_default_context(context)
@@ -421,8 +453,14 @@ class LocalRuntime:
     verbose: show TensorFlow and worker logs.
   """
 
-  def __init__(self, *, default_num_clients: int = 0, max_concurrent_computation_calls: int = -1,
-               worker_log: Optional[str] = None, verbose: Optional[bool] = None):
+  def __init__(
+    self,
+    *,
+    default_num_clients: int = 0,
+    max_concurrent_computation_calls: int = -1,
+    worker_log: Optional[str] = None,
+    verbose: Optional[bool] = None,
+  ):
     self._default_num_clients = default_num_clients
     self._max_calls = max_concurrent_computation_calls
     self._worker_log = worker_log
@@ -436,15 +474,25 @@ class LocalRuntime:
     configure_logging(self._verbose)
     restore_signal_handlers()
     from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context  # pylint: disable=g-import-not-at-top
+
     try:
-      self.worker = WorkerProcess(max_concurrent_computation_calls=self._max_calls,
-                                  log_path=self._worker_log, verbose=self._verbose,
-                                  isolated=True)
+      self.worker = WorkerProcess(
+        max_concurrent_computation_calls=self._max_calls,
+        log_path=self._worker_log,
+        verbose=self._verbose,
+        isolated=True,
+      )
     except WorkerError as e:
-      print(f'warning: {e}; the TFF worker listens on every network interface instead',
-            file=sys.stderr, flush=True)
-      self.worker = WorkerProcess(max_concurrent_computation_calls=self._max_calls,
-                                  log_path=self._worker_log, verbose=self._verbose)
+      print(
+        f'warning: {e}; the TFF worker listens on every network interface instead',
+        file=sys.stderr,
+        flush=True,
+      )
+      self.worker = WorkerProcess(
+        max_concurrent_computation_calls=self._max_calls,
+        log_path=self._worker_log,
+        verbose=self._verbose,
+      )
     target = self.worker.target
     try:
       stub = make_stub(target)
@@ -453,7 +501,8 @@ class LocalRuntime:
       self.worker.stop()
       raise
     self.context = sync_execution_context.SyncExecutionContext(
-        executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs())
+      executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs()
+    )
     self._previous = _install_default_context(self.context)
     return self
 
@@ -512,8 +561,15 @@ class RemoteRuntime:
     default_num_clients: cardinality of CLIENTS when a computation cannot infer it.
   """
 
-  def __init__(self, workers, *, connect_timeout_s: float = 15.0, failure_timeout_s: float = 20.0,
-               default_num_clients: int = 0, verbose: Optional[bool] = None):
+  def __init__(
+    self,
+    workers,
+    *,
+    connect_timeout_s: float = 15.0,
+    failure_timeout_s: float = 20.0,
+    default_num_clients: int = 0,
+    verbose: Optional[bool] = None,
+  ):
     self.workers = list(workers)
     self._timeout = connect_timeout_s
     self._failure_timeout = failure_timeout_s
@@ -535,6 +591,7 @@ class RemoteRuntime:
     from tensorflow_federated.python.core.backends.native import execution_contexts  # pylint: disable=g-import-not-at-top
     from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context  # pylint: disable=g-import-not-at-top
     import grpc  # pylint: disable=g-import-not-at-top
+
     async_contexts = []
     for target in self.workers:
 
@@ -547,15 +604,17 @@ class RemoteRuntime:
 
       stub = make_stub(target, on_state)
       wait_ready(stub, target, self._timeout)
-      async_contexts.append(async_execution_context.AsyncExecutionContext(
-          executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs()))
+      async_contexts.append(
+        async_execution_context.AsyncExecutionContext(
+          executor_fn=_executor_factory(stub, self._default_num_clients), **_context_kwargs()
+        )
+      )
     self.context = execution_contexts.create_mergeable_comp_execution_context(async_contexts)
     self._previous = _install_default_context(self.context)
     if threading.current_thread() is threading.main_thread():
       self._old_usr1 = signal.signal(signal.SIGUSR1, self._raise_failure)
       self._stopping.clear()
-      self._watchdog = threading.Thread(target=self._watch, name='tff-worker-watchdog',
-                                        daemon=True)
+      self._watchdog = threading.Thread(target=self._watch, name='tff-worker-watchdog', daemon=True)
       self._watchdog.start()
     return self
 
@@ -571,8 +630,10 @@ class RemoteRuntime:
         return
 
   def _raise_failure(self, signum, frame):  # pylint: disable=unused-argument
-    raise WorkerError(f'TFF worker at {self.failed_worker} stopped answering for '
-                      f'{self._failure_timeout:.0f}s during the run')
+    raise WorkerError(
+      f'TFF worker at {self.failed_worker} stopped answering for '
+      f'{self._failure_timeout:.0f}s during the run'
+    )
 
   def stop(self) -> None:
     self._stopping.set()

@@ -71,64 +71,104 @@ from tff_programs import training_loop
 ALGORITHMS = algorithms.NAMES
 MODELS = ('cnn', 'resnet18', 'mobilenet_v2')
 DATASETS = ('synthetic', 'cifar10', 'cifar100', 'cinic10', 'tinyimagenet', 'client_data')
-_MAX_INT32 = 2 ** 31 - 1
+_MAX_INT32 = 2**31 - 1
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string('algorithm', 'fedmef', f'One of: {", ".join(ALGORITHMS)}.')
 flags.DEFINE_string('model', 'cnn', f'One of: {", ".join(MODELS)}.')
-flags.DEFINE_string('dataset', 'synthetic',
-                    f'One of: {", ".join(DATASETS)}. "synthetic" is generated from --seed; '
-                    '"client_data" reads a federated dataset of your own (see --data_dir).')
-flags.DEFINE_string('data_dir', '',
-                    'Directory of the dataset files (all but synthetic). For client_data: a '
-                    'directory with train.sqlite and test.sqlite in the format of TFF\'s SQL '
-                    'client data (tff_programs/user_data.py documents the element structure).')
-flags.DEFINE_string('root_dir', os.path.join('runs', 'train'),
-                    'Run directory: checkpoints, metrics, report, final model. Not empty.')
+flags.DEFINE_string(
+  'dataset',
+  'synthetic',
+  f'One of: {", ".join(DATASETS)}. "synthetic" is generated from --seed; '
+  '"client_data" reads a federated dataset of your own (see --data_dir).',
+)
+flags.DEFINE_string(
+  'data_dir',
+  '',
+  'Directory of the dataset files (all but synthetic). For client_data: a '
+  "directory with train.sqlite and test.sqlite in the format of TFF's SQL "
+  'client data (tff_programs/user_data.py documents the element structure).',
+)
+flags.DEFINE_string(
+  'root_dir',
+  os.path.join('runs', 'train'),
+  'Run directory: checkpoints, metrics, report, final model. Not empty.',
+)
 flags.DEFINE_bool('overwrite', False, 'Replace a run of another configuration in --root_dir.')
 flags.DEFINE_integer('num_clients', 20, 'K, clients in total; in [1, 100000].')
 flags.DEFINE_integer('clients_per_round', 5, 'S, clients sampled per round; in [1, --num_clients].')
-flags.DEFINE_integer('rounds', 40, 'R, federated rounds; in [1, 1000000]. The defaults of '
-                     '--delta_t, --t_end and --eval_every follow it.')
+flags.DEFINE_integer(
+  'rounds',
+  40,
+  'R, federated rounds; in [1, 1000000]. The defaults of '
+  '--delta_t, --t_end and --eval_every follow it.',
+)
 flags.DEFINE_integer('local_epochs', 1, 'E, local epochs per round; in [1, 1000].')
-flags.DEFINE_integer('batch_size', 32, 'B, client batch size (also of the memory measurement); '
-                     'in [1, 65536].')
+flags.DEFINE_integer(
+  'batch_size', 32, 'B, client batch size (also of the memory measurement); in [1, 65536].'
+)
 flags.DEFINE_float('client_lr', 0.1, 'eta_0, client SGD learning rate of round 1; in (0, 100].')
-flags.DEFINE_float('client_lr_min', 0.01,
-                   'eta_min, client learning rate of the last round (exponential decay); in '
-                   '(0, --client_lr].')
-flags.DEFINE_float('density', 0.2, 'd, target density of the prunable kernels (fedavg: 1); in '
-                   '(0, 1].')
-flags.DEFINE_integer('delta_t', None, 'dT, rounds between mask adjustments; in [1, --rounds]. '
-                     'Default: --rounds / 50 rounded half up, at least 1 (1 for 40 rounds, 10 '
-                     'for 500).')
-flags.DEFINE_integer('t_end', None, 'T_end, last round that may adjust masks; in [0, --rounds]. '
-                     'Default: 0.6 * --rounds rounded half up, at least 1 (24 for 40 rounds, '
-                     '300 for 500).')
+flags.DEFINE_float(
+  'client_lr_min',
+  0.01,
+  'eta_min, client learning rate of the last round (exponential decay); in (0, --client_lr].',
+)
+flags.DEFINE_float(
+  'density', 0.2, 'd, target density of the prunable kernels (fedavg: 1); in (0, 1].'
+)
+flags.DEFINE_integer(
+  'delta_t',
+  None,
+  'dT, rounds between mask adjustments; in [1, --rounds]. '
+  'Default: --rounds / 50 rounded half up, at least 1 (1 for 40 rounds, 10 '
+  'for 500).',
+)
+flags.DEFINE_integer(
+  't_end',
+  None,
+  'T_end, last round that may adjust masks; in [0, --rounds]. '
+  'Default: 0.6 * --rounds rounded half up, at least 1 (24 for 40 rounds, '
+  '300 for 500).',
+)
 flags.DEFINE_float('alpha', 0.2, 'alpha, initial adjustment fraction; in [0, 1].')
 flags.DEFINE_float('lambda_bae', 0.01, 'lambda, BaE penalty weight; in [0, 100].')
 flags.DEFINE_float('gamma', 0.7, 'gamma, SAP drop ratio of the activation cache; in [0, 1).')
 flags.DEFINE_float('dirichlet_alpha', 0.5, 'a, Dirichlet label-skew parameter; in (0, 1e6].')
 flags.DEFINE_bool('iid', False, 'Split the data IID instead of by Dirichlet label skew.')
-flags.DEFINE_integer('min_client_size', 10, 'Minimum examples per client (Dirichlet split); in '
-                     '[1, 1000000].')
-flags.DEFINE_integer('eval_every', None, 'Evaluate the global model every this many rounds '
-                     '(and after the last round); in [1, --rounds]. Default: --rounds / 8 '
-                     'rounded half up, at least 1 (5 for 40 rounds).')
-flags.DEFINE_integer('eval_batch_size', 500, 'Batch size of the test-set evaluation; in '
-                     '[1, 65536].')
-flags.DEFINE_integer('seed', 0, 'Seed of the data, split, model, masks and client sampling; in '
-                     '[0, 2147483647].')
-flags.DEFINE_integer('synthetic_train_size', 10000, 'Training examples of the synthetic data; in '
-                     '[10, 10000000] and >= --num_clients * --min_client_size.')
-flags.DEFINE_integer('synthetic_test_size', 2000, 'Test examples of the synthetic data; in '
-                     '[10, 10000000].')
+flags.DEFINE_integer(
+  'min_client_size', 10, 'Minimum examples per client (Dirichlet split); in [1, 1000000].'
+)
+flags.DEFINE_integer(
+  'eval_every',
+  None,
+  'Evaluate the global model every this many rounds '
+  '(and after the last round); in [1, --rounds]. Default: --rounds / 8 '
+  'rounded half up, at least 1 (5 for 40 rounds).',
+)
+flags.DEFINE_integer(
+  'eval_batch_size', 500, 'Batch size of the test-set evaluation; in [1, 65536].'
+)
+flags.DEFINE_integer(
+  'seed', 0, 'Seed of the data, split, model, masks and client sampling; in [0, 2147483647].'
+)
+flags.DEFINE_integer(
+  'synthetic_train_size',
+  10000,
+  'Training examples of the synthetic data; in '
+  '[10, 10000000] and >= --num_clients * --min_client_size.',
+)
+flags.DEFINE_integer(
+  'synthetic_test_size', 2000, 'Test examples of the synthetic data; in [10, 10000000].'
+)
 flags.DEFINE_bool('verbose', False, 'Show TensorFlow and TFF logs.')
-flags.DEFINE_string('workers', '',
-                    'Comma-separated host:port of TFF worker services (python -m '
-                    'tff_programs.worker) to divide each round\'s clients among; empty runs one '
-                    'local worker (docs/DISTRIBUTED.md).')
+flags.DEFINE_string(
+  'workers',
+  '',
+  'Comma-separated host:port of TFF worker services (python -m '
+  "tff_programs.worker) to divide each round's clients among; empty runs one "
+  'local worker (docs/DISTRIBUTED.md).',
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,8 +228,10 @@ def validate(f: Mapping[str, Any]) -> None:
   if f['dataset'] == 'synthetic' and train_size_ok:
     need = f['num_clients'] * (1 if f['iid'] else f['min_client_size'])
     if need > f['synthetic_train_size']:
-      p.add(f'--synthetic_train_size={f["synthetic_train_size"]} is out of range: '
-            f'must be >= --num_clients * --min_client_size = {need}')
+      p.add(
+        f'--synthetic_train_size={f["synthetic_train_size"]} is out of range: '
+        f'must be >= --num_clients * --min_client_size = {need}'
+      )
   p.raise_if_any()
 
 
@@ -220,8 +262,13 @@ def check_command_line(values: Mapping[str, Any]) -> None:
   validate(values)
   values = cli.resolve_defaults(values)
   try:
-    program_io.check_root_dir(values['root_dir'], run_config(values), values['overwrite'],
-                              ignore=program_io.DATA_KEYS, names=text.FLAGS)
+    program_io.check_root_dir(
+      values['root_dir'],
+      run_config(values),
+      values['overwrite'],
+      ignore=program_io.DATA_KEYS,
+      names=text.FLAGS,
+    )
   except program_io.RunDirError as e:
     raise UsageError(str(e)) from None
 
@@ -241,7 +288,8 @@ def parse_flags(argv: List[str]) -> List[str]:
   """
   rest = cli.flags_parser('train', help_text, check_command_line)(argv)
   runtime.configure_logging(FLAGS.verbose)
-  import tensorflow_federated  # pylint: disable=import-outside-toplevel,unused-import
+  import tensorflow_federated  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+
   return rest
 
 
@@ -267,8 +315,10 @@ def main(argv: List[str]) -> int:
     _error(str(e))
     return cli.EXIT_FAILURE
   except KeyboardInterrupt:
-    print('train: interrupted; rerun the same command to resume from the last saved round',
-          file=sys.stderr)
+    print(
+      'train: interrupted; rerun the same command to resume from the last saved round',
+      file=sys.stderr,
+    )
     return cli.EXIT_INTERRUPTED
   except runtime.WorkerError as e:
     _error(str(e))
@@ -282,9 +332,11 @@ def main(argv: List[str]) -> int:
       raise
     # A remote worker failed during a round: the last finished round's checkpoint is intact.
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    _error(f'a TFF worker of --workers={FLAGS.workers} failed during a round '
-           f'({type(e).__name__}: {first[:200]}); rerun with live workers to resume from the '
-           'last saved round')
+    _error(
+      f'a TFF worker of --workers={FLAGS.workers} failed during a round '
+      f'({type(e).__name__}: {first[:200]}); rerun with live workers to resume from the '
+      'last saved round'
+    )
     return cli.EXIT_FAILURE
 
 

@@ -41,7 +41,7 @@ from fedmef_tf import text
 from tff_programs import program_io
 from tff_programs import runtime
 
-_MAX_INT32 = 2 ** 31 - 1
+_MAX_INT32 = 2**31 - 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,6 +57,7 @@ class RunConfig:
   eta_min = `client_lr_min`, d = `density`, dT = `delta_t`, T_end = `t_end`, alpha, lambda =
   `lambda_bae`, gamma, a = `dirichlet_alpha`.
   """
+
   algorithm: str
   model: str
   dataset: str
@@ -111,8 +112,9 @@ class RunConfig:
 
     A rerun must match it to resume. With `iid`, the Dirichlet parameters (unused) are None.
     """
-    config = {n: getattr(self, n) for n in sorted(self.field_names())
-              if n not in self.NOT_IN_RESULT}
+    config = {
+      n: getattr(self, n) for n in sorted(self.field_names()) if n not in self.NOT_IN_RESULT
+    }
     if config['iid']:
       config['dirichlet_alpha'] = None
       config['min_client_size'] = None
@@ -131,8 +133,11 @@ def model_spec(algorithm: str, density: float, gamma: float) -> Dict[str, Any]:
     (the SAP ratio: 0 without SAP).
   """
   entry = algorithms.get(algorithm)
-  return {'variant': entry.variant, 'density': entry.target_density(density),
-          'gamma': entry.sap_gamma(gamma)}
+  return {
+    'variant': entry.variant,
+    'density': entry.target_density(density),
+    'gamma': entry.sap_gamma(gamma),
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,8 +184,12 @@ class GracefulStop:
     if self.requested:
       raise KeyboardInterrupt
     self.requested = True
-    print('\ninterrupt: stopping after this round (Ctrl-C again to stop now; the last saved '
-          'round stays intact)', file=sys.stderr, flush=True)
+    print(
+      '\ninterrupt: stopping after this round (Ctrl-C again to stop now; the last saved '
+      'round stays intact)',
+      file=sys.stderr,
+      flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,14 +202,17 @@ def sample_clients(seed: int, round_num: int, num_clients: int, per_round: int) 
   A pure function of its arguments, so a resumed run samples the clients of an uninterrupted one.
   """
   from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
-  return sorted(int(k) for k in fedmef_process.sample_clients(
-      num_clients, per_round, round_num, seed=seed))
+
+  return sorted(
+    int(k) for k in fedmef_process.sample_clients(num_clients, per_round, round_num, seed=seed)
+  )
 
 
 def shuffle_seed(seed: int, round_num: int, client: int) -> int:
   """The shuffle seed of a client's examples in a round (a pure function of its arguments)."""
-  return int(np.random.SeedSequence([seed, round_num, client, 0x5F]).generate_state(1)[0]
-             & _MAX_INT32)
+  return int(
+    np.random.SeedSequence([seed, round_num, client, 0x5F]).generate_state(1)[0] & _MAX_INT32
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,8 +246,9 @@ def _num(value, default=float('nan')) -> float:
     return default
 
 
-def round_row(metrics: Mapping[str, Any], test_loss: float, test_accuracy: float,
-              seconds: float) -> Dict[str, float]:
+def round_row(
+  metrics: Mapping[str, Any], test_loss: float, test_accuracy: float, seconds: float
+) -> Dict[str, float]:
   """The `metrics.csv` row of a round from the process's metrics (`pick_metrics`).
 
   A round that used no client has NaN training loss and accuracy
@@ -243,24 +256,31 @@ def round_row(metrics: Mapping[str, Any], test_loss: float, test_accuracy: float
   `adjusted`).
   """
   row = collections.OrderedDict(
-      train_loss=_num(metrics.get('train_loss')),
-      train_accuracy=_num(metrics.get('train_accuracy')),
-      test_loss=test_loss,
-      test_accuracy=test_accuracy,
-      density=_num(metrics.get('global_density')),
-      bytes_down=_num(metrics.get('bytes_down'), 0.0),
-      bytes_up=_num(metrics.get('bytes_up'), 0.0),
-      round_seconds=seconds,
-      clients_used=_num(metrics.get('clients_used')),
-      clients_rejected=_num(metrics.get('clients_rejected')),
-      adjusted=_num(metrics.get('adjusted'), 0.0),
-      learning_rate=_num(metrics.get('learning_rate')),
+    train_loss=_num(metrics.get('train_loss')),
+    train_accuracy=_num(metrics.get('train_accuracy')),
+    test_loss=test_loss,
+    test_accuracy=test_accuracy,
+    density=_num(metrics.get('global_density')),
+    bytes_down=_num(metrics.get('bytes_down'), 0.0),
+    bytes_up=_num(metrics.get('bytes_up'), 0.0),
+    round_seconds=seconds,
+    clients_used=_num(metrics.get('clients_used')),
+    clients_rejected=_num(metrics.get('clients_rejected')),
+    adjusted=_num(metrics.get('adjusted'), 0.0),
+    learning_rate=_num(metrics.get('learning_rate')),
   )
   return program_io.mark_clientless_round(row)
 
 
-def round_line(t: int, rounds: int, row: Mapping[str, float], evaluated: bool,
-               last_accuracy: float, clients_sampled: int, eta_seconds: float) -> str:
+def round_line(
+  t: int,
+  rounds: int,
+  row: Mapping[str, float],
+  evaluated: bool,
+  last_accuracy: float,
+  clients_sampled: int,
+  eta_seconds: float,
+) -> str:
   """The console line of round `t` of `rounds` (its `round_row`)."""
   if evaluated:
     acc = f'test acc {row["test_accuracy"]:.3f}'
@@ -270,26 +290,30 @@ def round_line(t: int, rounds: int, row: Mapping[str, float], evaluated: bool,
     acc = 'test acc   -  '
   used = row['clients_used']
   used = 0 if math.isnan(used) else int(used)
-  return (f'round {t:>{len(str(rounds))}}/{rounds}  loss {row["train_loss"]:.3f}  '
-          f'{acc}  density {row["density"]:.3f}  down {text.format_bytes(row["bytes_down"])}  '
-          f'up {text.format_bytes(row["bytes_up"])}  clients {used}/{clients_sampled}'
-          f'{"  adjusted" if row["adjusted"] else ""}  {row["round_seconds"]:.1f}s  '
-          f'ETA {text.format_seconds(eta_seconds)}')
+  return (
+    f'round {t:>{len(str(rounds))}}/{rounds}  loss {row["train_loss"]:.3f}  '
+    f'{acc}  density {row["density"]:.3f}  down {text.format_bytes(row["bytes_down"])}  '
+    f'up {text.format_bytes(row["bytes_up"])}  clients {used}/{clients_sampled}'
+    f'{"  adjusted" if row["adjusted"] else ""}  {row["round_seconds"]:.1f}s  '
+    f'ETA {text.format_seconds(eta_seconds)}'
+  )
 
 
 def done_line(summary: Mapping[str, Any], root_dir: str) -> str:
   """The console line that reports a finished run, from its `summary.json` contents."""
   memory = summary['memory']
   traffic = summary['traffic']
-  return (f'done: {summary["rounds_completed"]} rounds, test accuracy '
-          f'{summary["final_accuracy"]:.4f}, density {summary["density"]:.4f}, traffic down '
-          f'{text.format_bytes(traffic["down_bytes"])} up '
-          f'{text.format_bytes(traffic["up_bytes"])}, training '
-          f'{text.format_seconds(summary["train_seconds"])}; memory of a training step '
-          f'(batch {memory["batch_size"]}): analytic '
-          f'{text.format_bytes(memory["analytic_bytes"] or 0)}, measured peak '
-          f'{text.format_bytes(memory["measured_peak_bytes"] or 0)}; report in '
-          f'{os.path.join(root_dir, program_io.SUMMARY_FILE)}')
+  return (
+    f'done: {summary["rounds_completed"]} rounds, test accuracy '
+    f'{summary["final_accuracy"]:.4f}, density {summary["density"]:.4f}, traffic down '
+    f'{text.format_bytes(traffic["down_bytes"])} up '
+    f'{text.format_bytes(traffic["up_bytes"])}, training '
+    f'{text.format_seconds(summary["train_seconds"])}; memory of a training step '
+    f'(batch {memory["batch_size"]}): analytic '
+    f'{text.format_bytes(memory["analytic_bytes"] or 0)}, measured peak '
+    f'{text.format_bytes(memory["measured_peak_bytes"] or 0)}; report in '
+    f'{os.path.join(root_dir, program_io.SUMMARY_FILE)}'
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,19 +343,26 @@ def memory_report(model, batch_size: int, variant: str = 'baseline') -> Dict[str
   # pylint: disable=import-outside-toplevel
   from fedmef_tf import agc
   from fedmef_tf import memory as memory_lib
+
   analytic = _as_dict(memory_lib.analytic_footprint(model, batch_size))
-  scalars = {k: float(v) for k, v in analytic.items()
-             if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
+  scalars = {
+    k: float(v)
+    for k, v in analytic.items()
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+  }
   total = scalars.get('total_bytes')
   if total is None:
     total = scalars.get('weight_bytes', 0.0) + scalars.get('cached_bytes', 0.0)
-  measured = _as_dict(memory_lib.measure_train_step_peak(
-      model, batch_size, gradient_clipping=agc.clipping_for(variant)))
+  measured = _as_dict(
+    memory_lib.measure_train_step_peak(
+      model, batch_size, gradient_clipping=agc.clipping_for(variant)
+    )
+  )
   peak = float(measured.get('peak_bytes', measured.get('total_bytes')))
   report = {
-      'analytic_bytes': int(total),
-      'measured_peak_bytes': int(peak),
-      'batch_size': int(batch_size),
+    'analytic_bytes': int(total),
+    'measured_peak_bytes': int(peak),
+    'batch_size': int(batch_size),
   }
   for key in ('peak_bytes', 'weight_bytes', 'cached_bytes', 'gradient_bytes'):
     if key in scalars:
@@ -362,27 +393,29 @@ def default_process_builder(model_fn, cfg: Mapping[str, Any], spec, element_spec
   """
   del spec
   from tff_programs import fedmef_process  # pylint: disable=import-outside-toplevel
+
   return fedmef_process.build_fedmef_process(
-      model_fn,
-      algorithm=cfg['algorithm'],
-      density=cfg['density'],
-      delta_t=cfg['delta_t'],
-      t_end=cfg['t_end'],
-      alpha=cfg['alpha'],
-      lambda_bae=cfg['lambda_bae'],
-      gamma=cfg['gamma'],
-      client_lr=cfg['client_lr'],
-      client_lr_min=cfg['client_lr_min'],
-      total_rounds=cfg['rounds'],
-      local_epochs=cfg['local_epochs'],
-      batch_size=cfg['batch_size'],
-      seed=cfg['seed'],
-      element_spec=element_spec)
+    model_fn,
+    algorithm=cfg['algorithm'],
+    density=cfg['density'],
+    delta_t=cfg['delta_t'],
+    t_end=cfg['t_end'],
+    alpha=cfg['alpha'],
+    lambda_bae=cfg['lambda_bae'],
+    gamma=cfg['gamma'],
+    client_lr=cfg['client_lr'],
+    client_lr_min=cfg['client_lr_min'],
+    total_rounds=cfg['rounds'],
+    local_epochs=cfg['local_epochs'],
+    batch_size=cfg['batch_size'],
+    seed=cfg['seed'],
+    element_spec=element_spec,
+  )
 
 
 def _split_name(config: RunConfig) -> str:
   if config.dataset == 'client_data':
-    return 'the data\'s own clients'
+    return "the data's own clients"
   return 'IID' if config.iid else f'Dirichlet a={config.dirichlet_alpha:g}'
 
 
@@ -393,8 +426,9 @@ class _Data:
   test_ds: Any
 
 
-def load_data(config: RunConfig, console: Console,
-              names: text.SettingNames = text.KEYWORDS) -> _Data:
+def load_data(
+  config: RunConfig, console: Console, names: text.SettingNames = text.KEYWORDS
+) -> _Data:
   """Loads the data of `config` and splits it among its clients; says so on the console.
 
   `names` says how error messages name the settings (see `run`).
@@ -406,41 +440,55 @@ def load_data(config: RunConfig, console: Console,
   from fedmef_tf import data as data_lib
   from tff_programs import client_data as client_data_lib
   from tff_programs import user_data as user_data_lib
+
   own_split = config.dataset == 'client_data'
   try:
     if own_split:
-      dataset, partitions, _ = user_data_lib.load_sql_client_data(config.data_dir,
-                                                                  config.num_clients)
+      dataset, partitions, _ = user_data_lib.load_sql_client_data(
+        config.data_dir, config.num_clients
+      )
     else:
       dataset = data_lib.load_dataset(
-          config.dataset, config.data_dir or None, seed=config.seed,
-          synthetic_train=config.synthetic_train_size,
-          synthetic_test=config.synthetic_test_size)
+        config.dataset,
+        config.data_dir or None,
+        seed=config.seed,
+        synthetic_train=config.synthetic_train_size,
+        synthetic_test=config.synthetic_test_size,
+      )
   except user_data_lib.TooFewClientsError as e:
-    raise SetupError(f'{e.path}: {e.available} clients, fewer than '
-                     f'{names.setting("num_clients", e.requested)}') from None
+    raise SetupError(
+      f'{e.path}: {e.available} clients, fewer than {names.setting("num_clients", e.requested)}'
+    ) from None
   except data_lib.DataError as e:
     raise SetupError(str(e)) from None
   n_train = len(dataset.train_labels)
   min_size = 1 if config.iid else config.min_client_size
   if not own_split and config.num_clients * min_size > n_train:
-    raise SetupError(f'{names.setting("num_clients", config.num_clients)} is out of range for '
-                     f'{config.dataset}: {config.num_clients} clients * {min_size} examples > '
-                     f'{n_train} training examples')
+    raise SetupError(
+      f'{names.setting("num_clients", config.num_clients)} is out of range for '
+      f'{config.dataset}: {config.num_clients} clients * {min_size} examples > '
+      f'{n_train} training examples'
+    )
   if not own_split:
     partitions = data_lib.partition(
-        dataset.train_labels, config.num_clients, 0.0 if config.iid else config.dirichlet_alpha,
-        config.seed, min_size=min_size)
+      dataset.train_labels,
+      config.num_clients,
+      0.0 if config.iid else config.dirichlet_alpha,
+      config.seed,
+      min_size=min_size,
+    )
   skew = data_lib.label_skew(dataset.train_labels, partitions, dataset.num_classes)
   federated = client_data_lib.make_client_data(
-      dataset.train_images, dataset.train_labels, partitions, as_float=True)
-  test_ds = data_lib.test_dataset(dataset.test_images, dataset.test_labels,
-                                  config.eval_batch_size)
-  console.info(f'data: {config.dataset} {n_train} train / {len(dataset.test_labels)} test, '
-               f'{dataset.num_classes} classes, {config.num_clients} clients '
-               f'({_split_name(config)}: sizes '
-               f'{min(len(p) for p in partitions)}..{max(len(p) for p in partitions)}, '
-               f'mean KL {skew["mean_kl"]:.2f})')
+    dataset.train_images, dataset.train_labels, partitions, as_float=True
+  )
+  test_ds = data_lib.test_dataset(dataset.test_images, dataset.test_labels, config.eval_batch_size)
+  console.info(
+    f'data: {config.dataset} {n_train} train / {len(dataset.test_labels)} test, '
+    f'{dataset.num_classes} classes, {config.num_clients} clients '
+    f'({_split_name(config)}: sizes '
+    f'{min(len(p) for p in partitions)}..{max(len(p) for p in partitions)}, '
+    f'mean KL {skew["mean_kl"]:.2f})'
+  )
   return _Data(dataset, federated, test_ds)
 
 
@@ -457,6 +505,7 @@ class Evaluator:
   def __init__(self, process, model, test_ds):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     from fedmef_tf import losses  # pylint: disable=import-outside-toplevel
+
     self.process, self.model, self.test_ds = process, model, test_ds
 
     @tf.function
@@ -490,9 +539,13 @@ class Evaluator:
     return loss_sum / n, correct / n
 
 
-def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
-        console: Optional[Console] = None,
-        names: text.SettingNames = text.KEYWORDS) -> bool:
+def run(
+  config: RunConfig,
+  *,
+  process_builder: Optional[Callable] = None,
+  console: Optional[Console] = None,
+  names: text.SettingNames = text.KEYWORDS,
+) -> bool:
   """Runs (or resumes) the training of `config`.
 
   Args:
@@ -516,14 +569,16 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
   root_dir = config.root_dir
   cfg = config.result_config()
   try:
-    resumable = program_io.check_root_dir(root_dir, cfg, config.overwrite,
-                                          ignore=program_io.DATA_KEYS, names=names)
+    resumable = program_io.check_root_dir(
+      root_dir, cfg, config.overwrite, ignore=program_io.DATA_KEYS, names=names
+    )
   except program_io.RunDirError as e:
     raise SetupError(str(e)) from None
   finished = program_io.finished_summary(root_dir, config.rounds) if resumable else None
   if finished is not None:
-    console.info(f'{root_dir} holds this run, finished; nothing to do. '
-                 f'{done_line(finished, root_dir)}')
+    console.info(
+      f'{root_dir} holds this run, finished; nothing to do. {done_line(finished, root_dir)}'
+    )
     return True
 
   # pylint: disable=import-outside-toplevel
@@ -541,11 +596,18 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
   # model normalises the pixels itself.
   cfg['input_mean'], cfg['input_std'] = data_lib.channel_stats(dataset.train_images)
   model_fn = fedmef_process.make_model_fn(
-      config.model, config.algorithm, num_classes=dataset.num_classes,
-      input_shape=dataset.input_shape, gamma=config.gamma, seed=config.seed,
-      input_mean=cfg['input_mean'], input_std=cfg['input_std'])
+    config.model,
+    config.algorithm,
+    num_classes=dataset.num_classes,
+    input_shape=dataset.input_shape,
+    gamma=config.gamma,
+    seed=config.seed,
+    input_mean=cfg['input_mean'],
+    input_std=cfg['input_std'],
+  )
   element_spec = data_lib.client_dataset(
-      federated.create_tf_dataset_for_client(federated.client_ids[0])).element_spec
+    federated.create_tf_dataset_for_client(federated.client_ids[0])
+  ).element_spec
   builder = process_builder or default_process_builder
   process = builder(model_fn, dict(cfg), spec, element_spec)
   evaluator = Evaluator(process, model_fn(), data.test_ds)
@@ -568,20 +630,35 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
     start_round = 0
     if resumable:
       state, start_round, totals = _resume(manager, state, totals, root_dir, console, names)
-    console.info(f'{config.algorithm} on {config.model}/{spec["variant"]} (density '
-                 f'{spec["density"]:g}, gamma {spec["gamma"]:g}): rounds {start_round + 1}..'
-                 f'{config.rounds}, {config.clients_per_round} of {config.num_clients} clients '
-                 f'per round; set-up {time.monotonic() - setup_start:.1f}s')
-    state, completed = _round_loop(config, process, state, start_round, totals, federated,
-                                   evaluator, manager, stop, console, names)
+    console.info(
+      f'{config.algorithm} on {config.model}/{spec["variant"]} (density '
+      f'{spec["density"]:g}, gamma {spec["gamma"]:g}): rounds {start_round + 1}..'
+      f'{config.rounds}, {config.clients_per_round} of {config.num_clients} clients '
+      f'per round; set-up {time.monotonic() - setup_start:.1f}s'
+    )
+    state, completed = _round_loop(
+      config,
+      process,
+      state,
+      start_round,
+      totals,
+      federated,
+      evaluator,
+      manager,
+      stop,
+      console,
+      names,
+    )
     if completed < config.rounds:
-      console.info(f'stopped after round {completed} of {config.rounds}; rerun the same '
-                   'command to resume')
+      console.info(
+        f'stopped after round {completed} of {config.rounds}; rerun the same command to resume'
+      )
       return False
     if not program_io.any_client_used(program_io.read_metrics(root_dir)):
       raise NoClientUsedError(
-          f'no round of 1..{config.rounds} used any client (every client update was non-finite '
-          f'or empty): the model is untrained; a lower {names.name("client_lr")} may help')
+        f'no round of 1..{config.rounds} used any client (every client update was non-finite '
+        f'or empty): the model is untrained; a lower {names.name("client_lr")} may help'
+      )
     evaluator.load(state)
     summary = finish(config, cfg, spec, dataset, evaluator, model_fn, totals, console)
     console.info(done_line(summary, root_dir))
@@ -591,8 +668,7 @@ def run(config: RunConfig, *, process_builder: Optional[Callable] = None,
     rt.stop()
 
 
-def _resume(manager, state, totals, root_dir: str, console: Console,
-            names: text.SettingNames):
+def _resume(manager, state, totals, root_dir: str, console: Console, names: text.SettingNames):
   """`(state, last saved round, totals)` from the newest intact checkpoint, if any."""
   from tff_programs import checkpoints  # pylint: disable=import-outside-toplevel
 
@@ -603,21 +679,32 @@ def _resume(manager, state, totals, root_dir: str, console: Console,
   try:
     saved, version = asyncio.run(manager.load_latest(template, on_damaged=warn_damaged))
   except checkpoints.CheckpointError as e:
-    raise SetupError(f'{text.one_line(str(e))}; rerun with {names.name("overwrite")} to start '
-                     'afresh') from None
+    raise SetupError(
+      f'{text.one_line(str(e))}; rerun with {names.name("overwrite")} to start afresh'
+    ) from None
   if saved is None:
     return state, 0, totals
   console.info(f'resuming after round {int(saved["round"])} from {root_dir} (version {version})')
-  return (saved['process'], int(saved['round']),
-          {k: float(v) for k, v in saved['totals'].items()})
+  return (saved['process'], int(saved['round']), {k: float(v) for k, v in saved['totals'].items()})
 
 
-def _round_loop(config: RunConfig, process, state, start_round: int, totals, federated,
-                evaluator: Evaluator, manager, stop: GracefulStop, console: Console,
-                names: text.SettingNames):
+def _round_loop(
+  config: RunConfig,
+  process,
+  state,
+  start_round: int,
+  totals,
+  federated,
+  evaluator: Evaluator,
+  manager,
+  stop: GracefulStop,
+  console: Console,
+  names: text.SettingNames,
+):
   """Runs rounds `start_round + 1 .. config.rounds` (until a stop request); returns
   `(state, last completed round)`. `totals` is updated in place."""
   from fedmef_tf import data as data_lib  # pylint: disable=import-outside-toplevel
+
   releaser = program_io.MetricsReleaser(config.root_dir)
   clientless = program_io.ClientlessRounds(names=names)
   round_times: List[float] = []
@@ -629,9 +716,11 @@ def _round_loop(config: RunConfig, process, state, start_round: int, totals, fed
     t0 = time.monotonic()
     chosen = sample_clients(config.seed, t, config.num_clients, config.clients_per_round)
     datasets = [
-        data_lib.client_dataset(federated.create_tf_dataset_for_client(str(k)),
-                                shuffle_seed=shuffle_seed(config.seed, t, k))
-        for k in chosen]
+      data_lib.client_dataset(
+        federated.create_tf_dataset_for_client(str(k)), shuffle_seed=shuffle_seed(config.seed, t, k)
+      )
+      for k in chosen
+    ]
     output = process.next(state, datasets)
     state = output.state
     evaluated = t % config.eval_every == 0 or t == config.rounds
@@ -650,8 +739,11 @@ def _round_loop(config: RunConfig, process, state, start_round: int, totals, fed
     # Release first, then save: a run killed in between redoes round t on resume, and the CSV
     # release manager replaces rows >= t, so metrics.csv never misses a saved round.
     releaser.release(row, t)
-    program_state = {'round': np.int64(t), 'process': state,
-                     'totals': {k: np.float64(v) for k, v in totals.items()}}
+    program_state = {
+      'round': np.int64(t),
+      'process': state,
+      'totals': {k: np.float64(v) for k, v in totals.items()},
+    }
     asyncio.run(manager.save(program_state, t))
     completed = t
     round_times.append(seconds)
@@ -663,9 +755,16 @@ def _round_loop(config: RunConfig, process, state, start_round: int, totals, fed
   return state, completed
 
 
-def finish(config: RunConfig, cfg: Mapping[str, Any], spec: Mapping[str, Any], dataset,
-           evaluator: Evaluator, model_fn, totals: Mapping[str, float],
-           console: Console) -> Dict[str, Any]:
+def finish(
+  config: RunConfig,
+  cfg: Mapping[str, Any],
+  spec: Mapping[str, Any],
+  dataset,
+  evaluator: Evaluator,
+  model_fn,
+  totals: Mapping[str, float],
+  console: Console,
+) -> Dict[str, Any]:
   """Evaluates the final model; writes final_model/, the plots and summary.json (last).
 
   Returns:
@@ -674,6 +773,7 @@ def finish(config: RunConfig, cfg: Mapping[str, Any], spec: Mapping[str, Any], d
   # pylint: disable=import-outside-toplevel
   from fedmef_tf import masks as masks_lib
   from fedmef_tf import model_io
+
   root_dir = config.root_dir
   model = evaluator.model
   test_loss, test_acc = evaluator.evaluate()
@@ -682,15 +782,24 @@ def finish(config: RunConfig, cfg: Mapping[str, Any], spec: Mapping[str, Any], d
   layer_density = [float(layer.mask.numpy().mean()) for layer in layers]
   density = float(masks_lib.global_density(model))
   model_config = {
-      'model': config.model, 'variant': spec['variant'], 'num_classes': dataset.num_classes,
-      'input_shape': list(dataset.input_shape), 'gamma': spec['gamma'],
-      'density': spec['density'], 'algorithm': config.algorithm, 'dataset': config.dataset,
-      'rounds': config.rounds, 'seed': config.seed, 'final_accuracy': test_acc,
-      'input_range': 'float32 RGB in [0, 1] (pixel / 255), NHWC',
-      'input_mean': cfg['input_mean'], 'input_std': cfg['input_std'],
+    'model': config.model,
+    'variant': spec['variant'],
+    'num_classes': dataset.num_classes,
+    'input_shape': list(dataset.input_shape),
+    'gamma': spec['gamma'],
+    'density': spec['density'],
+    'algorithm': config.algorithm,
+    'dataset': config.dataset,
+    'rounds': config.rounds,
+    'seed': config.seed,
+    'final_accuracy': test_acc,
+    'input_range': 'float32 RGB in [0, 1] (pixel / 255), NHWC',
+    'input_mean': cfg['input_mean'],
+    'input_std': cfg['input_std'],
   }
-  model_dir = model_io.save_model(model, model_config,
-                                  os.path.join(root_dir, program_io.FINAL_MODEL_DIR))
+  model_dir = model_io.save_model(
+    model, model_config, os.path.join(root_dir, program_io.FINAL_MODEL_DIR)
+  )
   # The measurement trains a copy (it applies SGD steps), never the saved model.
   probe = model_fn()
   probe.set_weights(model.get_weights())
@@ -700,31 +809,46 @@ def finish(config: RunConfig, cfg: Mapping[str, Any], spec: Mapping[str, Any], d
     # The trained model is saved already; a failed probe must not lose the run's report.
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     console.warning(f'memory measurement failed ({type(e).__name__}: {msg})')
-    memory = {'analytic_bytes': None, 'measured_peak_bytes': None,
-              'batch_size': config.batch_size, 'breakdown_bytes': {}, 'bars_bytes': {},
-              'error': msg}
+    memory = {
+      'analytic_bytes': None,
+      'measured_peak_bytes': None,
+      'batch_size': config.batch_size,
+      'breakdown_bytes': {},
+      'bars_bytes': {},
+      'error': msg,
+    }
   del probe
   rows = program_io.read_metrics(root_dir)
   plots_dir = os.path.join(root_dir, program_io.PLOTS_DIR)
   title = f'{config.algorithm} / {config.model} / {config.dataset}'
   plots = [
-      program_io.plot_curves(rows, os.path.join(plots_dir, 'accuracy_loss.png'), title),
-      program_io.plot_layer_density(layer_names, layer_density,
-                                    os.path.join(plots_dir, 'layer_density.png'), title),
-      program_io.plot_memory(memory.pop('breakdown_bytes'), memory.pop('bars_bytes'),
-                             os.path.join(plots_dir, 'memory.png'),
-                             f'{title}, batch {config.batch_size}'),
+    program_io.plot_curves(rows, os.path.join(plots_dir, 'accuracy_loss.png'), title),
+    program_io.plot_layer_density(
+      layer_names, layer_density, os.path.join(plots_dir, 'layer_density.png'), title
+    ),
+    program_io.plot_memory(
+      memory.pop('breakdown_bytes'),
+      memory.pop('bars_bytes'),
+      os.path.join(plots_dir, 'memory.png'),
+      f'{title}, batch {config.batch_size}',
+    ),
   ]
   summary = {
-      'algorithm': config.algorithm, 'model': config.model, 'variant': spec['variant'],
-      'dataset': config.dataset, 'rounds_completed': config.rounds,
-      'final_accuracy': test_acc, 'final_loss': test_loss, 'density': density,
-      'layer_density': dict(zip(layer_names, layer_density)),
-      'memory': memory,
-      'traffic': {'down_bytes': int(totals['down_bytes']), 'up_bytes': int(totals['up_bytes'])},
-      'train_seconds': totals['train_seconds'],
-      'config': cfg, 'plots': [os.path.relpath(p, root_dir) for p in plots],
-      'final_model': os.path.relpath(model_dir, root_dir),
+    'algorithm': config.algorithm,
+    'model': config.model,
+    'variant': spec['variant'],
+    'dataset': config.dataset,
+    'rounds_completed': config.rounds,
+    'final_accuracy': test_acc,
+    'final_loss': test_loss,
+    'density': density,
+    'layer_density': dict(zip(layer_names, layer_density)),
+    'memory': memory,
+    'traffic': {'down_bytes': int(totals['down_bytes']), 'up_bytes': int(totals['up_bytes'])},
+    'train_seconds': totals['train_seconds'],
+    'config': cfg,
+    'plots': [os.path.relpath(p, root_dir) for p in plots],
+    'final_model': os.path.relpath(model_dir, root_dir),
   }
   program_io.write_json(os.path.join(root_dir, program_io.SUMMARY_FILE), summary)
   return summary

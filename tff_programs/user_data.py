@@ -50,11 +50,12 @@ def _first_example(path: str) -> tf.train.Example:
   except sqlite3.Error as e:
     raise data_lib.DataError(f'{path}: cannot be opened ({e})') from None
   try:
-    tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master")}
+    tables = {r[0] for r in connection.execute('SELECT name FROM sqlite_master')}
     missing = {'examples', 'client_metadata'} - tables
     if missing:
-      raise data_lib.DataError(f'{path}: not TFF SQL client data (no table '
-                               f'{", ".join(sorted(missing))})')
+      raise data_lib.DataError(
+        f'{path}: not TFF SQL client data (no table {", ".join(sorted(missing))})'
+      )
     row = connection.execute('SELECT serialized_example_proto FROM examples LIMIT 1').fetchone()
   except sqlite3.DatabaseError as e:
     raise data_lib.DataError(f'{path}: not TFF SQL client data ({e})') from None
@@ -65,8 +66,9 @@ def _first_example(path: str) -> tf.train.Example:
   try:
     return tf.train.Example.FromString(row[0])
   except Exception as e:  # pylint: disable=broad-except
-    raise data_lib.DataError(f'{path}: an example is not a serialized tf.train.Example '
-                             f'({type(e).__name__})') from None
+    raise data_lib.DataError(
+      f'{path}: an example is not a serialized tf.train.Example ({type(e).__name__})'
+    ) from None
 
 
 def _feature_values(example: tf.train.Example, name: str):
@@ -88,22 +90,27 @@ def element_spec(path: str) -> dict:
   names = set(example.features.feature)
   for name in ('image', 'label'):
     if name not in names:
-      raise data_lib.DataError(f'{path}: examples have no {name!r} feature (they have '
-                               f'{", ".join(sorted(names)) or "none"}; expected image, label)')
+      raise data_lib.DataError(
+        f'{path}: examples have no {name!r} feature (they have '
+        f'{", ".join(sorted(names)) or "none"}; expected image, label)'
+      )
   kind, values = _feature_values(example, 'label')
   if kind != 'int64_list' or len(values) != 1:
-    raise data_lib.DataError(f'{path}: feature \'label\' must be one integer, found '
-                             f'{len(values)} value(s) of {kind}')
+    raise data_lib.DataError(
+      f"{path}: feature 'label' must be one integer, found {len(values)} value(s) of {kind}"
+    )
   kind, values = _feature_values(example, 'image')
   if kind != 'int64_list':
-    raise data_lib.DataError(f'{path}: feature \'image\' must hold integer pixel values in '
-                             f'[0, 255] (uint8), found {kind}')
+    raise data_lib.DataError(
+      f"{path}: feature 'image' must hold integer pixel values in [0, 255] (uint8), found {kind}"
+    )
   n = len(values)
   if 'image_shape' in names:
     shape_kind, shape = _feature_values(example, 'image_shape')
     if shape_kind != 'int64_list' or len(shape) != 3 or int(np.prod(shape)) != n:
-      raise data_lib.DataError(f'{path}: feature \'image_shape\' {shape} is not [H, W, C] of '
-                               f'the {n} image values')
+      raise data_lib.DataError(
+        f"{path}: feature 'image_shape' {shape} is not [H, W, C] of the {n} image values"
+      )
     shape = tuple(int(d) for d in shape)
   else:
     shape = None
@@ -113,8 +120,10 @@ def element_spec(path: str) -> dict:
         shape = (side, side, channels)
         break
     if shape is None:
-      raise data_lib.DataError(f'{path}: cannot infer the shape of an image of {n} values '
-                               '(not H*H*3 or H*H*1); add an integer feature \'image_shape\'')
+      raise data_lib.DataError(
+        f'{path}: cannot infer the shape of an image of {n} values '
+        "(not H*H*3 or H*H*1); add an integer feature 'image_shape'"
+      )
   if shape[2] not in (1, 3):
     raise data_lib.DataError(f'{path}: images have {shape[2]} channels, expected 1 or 3')
   return {'image': tf.TensorSpec(shape, tf.uint8), 'label': tf.TensorSpec([], tf.int64)}
@@ -133,8 +142,9 @@ def _read_clients(path: str, spec: dict) -> Tuple[List[str], List[np.ndarray], L
       for batch in federated.create_tf_dataset_for_client(client_id).batch(4096):
         pixels = batch['image'].numpy()
         if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
-          raise data_lib.DataError(f'{path}: client {client_id!r} has pixel values outside '
-                                   '[0, 255]')
+          raise data_lib.DataError(
+            f'{path}: client {client_id!r} has pixel values outside [0, 255]'
+          )
         x.append(pixels.astype(np.uint8))
         y.append(batch['label'].numpy())
       images.append(np.concatenate(x) if x else np.zeros((0,) + spec['image'].shape, np.uint8))
@@ -161,8 +171,9 @@ class TooFewClientsError(data_lib.DataError):
     super().__init__(f'{path}: {available} clients, fewer than the {requested} asked for')
 
 
-def load_sql_client_data(data_dir: str, num_clients: int
-                         ) -> Tuple[data_lib.ImageDataset, List[np.ndarray], List[str]]:
+def load_sql_client_data(
+  data_dir: str, num_clients: int
+) -> Tuple[data_lib.ImageDataset, List[np.ndarray], List[str]]:
   """Reads `data_dir/train.sqlite` and `data_dir/test.sqlite` (see the module docstring).
 
   Args:
@@ -183,8 +194,10 @@ def load_sql_client_data(data_dir: str, num_clients: int
   spec = element_spec(train_path)
   test_spec = element_spec(test_path)
   if test_spec['image'].shape != spec['image'].shape:
-    raise data_lib.DataError(f'{test_path}: images of shape {test_spec["image"].shape}, those of '
-                             f'{TRAIN_FILE} are {spec["image"].shape}')
+    raise data_lib.DataError(
+      f'{test_path}: images of shape {test_spec["image"].shape}, those of '
+      f'{TRAIN_FILE} are {spec["image"].shape}'
+    )
   ids, images, labels = _read_clients(train_path, spec)
   if num_clients > len(ids):
     raise TooFewClientsError(train_path, len(ids), num_clients)
@@ -200,6 +213,7 @@ def load_sql_client_data(data_dir: str, num_clients: int
   num_classes = int(max(train_y.max(), test_y.max() if test_y.size else 0)) + 1
   sizes = np.cumsum([0] + [len(y) for y in labels])
   partitions = [np.arange(sizes[k], sizes[k + 1], dtype=np.int64) for k in range(len(labels))]
-  dataset = data_lib.ImageDataset(NAME, np.concatenate(images), train_y,
-                                  np.concatenate(test_images), test_y, max(num_classes, 2))
+  dataset = data_lib.ImageDataset(
+    NAME, np.concatenate(images), train_y, np.concatenate(test_images), test_y, max(num_classes, 2)
+  )
   return dataset, partitions, ids

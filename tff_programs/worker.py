@@ -19,8 +19,10 @@ from tff_programs import runtime
 
 _PORT = flags.DEFINE_integer('port', 8000, 'TCP port to serve on (1..65535), on all interfaces.')
 _MAX_CALLS = flags.DEFINE_integer(
-    'max_concurrent_computation_calls', -1,
-    'Most computation calls the worker runs at once; -1 for no limit.')
+  'max_concurrent_computation_calls',
+  -1,
+  'Most computation calls the worker runs at once; -1 for no limit.',
+)
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show the worker's own log lines.")
 
 
@@ -40,13 +42,17 @@ def main(argv):
     except OSError as e:
       print(f'worker: port {_PORT.value} is not free ({e.strerror})', file=sys.stderr)
       return cli.EXIT_FAILURE
-  worker = runtime.WorkerProcess(_PORT.value, verbose=_VERBOSE.value,
-                                 max_concurrent_computation_calls=_MAX_CALLS.value)
+  worker = runtime.WorkerProcess(
+    _PORT.value, verbose=_VERBOSE.value, max_concurrent_computation_calls=_MAX_CALLS.value
+  )
   target = f'localhost:{worker.port}'
   try:
     runtime.wait_ready(runtime.make_stub(target), target, 60.0, worker)
-    print(f'worker: TFF worker pid {worker.pid} listening on {socket.getfqdn()}:{worker.port} '
-          f'(all interfaces); stop with Ctrl-C', flush=True)
+    print(
+      f'worker: TFF worker pid {worker.pid} listening on {socket.getfqdn()}:{worker.port} '
+      f'(all interfaces); stop with Ctrl-C',
+      flush=True,
+    )
     while worker.alive():
       time.sleep(0.5)
     print(f'worker: TFF worker exited with code {worker.process.returncode}', file=sys.stderr)

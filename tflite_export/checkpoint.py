@@ -32,8 +32,9 @@ import tensorflow as tf
 __all__ = ['layout', 'checkpoint_size', 'pack', 'unpack', 'write_file', 'read_file']
 
 
-def layout(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> List[Tuple[str, int,
-                                                                                 List[int]]]:
+def layout(
+  names: Sequence[str], shapes: Sequence[Sequence[int]]
+) -> List[Tuple[str, int, List[int]]]:
   """`(name, offset, shape)` of each entry in the checkpoint vector, in the given order.
 
   Args:
@@ -77,7 +78,7 @@ def unpack(checkpoint: tf.Tensor, variables: Sequence[tf.Variable]) -> List[tf.T
   out, offset = [], 0
   for v in variables:
     size = int(v.shape.num_elements())
-    out.append(tf.reshape(checkpoint[offset:offset + size], v.shape))
+    out.append(tf.reshape(checkpoint[offset : offset + size], v.shape))
     offset += size
   return out
 
@@ -98,6 +99,7 @@ def read_file(path: str, size: int) -> np.ndarray:
   """
   data = np.fromfile(path, dtype='<f4')
   if data.size != size:
-    raise ValueError(f'{path}: checkpoint holds {data.size} float32 values, the export expects '
-                     f'{size}')
+    raise ValueError(
+      f'{path}: checkpoint holds {data.size} float32 values, the export expects {size}'
+    )
   return data.astype(np.float32)

@@ -54,8 +54,9 @@ def _out_size(size: int, k: int, stride: int, padding: str) -> int:
   return (size - k) // stride + 1
 
 
-def im2col_bytes(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
-                 padding: str) -> int:
+def im2col_bytes(
+  x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int], padding: str
+) -> int:
   """Bytes of TFLite's im2col buffer for one CONV_2D (0 where it uses none: 1x1, stride 1)."""
   b, h, w, c = x_shape
   kh, kw = int(w_shape[0]), int(w_shape[1])
@@ -90,8 +91,9 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
   if not (x.shape.is_fully_defined() and w.shape.is_fully_defined()):
     return execution.tf_conv2d(x, w, strides, padding)
   batch = int(x.shape[0])
-  n = slice_count(batch, im2col_bytes(x.shape.as_list(), w.shape.as_list(), strides, padding),
-                  max_workspace_bytes)
+  n = slice_count(
+    batch, im2col_bytes(x.shape.as_list(), w.shape.as_list(), strides, padding), max_workspace_bytes
+  )
   filter_grad = execution.current().conv2d_filter_grad
   if n == 1 and filter_grad is execution.tf_conv2d_filter_grad:
     return execution.tf_conv2d(x, w, strides, padding)  # one CONV_2D, its own gradient
@@ -116,8 +118,9 @@ def conv2d(x, w, strides, padding: str, *, max_workspace_bytes: int = DEFAULT_MA
     y = tf.concat(outputs, axis=0)
 
     def grad(dy):
-      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=x_shape, filter=ws, out_backprop=dy,
-                                          strides=strides, padding=padding)
+      dx = tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=x_shape, filter=ws, out_backprop=dy, strides=strides, padding=padding
+      )
       dw = filter_grad(xs, dy, w_shape, strides, padding)
       return dx, dw
 

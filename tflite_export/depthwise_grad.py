@@ -37,8 +37,14 @@ import tensorflow as tf
 from fedmef_tf import execution
 from fedmef_tf import sap
 
-__all__ = ['depthwise_filter_grad', 'depthwise_input_grad', 'depthwise_conv2d',
-           'BUILTIN_DEPTHWISE_OPS', 'pad_before', 'tap_range']
+__all__ = [
+  'depthwise_filter_grad',
+  'depthwise_input_grad',
+  'depthwise_conv2d',
+  'BUILTIN_DEPTHWISE_OPS',
+  'pad_before',
+  'tap_range',
+]
 
 
 def pad_before(size: int, out: int, k: int, stride: int, padding: str) -> int:
@@ -61,8 +67,9 @@ def _static(t: tf.Tensor) -> bool:
 
 
 @tf.autograph.experimental.do_not_convert  # static Python loops over kernel taps
-def depthwise_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
-                          strides: Sequence[int], padding: str) -> tf.Tensor:
+def depthwise_filter_grad(
+  x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int], strides: Sequence[int], padding: str
+) -> tf.Tensor:
   """`DepthwiseConv2dNativeBackpropFilter(x, w_shape, dy, strides, padding)` from builtins.
 
   Args:
@@ -80,7 +87,8 @@ def depthwise_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
   w_shape = [int(d) for d in w_shape]
   if not (_static(x) and _static(dy)):
     return tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
-        input=x, filter_sizes=w_shape, out_backprop=dy, strides=strides, padding=padding)
+      input=x, filter_sizes=w_shape, out_backprop=dy, strides=strides, padding=padding
+    )
   batch, h, w, c = x.shape.as_list()
   _, h_out, w_out, _ = dy.shape.as_list()
   k_h, k_w, _, m = w_shape
@@ -96,10 +104,11 @@ def depthwise_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
       if r0 > r1 or c0 > c1:  # the tap reads only padding
         taps.append(tf.zeros([c, m], tf.float32))
         continue
-      rows = sap.after(tf.range(r0 * s_h + i - p_t, r1 * s_h + i - p_t + 1, s_h), previous,
-                       always=True)
+      rows = sap.after(
+        tf.range(r0 * s_h + i - p_t, r1 * s_h + i - p_t + 1, s_h), previous, always=True
+      )
       col_start = c0 * s_w + j - p_l
-      part = tf.gather(x, rows, axis=1)[:, :, col_start:c1 * s_w + j - p_l + 1:s_w, :]
+      part = tf.gather(x, rows, axis=1)[:, :, col_start : c1 * s_w + j - p_l + 1 : s_w, :]
       if (r0, r1, c0, c1) != (0, h_out - 1, 0, w_out - 1):
         part = tf.pad(part, [[0, 0], [r0, h_out - 1 - r1], [c0, w_out - 1 - c1], [0, 0]])
       part = tf.reshape(part, [batch, h_out, w_out, c, 1])
@@ -117,10 +126,10 @@ def _spread(t: tf.Tensor, stride: int, axis: int) -> tf.Tensor:
   if axis == 1:
     t = tf.pad(tf.reshape(t, [b, h, 1, w * c]), [[0, 0], [0, 0], [0, stride - 1], [0, 0]])
     t = tf.reshape(t, [b, h * stride, w, c])
-    return t[:, :(h - 1) * stride + 1]
+    return t[:, : (h - 1) * stride + 1]
   t = tf.pad(tf.reshape(t, [b * h, w, 1, c]), [[0, 0], [0, 0], [0, stride - 1], [0, 0]])
   t = tf.reshape(t, [b, h, w * stride, c])
-  return t[:, :, :(w - 1) * stride + 1]
+  return t[:, :, : (w - 1) * stride + 1]
 
 
 def _fit(t: tf.Tensor, axis: int, before: int, after: int) -> tf.Tensor:
@@ -137,8 +146,9 @@ def _fit(t: tf.Tensor, axis: int, before: int, after: int) -> tf.Tensor:
 
 
 @tf.autograph.experimental.do_not_convert
-def depthwise_input_grad(dy: tf.Tensor, w: tf.Tensor, x_shape: Sequence[int],
-                         strides: Sequence[int], padding: str) -> tf.Tensor:
+def depthwise_input_grad(
+  dy: tf.Tensor, w: tf.Tensor, x_shape: Sequence[int], strides: Sequence[int], padding: str
+) -> tf.Tensor:
   """`DepthwiseConv2dNativeBackpropInput(x_shape, w, dy, strides, padding)` from builtins.
 
   Args:
@@ -156,7 +166,8 @@ def depthwise_input_grad(dy: tf.Tensor, w: tf.Tensor, x_shape: Sequence[int],
   static_shape = isinstance(x_shape, (list, tuple)) and all(isinstance(d, int) for d in x_shape)
   if not (static_shape and _static(dy) and _static(w)):
     return tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-        input_sizes=x_shape, filter=w, out_backprop=dy, strides=strides, padding=padding)
+      input_sizes=x_shape, filter=w, out_backprop=dy, strides=strides, padding=padding
+    )
   _, h, wd, _ = [int(d) for d in x_shape]
   _, h_out, w_out, _ = dy.shape.as_list()
   k_h, k_w, _, m = w.shape.as_list()
@@ -172,14 +183,13 @@ def depthwise_input_grad(dy: tf.Tensor, w: tf.Tensor, x_shape: Sequence[int],
     left = k_w - 1 - p_l
     part = _fit(part, 1, top, h + k_h - 1 - top - part.shape[1])
     part = _fit(part, 2, left, wd + k_w - 1 - left - part.shape[2])
-    kernel = flipped if m == 1 else flipped[:, :, :, k:k + 1]
+    kernel = flipped if m == 1 else flipped[:, :, :, k : k + 1]
     out = tf.nn.depthwise_conv2d(part, kernel, [1, 1, 1, 1], 'VALID')
     total = out if total is None else total + out
   return total
 
 
-def depthwise_conv2d(x: tf.Tensor, w: tf.Tensor, strides: Sequence[int],
-                     padding: str) -> tf.Tensor:
+def depthwise_conv2d(x: tf.Tensor, w: tf.Tensor, strides: Sequence[int], padding: str) -> tf.Tensor:
   """`tf.nn.depthwise_conv2d(x, w, strides, padding)` whose gradients are the builtin-op
   `depthwise_input_grad` and `depthwise_filter_grad` above.
 
@@ -195,8 +205,10 @@ def depthwise_conv2d(x: tf.Tensor, w: tf.Tensor, strides: Sequence[int],
 
     def grad(dy):
       x_shape = x.shape.as_list() if _static(x) else tf.shape(x)
-      return (depthwise_input_grad(dy, w, x_shape, strides, padding),
-              depthwise_filter_grad(x, dy, w.shape.as_list(), strides, padding))
+      return (
+        depthwise_input_grad(dy, w, x_shape, strides, padding),
+        depthwise_filter_grad(x, dy, w.shape.as_list(), strides, padding),
+      )
 
     return y, grad
 
@@ -205,4 +217,5 @@ def depthwise_conv2d(x: tf.Tensor, w: tf.Tensor, strides: Sequence[int],
 
 #: The three depthwise ops of masked depthwise layers, from builtin TFLite ops.
 BUILTIN_DEPTHWISE_OPS = execution.DepthwiseOps(
-    conv=depthwise_conv2d, input_grad=depthwise_input_grad, filter_grad=depthwise_filter_grad)
+  conv=depthwise_conv2d, input_grad=depthwise_input_grad, filter_grad=depthwise_filter_grad
+)

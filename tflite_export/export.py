@@ -50,8 +50,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['ExportError', 'ExportReport', 'export_model', 'load_source', 'kernel_densities',
-           'convert', 'main']
+__all__ = [
+  'ExportError',
+  'ExportReport',
+  'export_model',
+  'load_source',
+  'kernel_densities',
+  'convert',
+  'main',
+]
 
 RUN_MODEL_SUBDIR = 'final_model'
 EXPORT_VARIANTS = ('fedmef', 'baseline', 'tfmot')
@@ -76,6 +83,7 @@ class ExportReport:
     select_tf_ops: `{signature: TF op names of its select-TF operators}`
       (`tflite_export.select_ops`); all lists empty: the file runs on stock LiteRT.
   """
+
   path: str
   size_bytes: int
   densities: List[Tuple[str, int, int]]
@@ -113,12 +121,20 @@ def _parse_floats(text: Optional[str], flag: str) -> Optional[List[float]]:
     raise ExportError(f'{flag} must be comma-separated numbers, got {text!r}') from e
 
 
-def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = None,
-                model: Optional[str] = None, variant: str = 'fedmef', density: float = 0.1,
-                gamma: float = 0.7, num_classes: int = 10,
-                input_shape: Sequence[int] = (32, 32, 3), seed: int = 0,
-                input_mean: Optional[Sequence[float]] = None,
-                input_std: Optional[Sequence[float]] = None):
+def load_source(
+  *,
+  root_dir: Optional[str] = None,
+  model_dir: Optional[str] = None,
+  model: Optional[str] = None,
+  variant: str = 'fedmef',
+  density: float = 0.1,
+  gamma: float = 0.7,
+  num_classes: int = 10,
+  input_shape: Sequence[int] = (32, 32, 3),
+  seed: int = 0,
+  input_mean: Optional[Sequence[float]] = None,
+  input_std: Optional[Sequence[float]] = None,
+):
   """Builds or loads the Keras model to export, from exactly one source.
 
   Args:
@@ -143,18 +159,23 @@ def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = No
   from fedmef_tf import model_io  # pylint: disable=import-outside-toplevel
   from fedmef_tf import models  # pylint: disable=import-outside-toplevel
 
-  given = [n for n, v in (('--root_dir', root_dir), ('--model_dir', model_dir),
-                          ('--model', model)) if v]
+  given = [
+    n for n, v in (('--root_dir', root_dir), ('--model_dir', model_dir), ('--model', model)) if v
+  ]
   if len(given) != 1:
-    raise ExportError('give exactly one of --root_dir, --model_dir, --model'
-                      + (f' (got {", ".join(given)})' if given else ''))
+    raise ExportError(
+      'give exactly one of --root_dir, --model_dir, --model'
+      + (f' (got {", ".join(given)})' if given else '')
+    )
   if root_dir:
     if not os.path.isdir(root_dir):
       raise ExportError(f'{root_dir}: no such run directory')
     model_dir = os.path.join(root_dir, RUN_MODEL_SUBDIR)
     if not os.path.isdir(model_dir):
-      raise ExportError(f'{root_dir}: run has no final model ({RUN_MODEL_SUBDIR}/ missing; '
-                        'did the training finish?)')
+      raise ExportError(
+        f'{root_dir}: run has no final model ({RUN_MODEL_SUBDIR}/ missing; '
+        'did the training finish?)'
+      )
   if model_dir:
     try:
       keras_model, config = model_io.load_model(model_dir)
@@ -173,9 +194,16 @@ def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = No
   if not 0.0 <= float(gamma) <= 1.0:
     raise ExportError(f'--gamma must be in [0, 1], got {gamma}')
   input_shape = tuple(int(d) for d in input_shape)
-  config = {'model': model, 'variant': variant, 'num_classes': int(num_classes),
-            'input_shape': list(input_shape), 'density': float(density), 'seed': int(seed),
-            'gamma': float(gamma) if variant == 'fedmef' else 0.0, 'source': 'registry'}
+  config = {
+    'model': model,
+    'variant': variant,
+    'num_classes': int(num_classes),
+    'input_shape': list(input_shape),
+    'density': float(density),
+    'seed': int(seed),
+    'gamma': float(gamma) if variant == 'fedmef' else 0.0,
+    'source': 'registry',
+  }
   if input_mean is not None:
     config['input_mean'] = [float(v) for v in input_mean]
     config['input_std'] = [float(v) for v in input_std]
@@ -183,14 +211,23 @@ def load_source(*, root_dir: Optional[str] = None, model_dir: Optional[str] = No
     if model != 'cnn':
       raise ExportError(f"variant 'tfmot' exists for model 'cnn' only, not '{model}'")
     from tflite_export import tfmot_model  # pylint: disable=import-outside-toplevel
+
     keras_model = tfmot_model.build_tfmot_cnn(
-        density=density, num_classes=num_classes, input_shape=input_shape, seed=seed)
+      density=density, num_classes=num_classes, input_shape=input_shape, seed=seed
+    )
   else:
     try:
-      keras_model = models.build_model(model, variant, num_classes=int(num_classes),
-                                       input_shape=input_shape, density=float(density),
-                                       gamma=float(gamma), seed=int(seed),
-                                       input_mean=input_mean, input_std=input_std)
+      keras_model = models.build_model(
+        model,
+        variant,
+        num_classes=int(num_classes),
+        input_shape=input_shape,
+        density=float(density),
+        gamma=float(gamma),
+        seed=int(seed),
+        input_mean=input_mean,
+        input_std=input_std,
+      )
     except ValueError as e:
       raise ExportError(str(e)) from e
   return keras_model, config
@@ -213,8 +250,11 @@ def kernel_densities(model) -> List[Tuple[str, int, int]]:
   kinds = (tf.keras.layers.Conv2D, tf.keras.layers.DepthwiseConv2D, tf.keras.layers.Dense)
   for layer in model.layers:
     if isinstance(layer, kinds):
-      k = (layer.depthwise_kernel if isinstance(layer, tf.keras.layers.DepthwiseConv2D)
-           else layer.kernel).numpy()
+      k = (
+        layer.depthwise_kernel
+        if isinstance(layer, tf.keras.layers.DepthwiseConv2D)
+        else layer.kernel
+      ).numpy()
       out.append((layer.name, int(np.count_nonzero(k)), int(k.size)))
   return out
 
@@ -243,8 +283,10 @@ def convert(module) -> bytes:
       options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
       tf.saved_model.save(module, tmp, signatures=signatures, options=options)
     converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
-                                           tf.lite.OpsSet.SELECT_TF_OPS]
+    converter.target_spec.supported_ops = [
+      tf.lite.OpsSet.TFLITE_BUILTINS,
+      tf.lite.OpsSet.SELECT_TF_OPS,
+    ]
     converter.experimental_enable_resource_variables = True
     return converter.convert()
   finally:
@@ -272,14 +314,17 @@ def _check_binary_masks(keras_model) -> None:
   (`tflite_export.layer_updates`): a model whose masks are not 0/1 would train otherwise on the
   device than in TF, so it is refused."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   for layer in keras_model.submodules:
     for attr in ('mask', 'marked'):
       v = getattr(layer, attr, None)
       if isinstance(v, tf.Variable):
         values = v.numpy()
         if not np.all((values == 0.0) | (values == 1.0)):
-          raise ExportError(f'{v.name}: {attr} entries must be 0 or 1 for the on-device step '
-                            '(--nolayer_updates exports any values)')
+          raise ExportError(
+            f'{v.name}: {attr} entries must be 0 or 1 for the on-device step '
+            '(--nolayer_updates exports any values)'
+          )
 
 
 def _check_finite(keras_model) -> None:
@@ -288,8 +333,10 @@ def _check_finite(keras_model) -> None:
     values = v.numpy()
     if values.dtype.kind == 'f' and not np.all(np.isfinite(values)):
       bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
-      raise ExportError(f'{v.name}: {bad} of {values.size} values are NaN or infinite; the '
-                        'model is not exported (did its training diverge?)')
+      raise ExportError(
+        f'{v.name}: {bad} of {values.size} values are NaN or infinite; the '
+        'model is not exported (did its training diverge?)'
+      )
 
 
 def remove_stale_temporaries(output: str) -> List[str]:
@@ -307,7 +354,7 @@ def remove_stale_temporaries(output: str) -> List[str]:
   for name in sorted(os.listdir(parent)):
     if not (name.startswith(prefix) and name.endswith('.tmp')):
       continue
-    pid = name[len(prefix):].split('.', 1)[0]
+    pid = name[len(prefix) :].split('.', 1)[0]
     if not pid.isdigit() or _pid_alive(int(pid)):
       continue
     try:
@@ -328,11 +375,18 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size: int = 32,
-                 learning_rate: float = 0.1, measure_memory: bool = True,
-                 layer_updates: bool = True,
-                 max_im2col_kib: int = DEFAULT_MAX_IM2COL_KIB,
-                 builtin_weight_grads: bool = True) -> ExportReport:
+def export_model(
+  keras_model,
+  config: Dict[str, Any],
+  output: str,
+  *,
+  batch_size: int = 32,
+  learning_rate: float = 0.1,
+  measure_memory: bool = True,
+  layer_updates: bool = True,
+  max_im2col_kib: int = DEFAULT_MAX_IM2COL_KIB,
+  builtin_weight_grads: bool = True,
+) -> ExportReport:
   """Converts `keras_model` and writes it atomically to `output`.
 
   Args:
@@ -375,12 +429,16 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     _check_binary_masks(keras_model)
   metadata = dict(config)
   metadata['sap_storage'] = 'topk_values_int32_indices'
-  module = train_module.TrainModule(keras_model, batch_size=int(batch_size),
-                                    learning_rate=float(learning_rate), metadata=metadata,
-                                    layer_updates=layer_updates,
-                                    max_im2col_bytes=int(max_im2col_kib) * 1024,
-                                    builtin_weight_grads=builtin_weight_grads,
-                                    gradient_clipping=agc.clipping_for(config['variant']))
+  module = train_module.TrainModule(
+    keras_model,
+    batch_size=int(batch_size),
+    learning_rate=float(learning_rate),
+    metadata=metadata,
+    layer_updates=layer_updates,
+    max_im2col_bytes=int(max_im2col_kib) * 1024,
+    builtin_weight_grads=builtin_weight_grads,
+    gradient_clipping=agc.clipping_for(config['variant']),
+  )
   try:
     flatbuffer = convert(module)
   except Exception as e:  # pylint: disable=broad-except
@@ -388,8 +446,9 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     raise ExportError(f'TFLite conversion failed: {msg[0] if msg else type(e).__name__}') from e
   parent = os.path.dirname(output)
   remove_stale_temporaries(output)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(output)}.{os.getpid()}.',
-                             suffix='.tmp', dir=parent)
+  fd, tmp = tempfile.mkstemp(
+    prefix=f'.{os.path.basename(output)}.{os.getpid()}.', suffix='.tmp', dir=parent
+  )
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(flatbuffer)
@@ -406,43 +465,54 @@ def export_model(keras_model, config: Dict[str, Any], output: str, *, batch_size
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
-  return ExportReport(path=output, size_bytes=len(flatbuffer),
-                      densities=kernel_densities(keras_model), memory=memory,
-                      metadata=json_metadata(module),
-                      select_tf_ops=select_ops.select_tf_ops_by_signature(flatbuffer))
+  return ExportReport(
+    path=output,
+    size_bytes=len(flatbuffer),
+    densities=kernel_densities(keras_model),
+    memory=memory,
+    metadata=json_metadata(module),
+    select_tf_ops=select_ops.select_tf_ops_by_signature(flatbuffer),
+  )
 
 
 def json_metadata(module) -> Dict[str, Any]:
   import json  # pylint: disable=import-outside-toplevel
+
   return json.loads(module.metadata_json)
 
 
 def format_report(report: ExportReport) -> str:
   """Human-readable lines: file size, kernel densities, on-device train peak."""
-  lines = [f'wrote {report.path}: {report.size_bytes} bytes ({report.size_bytes / 2**20:.2f} MiB)',
-           f"model {report.metadata.get('model')}/{report.metadata.get('variant')}, "
-           f"batch {report.metadata['batch_size']}, input {report.metadata['input_shape']}, "
-           f"gamma {report.metadata.get('gamma', 0.0)}, "
-           f"learning rate {report.metadata['learning_rate']} (set_learning_rate to change)",
-           'kernel densities (nonzeros / size):']
+  lines = [
+    f'wrote {report.path}: {report.size_bytes} bytes ({report.size_bytes / 2**20:.2f} MiB)',
+    f'model {report.metadata.get("model")}/{report.metadata.get("variant")}, '
+    f'batch {report.metadata["batch_size"]}, input {report.metadata["input_shape"]}, '
+    f'gamma {report.metadata.get("gamma", 0.0)}, '
+    f'learning rate {report.metadata["learning_rate"]} (set_learning_rate to change)',
+    'kernel densities (nonzeros / size):',
+  ]
   for name, nnz, size in report.densities:
     lines.append(f'  {name:28s} {nnz:9d} / {size:9d} = {nnz / size:.4f}')
   lines.append(f'  {"global":28s} {report.global_density:.4f}')
   if report.needs_select_tf_ops:
     used = sorted({op for ops in report.select_tf_ops.values() for op in ops})
-    users = '; '.join(f'{k} ({", ".join(v)})' for k, v in sorted(report.select_tf_ops.items())
-                      if v)
-    lines.append(f'select-TF ops: needed ({", ".join(used)}) by {users}: the app needs the '
-                 'select-TF-ops runtime (docs/ANDROID.md)')
+    users = '; '.join(f'{k} ({", ".join(v)})' for k, v in sorted(report.select_tf_ops.items()) if v)
+    lines.append(
+      f'select-TF ops: needed ({", ".join(used)}) by {users}: the app needs the '
+      'select-TF-ops runtime (docs/ANDROID.md)'
+    )
   else:
-    lines.append('select-TF ops: none; every signature runs on the stock LiteRT runtime '
-                 '(docs/ANDROID.md)')
+    lines.append(
+      'select-TF ops: none; every signature runs on the stock LiteRT runtime (docs/ANDROID.md)'
+    )
   if report.memory is not None:
     m = report.memory
-    lines.append(f"on-device train peak (one call, VmHWM delta, minus idle): "
-                 f"{m['train_peak'] / 2**20:.2f} MiB "
-                 f"(train {m['train_delta'] / 2**20:.2f} MiB, idle {m['idle_delta'] / 2**20:.2f} "
-                 f"MiB, resident before {m['rss_before'] / 2**20:.1f} MiB)")
+    lines.append(
+      f'on-device train peak (one call, VmHWM delta, minus idle): '
+      f'{m["train_peak"] / 2**20:.2f} MiB '
+      f'(train {m["train_delta"] / 2**20:.2f} MiB, idle {m["idle_delta"] / 2**20:.2f} '
+      f'MiB, resident before {m["rss_before"] / 2**20:.1f} MiB)'
+    )
   return '\n'.join(lines)
 
 
@@ -452,34 +522,59 @@ def _flags():
 
   fv = flags.FlagValues()
   for define, name, default, help_text in (
-      (flags.DEFINE_string, 'root_dir', None,
-       'training run directory (its final_model/ is exported)'),
-      (flags.DEFINE_string, 'model_dir', None, 'saved model directory (fedmef_tf.model_io)'),
-      (flags.DEFINE_string, 'model', None, 'registry model name for a freshly initialised model'),
-      (flags.DEFINE_string, 'variant', 'fedmef', 'fedmef, baseline or tfmot (with --model)'),
-      (flags.DEFINE_float, 'density', 0.1, 'global kernel density of a fresh model'),
-      (flags.DEFINE_float, 'gamma', 0.7, 'SAP drop ratio of a fresh fedmef model'),
-      (flags.DEFINE_integer, 'num_classes', 10, 'number of classes of a fresh model'),
-      (flags.DEFINE_string, 'input_shape', '32,32,3', 'H,W,C of a fresh model'),
-      (flags.DEFINE_string, 'input_mean', None,
-       'per-channel input mean of a fresh model (pixel / 255 units, comma-separated); with '
-       '--input_std the model normalises its input (a trained run carries its own)'),
-      (flags.DEFINE_string, 'input_std', None, 'per-channel input standard deviation, see '
-       '--input_mean'),
-      (flags.DEFINE_integer, 'seed', 0, 'seed of a fresh model'),
-      (flags.DEFINE_integer, 'batch_size', 32, 'fixed batch size of train/infer'),
-      (flags.DEFINE_float, 'learning_rate', 0.1, 'initial SGD learning rate of train'),
-      (flags.DEFINE_string, 'output', None, 'the .tflite file to write'),
-      (flags.DEFINE_bool, 'measure_memory', True, 'measure the on-device train peak'),
-      (flags.DEFINE_bool, 'layer_updates', True,
-       'update each masked kernel inside its backward pass (--nolayer_updates: plain step)'),
-      (flags.DEFINE_integer, 'max_im2col_kib', DEFAULT_MAX_IM2COL_KIB,
-       'im2col workspace per CONV_2D of train, KiB: convolutions run in batch slices that fit '
-       '(0: whole batch)'),
-      (flags.DEFINE_bool, 'builtin_weight_grads', True,
-       'conv weight gradients and depthwise conv gradients from builtin ops '
-       '(--nobuiltin_weight_grads: the select-TF Conv2DBackpropFilter and '
-       'DepthwiseConv2dNativeBackprop*)')):
+    (
+      flags.DEFINE_string,
+      'root_dir',
+      None,
+      'training run directory (its final_model/ is exported)',
+    ),
+    (flags.DEFINE_string, 'model_dir', None, 'saved model directory (fedmef_tf.model_io)'),
+    (flags.DEFINE_string, 'model', None, 'registry model name for a freshly initialised model'),
+    (flags.DEFINE_string, 'variant', 'fedmef', 'fedmef, baseline or tfmot (with --model)'),
+    (flags.DEFINE_float, 'density', 0.1, 'global kernel density of a fresh model'),
+    (flags.DEFINE_float, 'gamma', 0.7, 'SAP drop ratio of a fresh fedmef model'),
+    (flags.DEFINE_integer, 'num_classes', 10, 'number of classes of a fresh model'),
+    (flags.DEFINE_string, 'input_shape', '32,32,3', 'H,W,C of a fresh model'),
+    (
+      flags.DEFINE_string,
+      'input_mean',
+      None,
+      'per-channel input mean of a fresh model (pixel / 255 units, comma-separated); with '
+      '--input_std the model normalises its input (a trained run carries its own)',
+    ),
+    (
+      flags.DEFINE_string,
+      'input_std',
+      None,
+      'per-channel input standard deviation, see --input_mean',
+    ),
+    (flags.DEFINE_integer, 'seed', 0, 'seed of a fresh model'),
+    (flags.DEFINE_integer, 'batch_size', 32, 'fixed batch size of train/infer'),
+    (flags.DEFINE_float, 'learning_rate', 0.1, 'initial SGD learning rate of train'),
+    (flags.DEFINE_string, 'output', None, 'the .tflite file to write'),
+    (flags.DEFINE_bool, 'measure_memory', True, 'measure the on-device train peak'),
+    (
+      flags.DEFINE_bool,
+      'layer_updates',
+      True,
+      'update each masked kernel inside its backward pass (--nolayer_updates: plain step)',
+    ),
+    (
+      flags.DEFINE_integer,
+      'max_im2col_kib',
+      DEFAULT_MAX_IM2COL_KIB,
+      'im2col workspace per CONV_2D of train, KiB: convolutions run in batch slices that fit '
+      '(0: whole batch)',
+    ),
+    (
+      flags.DEFINE_bool,
+      'builtin_weight_grads',
+      True,
+      'conv weight gradients and depthwise conv gradients from builtin ops '
+      '(--nobuiltin_weight_grads: the select-TF Conv2DBackpropFilter and '
+      'DepthwiseConv2dNativeBackprop*)',
+    ),
+  ):
     define(name, default, help_text, flag_values=fv)
   return fv
 
@@ -504,15 +599,29 @@ def run(argv: Sequence[str]) -> int:
   try:
     _check_output(fl.output)
     keras_model, config = load_source(
-        root_dir=fl.root_dir, model_dir=fl.model_dir, model=fl.model, variant=fl.variant,
-        density=fl.density, gamma=fl.gamma, num_classes=fl.num_classes,
-        input_shape=_parse_shape(fl.input_shape), seed=fl.seed,
-        input_mean=_parse_floats(fl.input_mean, '--input_mean'),
-        input_std=_parse_floats(fl.input_std, '--input_std'))
-    report = export_model(keras_model, config, fl.output, batch_size=fl.batch_size,
-                          learning_rate=fl.learning_rate, measure_memory=fl.measure_memory,
-                          layer_updates=fl.layer_updates, max_im2col_kib=fl.max_im2col_kib,
-                          builtin_weight_grads=fl.builtin_weight_grads)
+      root_dir=fl.root_dir,
+      model_dir=fl.model_dir,
+      model=fl.model,
+      variant=fl.variant,
+      density=fl.density,
+      gamma=fl.gamma,
+      num_classes=fl.num_classes,
+      input_shape=_parse_shape(fl.input_shape),
+      seed=fl.seed,
+      input_mean=_parse_floats(fl.input_mean, '--input_mean'),
+      input_std=_parse_floats(fl.input_std, '--input_std'),
+    )
+    report = export_model(
+      keras_model,
+      config,
+      fl.output,
+      batch_size=fl.batch_size,
+      learning_rate=fl.learning_rate,
+      measure_memory=fl.measure_memory,
+      layer_updates=fl.layer_updates,
+      max_im2col_kib=fl.max_im2col_kib,
+      builtin_weight_grads=fl.builtin_weight_grads,
+    )
   except (ExportError, OSError, ValueError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     print(f'error: {first}', file=sys.stderr)
@@ -525,8 +634,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     return run(sys.argv if argv is None else argv)
   except KeyboardInterrupt:
-    print('error: interrupted; no file was written at --output (an earlier one there is kept)',
-          file=sys.stderr)
+    print(
+      'error: interrupted; no file was written at --output (an earlier one there is kept)',
+      file=sys.stderr,
+    )
     return 130
 
 

@@ -52,8 +52,9 @@ def tap_range(size: int, out: int, tap: int, stride: int, pad: int) -> Tuple[int
 
 
 @tf.autograph.experimental.do_not_convert  # static Python loops over kernel taps
-def conv2d_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
-                       strides: Sequence[int], padding: str) -> tf.Tensor:
+def conv2d_filter_grad(
+  x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int], strides: Sequence[int], padding: str
+) -> tf.Tensor:
   """`Conv2DBackpropFilter(x, w_shape, dy, strides, padding)` from builtin TFLite ops.
 
   Args:
@@ -93,10 +94,11 @@ def conv2d_filter_grad(x: tf.Tensor, dy: tf.Tensor, w_shape: Sequence[int],
       if (k_h, k_w, s_h, s_w) == (1, 1, 1, 1):
         part = x  # the one tap reads x as it is: no cut
       else:
-        rows = sap.after(tf.range(r0 * s_h + i - p_t, r1 * s_h + i - p_t + 1, s_h), previous,
-                         always=True)
+        rows = sap.after(
+          tf.range(r0 * s_h + i - p_t, r1 * s_h + i - p_t + 1, s_h), previous, always=True
+        )
         col_start = c0 * s_w + j - p_l
-        part = tf.gather(x, rows, axis=1)[:, :, col_start:c1 * s_w + j - p_l + 1:s_w, :]
+        part = tf.gather(x, rows, axis=1)[:, :, col_start : c1 * s_w + j - p_l + 1 : s_w, :]
         if (r0, r1, c0, c1) != (0, h_out - 1, 0, w_out - 1):
           part = tf.pad(part, [[0, 0], [r0, h_out - 1 - r1], [c0, w_out - 1 - c1], [0, 0]])
       per_example = tf.matmul(dy_t, tf.reshape(part, [batch, h_out * w_out, c_in]))

@@ -84,8 +84,12 @@ def _late_scalar_one(dep: tf.Tensor) -> tf.Tensor:
 def _keep_for_backward(slot: dict, layer, w: tf.Tensor, mask: tf.Tensor) -> None:
   """What the backward pass of a layer keeps of its kernel: `w = kernel * mask` (float) and
   the mask and the BaE marked set as bool (1 byte per entry each)."""
-  slot.update(layer=layer, w=w, mask_b=tf.not_equal(mask, 0.0),
-              marked_b=tf.not_equal(_read(layer.marked), 0.0))
+  slot.update(
+    layer=layer,
+    w=w,
+    mask_b=tf.not_equal(mask, 0.0),
+    marked_b=tf.not_equal(_read(layer.marked), 0.0),
+  )
 
 
 def _late_masks(slot: dict, dep: tf.Tensor):
@@ -138,8 +142,18 @@ def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
   nonzero = tf.not_equal(scale, 0.0)
   inv_scale = tf.where(nonzero, 1.0 / tf.where(nonzero, scale, 1.0), 0.0)
   _keep_for_backward(slot, layer, w, mask)
-  slot.update(normalize=True, center=layer.center, axes=axes, sum_sq=sum_sq, inv=inv, gb=gb,
-              scale=scale, mean=mean, mean_c=mean_c, inv_scale=inv_scale)
+  slot.update(
+    normalize=True,
+    center=layer.center,
+    axes=axes,
+    sum_sq=sum_sq,
+    inv=inv,
+    gb=gb,
+    scale=scale,
+    mean=mean,
+    mean_c=mean_c,
+    inv_scale=inv_scale,
+  )
 
   def late_w_hat(dep, keep: bool = True):
     """`W_hat` again, the same operations on the same kept tensors (`w + 0` is `w`), made
@@ -181,8 +195,17 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
     # of dL/dcentred comes from the kept per-channel mean of the centred kernel.
     w_hat = slot['late_w_hat'](upstream)
     d_w, d_gain = nsconv.kernel_gradient(
-        u, w_hat, slot['sum_sq'], slot['inv'], slot['gb'], slot['scale'], slot['axes'],
-        center=slot['center'], centred_factor=slot['inv_scale'], centred_mean=slot['mean_c'])
+      u,
+      w_hat,
+      slot['sum_sq'],
+      slot['inv'],
+      slot['gb'],
+      slot['scale'],
+      slot['axes'],
+      center=slot['center'],
+      centred_factor=slot['inv_scale'],
+      centred_mean=slot['mean_c'],
+    )
     d_k = d_w * mask + bae
     d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
     if clipping is not None:
@@ -254,8 +277,10 @@ class InBackwardUpdates(execution.LayerKernels):
     """`layer`'s op on `inputs`, its kernel updated inside the op's backward pass."""
     slot = self._slots.setdefault(id(layer), {})
     if 'w' in slot:
-      raise ValueError(f'{layer.name}: a masked layer called twice in one train step is not '
-                       'supported by tflite_export.layer_updates (use layer_updates=False)')
+      raise ValueError(
+        f'{layer.name}: a masked layer called twice in one train step is not '
+        'supported by tflite_export.layer_updates (use layer_updates=False)'
+      )
     w = self._kernel(layer, slot)
     if 'late_w_hat' in slot:
       # W_hat once more, made only once the layer's input exists: the one from `_kernel` (then

@@ -79,6 +79,7 @@ class LiteRTInterpreter:
 
   def __init__(self, model_path: str, num_threads: Optional[int] = None):
     from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
@@ -86,16 +87,22 @@ class LiteRTInterpreter:
     cmd = [sys.executable, '-m', 'tflite_export.litert_runtime', '--child', model_path]
     if num_threads is not None:
       cmd.append(f'--num_threads={int(num_threads)}')
-    self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                  preexec_fn=memprobe.die_with_parent)
+    self._proc = subprocess.Popen(
+      cmd,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      env=env,
+      preexec_fn=memprobe.die_with_parent,
+    )
     hello = self._receive()
     if _ERROR in hello:
       self.close()
       raise RuntimeError(str(hello[_ERROR]))
     if bool(hello['tensorflow_loaded']):
       self.close()
-      raise RuntimeError('TensorFlow was loaded into the LiteRT child: it is not the stock '
-                         'runtime there')
+      raise RuntimeError(
+        'TensorFlow was loaded into the LiteRT child: it is not the stock runtime there'
+      )
     self._signatures = json.loads(str(hello[_LIST]))
 
   def _receive(self) -> Dict[str, np.ndarray]:
@@ -155,6 +162,7 @@ def child_main(model_path: str, num_threads: Optional[int]) -> int:
   stdin = sys.stdin.buffer
   try:
     from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+
     kwargs = {} if num_threads is None else {'num_threads': num_threads}
     interpreter = Interpreter(model_path=model_path, **kwargs)
     signatures = interpreter.get_signature_list()
@@ -180,6 +188,7 @@ def child_main(model_path: str, num_threads: Optional[int]) -> int:
 
 if __name__ == '__main__':
   import argparse  # pylint: disable=import-outside-toplevel
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--child', action='store_true', required=True)
   parser.add_argument('model_path')

@@ -70,8 +70,9 @@ def _reset_peak() -> bool:
     return False
 
 
-def probe(model_path: str, mode: str, seed: int = 0, warmup: bool = True,
-          num_threads: int = 1) -> Dict[str, int]:
+def probe(
+  model_path: str, mode: str, seed: int = 0, warmup: bool = True, num_threads: int = 1
+) -> Dict[str, int]:
   """Runs in the measuring subprocess; returns the resident-memory figures in bytes.
 
   Args:
@@ -130,9 +131,13 @@ def probe(model_path: str, mode: str, seed: int = 0, warmup: bool = True,
   if mode == 'train':
     train(x=x, y=y)
   hwm_second = _status_kib('VmHWM')
-  return {'rss_before': rss_before * 1024, 'hwm_after': hwm_after * 1024,
-          'peak_delta': (hwm_after - rss_before) * 1024,
-          'steady_delta': (hwm_second - rss_before) * 1024, 'reset': int(reset)}
+  return {
+    'rss_before': rss_before * 1024,
+    'hwm_after': hwm_after * 1024,
+    'peak_delta': (hwm_after - rss_before) * 1024,
+    'steady_delta': (hwm_second - rss_before) * 1024,
+    'reset': int(reset),
+  }
 
 
 def die_with_parent() -> None:
@@ -158,9 +163,14 @@ def _run_child(model_path: str, mode: str, timeout_s: float) -> Dict[str, int]:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
   proc = subprocess.run(
-      [sys.executable, '-m', 'tflite_export.memprobe', model_path, f'--mode={mode}'],
-      capture_output=True, text=True, env=env, timeout=timeout_s, check=False,
-      preexec_fn=die_with_parent)
+    [sys.executable, '-m', 'tflite_export.memprobe', model_path, f'--mode={mode}'],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=timeout_s,
+    check=False,
+    preexec_fn=die_with_parent,
+  )
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode != 0 or not lines:
     tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -168,8 +178,9 @@ def _run_child(model_path: str, mode: str, timeout_s: float) -> Dict[str, int]:
   return json.loads(lines[-1])
 
 
-def measure_train_peak(model_path: str, *, repeats: int = 1,
-                       timeout_s: float = 600.0) -> Dict[str, float]:
+def measure_train_peak(
+  model_path: str, *, repeats: int = 1, timeout_s: float = 600.0
+) -> Dict[str, float]:
   """Peak extra resident memory of one `train` call, in bytes, from fresh subprocesses.
 
   Args:
@@ -194,10 +205,13 @@ def measure_train_peak(model_path: str, *, repeats: int = 1,
   idle_delta = min(r['peak_delta'] for r in idle_runs)
   steady_delta = min(r['steady_delta'] for r in train_runs)
   idle_steady = min(r['steady_delta'] for r in idle_runs)
-  return {'train_peak': float(max(train_delta - idle_delta, 0)),
-          'steady_peak': float(max(steady_delta - idle_steady, 0)),
-          'train_delta': float(train_delta), 'idle_delta': float(idle_delta),
-          'rss_before': float(min(r['rss_before'] for r in train_runs))}
+  return {
+    'train_peak': float(max(train_delta - idle_delta, 0)),
+    'steady_peak': float(max(steady_delta - idle_steady, 0)),
+    'train_delta': float(train_delta),
+    'idle_delta': float(idle_delta),
+    'rss_before': float(min(r['rss_before'] for r in train_runs)),
+  }
 
 
 def main(argv=None) -> int:

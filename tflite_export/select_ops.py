@@ -96,7 +96,7 @@ def _subgraph_ops(schema, model, names: List[str]):
 
 
 def _flex(ops: Set[str]) -> List[str]:
-  return sorted(o[len(FLEX_PREFIX):] for o in ops if o.startswith(FLEX_PREFIX))
+  return sorted(o[len(FLEX_PREFIX) :] for o in ops if o.startswith(FLEX_PREFIX))
 
 
 def select_tf_ops(flatbuffer: bytes) -> List[str]:

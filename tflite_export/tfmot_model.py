@@ -22,8 +22,9 @@ from fedmef_tf import models
 __all__ = ['build_plain_cnn', 'build_tfmot_cnn']
 
 
-def build_plain_cnn(*, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3),
-                    seed: int = 0) -> tf.keras.Model:
+def build_plain_cnn(
+  *, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3), seed: int = 0
+) -> tf.keras.Model:
   """The registry `cnn` (baseline form) from stock Keras layers, dense: `models.keras_cnn`.
 
   Args:
@@ -37,8 +38,9 @@ def build_plain_cnn(*, num_classes: int = 10, input_shape: Sequence[int] = (32, 
   return models.keras_cnn(num_classes=num_classes, input_shape=input_shape, seed=seed)
 
 
-def build_tfmot_cnn(*, density: float, num_classes: int = 10,
-                    input_shape: Sequence[int] = (32, 32, 3), seed: int = 0) -> tf.keras.Model:
+def build_tfmot_cnn(
+  *, density: float, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3), seed: int = 0
+) -> tf.keras.Model:
   """`build_plain_cnn` pruned by tfmot to `density` in every layer, then stripped.
 
   Args:
@@ -56,14 +58,16 @@ def build_tfmot_cnn(*, density: float, num_classes: int = 10,
   if not 0.0 < float(density) <= 1.0:
     raise ValueError(f'density must be in (0, 1], got {density}')
   model = build_plain_cnn(num_classes=num_classes, input_shape=input_shape, seed=seed)
-  schedule = tfmot.sparsity.keras.ConstantSparsity(1.0 - float(density), begin_step=0,
-                                                   frequency=1)
+  schedule = tfmot.sparsity.keras.ConstantSparsity(1.0 - float(density), begin_step=0, frequency=1)
   pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
-  pruned.compile(optimizer=tf.keras.optimizers.SGD(1e-3),
-                 loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  pruned.compile(
+    optimizer=tf.keras.optimizers.SGD(1e-3),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
   rng = np.random.RandomState(seed)
   x = rng.standard_normal((4, *input_shape)).astype(np.float32)
   y = rng.randint(0, num_classes, size=(4,)).astype(np.int32)
-  pruned.fit(x, y, batch_size=4, epochs=1, verbose=0,
-             callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+  pruned.fit(
+    x, y, batch_size=4, epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
+  )
   return tfmot.sparsity.keras.strip_pruning(pruned)

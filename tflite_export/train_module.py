@@ -65,16 +65,26 @@ __all__ = ['TrainModule', 'weight_names', 'tflite_strategy', 'tflite_tracing', '
 #: Name of the learning rate in the checkpoint vector of the `save` signature.
 LR_NAME = 'learning_rate'
 
-_SIGNATURES = ('train', 'infer', 'set_learning_rate', 'get_weights', 'set_weights', 'save',
-               'restore', 'metadata')
+_SIGNATURES = (
+  'train',
+  'infer',
+  'set_learning_rate',
+  'get_weights',
+  'set_weights',
+  'save',
+  'restore',
+  'metadata',
+)
 
 
 #: The im2col budget that slices no convolution (`max_im2col_bytes=0`).
 _UNBOUNDED = 1 << 62
 
 
-def tflite_strategy(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
-                    builtin_weight_grads: bool = True) -> execution.Strategy:
+def tflite_strategy(
+  max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
+  builtin_weight_grads: bool = True,
+) -> execution.Strategy:
   """How the graphs of a TFLite file are traced (`fedmef_tf.execution`): SAP with static-shape
   storage (`tflite_export.static_sap.TOPK`), the backward order carried by data dependencies,
   no native kernel, masked conv forwards in batch slices with at most `max_im2col_bytes` of
@@ -86,18 +96,23 @@ def tflite_strategy(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_B
   (`tflite_export.layer_updates.InBackwardUpdates`) while it is traced."""
   budget = max_im2col_bytes if max_im2col_bytes > 0 else _UNBOUNDED
   return execution.Strategy(
-      sap_storage=static_sap.TOPK,
-      conv2d=chunked_conv.bounded(budget),
-      conv2d_filter_grad=(filter_grad.conv2d_filter_grad if builtin_weight_grads
-                          else execution.tf_conv2d_filter_grad),
-      data_dependencies=True,
-      native_kernels=False,
-      depthwise=(depthwise_grad.BUILTIN_DEPTHWISE_OPS if builtin_weight_grads
-                 else execution.TF_DEPTHWISE_OPS))
+    sap_storage=static_sap.TOPK,
+    conv2d=chunked_conv.bounded(budget),
+    conv2d_filter_grad=(
+      filter_grad.conv2d_filter_grad if builtin_weight_grads else execution.tf_conv2d_filter_grad
+    ),
+    data_dependencies=True,
+    native_kernels=False,
+    depthwise=(
+      depthwise_grad.BUILTIN_DEPTHWISE_OPS if builtin_weight_grads else execution.TF_DEPTHWISE_OPS
+    ),
+  )
 
 
-def tflite_tracing(max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
-                   builtin_weight_grads: bool = True):
+def tflite_tracing(
+  max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
+  builtin_weight_grads: bool = True,
+):
   """`execution.scope(tflite_strategy(max_im2col_bytes, builtin_weight_grads))`: a context in
   which the graphs of a TFLite file are traced."""
   return execution.scope(tflite_strategy(max_im2col_bytes, builtin_weight_grads))
@@ -151,19 +166,25 @@ class TrainModule(tf.Module):
       of the model's variant use it: `agc.clipping_for(variant)`), or None for plain SGD.
   """
 
-  def __init__(self, model: tf.keras.Model, *, batch_size: int, learning_rate: float,
-               metadata: Dict[str, Any], layer_updates: bool = True,
-               max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
-               builtin_weight_grads: bool = True,
-               gradient_clipping: Optional[float] = None):
+  def __init__(
+    self,
+    model: tf.keras.Model,
+    *,
+    batch_size: int,
+    learning_rate: float,
+    metadata: Dict[str, Any],
+    layer_updates: bool = True,
+    max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
+    builtin_weight_grads: bool = True,
+    gradient_clipping: Optional[float] = None,
+  ):
     super().__init__(name='fedmef_train_module')
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     self.model = model
     self.batch_size = int(batch_size)
     self.input_shape = tuple(int(d) for d in model.input_shape[1:])
-    self.lr = tf.Variable(float(learning_rate), dtype=tf.float32, trainable=False,
-                          name=LR_NAME)
+    self.lr = tf.Variable(float(learning_rate), dtype=tf.float32, trainable=False, name=LR_NAME)
     self.names = weight_names(model)
     self._vars = list(model.variables)
     self._trainable = list(model.trainable_variables)
@@ -176,23 +197,34 @@ class TrainModule(tf.Module):
     self.builtin_weight_grads = bool(builtin_weight_grads)
     self.gradient_clipping = None if gradient_clipping is None else float(gradient_clipping)
     output_layer = model.layers[-1]
-    self._unclipped_layers = [output_layer] if output_layer in masks_lib.prunable_layers(
-        model) else []
+    self._unclipped_layers = (
+      [output_layer] if output_layer in masks_lib.prunable_layers(model) else []
+    )
     by_ref = {v.ref(): n for n, v in zip(self.names, self._vars)}
     #: Output names of `dense_gradients`: `grad_<kernel weight name>`, prunable layer order.
-    self.gradient_names = ['grad_' + by_ref[layer.kernel.ref()]
-                           for layer in masks_lib.prunable_layers(model)] if self._masked else []
+    self.gradient_names = (
+      ['grad_' + by_ref[layer.kernel.ref()] for layer in masks_lib.prunable_layers(model)]
+      if self._masked
+      else []
+    )
     meta = dict(metadata)
-    meta.update({'batch_size': self.batch_size, 'input_shape': list(self.input_shape),
-                 'weight_names': self.names, 'gradient_names': self.gradient_names,
-                 'learning_rate': float(learning_rate),
-                 'layer_updates': self.layer_updates,
-                 'max_im2col_bytes': self.max_im2col_bytes,
-                 'builtin_weight_grads': self.builtin_weight_grads,
-                 'gradient_clipping': self.gradient_clipping,
-                 'checkpoint_layout': checkpoint_lib.layout(
-                     self.names + [LR_NAME], [v.shape for v in self._vars + [self.lr]]),
-                 'signatures': list(self.signature_names())})
+    meta.update(
+      {
+        'batch_size': self.batch_size,
+        'input_shape': list(self.input_shape),
+        'weight_names': self.names,
+        'gradient_names': self.gradient_names,
+        'learning_rate': float(learning_rate),
+        'layer_updates': self.layer_updates,
+        'max_im2col_bytes': self.max_im2col_bytes,
+        'builtin_weight_grads': self.builtin_weight_grads,
+        'gradient_clipping': self.gradient_clipping,
+        'checkpoint_layout': checkpoint_lib.layout(
+          self.names + [LR_NAME], [v.shape for v in self._vars + [self.lr]]
+        ),
+        'signatures': list(self.signature_names()),
+      }
+    )
     self.metadata_json = json.dumps(meta, sort_keys=True)
     self._build_functions()
 
@@ -200,25 +232,26 @@ class TrainModule(tf.Module):
     b, shape = self.batch_size, self.input_shape
     x_spec = tf.TensorSpec([b, *shape], tf.float32, name='x')
     y_spec = tf.TensorSpec([b], tf.int32, name='y')
-    weight_specs = [tf.TensorSpec(v.shape, v.dtype, name=n)
-                    for n, v in zip(self.names, self._vars)]
-    entries = checkpoint_lib.layout(self.names + [LR_NAME],
-                                    [v.shape for v in self._vars + [self.lr]])
-    checkpoint_spec = tf.TensorSpec([checkpoint_lib.checkpoint_size(entries)], tf.float32,
-                                    name='checkpoint')
+    weight_specs = [tf.TensorSpec(v.shape, v.dtype, name=n) for n, v in zip(self.names, self._vars)]
+    entries = checkpoint_lib.layout(
+      self.names + [LR_NAME], [v.shape for v in self._vars + [self.lr]]
+    )
+    checkpoint_spec = tf.TensorSpec(
+      [checkpoint_lib.checkpoint_size(entries)], tf.float32, name='checkpoint'
+    )
 
     self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
     self.infer = tf.function(self._infer, input_signature=[x_spec])
     self.set_learning_rate = tf.function(
-        self._set_learning_rate, input_signature=[tf.TensorSpec([], tf.float32, name='lr')])
+      self._set_learning_rate, input_signature=[tf.TensorSpec([], tf.float32, name='lr')]
+    )
     self.get_weights = tf.function(self._get_weights, input_signature=[])
     self.set_weights = tf.function(self._set_weights, input_signature=weight_specs)
     self.save = tf.function(self._save, input_signature=[])
     self.restore = tf.function(self._restore, input_signature=[checkpoint_spec])
     self.metadata = tf.function(self._metadata, input_signature=[])
     if self._masked:
-      self.dense_gradients = tf.function(self._dense_gradients,
-                                         input_signature=[x_spec, y_spec])
+      self.dense_gradients = tf.function(self._dense_gradients, input_signature=[x_spec, y_spec])
 
   # -- signature bodies --------------------------------------------------------------------------
 
@@ -227,20 +260,24 @@ class TrainModule(tf.Module):
     # (`tflite_export.layer_updates`); the TF reference traces the plain step below.
     fused = self._tracing_tflite and self.layer_updates
     updates = layer_updates.InBackwardUpdates(
-        self.lr, clipping=self.gradient_clipping, unclipped=self._unclipped_layers)
-    context = (execution.scope(execution.current().replace(layer_kernels=updates)) if fused
-               else contextlib.nullcontext())
+      self.lr, clipping=self.gradient_clipping, unclipped=self._unclipped_layers
+    )
+    context = (
+      execution.scope(execution.current().replace(layer_kernels=updates))
+      if fused
+      else contextlib.nullcontext()
+    )
     with context:
       with tf.GradientTape() as tape:
         logits = self.model(x, training=True)
         loss = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+          tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        )
       grads = tape.gradient(loss, self._trainable)
     in_backward = updates.updated
     done = {v.ref() for v in in_backward}
     if self.gradient_clipping is not None:  # the in-backward updates clip their own
-      grads = agc.clip_model_gradients(self.model, grads, self.gradient_clipping,
-                                       skip=in_backward)
+      grads = agc.clip_model_gradients(self.model, grads, self.gradient_clipping, skip=in_backward)
     for v, g in zip(self._trainable, grads):
       if g is not None and v.ref() not in done:
         v.assign_sub(self.lr * g)
@@ -270,8 +307,9 @@ class TrainModule(tf.Module):
   def _restore(self, checkpoint):
     out = {}
     variables = self._vars + [self.lr]
-    for n, v, value in zip(self.names + [LR_NAME], variables,
-                           checkpoint_lib.unpack(checkpoint, variables)):
+    for n, v, value in zip(
+      self.names + [LR_NAME], variables, checkpoint_lib.unpack(checkpoint, variables)
+    ):
       v.assign(value)
       out[n] = tf.identity(value)
     return out
@@ -296,13 +334,17 @@ class TrainModule(tf.Module):
         `tflite_export.static_sap` (top-k values and int32 indices, static shapes); False
         traces `fedmef_tf.sap` as it is (the TF reference of `tflite_export.verify`).
     """
-    context = (tflite_tracing(self.max_im2col_bytes, self.builtin_weight_grads) if for_tflite
-               else contextlib.nullcontext())
+    context = (
+      tflite_tracing(self.max_im2col_bytes, self.builtin_weight_grads)
+      if for_tflite
+      else contextlib.nullcontext()
+    )
     self._tracing_tflite = bool(for_tflite)
     try:
       with context:
-        return {name: getattr(self, name).get_concrete_function()
-                for name in self.signature_names()}
+        return {
+          name: getattr(self, name).get_concrete_function() for name in self.signature_names()
+        }
     finally:
       self._tracing_tflite = False
 

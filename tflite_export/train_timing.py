@@ -26,8 +26,9 @@ from typing import Dict
 __all__ = ['time_train_calls', 'median_train_seconds']
 
 
-def time_train_calls(model_path: str, *, num_threads: int, calls: int, warmup: int,
-                     seed: int = 0) -> Dict[str, object]:
+def time_train_calls(
+  model_path: str, *, num_threads: int, calls: int, warmup: int, seed: int = 0
+) -> Dict[str, object]:
   """In this process: `{'seconds': [one float per timed call], 'median': float}`."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -38,8 +39,7 @@ def time_train_calls(model_path: str, *, num_threads: int, calls: int, warmup: i
   meta = json.loads(interpreter.get_signature_runner('metadata')()['json'].item().decode())
   rng = np.random.RandomState(seed)
   x = rng.random_sample(details['x']['shape']).astype(np.float32)
-  y = rng.randint(0, int(meta.get('num_classes', 10)),
-                  size=details['y']['shape']).astype(np.int32)
+  y = rng.randint(0, int(meta.get('num_classes', 10)), size=details['y']['shape']).astype(np.int32)
   for _ in range(warmup):
     train(x=x, y=y)
   seconds = []
@@ -50,8 +50,14 @@ def time_train_calls(model_path: str, *, num_threads: int, calls: int, warmup: i
   return {'seconds': seconds, 'median': statistics.median(seconds)}
 
 
-def median_train_seconds(model_path: str, *, num_threads: int = 1, calls: int = 10,
-                         warmup: int = 2, timeout_s: float = 1200.0) -> float:
+def median_train_seconds(
+  model_path: str,
+  *,
+  num_threads: int = 1,
+  calls: int = 10,
+  warmup: int = 2,
+  timeout_s: float = 1200.0,
+) -> float:
   """Median seconds of the `calls` `train` calls after `warmup` ones, in a fresh subprocess.
 
   Args:
@@ -66,9 +72,11 @@ def median_train_seconds(model_path: str, *, num_threads: int = 1, calls: int = 
     RuntimeError: the subprocess failed.
   """
   from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+
   if calls < 1 or warmup < 0 or num_threads < 1:
-    raise ValueError(f'need calls >= 1, warmup >= 0, num_threads >= 1; got {calls}, {warmup}, '
-                     f'{num_threads}')
+    raise ValueError(
+      f'need calls >= 1, warmup >= 0, num_threads >= 1; got {calls}, {warmup}, {num_threads}'
+    )
   env = dict(os.environ)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   env['TF_NUM_INTRAOP_THREADS'] = str(num_threads)
@@ -76,10 +84,22 @@ def median_train_seconds(model_path: str, *, num_threads: int = 1, calls: int = 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
   proc = subprocess.run(
-      [sys.executable, '-m', 'tflite_export.train_timing', model_path,
-       f'--num_threads={num_threads}', f'--calls={calls}', f'--warmup={warmup}'],
-      capture_output=True, text=True, env=env, timeout=timeout_s, check=False,
-      preexec_fn=memprobe.die_with_parent)
+    [
+      sys.executable,
+      '-m',
+      'tflite_export.train_timing',
+      model_path,
+      f'--num_threads={num_threads}',
+      f'--calls={calls}',
+      f'--warmup={warmup}',
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=timeout_s,
+    check=False,
+    preexec_fn=memprobe.die_with_parent,
+  )
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode != 0 or not lines:
     tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -94,8 +114,9 @@ def main(argv=None) -> int:
   parser.add_argument('--calls', type=int, default=10)
   parser.add_argument('--warmup', type=int, default=2)
   args = parser.parse_args(argv)
-  result = time_train_calls(args.model_path, num_threads=args.num_threads, calls=args.calls,
-                            warmup=args.warmup)
+  result = time_train_calls(
+    args.model_path, num_threads=args.num_threads, calls=args.calls, warmup=args.warmup
+  )
   print(json.dumps(result), flush=True)
   return 0
 

@@ -80,8 +80,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ['Check', 'verify', 'read_metadata', 'open_interpreter', 'main', 'RUNTIMES',
-           'LOSS_RTOL', 'STEP_RTOL', 'INFER_TOL']
+__all__ = [
+  'Check',
+  'verify',
+  'read_metadata',
+  'open_interpreter',
+  'main',
+  'RUNTIMES',
+  'LOSS_RTOL',
+  'STEP_RTOL',
+  'INFER_TOL',
+]
 
 #: Interpreters `verify` can run a file in: TF's (with select-TF ops) and stock LiteRT.
 RUNTIMES = ('tflite', 'litert')
@@ -115,6 +124,7 @@ INFER_TOL = 1e-4
 @dataclasses.dataclass
 class Check:
   """One verification result: `name`, `ok` (None: not applicable) and a `detail` line."""
+
   name: str
   ok: Optional[bool]
   detail: str
@@ -138,19 +148,28 @@ def _rebuild(meta: Dict[str, Any]):
   from tflite_export import train_module  # pylint: disable=import-outside-toplevel
 
   if meta['variant'] == 'tfmot':
-    model = tfmot_model.build_plain_cnn(num_classes=int(meta['num_classes']),
-                                        input_shape=tuple(meta['input_shape']))
+    model = tfmot_model.build_plain_cnn(
+      num_classes=int(meta['num_classes']), input_shape=tuple(meta['input_shape'])
+    )
   else:
-    model = models.build_model(meta['model'], meta['variant'],
-                               num_classes=int(meta['num_classes']),
-                               input_shape=tuple(meta['input_shape']),
-                               gamma=float(meta.get('gamma', 0.0)), density=1.0,
-                               seed=int(meta.get('seed', 0)),
-                               input_mean=meta.get('input_mean'),
-                               input_std=meta.get('input_std'))
-  module = train_module.TrainModule(model, batch_size=int(meta['batch_size']),
-                                    learning_rate=float(meta['learning_rate']), metadata={},
-                                    gradient_clipping=meta.get('gradient_clipping'))
+    model = models.build_model(
+      meta['model'],
+      meta['variant'],
+      num_classes=int(meta['num_classes']),
+      input_shape=tuple(meta['input_shape']),
+      gamma=float(meta.get('gamma', 0.0)),
+      density=1.0,
+      seed=int(meta.get('seed', 0)),
+      input_mean=meta.get('input_mean'),
+      input_std=meta.get('input_std'),
+    )
+  module = train_module.TrainModule(
+    model,
+    batch_size=int(meta['batch_size']),
+    learning_rate=float(meta['learning_rate']),
+    metadata={},
+    gradient_clipping=meta.get('gradient_clipping'),
+  )
   return model, module
 
 
@@ -159,15 +178,16 @@ def _mask_pairs(names: Sequence[str]):
   pairs = []
   for n in names:
     if n.endswith('_kernel'):
-      prefix = n[5:-len('_kernel')]
-      masks = [m for m in names if m.endswith(prefix + '_mask') and m[5:-len('_mask')] == prefix]
+      prefix = n[5 : -len('_kernel')]
+      masks = [m for m in names if m.endswith(prefix + '_mask') and m[5 : -len('_mask')] == prefix]
       if masks:
         pairs.append((n, masks[0]))
   return pairs
 
 
-def _nudged(a: np.ndarray, rng: np.random.RandomState, rel: float,
-            nonzero_only: bool = False) -> np.ndarray:
+def _nudged(
+  a: np.ndarray, rng: np.random.RandomState, rel: float, nonzero_only: bool = False
+) -> np.ndarray:
   """`a` times `1 + rel * u`, `u` uniform in [-1, 1] per entry, and at least one float32 ulp
   away from `a` in the direction of `u` (`nonzero_only`: zero entries kept)."""
   a = np.asarray(a, np.float32)
@@ -184,8 +204,7 @@ def _nudged_weights(weights: Dict[str, np.ndarray], rng: np.random.RandomState, 
   out = {}
   for n, a in weights.items():
     a = np.asarray(a)
-    keep = (a.dtype != np.float32 or a.size <= 1 or n.endswith('_mask')
-            or n.endswith('_marked'))
+    keep = a.dtype != np.float32 or a.size <= 1 or n.endswith('_mask') or n.endswith('_marked')
     out[n] = a if keep else _nudged(a, rng, rel, nonzero_only=True)
   return out
 
@@ -198,6 +217,7 @@ class Mismatch:
   `||got - ref|| / ||ref - before||`, at `max_name`/`l2_name`; `max_allowed`/`l2_allowed`:
   what they may be (see "Step tolerance").
   """
+
   max_rel: float = 0.0
   max_name: str = ''
   l2_rel: float = 0.0
@@ -210,9 +230,11 @@ class Mismatch:
     return self.max_rel <= self.max_allowed and self.l2_rel <= self.l2_allowed
 
   def text(self, what: str = 'update') -> str:
-    return (f'max |diff| / max |{what}| {self.max_rel:.2e} ({self.max_name or "-"}; allowed '
-            f'{self.max_allowed:.2e}), ||diff|| / ||{what}|| {self.l2_rel:.2e} '
-            f'({self.l2_name or "-"}; allowed {self.l2_allowed:.2e})')
+    return (
+      f'max |diff| / max |{what}| {self.max_rel:.2e} ({self.max_name or "-"}; allowed '
+      f'{self.max_allowed:.2e}), ||diff|| / ||{what}|| {self.l2_rel:.2e} '
+      f'({self.l2_name or "-"}; allowed {self.l2_allowed:.2e})'
+    )
 
 
 def _step_mismatch(before, got, ref, reruns: Sequence[Dict[str, np.ndarray]] = ()) -> Mismatch:
@@ -222,6 +244,7 @@ def _step_mismatch(before, got, ref, reruns: Sequence[Dict[str, np.ndarray]] = (
   are `max(STEP_RTOL, SPREAD_FACTOR * the reruns' worst mismatch against ref)`, model-wide.
   A variable that `ref` does not change (masks, marked sets) must be equal to within 1e-7.
   """
+
   def measure(other):
     m = Mismatch()
     for n in ref:
@@ -256,7 +279,8 @@ def _load(model, names: Sequence[str], weights: Dict[str, np.ndarray]) -> None:
 
 def _equal(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
   return a.keys() == b.keys() and all(
-      np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
+    np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a
+  )
 
 
 def open_interpreter(model_path: str, runtime: str = 'tflite'):
@@ -271,22 +295,27 @@ def open_interpreter(model_path: str, runtime: str = 'tflite'):
     ValueError: unknown runtime, or 'litert' for a file that needs select-TF ops.
   """
   if runtime not in RUNTIMES:
-    raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    raise ValueError(f'runtime must be one of {", ".join(RUNTIMES)}, got {runtime!r}')
   if runtime == 'litert':
     from tflite_export import litert_runtime  # pylint: disable=import-outside-toplevel
     from tflite_export import select_ops  # pylint: disable=import-outside-toplevel
+
     with open(model_path, 'rb') as f:
       needed = select_ops.select_tf_ops(f.read())
     if needed:
-      raise ValueError(f'{model_path}: needs select-TF ops ({", ".join(needed)}), which the '
-                       'stock LiteRT runtime does not have (use --runtime=tflite)')
+      raise ValueError(
+        f'{model_path}: needs select-TF ops ({", ".join(needed)}), which the '
+        'stock LiteRT runtime does not have (use --runtime=tflite)'
+      )
     return litert_runtime.LiteRTInterpreter(model_path)
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   return tf.lite.Interpreter(model_path=model_path)
 
 
-def verify(model_path: str, *, steps: int = 5, seed: int = 0,
-           runtime: str = 'tflite') -> List[Check]:
+def verify(
+  model_path: str, *, steps: int = 5, seed: int = 0, runtime: str = 'tflite'
+) -> List[Check]:
   """Runs the checks of the module docstring; returns one `Check` per check.
 
   Args:
@@ -310,8 +339,16 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
     raise ValueError(f'steps must be >= 2, got {steps}')
   interpreter = open_interpreter(model_path, runtime)
   sigs = interpreter.get_signature_list()
-  needed = ('train', 'infer', 'get_weights', 'set_weights', 'save', 'restore', 'metadata',
-            'set_learning_rate')
+  needed = (
+    'train',
+    'infer',
+    'get_weights',
+    'set_weights',
+    'save',
+    'restore',
+    'metadata',
+    'set_learning_rate',
+  )
   missing = [s for s in needed if s not in sigs]
   if missing:
     raise ValueError(f'{model_path}: missing signatures {missing}')
@@ -328,8 +365,10 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
   for name, value in w0.items():
     if not np.all(np.isfinite(value)):
       bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-      raise ValueError(f'{model_path}: weight {name} holds {bad} NaN or infinite values of '
-                       f'{np.size(value)}; the file is not checked')
+      raise ValueError(
+        f'{model_path}: weight {name} holds {bad} NaN or infinite values of '
+        f'{np.size(value)}; the file is not checked'
+      )
   lr0 = float(meta['learning_rate'])
 
   def reset():
@@ -339,8 +378,10 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
   # The TF model, loaded with the file's weights.
   model, module = _rebuild(meta)
   if [tuple(v.shape) for v in model.variables] != [tuple(w0[n].shape) for n in names]:
-    raise ValueError(f'{model_path}: variables of the rebuilt {meta["model"]}/'
-                     f'{meta["variant"]} do not match the file')
+    raise ValueError(
+      f'{model_path}: variables of the rebuilt {meta["model"]}/'
+      f'{meta["variant"]} do not match the file'
+    )
   _load(model, names, w0)
 
   # 1. infer.
@@ -348,8 +389,13 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
   ref = model(x, training=False).numpy()
   d = float(np.max(np.abs(logits - ref)))
   tol = INFER_TOL * max(1.0, float(np.max(np.abs(ref))))
-  checks.append(Check('infer matches TF', logits.shape == ref.shape and d <= tol,
-                      f'logits {tuple(logits.shape)}, max |diff| {d:.2e} (tol {tol:.2e})'))
+  checks.append(
+    Check(
+      'infer matches TF',
+      logits.shape == ref.shape and d <= tol,
+      f'logits {tuple(logits.shape)}, max |diff| {d:.2e} (tol {tol:.2e})',
+    )
+  )
 
   # Relative size of the nudge ("Step tolerance"): halved from the TFLite logits' relative
   # distance to TF's until the nudged TF model's logits are no farther from TF's than that.
@@ -381,9 +427,13 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
     def tf_gradients(batch, weights=w0):
       _load(model, names, weights)
       g = sparse_layers.dense_kernel_gradients(
-          model, tf.constant(batch), tf.constant(y),
-          lambda labels, logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
-              labels=labels, logits=logits))
+        model,
+        tf.constant(batch),
+        tf.constant(y),
+        lambda labels, logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=labels, logits=logits
+        ),
+      )
       return {n: gi.numpy() for n, gi in zip(meta['gradient_names'], g)}
 
     g_lite = interpreter.get_signature_runner('dense_gradients')(x=x, y=y)
@@ -393,11 +443,17 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
     zeros = {n: np.zeros_like(g) for n, g in g_tf.items()}
     if g_lite.keys() == g_tf.keys():
       m = _step_mismatch(zeros, g_lite, g_tf, reruns)
-      checks.append(Check('dense_gradients matches TF', m.ok,
-                          f'{len(g_tf)} kernels, {m.text("gradient")}'))
+      checks.append(
+        Check('dense_gradients matches TF', m.ok, f'{len(g_tf)} kernels, {m.text("gradient")}')
+      )
     else:
-      checks.append(Check('dense_gradients matches TF', False,
-                          f'names differ: {sorted(set(g_lite) ^ set(g_tf))[:4]}'))
+      checks.append(
+        Check(
+          'dense_gradients matches TF',
+          False,
+          f'names differ: {sorted(set(g_lite) ^ set(g_tf))[:4]}',
+        )
+      )
 
   # 2. One step, TFLite against TF.
   loss_lite = float(run['train'](x=x, y=y)['loss'])
@@ -408,9 +464,14 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
   dl = abs(loss_lite - loss_tf)
   m = _step_mismatch(w0, w_lite, w_tf, reruns)
   ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and m.ok
-  checks.append(Check('train step matches TF', ok,
-                      f'loss {loss_lite:.6f} vs {loss_tf:.6f} (|diff| {dl:.2e}, rtol {LOSS_RTOL}),'
-                      f' {m.text()}; TF reruns nudged by {nudge:.1e}'))
+  checks.append(
+    Check(
+      'train step matches TF',
+      ok,
+      f'loss {loss_lite:.6f} vs {loss_tf:.6f} (|diff| {dl:.2e}, rtol {LOSS_RTOL}),'
+      f' {m.text()}; TF reruns nudged by {nudge:.1e}',
+    )
+  )
 
   # 2a. SAP is active on the device: the step differs from the TF step without SAP.
   if float(meta.get('gamma', 0.0)) > 0.0:
@@ -420,17 +481,22 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
     module0.train(tf.constant(x), tf.constant(y))
     w_nosap = {n: v.numpy() for n, v in zip(names, model0.variables)}
     effect = _step_mismatch(w0, w_lite, w_nosap)
-    checks.append(Check('train step uses SAP', effect.max_rel > SAP_EFFECT_MIN,
-                        f'gamma {meta["gamma"]}: on-device step differs from the TF step '
-                        f'without SAP by {effect.max_rel:.2e} ({effect.max_name}; must exceed '
-                        f'{SAP_EFFECT_MIN})'))
+    checks.append(
+      Check(
+        'train step uses SAP',
+        effect.max_rel > SAP_EFFECT_MIN,
+        f'gamma {meta["gamma"]}: on-device step differs from the TF step '
+        f'without SAP by {effect.max_rel:.2e} ({effect.max_name}; must exceed '
+        f'{SAP_EFFECT_MIN})',
+      )
+    )
 
   # 2b. The same with a BaE marked set and lambda loaded (adjustment round).
   pairs = _mask_pairs(names)
   if pairs:
     bae = dict(w0)
     for kernel, mask in pairs:
-      prefix = kernel[:-len('kernel')]
+      prefix = kernel[: -len('kernel')]
       marked = [n for n in names if n.endswith(prefix[5:] + 'marked')][0]
       lam = [n for n in names if n.endswith(prefix[5:] + 'bae_lambda')][0]
       half = rng.random_sample(w0[mask].shape) < 0.5
@@ -447,9 +513,14 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
     # BaE must change the step, or the check says nothing.
     effect = float(max(np.max(np.abs(w_lite[k] - w_plain_step[k])) for k, _ in pairs))
     ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and m.ok and effect > 0
-    checks.append(Check('train step with BaE matches TF', ok,
-                        f'lambda {BAE_LAMBDA}, half of each mask marked: {m.text()}; BaE moved '
-                        f'kernels by up to {effect:.2e} against the plain step'))
+    checks.append(
+      Check(
+        'train step with BaE matches TF',
+        ok,
+        f'lambda {BAE_LAMBDA}, half of each mask marked: {m.text()}; BaE moved '
+        f'kernels by up to {effect:.2e} against the plain step',
+      )
+    )
 
   # The loss-falls check runs at the export's own learning rate, in TF and on the device.
   _load(model, names, w0)
@@ -465,27 +536,53 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
     bad = sum(int(np.count_nonzero(w_after[k][w_after[m] == 0])) for k, m in pairs)
     changed = [m for _, m in pairs if not np.array_equal(w_after[m], w0[m])]
     pruned = sum(int(np.count_nonzero(w0[m] == 0)) for _, m in pairs)
-    checks.append(Check('masked weights stay zero', bad == 0 and not changed,
-                        f'{pruned} masked entries in {len(pairs)} kernels, {bad} nonzero after '
-                        f'{steps} steps, masks changed: {changed or "none"}'))
+    checks.append(
+      Check(
+        'masked weights stay zero',
+        bad == 0 and not changed,
+        f'{pruned} masked entries in {len(pairs)} kernels, {bad} nonzero after '
+        f'{steps} steps, masks changed: {changed or "none"}',
+      )
+    )
   else:
     zeros0 = sum(int(np.count_nonzero(w0[n] == 0)) for n in names if n.endswith('kernel'))
     zeros1 = sum(int(np.count_nonzero(w_after[n] == 0)) for n in names if n.endswith('kernel'))
-    checks.append(Check('masked weights stay zero', None,
-                        f'no mask variables in this export; zero kernel entries {zeros0} before, '
-                        f'{zeros1} after {steps} steps'))
-  checks.append(Check('loss falls', losses[-1] < losses[0] and all(np.isfinite(losses)),
-                      f'lr {lr0:g} (the export\'s own): losses '
-                      + ', '.join(f'{l:.4f}' for l in losses)
-                      + ' (TF: ' + ', '.join(f'{l:.4f}' for l in tf_losses) + ')'))
+    checks.append(
+      Check(
+        'masked weights stay zero',
+        None,
+        f'no mask variables in this export; zero kernel entries {zeros0} before, '
+        f'{zeros1} after {steps} steps',
+      )
+    )
+  checks.append(
+    Check(
+      'loss falls',
+      losses[-1] < losses[0] and all(np.isfinite(losses)),
+      f"lr {lr0:g} (the export's own): losses "
+      + ', '.join(f'{l:.4f}' for l in losses)
+      + ' (TF: '
+      + ', '.join(f'{l:.4f}' for l in tf_losses)
+      + ')',
+    )
+  )
 
   # 5. set/get round trip with values different from the current ones.
-  other = {n: (w0[n] + rng.standard_normal(w0[n].shape).astype(w0[n].dtype)
-               if w0[n].dtype.kind == 'f' else w0[n]) for n in names}
+  other = {
+    n: (
+      w0[n] + rng.standard_normal(w0[n].shape).astype(w0[n].dtype)
+      if w0[n].dtype.kind == 'f'
+      else w0[n]
+    )
+    for n in names
+  }
   run['set_weights'](**other)
   got = run['get_weights']()
-  checks.append(Check('set_weights/get_weights round trip', _equal(got, other),
-                      f'{len(names)} variables, bitwise'))
+  checks.append(
+    Check(
+      'set_weights/get_weights round trip', _equal(got, other), f'{len(names)} variables, bitwise'
+    )
+  )
 
   # 6. save/restore round trip.
   with tempfile.TemporaryDirectory() as tmp:
@@ -500,9 +597,14 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
     got = run['get_weights']()
     lr_back = float(restored.pop('learning_rate'))
     ok = _equal(got, w_after) and _equal(restored, w_after) and lr_back == np.float32(0.0123)
-    checks.append(Check('save/restore round trip', ok,
-                        f'{len(names)} variables and the learning rate, bitwise '
-                        f'({os.path.getsize(path)} bytes checkpoint)'))
+    checks.append(
+      Check(
+        'save/restore round trip',
+        ok,
+        f'{len(names)} variables and the learning rate, bitwise '
+        f'({os.path.getsize(path)} bytes checkpoint)',
+      )
+    )
 
   # 7. learning rate: a step at lr 0 leaves every trainable weight as it was.
   reset()
@@ -511,8 +613,13 @@ def verify(model_path: str, *, steps: int = 5, seed: int = 0,
   w_lr0 = run['get_weights']()
   trainable = [n for n, v in zip(names, model.variables) if v.trainable]
   unchanged = all(np.array_equal(w_lr0[n], w0[n]) for n in trainable)
-  checks.append(Check('set_learning_rate applies', unchanged,
-                      f'a step at lr 0 changed {"no" if unchanged else "some"} trainable weight'))
+  checks.append(
+    Check(
+      'set_learning_rate applies',
+      unchanged,
+      f'a step at lr 0 changed {"no" if unchanged else "some"} trainable weight',
+    )
+  )
   reset()
   return checks
 
@@ -539,17 +646,32 @@ def run_isolated(model_path: str, steps: int, seed: int, runtime: str = 'tflite'
   import signal  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env['PYTHONPATH'] = root + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
   proc = subprocess.run(
-      [sys.executable, '-m', 'tflite_export.verify', model_path, f'--steps={steps}',
-       f'--seed={seed}', f'--runtime={runtime}', '--in_process'], env=env, check=False,
-      preexec_fn=memprobe.die_with_parent)
+    [
+      sys.executable,
+      '-m',
+      'tflite_export.verify',
+      model_path,
+      f'--steps={steps}',
+      f'--seed={seed}',
+      f'--runtime={runtime}',
+      '--in_process',
+    ],
+    env=env,
+    check=False,
+    preexec_fn=memprobe.die_with_parent,
+  )
   if proc.returncode < 0:
     name = signal.Signals(-proc.returncode).name
-    print(f'error: {model_path}: the TFLite interpreter crashed on this file ({name}): it is '
-          'damaged or not written by tflite_export.export', file=sys.stderr)
+    print(
+      f'error: {model_path}: the TFLite interpreter crashed on this file ({name}): it is '
+      'damaged or not written by tflite_export.export',
+      file=sys.stderr,
+    )
     return 2
   return proc.returncode
 
@@ -562,11 +684,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('model_path')
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--runtime', choices=RUNTIMES, default='tflite',
-                      help="tflite: tf.lite.Interpreter (with select-TF ops); litert: stock "
-                           "LiteRT (ai_edge_litert, no select-TF ops)")
-  parser.add_argument('--in_process', action='store_true',
-                      help='run the checks in this process, without crash isolation')
+  parser.add_argument(
+    '--runtime',
+    choices=RUNTIMES,
+    default='tflite',
+    help='tflite: tf.lite.Interpreter (with select-TF ops); litert: stock '
+    'LiteRT (ai_edge_litert, no select-TF ops)',
+  )
+  parser.add_argument(
+    '--in_process',
+    action='store_true',
+    help='run the checks in this process, without crash isolation',
+  )
   args = parser.parse_args(argv)
   if not os.path.isfile(args.model_path):
     print(f'error: {args.model_path}: no such file', file=sys.stderr)
@@ -592,8 +721,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for c in checks:
     print(c.line())
   failed = [c.name for c in checks if c.ok is False]
-  print(f'{len(checks) - len(failed)} of {len(checks)} checks passed or not applicable'
-        + (f'; FAILED: {", ".join(failed)}' if failed else ''))
+  print(
+    f'{len(checks) - len(failed)} of {len(checks)} checks passed or not applicable'
+    + (f'; FAILED: {", ".join(failed)}' if failed else '')
+  )
   return 1 if failed else 0
 
 
