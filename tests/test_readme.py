@@ -37,7 +37,7 @@ def test_the_section_has_the_promised_snippets():
     'assign_weights_to',
     'tf.keras.models.load_model',
     'fedmef_tf.custom_object_scope()',
-    'tflite_export.export_model(sparse',
+    'tflite_export.export_model(',
     "get_signature_runner('train')",
   ):
     assert name in code, name

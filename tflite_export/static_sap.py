@@ -13,10 +13,8 @@ memory, it costs memory:
   two cumulative sums, a reshaped copy of `x`), all alive next to `x` itself, because TFLite's
   RESHAPE, CAST and BITCAST copy.
 
-Measured with `tflite_export.memprobe` (registry `cnn`, density 0.1, gamma 0.7, batch 64, one
-`train` call): baseline (BatchNorm) export 103 MiB; FedMef export with the histogram/bitmask
-storage 119 MiB (its static-shape rewrite: 119 MiB as well); FedMef with SAP off (gamma 0)
-52 MiB; FedMef with the storage of this module 60 MiB.
+`tflite_export.memprobe` measures what these transients cost against this module's storage
+(docs/ANDROID.md has the figures).
 
 This module's storage, `TOPK`, is the `sap_storage` of a TFLite export's execution strategy
 (`tflite_export.train_module.tflite_strategy`, `fedmef_tf.execution`):
