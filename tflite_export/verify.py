@@ -714,6 +714,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checks = verify(args.model_path, steps=args.steps, seed=args.seed, runtime=args.runtime)
   except (ValueError, KeyError, RuntimeError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if args.model_path not in first:
+      first = f'{args.model_path}: {first}'
     print(f'error: {first}', file=sys.stderr)
     return 2
   print(f'runtime: {args.runtime}')
