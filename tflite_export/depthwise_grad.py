@@ -30,36 +30,20 @@ equal TF's up to the order of the sums.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import tensorflow as tf
 
 from fedmef_tf import execution
 from fedmef_tf import sap
+from tflite_export import filter_grad
 
 __all__ = [
   'depthwise_filter_grad',
   'depthwise_input_grad',
   'depthwise_conv2d',
   'BUILTIN_DEPTHWISE_OPS',
-  'pad_before',
-  'tap_range',
 ]
-
-
-def pad_before(size: int, out: int, k: int, stride: int, padding: str) -> int:
-  """Zero padding TF puts before the first input position ('SAME': half, rounded down)."""
-  if padding == 'VALID':
-    return 0
-  return max((out - 1) * stride + k - size, 0) // 2
-
-
-def tap_range(size: int, out: int, tap: int, stride: int, pad: int) -> Tuple[int, int]:
-  """Output positions `[first, last]` at which kernel offset `tap` reads an input position
-  inside `[0, size)` (input position `o * stride + tap - pad`); `first > last` if none."""
-  first = max(0, -(-(pad - tap) // stride))
-  last = min(out - 1, (size - 1 + pad - tap) // stride)
-  return first, last
 
 
 def _static(t: tf.Tensor) -> bool:
@@ -93,14 +77,14 @@ def depthwise_filter_grad(
   _, h_out, w_out, _ = dy.shape.as_list()
   k_h, k_w, _, m = w_shape
   s_h, s_w = int(strides[1]), int(strides[2])
-  p_t = pad_before(h, h_out, k_h, s_h, padding)
-  p_l = pad_before(w, w_out, k_w, s_w, padding)
+  p_t = filter_grad.pad_before(h, h_out, k_h, s_h, padding)
+  p_l = filter_grad.pad_before(w, w_out, k_w, s_w, padding)
   dy_split = tf.reshape(dy, [batch, h_out, w_out, c, m])
   taps, previous = [], dy_split  # the first cut waits for dy, each later one for the tap before
   for i in range(k_h):
-    r0, r1 = tap_range(h, h_out, i, s_h, p_t)
+    r0, r1 = filter_grad.tap_range(h, h_out, i, s_h, p_t)
     for j in range(k_w):
-      c0, c1 = tap_range(w, w_out, j, s_w, p_l)
+      c0, c1 = filter_grad.tap_range(w, w_out, j, s_w, p_l)
       if r0 > r1 or c0 > c1:  # the tap reads only padding
         taps.append(tf.zeros([c, m], tf.float32))
         continue
@@ -172,8 +156,8 @@ def depthwise_input_grad(
   _, h_out, w_out, _ = dy.shape.as_list()
   k_h, k_w, _, m = w.shape.as_list()
   s_h, s_w = int(strides[1]), int(strides[2])
-  p_t = pad_before(h, h_out, k_h, s_h, padding)
-  p_l = pad_before(wd, w_out, k_w, s_w, padding)
+  p_t = filter_grad.pad_before(h, h_out, k_h, s_h, padding)
+  p_l = filter_grad.pad_before(wd, w_out, k_w, s_w, padding)
   flipped = tf.reverse(w, axis=[0, 1])
   total = None
   for k in range(m):

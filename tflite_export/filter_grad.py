@@ -34,10 +34,11 @@ import tensorflow as tf
 from fedmef_tf import execution
 from fedmef_tf import sap
 
-__all__ = ['conv2d_filter_grad', 'tap_range']
+__all__ = ['conv2d_filter_grad', 'pad_before', 'tap_range']
 
 
-def _pad_before(size: int, out: int, k: int, stride: int, padding: str) -> int:
+def pad_before(size: int, out: int, k: int, stride: int, padding: str) -> int:
+  """Zero padding TF puts before the first input position ('SAME': half, rounded down)."""
   if padding == 'VALID':
     return 0
   return max((out - 1) * stride + k - size, 0) // 2
@@ -76,8 +77,8 @@ def conv2d_filter_grad(
   _, h_out, w_out, c_out = dy.shape.as_list()
   k_h, k_w = w_shape[0], w_shape[1]
   s_h, s_w = int(strides[1]), int(strides[2])
-  p_t = _pad_before(h, h_out, k_h, s_h, padding)
-  p_l = _pad_before(w, w_out, k_w, s_w, padding)
+  p_t = pad_before(h, h_out, k_h, s_h, padding)
+  p_l = pad_before(w, w_out, k_w, s_w, padding)
   # Per example, dy^T made once per layer: `[B, C_out, P]` (P = H_out * W_out). BATCH_MATMUL
   # runs one GEMM per example, and its GEMM library packs both operands into a workspace that
   # it keeps at its largest size: with the whole batch as one product (P * B rows) that was
