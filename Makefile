@@ -14,7 +14,7 @@ lint: install
 	.venv/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q --durations=30 tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist=loadfile --durations=30 tests $(ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache
