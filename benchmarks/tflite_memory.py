@@ -72,6 +72,7 @@ def run_benchmark(
   weight_grads: Sequence[str] = ('builtin',),
   threads: Sequence[int] = (1, 2),
   time_calls: int = 10,
+  sap_storages: Sequence[str] = (None,),
 ) -> List[Dict[str, object]]:
   """Exports and measures every (model, batch, variant); returns one dict per export.
 
@@ -93,6 +94,10 @@ def run_benchmark(
       fedmef and baseline export is made with each (tfmot's Keras layers use neither).
     threads: thread counts at which the median `train` call is timed (empty: no timing).
     time_calls: timed `train` calls per thread count (after two untimed ones).
+    sap_storages: SAP storages of the fedmef exports (names of
+      `tflite_export.static_sap.STORAGES`; None: the default); each one is a fedmef row of
+      its own (`variant` `fedmef` for the first, `fedmef-<name>` for the others), the other
+      variants are exported once.
 
   Returns:
     Rows with keys model, batch, variant, budget_kib, weight_grads, size_bytes, peak_bytes,
@@ -105,13 +110,18 @@ def run_benchmark(
     variants = ['fedmef', 'baseline'] + (['tfmot'] if model == 'cnn' else [])
     for batch in batch_sizes:
       for budget in max_im2col_kib:
-        for grads, variant in [
-          (g, v) for g in weight_grads for v in variants if v != 'tfmot' or g == weight_grads[0]
+        for grads, variant, storage in [
+          (g, v, st)
+          for g in weight_grads
+          for v in variants
+          for st in (sap_storages if v == 'fedmef' else sap_storages[:1])
+          if v != 'tfmot' or g == weight_grads[0]
         ]:
           keras_model, config = export.load_source(
             model=model, variant=variant, density=density, gamma=gamma
           )
-          path = os.path.join(out_dir, f'{model}_{variant}_b{batch}_k{budget}_{grads}.tflite')
+          label = variant if storage == sap_storages[0] else f'{variant}-{storage}'
+          path = os.path.join(out_dir, f'{model}_{label}_b{batch}_k{budget}_{grads}.tflite')
           report = export.export_model(
             keras_model,
             config,
@@ -121,11 +131,12 @@ def run_benchmark(
             layer_updates=layer_updates,
             max_im2col_kib=budget,
             builtin_weight_grads=grads == 'builtin',
+            sap_storage=storage if variant == 'fedmef' else None,
           )
           row = {
             'model': model,
             'batch': batch,
-            'variant': variant,
+            'variant': label,
             'budget_kib': budget,
             'weight_grads': grads,
             'size_bytes': report.size_bytes,
@@ -206,7 +217,7 @@ def time_ratio_lines(rows: Sequence[Mapping[str, object]]) -> List[str]:
     if not base:
       continue
     parts = []
-    for variant in ('fedmef', 'tfmot'):
+    for variant in sorted(v for v in times if v != 'baseline'):
       mine_t = times.get(variant) or {}
       shared = sorted(set(mine_t) & set(base))
       if shared:
@@ -259,7 +270,7 @@ def _ratios(rows) -> List[str]:
       base = peaks.get('baseline')
       if not base:
         continue
-      parts = [f'{v}/baseline {peaks[v] / base:.2f}x' for v in ('fedmef', 'tfmot') if v in peaks]
+      parts = [f'{v}/baseline {peaks[v] / base:.2f}x' for v in sorted(peaks) if v != 'baseline']
       label = f'im2col {budget} KiB' + (f', {grads} weight grads' if len(kinds) > 1 else '')
       line = f'{model} batch {batch} {label}: ' + ', '.join(parts)
       if len(structures) == 1:
@@ -328,6 +339,12 @@ def main(argv=None) -> int:
     default=10,
     help='timed train calls per thread count (after two untimed ones)',
   )
+  parser.add_argument(
+    '--sap_storages',
+    default='',
+    help="SAP storages of the fedmef exports, a comma list of 'topk' and 'radix' "
+    '(tflite_export.static_sap.STORAGES; each a fedmef row; empty: the default)',
+  )
   args = parser.parse_args(argv)
   try:
     threads = [int(n) for n in args.threads.split(',') if n.strip()]
@@ -346,6 +363,9 @@ def main(argv=None) -> int:
   grads = [g.strip() for g in args.weight_grads.split(',') if g.strip()]
   if not grads or any(g not in ('builtin', 'tf') for g in grads):
     parser.error(f"--weight_grads must list 'builtin' and/or 'tf', got {args.weight_grads!r}")
+  storages = [st.strip() for st in args.sap_storages.split(',') if st.strip()] or [None]
+  if any(st not in (None, 'topk', 'radix') for st in storages):
+    parser.error(f"--sap_storages must list 'topk' and/or 'radix', got {args.sap_storages!r}")
   out_dir = args.out_dir or tempfile.mkdtemp(prefix='tflite_memory_')
   os.makedirs(out_dir, exist_ok=True)
   try:
@@ -361,6 +381,7 @@ def main(argv=None) -> int:
       weight_grads=grads,
       threads=threads,
       time_calls=args.time_calls,
+      sap_storages=storages,
     )
   finally:
     if not args.out_dir:

@@ -277,7 +277,9 @@ def convert(module) -> bytes:
   tmp = tempfile.mkdtemp(prefix='fedmef_tflite_')
   try:
     # Saving may trace the module's functions again: keep the on-device SAP storage in force.
-    with train_module.tflite_tracing(module.max_im2col_bytes, module.builtin_weight_grads):
+    with train_module.tflite_tracing(
+      module.max_im2col_bytes, module.builtin_weight_grads, module.sap_storage
+    ):
       signatures = module.signatures(for_tflite=True)
       # Gradients are already in the signatures: do not re-trace custom gradients for the file.
       options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
@@ -386,6 +388,7 @@ def export_model(
   layer_updates: bool = True,
   max_im2col_kib: int = DEFAULT_MAX_IM2COL_KIB,
   builtin_weight_grads: bool = True,
+  sap_storage: Optional[str] = None,
 ) -> ExportReport:
   """Converts `keras_model` and writes it atomically to `output`.
 
@@ -404,6 +407,9 @@ def export_model(
     builtin_weight_grads: compute the weight gradients of masked convolutions in `train`
       from builtin ops (`tflite_export.filter_grad`, the default); False: the select-TF
       `Conv2DBackpropFilter`.
+    sap_storage: how SAP ops select and keep their kept activations in `train`, a name of
+      `tflite_export.static_sap.STORAGES` ('topk': TOPK_V2; 'radix': two radix histograms);
+      None: `static_sap.DEFAULT_STORAGE`.
 
   Returns:
     An `ExportReport`.
@@ -414,6 +420,7 @@ def export_model(
   """
   from tflite_export import memprobe  # pylint: disable=import-outside-toplevel
   from tflite_export import select_ops  # pylint: disable=import-outside-toplevel
+  from tflite_export import static_sap  # pylint: disable=import-outside-toplevel
   from fedmef_tf import agc  # pylint: disable=import-outside-toplevel
   from tflite_export import train_module  # pylint: disable=import-outside-toplevel
 
@@ -427,8 +434,12 @@ def export_model(
   _check_finite(keras_model)
   if layer_updates:
     _check_binary_masks(keras_model)
+  sap_storage = static_sap.DEFAULT_STORAGE if sap_storage is None else str(sap_storage)
+  if sap_storage not in static_sap.STORAGES:
+    raise ExportError(
+      f'--sap_storage must be one of {sorted(static_sap.STORAGES)}, got {sap_storage!r}'
+    )
   metadata = dict(config)
-  metadata['sap_storage'] = 'topk_values_int32_indices'
   module = train_module.TrainModule(
     keras_model,
     batch_size=int(batch_size),
@@ -437,6 +448,7 @@ def export_model(
     layer_updates=layer_updates,
     max_im2col_bytes=int(max_im2col_kib) * 1024,
     builtin_weight_grads=builtin_weight_grads,
+    sap_storage=sap_storage,
     gradient_clipping=agc.clipping_for(config['variant']),
   )
   try:
@@ -487,7 +499,8 @@ def format_report(report: ExportReport) -> str:
     f'wrote {report.path}: {report.size_bytes} bytes ({report.size_bytes / 2**20:.2f} MiB)',
     f'model {report.metadata.get("model")}/{report.metadata.get("variant")}, '
     f'batch {report.metadata["batch_size"]}, input {report.metadata["input_shape"]}, '
-    f'gamma {report.metadata.get("gamma", 0.0)}, '
+    f'gamma {report.metadata.get("gamma", 0.0)} (SAP storage '
+    f'{report.metadata.get("sap_storage")}), '
     f'learning rate {report.metadata["learning_rate"]} (set_learning_rate to change)',
     'kernel densities (nonzeros / size):',
   ]
@@ -574,6 +587,14 @@ def _flags():
       '(--nobuiltin_weight_grads: the select-TF Conv2DBackpropFilter and '
       'DepthwiseConv2dNativeBackprop*)',
     ),
+    (
+      flags.DEFINE_string,
+      'sap_storage',
+      None,
+      "selection of SAP's kept activations in train: 'topk' (TOPK_V2) or 'radix' (two radix "
+      'histograms over the float bit patterns; the same kept set); default: '
+      'tflite_export.static_sap.DEFAULT_STORAGE',
+    ),
   ):
     define(name, default, help_text, flag_values=fv)
   return fv
@@ -621,6 +642,7 @@ def run(argv: Sequence[str]) -> int:
       layer_updates=fl.layer_updates,
       max_im2col_kib=fl.max_im2col_kib,
       builtin_weight_grads=fl.builtin_weight_grads,
+      sap_storage=fl.sap_storage,
     )
   except (ExportError, OSError, ValueError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]

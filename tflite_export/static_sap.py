@@ -45,7 +45,17 @@ import tensorflow as tf
 from fedmef_tf import execution
 from fedmef_tf import sap
 
-__all__ = ['TopKStorage', 'TOPK', 'known_nonnegative', 'stored_bytes_per_element']
+__all__ = [
+  'TopKStorage',
+  'RadixStorage',
+  'TOPK',
+  'RADIX',
+  'STORAGES',
+  'DEFAULT_STORAGE',
+  'storage',
+  'known_nonnegative',
+  'stored_bytes_per_element',
+]
 
 
 def stored_bytes_per_element(gamma: float) -> float:
@@ -131,3 +141,91 @@ class TopKStorage(execution.ActivationStorage):
 
 #: The storage of a TFLite export's SAP ops and 1-bit activations.
 TOPK = TopKStorage()
+
+
+#: Bins of the two radix passes of `RadixStorage`: the high 16 bits of a non-negative float32
+#: pattern (sign bit clear: 0 .. 32767), then the low 16 bits.
+_HI_BINS = 32768
+_LO_BINS = 65536
+
+
+def _counts(index: tf.Tensor, ones: tf.Tensor, size: int) -> tf.Tensor:
+  """Histogram of the int32 `index` (values `0 .. size - 1`) as SCATTER_ND of `ones`, which
+  adds the updates of repeated indices (TFLite's builtin as TF's `scatter_nd` does)."""
+  return tf.scatter_nd(index[:, None], ones, [size])
+
+
+def _bin_from_top(hist: tf.Tensor, need: tf.Tensor):
+  """Largest bin `b` with `#(entries in bins >= b) >= need` (0 if none), and `#(bins > b)`."""
+  from_top = tf.cumsum(hist, reverse=True)
+  b = tf.maximum(tf.reduce_sum(tf.cast(from_top >= need, tf.int32)) - 1, 0)
+  return b, from_top[b] - hist[b]
+
+
+class RadixStorage(TopKStorage):
+  """SAP's kept activations as `TopKStorage` stores them (values and int32 indices, static
+  shape `[k]`), selected by two radix histograms over the float32 bit patterns instead of
+  TOPK_V2.
+
+  Selection, all TFLite builtins (BITCAST, FLOOR_DIV, SCATTER_ND as a histogram, CUMSUM,
+  compares): the bit pattern of `|x|` (for non-negative floats the integer order of the
+  patterns is the order of the values) is binned by its high 16 bits, the bin holding the k-th
+  largest found from the top, and the entries of that bin binned by their low 16 bits; that
+  gives the k-th largest pattern `t`, `#(|x| > t)` and `#(|x| == t)`. Kept: every entry above
+  `t` and the first entries equal to `t` by flat index, as many as `k` needs (no zero is kept:
+  a zero threshold keeps only the nonzeros, and the unused slots hold value 0 at index 0).
+  That is `fedmef_tf.sap.keep_mask`'s set exactly, ties included. Compaction: an exclusive
+  cumulative sum of the keep mask is each kept entry's slot, and SCATTER_ND writes the flat
+  indices and values to their slots.
+
+  Inputs of fewer than `min_elements` entries use `TopKStorage`'s TOPK_V2.
+  """
+
+  def __init__(self, min_elements: int = 0):
+    self.min_elements = int(min_elements)
+
+  def compress(self, x: tf.Tensor, gamma: float):
+    """Kept values and flat indices, float32 `[k]` and int32 `[k]` (`TopKStorage.compress`)."""
+    if not x.shape.is_fully_defined() or x.shape.num_elements() < self.min_elements:
+      return super().compress(x, gamma)
+    flat = tf.reshape(x, [-1])
+    n = int(flat.shape[0])
+    k = sap.keep_count(n, gamma)
+    if k == 0:
+      return tf.zeros([0], tf.float32), tf.zeros([0], tf.int32)
+    # ABS also for a ReLU output: -0.0 (which a ReLU may give) has the sign bit set.
+    bits = tf.bitcast(tf.abs(flat), tf.int32)
+    hi = tf.math.floordiv(bits, _LO_BINS)
+    # Built from the data so that the converter does not fold it into an n-entry constant.
+    ones = tf.cast(hi >= 0, tf.int32)
+    b, above_b = _bin_from_top(_counts(hi, ones, _HI_BINS), k)
+    in_bin = tf.cast(tf.equal(hi, b), tf.int32)
+    hist_lo = _counts(tf.math.floormod(bits, _LO_BINS), in_bin, _LO_BINS)
+    lo_t, above_lo = _bin_from_top(hist_lo, k - above_b)
+    t = b * _LO_BINS + lo_t
+    ties = tf.where(tf.equal(t, 0), 0, k - above_b - above_lo)
+    eq = tf.cast(tf.equal(bits, t), tf.int32)
+    first_ties = eq * tf.cast(tf.cumsum(eq) <= ties, tf.int32)
+    keep = tf.cast(bits > t, tf.int32) + first_ties
+    # Inclusive ranks: a kept entry goes to slot 1 .. k, the others add 0 to some slot.
+    slot = tf.cumsum(keep)
+    position = tf.cumsum(ones, exclusive=True)
+    indices = _counts(slot, keep * position, k + 1)[1:]
+    values = _counts(slot, flat * tf.cast(keep, tf.float32), k + 1)[1:]
+    return values, indices
+
+
+#: Radix-histogram selection for every SAP input of known shape.
+RADIX = RadixStorage()
+
+#: The storages an export can choose (`--sap_storage`), by name.
+STORAGES = {'topk': TOPK, 'radix': RADIX}
+#: The storage of an export that names none.
+DEFAULT_STORAGE = 'topk'
+
+
+def storage(name: str) -> TopKStorage:
+  """The storage called `name` in `STORAGES`; ValueError for another name."""
+  if name not in STORAGES:
+    raise ValueError(f'sap_storage must be one of {sorted(STORAGES)}, got {name!r}')
+  return STORAGES[name]

@@ -84,9 +84,11 @@ _UNBOUNDED = 1 << 62
 def tflite_strategy(
   max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
   builtin_weight_grads: bool = True,
+  sap_storage: str = static_sap.DEFAULT_STORAGE,
 ) -> execution.Strategy:
   """How the graphs of a TFLite file are traced (`fedmef_tf.execution`): SAP with static-shape
-  storage (`tflite_export.static_sap.TOPK`), the backward order carried by data dependencies,
+  storage (`tflite_export.static_sap.STORAGES[sap_storage]`: TOPK_V2 or radix selection),
+  the backward order carried by data dependencies,
   no native kernel, masked conv forwards in batch slices with at most `max_im2col_bytes` of
   im2col workspace each (`tflite_export.chunked_conv`; 0: whole batch) and, if
   `builtin_weight_grads`, their weight gradients from builtin ops
@@ -96,7 +98,7 @@ def tflite_strategy(
   (`tflite_export.layer_updates.InBackwardUpdates`) while it is traced."""
   budget = max_im2col_bytes if max_im2col_bytes > 0 else _UNBOUNDED
   return execution.Strategy(
-    sap_storage=static_sap.TOPK,
+    sap_storage=static_sap.storage(sap_storage),
     conv2d=chunked_conv.bounded(budget),
     conv2d_filter_grad=(
       filter_grad.conv2d_filter_grad if builtin_weight_grads else execution.tf_conv2d_filter_grad
@@ -112,10 +114,11 @@ def tflite_strategy(
 def tflite_tracing(
   max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
   builtin_weight_grads: bool = True,
+  sap_storage: str = static_sap.DEFAULT_STORAGE,
 ):
-  """`execution.scope(tflite_strategy(max_im2col_bytes, builtin_weight_grads))`: a context in
-  which the graphs of a TFLite file are traced."""
-  return execution.scope(tflite_strategy(max_im2col_bytes, builtin_weight_grads))
+  """`execution.scope(tflite_strategy(max_im2col_bytes, builtin_weight_grads, sap_storage))`:
+  a context in which the graphs of a TFLite file are traced."""
+  return execution.scope(tflite_strategy(max_im2col_bytes, builtin_weight_grads, sap_storage))
 
 
 def weight_names(model: tf.keras.Model) -> List[str]:
@@ -162,6 +165,8 @@ class TrainModule(tf.Module):
     builtin_weight_grads: in the TFLite graph, compute the weight gradients of masked
       convolutions from builtin ops (`tflite_export.filter_grad`); False: the select-TF
       `Conv2DBackpropFilter`.
+    sap_storage: in the TFLite graph, how SAP ops select and keep their kept activations
+      (a name of `tflite_export.static_sap.STORAGES`).
     gradient_clipping: AGC threshold of `train` (`fedmef_tf.agc`, as the simulated clients
       of the model's variant use it: `agc.clipping_for(variant)`), or None for plain SGD.
   """
@@ -176,6 +181,7 @@ class TrainModule(tf.Module):
     layer_updates: bool = True,
     max_im2col_bytes: int = chunked_conv.DEFAULT_MAX_WORKSPACE_BYTES,
     builtin_weight_grads: bool = True,
+    sap_storage: str = static_sap.DEFAULT_STORAGE,
     gradient_clipping: Optional[float] = None,
   ):
     super().__init__(name='fedmef_train_module')
@@ -195,6 +201,8 @@ class TrainModule(tf.Module):
       raise ValueError(f'max_im2col_bytes must be >= 0, got {max_im2col_bytes}')
     self.max_im2col_bytes = int(max_im2col_bytes)
     self.builtin_weight_grads = bool(builtin_weight_grads)
+    static_sap.storage(sap_storage)  # ValueError for an unknown name
+    self.sap_storage = str(sap_storage)
     self.gradient_clipping = None if gradient_clipping is None else float(gradient_clipping)
     output_layer = model.layers[-1]
     self._unclipped_layers = (
@@ -218,6 +226,7 @@ class TrainModule(tf.Module):
         'layer_updates': self.layer_updates,
         'max_im2col_bytes': self.max_im2col_bytes,
         'builtin_weight_grads': self.builtin_weight_grads,
+        'sap_storage': self.sap_storage,
         'gradient_clipping': self.gradient_clipping,
         'checkpoint_layout': checkpoint_lib.layout(
           self.names + [LR_NAME], [v.shape for v in self._vars + [self.lr]]
@@ -335,7 +344,7 @@ class TrainModule(tf.Module):
         traces `fedmef_tf.sap` as it is (the TF reference of `tflite_export.verify`).
     """
     context = (
-      tflite_tracing(self.max_im2col_bytes, self.builtin_weight_grads)
+      tflite_tracing(self.max_im2col_bytes, self.builtin_weight_grads, self.sap_storage)
       if for_tflite
       else contextlib.nullcontext()
     )
