@@ -174,9 +174,13 @@ class RadixStorage(TopKStorage):
   gives the k-th largest pattern `t`, `#(|x| > t)` and `#(|x| == t)`. Kept: every entry above
   `t` and the first entries equal to `t` by flat index, as many as `k` needs (no zero is kept:
   a zero threshold keeps only the nonzeros, and the unused slots hold value 0 at index 0).
-  That is `fedmef_tf.sap.keep_mask`'s set exactly, ties included. Compaction: an exclusive
+  That is `fedmef_tf.sap.keep_mask`'s set exactly, ties included (subnormal magnitudes are
+  ranked by their bit patterns, where TF's CPU kernels, which flush them to zero, see zeros). Compaction: an exclusive
   cumulative sum of the keep mask is each kept entry's slot, and SCATTER_ND writes the flat
-  indices and values to their slots.
+  indices and values to their slots. Where every entry equal to `t` is kept (or none, at a zero
+  threshold), the keep mask is one compare; only a threshold shared by entries of which some
+  are kept and some not ranks the tied entries (a cumulative sum), in the other branch of an
+  IF.
 
   Inputs of fewer than `min_elements` entries use `TopKStorage`'s TOPK_V2.
   """
@@ -204,9 +208,18 @@ class RadixStorage(TopKStorage):
     lo_t, above_lo = _bin_from_top(hist_lo, k - above_b)
     t = b * _LO_BINS + lo_t
     ties = tf.where(tf.equal(t, 0), 0, k - above_b - above_lo)
-    eq = tf.cast(tf.equal(bits, t), tf.int32)
-    first_ties = eq * tf.cast(tf.cumsum(eq) <= ties, tf.int32)
-    keep = tf.cast(bits > t, tf.int32) + first_ties
+    n_eq = hist_lo[lo_t]
+
+    def first_ties():
+      eq = tf.cast(tf.equal(bits, t), tf.int32)
+      return tf.cast(bits > t, tf.int32) + eq * tf.cast(tf.cumsum(eq) <= ties, tf.int32)
+
+    # Every entry equal to t is kept, or none (a zero threshold): one compare.
+    keep = tf.cond(
+      tf.logical_or(tf.equal(ties, n_eq), tf.equal(ties, 0)),
+      lambda: tf.cast(bits > t - tf.cast(ties > 0, tf.int32), tf.int32),
+      first_ties,
+    )
     # Inclusive ranks: a kept entry goes to slot 1 .. k, the others add 0 to some slot.
     slot = tf.cumsum(keep)
     position = tf.cumsum(ones, exclusive=True)
@@ -215,8 +228,13 @@ class RadixStorage(TopKStorage):
     return values, indices
 
 
-#: Radix-histogram selection for every SAP input of known shape.
-RADIX = RadixStorage()
+#: Below this many input entries TOPK_V2 is the faster selection (its cost grows as
+#: `n log k`, the radix passes' fixed cost is that of their 98304 bins).
+RADIX_MIN_ELEMENTS = 65536
+
+#: Radix-histogram selection for SAP inputs of at least `RADIX_MIN_ELEMENTS` entries, TOPK_V2
+#: for smaller ones.
+RADIX = RadixStorage(RADIX_MIN_ELEMENTS)
 
 #: The storages an export can choose (`--sap_storage`), by name.
 STORAGES = {'topk': TOPK, 'radix': RADIX}
