@@ -175,12 +175,12 @@ class RadixStorage(TopKStorage):
   `t` and the first entries equal to `t` by flat index, as many as `k` needs (no zero is kept:
   a zero threshold keeps only the nonzeros, and the unused slots hold value 0 at index 0).
   That is `fedmef_tf.sap.keep_mask`'s set exactly, ties included (subnormal magnitudes are
-  ranked by their bit patterns, where TF's CPU kernels, which flush them to zero, see zeros). Compaction: an exclusive
-  cumulative sum of the keep mask is each kept entry's slot, and SCATTER_ND writes the flat
-  indices and values to their slots. Where every entry equal to `t` is kept (or none, at a zero
-  threshold), the keep mask is one compare; only a threshold shared by entries of which some
-  are kept and some not ranks the tied entries (a cumulative sum), in the other branch of an
-  IF.
+  ranked by their bit patterns, where TF's CPU kernels, which flush them to zero, see zeros).
+  Compaction: the cumulative sum of the keep mask is each kept entry's slot, and SCATTER_ND
+  adds the flat indices and values of the kept entries to their slots (the other entries add
+  0). Where every entry equal to `t` is kept (or none, at a zero threshold), the keep mask is
+  one compare; only a threshold shared by entries of which some are kept and some not ranks the
+  tied entries (a cumulative sum), in the other branch of an IF.
 
   Inputs of fewer than `min_elements` entries use `TopKStorage`'s TOPK_V2.
   """
