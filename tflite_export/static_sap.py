@@ -16,8 +16,10 @@ memory, it costs memory:
 `tflite_export.memprobe` measures what these transients cost against this module's storage
 (docs/ANDROID.md has the figures).
 
-This module's storage, `TOPK`, is the `sap_storage` of a TFLite export's execution strategy
-(`tflite_export.train_module.tflite_strategy`, `fedmef_tf.execution`):
+This module's storages, `TOPK` (the default) and `RADIX` (the same stored format and kept set,
+selected by radix histograms instead of TOPK_V2: faster on large inputs, with larger
+transients; `RadixStorage`), are the `sap_storage` of a TFLite export's execution strategy
+(`tflite_export.train_module.tflite_strategy`, `fedmef_tf.execution`; `--sap_storage`). `TOPK`:
 
 * keep set: `tf.math.top_k(|x|, k)` over the flattened input, `k = ceil((1 - gamma) * n)`
   (TFLite's builtin TOPK_V2, which needs O(k) extra memory);
