@@ -8,7 +8,7 @@ import tensorflow as tf
 from fedmef_tf import execution
 from fedmef_tf import growth
 from fedmef_tf import sap
-from fedmef_tf import sap_native
+from fedmef_tf.sap import native as sap_native
 from fedmef_tf import sparse_layers
 
 
