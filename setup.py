@@ -11,9 +11,9 @@ setuptools.setup(
   name='fedmef-tf',
   version='0.1.0',
   description='FedMef: memory-efficient federated dynamic pruning (CVPR 2024) for TensorFlow',
-  packages=['fedmef_tf', 'tff_programs', 'tflite_export', 'benchmarks'],
-  # The C++ source of the native SAP kernels; `python -m fedmef_tf.sap_native` builds them.
-  package_data={'fedmef_tf': ['cc/sap_ops.cc']},
+  packages=['fedmef_tf', 'fedmef_tf.sap', 'tff_programs', 'tflite_export', 'benchmarks'],
+  # The C++ source of the native SAP kernels; `python -m fedmef_tf.sap.native` builds them.
+  package_data={'fedmef_tf.sap': ['cc/sap_ops.cc']},
   python_requires='>=3.9,<3.12',
   install_requires=[
     'tensorflow==2.14.1',

@@ -6,12 +6,12 @@ CVPR 2024 (arXiv 2403.14737). A sampled client k with n_k examples, in round t:
 1. loads the broadcast weights and mask and trains E epochs of masked SGD (batch B, learning
    rate eta_t); masked weights stay exactly zero after every step;
 2. in adjustment rounds with budget-aware extrusion (BaE) on: derives the marked set (per layer the
-   k_l active weights of smallest |theta|, `mask_updates.marked_set`) from the broadcast weights,
+   k_l active weights of smallest |theta|, `bae.marked_set`) from the broadcast weights,
    sets it with lambda in the masked layers (whose custom kernel gradient adds
    `2 * lambda * theta` on the marked entries), and uses at local step tau the learning rate
    `mu = max(eta_t, beta_tau)` over the budget `T_B = E * ceil(n_k / B)`;
 3. in adjustment rounds of server-side adjusting algorithms, after training: the unmasked
-   task-loss gradient on one mini-batch (`sparse_layers.dense_kernel_gradients`) and per layer the
+   task-loss gradient on one mini-batch (`growth.dense_kernel_gradients`) and per layer the
    top-k_l (index, value) pairs among inactive positions;
 4. returns its weights (multiplied by its aggregation weight n_k, so that the server only sums),
    n_k, the sparse gradients, metrics and whether its update was finite.
@@ -44,11 +44,12 @@ import numpy as np
 import tensorflow as tf
 
 from fedmef_tf import agc
+from fedmef_tf import bae
+from fedmef_tf import growth
 from fedmef_tf import losses
 from fedmef_tf import mask_updates
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import schedules
-from fedmef_tf import sparse_layers
 
 #: Bytes per weight value and per gradient value on the wire (float32), and per index (int32).
 VALUE_BYTES = 4
@@ -273,7 +274,7 @@ def build_client_update(
       v.assign(t)
 
   def _regrow(x, y, k):
-    grads = sparse_layers.dense_kernel_gradients(model, x, y, loss_fn)
+    grads = growth.dense_kernel_gradients(model, x, y, loss_fn)
     for l, layer in enumerate(layers):
       new_kernel, new_mask = mask_updates.client_prune_and_regrow(
         layer.kernel, layer.mask, grads[l], k[l]
@@ -283,7 +284,7 @@ def build_client_update(
 
   def _bae_lr(tau, budget, eta_t):
     low_sq = tf.add_n([tf.reduce_sum(tf.square(layer.kernel * layer.marked)) for layer in layers])
-    return schedules.bae_learning_rate(tau, budget, tf.sqrt(low_sq), eta_t, eta_0)
+    return bae.bae_learning_rate(tau, budget, tf.sqrt(low_sq), eta_t, eta_0)
 
   @tf.function
   def client_update(dataset, trainable, non_trainable, config: RoundConfig):
@@ -296,7 +297,7 @@ def build_client_update(
 
     bae_on = tf.logical_and(config.adjust, tf.constant(bool(use_bae)))
     for l, layer in enumerate(layers):
-      marked = mask_updates.marked_set(layer.kernel, layer.mask, k[l])
+      marked = bae.marked_set(layer.kernel, layer.mask, k[l])
       layer.marked.assign(tf.where(bae_on, marked, tf.zeros_like(marked)))
       layer.bae_lambda.assign(tf.where(bae_on, tf.constant(lambda_bae, tf.float32), 0.0))
 
@@ -337,12 +338,12 @@ def build_client_update(
     if server_adjust:
       if config.adjust:  # a tf.cond: no iterator is made outside adjustment rounds
         for x, y in iter(batches.take(1)):
-          grads = sparse_layers.dense_kernel_gradients(model, x, y, loss_fn)
+          grads = growth.dense_kernel_gradients(model, x, y, loss_fn)
           new_dense = []
           count = tf.constant(0, tf.int32)
           for l, layer in enumerate(layers):
-            indices, values = mask_updates.top_k_inactive(grads[l], layer.mask, k[l])
-            new_dense.append(mask_updates.scatter_pairs(indices, values, layout.kernel_shapes[l]))
+            indices, values = growth.top_k_inactive(grads[l], layer.mask, k[l])
+            new_dense.append(growth.scatter_pairs(indices, values, layout.kernel_shapes[l]))
             count += tf.size(indices)
           grad_dense = tuple(new_dense)
           pairs_sent = count

@@ -7,7 +7,7 @@ where the traced graph runs:
 - plain TensorFlow (this module's `DEFAULT`): SAP keeps its kept activations as values plus a
     packed 1-bit mask, convolutions are `tf.nn.conv2d` with `Conv2DBackpropFilter` as their
     weight gradient, the backward order is pinned by control dependencies, the native CPU kernels
-    of `fedmef_tf.sap_native` are used where they are built, and a masked layer's kernel is
+    of `fedmef_tf.sap.native` are used where they are built, and a masked layer's kernel is
     `kernel * mask` whose gradient the caller's optimizer applies;
 - the TFF simulation (`TFF_SIMULATION`): SAP keeps the dense pruned input (the same kept set
     and gradients, without the memory saving) and no native kernel is traced, since TFF runs the
@@ -173,7 +173,7 @@ class Strategy:
           `conv2d` that defines its own gradient), `(x, dy, w_shape, strides4, padding) -> dw`.
       data_dependencies: `fedmef_tf.sap.after` orders the backward pass with data dependencies
           (for graphs whose converter drops control dependencies).
-      native_kernels: SAP may use the native CPU kernels of `fedmef_tf.sap_native` (where they
+      native_kernels: SAP may use the native CPU kernels of `fedmef_tf.sap.native` (where they
           are built and the graph runs in this process).
       layer_kernels: how a masked layer makes and updates its kernel; None: the plain way
           (`LayerKernels`).

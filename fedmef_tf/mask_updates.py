@@ -2,10 +2,11 @@
 
 FedMef: Huang, Zhuang, Chen, Lyu, "FedMef: Towards Memory-efficient Federated Dynamic Pruning",
 CVPR 2024 (arXiv 2403.14737). In an adjustment round the server prunes, per prunable layer, the
-k_l active weights of smallest magnitude (the *marked set*, which clients already pushed towards
-zero with budget-aware extrusion) and grows the k_l positions with the largest aggregated gradient
-magnitude among those that were inactive before the adjustment (RigL's drop/grow step, Evci et
-al. 2020, done on the server as in FedTiny). This module also holds the aggregation of FedDST
+k_l active weights of smallest magnitude (the *marked set*, `fedmef_tf.bae.marked_set`, which
+clients already pushed towards zero with budget-aware extrusion) and grows the k_l positions with
+the largest aggregated gradient magnitude among those that were inactive before the adjustment
+(RigL's drop/grow step, Evci et al. 2020, done on the server as in FedTiny); the gradients are
+the clients' top-k pairs of `fedmef_tf.growth`. This module also holds the aggregation of FedDST
 (Bibikar et al., AAAI 2022) and the server-side magnitude pruning used by the tfmot-style
 baseline, whose target sparsity comes from tensorflow-model-optimization's `PolynomialDecay`.
 
@@ -13,8 +14,8 @@ Conventions:
 
 - Every function works on one layer: `kernel`, `mask`, `grad` are tensors of the same shape
   (any rank), masks are float32 0/1. Counts `k` are int scalars (Python or tensor).
-- Ties are broken by flat (row-major) index, lower index first: `tf.math.top_k` returns the
-  lower index first among equal values, and every selection below is a `top_k` on a score.
+- Ties are broken by flat (row-major) index, lower index first: every selection below is
+  `fedmef_tf.ranking.select_top`, a `top_k` on a score.
 - Selections never pick more positions than are eligible: `k` is clipped to the eligible count.
 - Nothing here knows about TFF; everything runs eagerly or inside a `tf.function`.
 """
@@ -22,95 +23,8 @@ Conventions:
 import tensorflow as tf
 from tensorflow_model_optimization.sparsity import keras as tfmot_sparsity
 
-
-def _select_top(score, eligible, k):
-  """0/1 float mask (shape of `score`) of the k largest `score` entries among `eligible` ones.
-
-  Args:
-    score: float tensor, any shape.
-    eligible: bool tensor, same shape.
-    k: int scalar, number of positions to select; clipped to [0, count(eligible)].
-
-  Returns:
-    A float32 tensor of the shape of `score` with exactly min(k, count(eligible)) ones.
-  """
-  flat_score = tf.reshape(tf.cast(score, tf.float32), [-1])
-  flat_eligible = tf.reshape(eligible, [-1])
-  n = tf.size(flat_score)
-  k = tf.cast(k, tf.int32)
-  k = tf.clip_by_value(k, 0, tf.reduce_sum(tf.cast(flat_eligible, tf.int32)))
-  lowest = tf.fill(tf.shape(flat_score), tf.constant(-float('inf'), tf.float32))
-  masked_score = tf.where(flat_eligible, flat_score, lowest)
-  _, indices = tf.math.top_k(masked_score, k=k, sorted=True)
-  selected = tf.scatter_nd(
-    tf.expand_dims(indices, 1), tf.ones_like(indices, dtype=tf.float32), tf.expand_dims(n, 0)
-  )
-  return tf.reshape(selected, tf.shape(score))
-
-
-def marked_set(kernel, mask, k):
-  """The BaE marked set: the k active entries of smallest |kernel|, ties by flat index.
-
-  Server and clients call this on the same broadcast weights, so they derive the same set, and
-  the server prunes exactly this set.
-
-  Args:
-    kernel: float tensor, the layer's weights.
-    mask: float32 0/1 tensor, same shape, the current sparsity mask.
-    k: int scalar, k_l (clipped to the layer's active count).
-
-  Returns:
-    A float32 0/1 tensor of the kernel's shape, a subset of `mask` with min(k, nnz) ones.
-  """
-  return _select_top(-tf.abs(kernel), mask > 0, k)
-
-
-def top_k_inactive(grad, mask, k):
-  """Per layer, the top-k positions of |grad| among inactive (mask == 0) positions.
-
-  This is what a client uploads after training in an adjustment round: (flat index, value)
-  pairs.
-
-  Args:
-    grad: float tensor, the unmasked gradient of the task loss w.r.t. the effective weights.
-    mask: float32 0/1 tensor, same shape.
-    k: int scalar, k_l (clipped to the layer's inactive count).
-
-  Returns:
-    (indices, values): int32 vector [k'] of flat indices in descending |grad| order (ties by
-    lower index) and float32 vector [k'] of the signed gradient values there, k' = min(k,
-    inactive count).
-  """
-  flat_grad = tf.reshape(tf.cast(grad, tf.float32), [-1])
-  flat_inactive = tf.reshape(mask <= 0, [-1])
-  k = tf.clip_by_value(tf.cast(k, tf.int32), 0, tf.reduce_sum(tf.cast(flat_inactive, tf.int32)))
-  lowest = tf.fill(tf.shape(flat_grad), tf.constant(-float('inf'), tf.float32))
-  score = tf.where(flat_inactive, tf.abs(flat_grad), lowest)
-  _, indices = tf.math.top_k(score, k=k, sorted=True)
-  return indices, tf.gather(flat_grad, indices)
-
-
-def scatter_pairs(indices, values, shape):
-  """Dense tensor of `shape` holding `values` at flat `indices`, zero elsewhere.
-
-  The simulation sums these dense tensors across clients; on the wire only the pairs travel,
-  and that is what the traffic count charges. Missing entries are 0, as ALGORITHM.md states.
-
-  Args:
-    indices: int32 vector [k] of flat indices (distinct).
-    values: float32 vector [k].
-    shape: the layer's kernel shape.
-
-  Returns:
-    A float32 tensor of `shape`.
-  """
-  size = tf.reduce_prod(tf.cast(shape, tf.int32))
-  flat = tf.scatter_nd(
-    tf.expand_dims(tf.cast(indices, tf.int32), 1),
-    tf.cast(values, tf.float32),
-    tf.expand_dims(size, 0),
-  )
-  return tf.reshape(flat, shape)
+from fedmef_tf import bae
+from fedmef_tf import ranking
 
 
 def prune_and_grow(kernel, mask, prune, grow_score, k):
@@ -133,7 +47,7 @@ def prune_and_grow(kernel, mask, prune, grow_score, k):
     (new_kernel, new_mask, grown): the kernel with pruned and grown entries zero (and the
     inactive ones zero), the new 0/1 mask, and the 0/1 tensor of grown positions.
   """
-  grown = _select_top(grow_score, mask <= 0, k)
+  grown = ranking.select_top(grow_score, mask <= 0, k)
   kept = mask * (1.0 - prune)
   new_mask = kept + grown
   new_kernel = kernel * tf.cast(kept, kernel.dtype)
@@ -157,7 +71,7 @@ def server_adjust_layer(broadcast_kernel, mask, aggregated_kernel, aggregated_gr
   Returns:
     (new_kernel, new_mask, pruned, grown): `pruned` is the marked set, `grown` the new positions.
   """
-  pruned = marked_set(broadcast_kernel, mask, k)
+  pruned = bae.marked_set(broadcast_kernel, mask, k)
   new_kernel, new_mask, grown = prune_and_grow(
     aggregated_kernel, mask, pruned, tf.abs(aggregated_grad), k
   )
@@ -179,7 +93,7 @@ def client_prune_and_regrow(kernel, mask, grad, k):
   Returns:
     (new_kernel, new_mask).
   """
-  prune = marked_set(kernel, mask, k)
+  prune = bae.marked_set(kernel, mask, k)
   new_kernel, new_mask, _ = prune_and_grow(kernel, mask, prune, tf.abs(grad), k)
   return new_kernel, new_mask
 
@@ -195,7 +109,7 @@ def magnitude_mask(kernel, eligible_mask, nnz):
   Returns:
     A float32 0/1 tensor of the kernel's shape.
   """
-  return _select_top(tf.abs(kernel), eligible_mask > 0, nnz)
+  return ranking.select_top(tf.abs(kernel), eligible_mask > 0, nnz)
 
 
 def feddst_aggregate_layer(weighted_kernel_sum, weighted_mask_sum, target_nnz):

@@ -317,7 +317,7 @@ def analytic_footprint(
         row['cached_bytes'] = cache_float(inputs)
       # The effective kernel (kernel * mask, or the NSConv W_hat) that the op keeps for
       # its input gradient. The NSConv standardisation itself keeps nothing kernel-sized
-      # (sparse_layers.masked_standardized_kernel recomputes its statistics backward).
+      # (nsconv.masked_standardized_kernel recomputes its statistics backward).
       row['kernel_cache_bytes'] = _F32 * kernel_size
       # Backward working set on the kernel side: the filter gradient and one working
       # copy (the masked product; NSConv's recomputation runs through forwarded buffers,

@@ -11,9 +11,9 @@ DepthwiseConv2D, d_in for Dense), `var` is the population variance (divide by N)
 is applied again so that pruned entries stay exactly zero in the kernel the op uses.
 
 `kernel_gradient` is NSConv's backward pass (the gradients of the sparse kernel and the gain
-from that of `W_hat`), used by the masked layers' custom gradient
-(`fedmef_tf.sparse_layers.masked_standardized_kernel`) and by the in-backward kernel updates of
-a TFLite `train` step (`tflite_export.layer_updates`).
+from that of `W_hat`), used by the masked layers' kernel (`masked_standardized_kernel`: the
+standardised sparse kernel with its custom gradient, BaE's penalty included) and by the
+in-backward kernel updates of a TFLite `train` step (`tflite_export.layer_updates`).
 
 Output centring (`center_spatial`): the models subtract, from every NSConv output but the
 stem's, its per-example, per-channel mean over height and width, before the bias. Centring the
@@ -41,8 +41,11 @@ from typing import List, Optional, Tuple, Union
 
 import tensorflow as tf
 
+from fedmef_tf import bae
+
 __all__ = [
   'standardize_kernel',
+  'masked_standardized_kernel',
   'kernel_gradient',
   'center_spatial',
   'EPS',
@@ -156,7 +159,7 @@ def kernel_gradient(
               (0 where S < EPS)
       dL/dW = dL/dc - mean(dL/dc)        (dL/dW = dL/dc when not `center`)
 
-  The masked layer (`fedmef_tf.sparse_layers.masked_standardized_kernel`) passes the centred
+  The masked layer (`masked_standardized_kernel`) passes the centred
   kernel c itself. The in-backward update of a TFLite `train` step
   (`tflite_export.layer_updates`), which keeps no centred kernel, passes `W_hat` with
   `centred_factor = 1 / s` (0 where s is 0; on the active entries c = W_hat / s, and u is 0
@@ -197,6 +200,80 @@ def kernel_gradient(
     return d_centred - tf.reduce_mean(d_centred, axis=axes, keepdims=True), d_gain
   mean_d = scale * tf.reduce_mean(u, axis=axes, keepdims=True) + 2.0 * d_sum_sq * centred_mean
   return d_centred - mean_d, d_gain
+
+
+def masked_standardized_kernel(
+  kernel: tf.Tensor,
+  mask: tf.Tensor,
+  marked: tf.Tensor,
+  bae_lambda: tf.Tensor,
+  gain: tf.Tensor,
+  depthwise: bool = False,
+  center: bool = True,
+) -> tf.Tensor:
+  """NSConv kernel `standardize_kernel(kernel * mask, mask, gain)`, masked-kernel gradient.
+
+  Same value as `standardize_kernel(fedmef_tf.sparse_layers.masked_kernel(kernel, mask,
+  marked, bae_lambda), mask, gain, depthwise)` and the same gradients, but as one custom
+  gradient that caches nothing of kernel size: the backward pass recomputes the channel
+  statistics from `kernel` (a read of the variable, resident anyway) instead of keeping the
+  centred kernel and its products alive from the forward pass (for ResNet18 that is tens of MB
+  per copy).
+
+  The gradients of W = kernel * mask and of the gain are NSConv's backward pass
+  (`kernel_gradient`, from the recomputed centred kernel), and
+
+      dL/dkernel = dL/dW * mask + 2 * bae_lambda * kernel * marked
+
+  (the second term is BaE's penalty, `fedmef_tf.bae.penalty_gradient`). The masked layers
+  (`fedmef_tf.sparse_layers.MaskedLayer` with `normalize=True`) make their kernel with it.
+
+  Args:
+      kernel: float32 raw kernel, shape as in `standardize_kernel`.
+      mask: 0/1 float32, same shape.
+      marked: 0/1 float32, same shape (BaE marked set).
+      bae_lambda: float32 scalar.
+      gain: per-output-channel gain, shape `(n_out,)` (see `standardize_kernel`).
+      depthwise: whether the kernel is a depthwise kernel.
+      center: subtract the per-channel mean (see `standardize_kernel`).
+
+  Returns:
+      W_hat, shape of `kernel`.
+  """
+  rank = kernel.shape.rank
+  axes = list(reduction_axes(rank, depthwise))
+  g_shape = gain_shape(kernel.shape, depthwise)
+  mask = tf.stop_gradient(tf.cast(mask, kernel.dtype))
+  marked = tf.stop_gradient(tf.cast(marked, kernel.dtype))
+  bae_lambda = tf.stop_gradient(tf.cast(bae_lambda, kernel.dtype))
+  eps = tf.constant(EPS, kernel.dtype)
+
+  def stats(k, g):
+    w = k * mask
+    centred = w - tf.reduce_mean(w, axis=axes, keepdims=True) if center else w
+    sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)
+    inv_std = tf.math.rsqrt(tf.maximum(sum_sq, eps))
+    return centred, sum_sq, inv_std, tf.reshape(g, g_shape)
+
+  @tf.custom_gradient
+  def _kernel(k, g):
+    ks, gs = tf.stop_gradient(k), tf.stop_gradient(g)
+    centred, _, inv_std, g_b = stats(ks, gs)
+
+    def grad(upstream):
+      # The dependency on upstream keeps the executor from running this recomputation
+      # (it needs forward tensors only) during the forward pass and holding its results.
+      with tf.control_dependencies([upstream]):
+        c, sum_sq, inv, gb = stats(tf.identity(ks), gs)
+        penalty = bae.penalty_gradient(ks, marked, bae_lambda)
+      u = upstream * mask
+      d_w, d_gain = kernel_gradient(u, c, sum_sq, inv, gb, gb * inv, axes, center=center)
+      d_k = d_w * mask + penalty
+      return d_k, tf.reshape(d_gain, tf.shape(gs))
+
+    return centred * (g_b * inv_std) * mask, grad
+
+  return _kernel(kernel, gain)
 
 
 def center_spatial(y: tf.Tensor) -> tf.Tensor:

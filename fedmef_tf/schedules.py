@@ -8,10 +8,8 @@ computation:
 - which rounds adjust the mask (`is_adjustment_round`),
 - the adjustment fraction `alpha_t` (cosine decay, as in RigL) and the per-layer count
   `k_l = floor(alpha_t * nnz_l)` (`adjustment_fraction`, `adjustment_counts`),
-- the budget of local steps `T_B = E * ceil(n_k / B)` (`local_step_budget`),
-- the REX profile `p(tau)` and the budget-aware BaE learning rate
-  `mu = max(eta_t, beta_tau)`, `beta_tau = p(tau) * (2 * sigmoid(||theta_low||_2) - 1) * eta_0`
-  (`rex_profile`, `bae_learning_rate`),
+- the budget of local steps `T_B = E * ceil(n_k / B)` (`local_step_budget`), over which BaE's
+  budget-aware learning rate runs (`fedmef_tf.bae`),
 - the client learning rate of round t, exponential decay from eta_0 (round 1) to eta_min
   (round R) (`client_learning_rate`).
 
@@ -108,60 +106,6 @@ def local_step_budget(num_examples, batch_size, local_epochs):
   b = tf.cast(batch_size, tf.int64)
   steps_per_epoch = (n + b - 1) // b
   return tf.cast(tf.cast(local_epochs, tf.int64) * steps_per_epoch, tf.int32)
-
-
-def rex_profile(tau, budget):
-  """REX profile `p(tau) = (2 * T_B - 2 * tau) / (2 * T_B - tau)`.
-
-  p(0) = 1 and p(T_B) = 0; p falls slowly first and fast at the end of the budget.
-
-  Args:
-    tau: local step, from 0.
-    budget: T_B, the local step budget (positive).
-
-  Returns:
-    A float32 scalar tensor, clipped to [0, 1] (0 at or beyond the budget, and for an empty
-    budget).
-  """
-  tau = tf.cast(tau, tf.float64)
-  budget = tf.cast(budget, tf.float64)
-  denominator = 2.0 * budget - tau
-  safe = tf.where(denominator > 0, denominator, tf.ones_like(denominator))
-  p = tf.where(denominator > 0, (2.0 * budget - 2.0 * tau) / safe, tf.zeros_like(tau))
-  return tf.cast(tf.clip_by_value(p, 0.0, 1.0), tf.float32)
-
-
-def bae_beta(tau, budget, low_norm, eta_0):
-  """BaE step size `beta_tau = p(tau) * (2 * sigmoid(||theta_low||_2) - 1) * eta_0`.
-
-  Args:
-    tau: local step, from 0.
-    budget: T_B.
-    low_norm: ||theta_low||_2, the L2 norm of the marked (to be pruned) weights over all
-      prunable layers at the current step (non-negative scalar).
-    eta_0: initial client learning rate.
-
-  Returns:
-    A float32 scalar tensor in [0, eta_0).
-  """
-  low_norm = tf.cast(low_norm, tf.float32)
-  return rex_profile(tau, budget) * (2.0 * tf.sigmoid(low_norm) - 1.0) * tf.cast(eta_0, tf.float32)
-
-
-def bae_learning_rate(tau, budget, low_norm, eta_t, eta_0):
-  """Budget-aware learning rate of local step tau: `mu = max(eta_t, beta_tau)`.
-
-  Args:
-    tau: local step, from 0.
-    budget: T_B.
-    low_norm: ||theta_low||_2 at this step.
-    eta_t: the client learning rate of the round.
-    eta_0: initial client learning rate.
-
-  Returns:
-    A float32 scalar tensor.
-  """
-  return tf.maximum(tf.cast(eta_t, tf.float32), bae_beta(tau, budget, low_norm, eta_0))
 
 
 def client_learning_rate(t, eta_0, eta_min, total_rounds):

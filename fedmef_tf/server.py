@@ -38,6 +38,7 @@ from typing import List, NamedTuple
 import tensorflow as tf
 
 from fedmef_tf import algorithms
+from fedmef_tf import bae
 from fedmef_tf import client as client_lib
 from fedmef_tf import mask_updates
 from fedmef_tf import schedules
@@ -192,7 +193,7 @@ def server_update(
       kernel_a, mask_a, pruned, _ = mask_updates.server_adjust_layer(
         old_kernels[l], old_masks[l], agg_kernels[l], grad, k[l]
       )
-      smallest = mask_updates.marked_set(agg_kernels[l], old_masks[l], k[l])
+      smallest = bae.marked_set(agg_kernels[l], old_masks[l], k[l])
       overlap_hits += tf.reduce_sum(pruned * smallest)
       new_kernels.append(tf.where(adjusted, kernel_a, agg_kernels[l] * old_masks[l]))
       new_masks.append(tf.where(adjusted, mask_a, old_masks[l]))

@@ -19,31 +19,34 @@ The effective kernel is `kernel * mask` through a `tf.custom_gradient` whose bac
     dL/dkernel = dL/dW_eff * mask + 2 * bae_lambda * kernel * marked,
 
 i.e. the task gradient restricted to the active entries plus the gradient of the BaE penalty
-`bae_lambda * ||kernel * marked||^2` (FedMef, Huang et al., CVPR 2024). The penalty thus acts in
+`bae_lambda * ||kernel * marked||^2` (FedMef, Huang et al., CVPR 2024;
+`fedmef_tf.bae.penalty_gradient`). The penalty thus acts in
 `model.fit`, custom loops and the TFLite train signature without touching the loss. (The penalty
 itself is not added to the reported loss value; only its gradient is applied.)
 
-With `normalize=True` the effective kernel is then standardised per output channel
-(`fedmef_tf.nsconv.standardize_kernel`). With `sap_gamma > 0` and `training=True` the layer's op
-is the scaled-activation-pruning op of `fedmef_tf.sap`, whose forward equals the plain op and
-whose weight gradient sees only the largest-|x| entries of the input; otherwise the plain op.
+With `normalize=True` the effective kernel is then standardised per output channel, NSConv's
+kernel with its own backward pass (`fedmef_tf.nsconv.masked_standardized_kernel`). With
+`sap_gamma > 0` and `training=True` the layer's op is the scaled-activation-pruning op of
+`fedmef_tf.sap`, whose forward equals the plain op and whose weight gradient sees only the
+largest-|x| entries of the input; otherwise the plain op.
 
 What differs between plain TF, the TFF simulation and a TFLite export (the forward convolution,
 the SAP storage, how the kernel is made and updated) is read from the current
 `fedmef_tf.execution` strategy.
 
 `prunable_layers` finds the masked layers of a model (the layer index `l` of the project).
-`dense_kernel_gradients` gives, per layer, the unmasked task-loss gradient at every kernel
-position (active or not), the growth score of FedMef's mask adjustment.
+A layer's `probe` adds a zero tensor to its effective kernel, through which
+`fedmef_tf.growth.dense_kernel_gradients` takes the growth score of FedMef's mask adjustment.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from fedmef_tf import bae
 from fedmef_tf import execution
 from fedmef_tf import nsconv
 from fedmef_tf import sap
@@ -54,12 +57,10 @@ __all__ = [
   'MaskedDepthwiseConv2D',
   'MaskedDense',
   'masked_kernel',
-  'masked_standardized_kernel',
   'prunable_layers',
   'assign_masks',
   'set_bae',
   'clear_bae',
-  'dense_kernel_gradients',
   'CUSTOM_OBJECTS',
 ]
 
@@ -77,92 +78,23 @@ def masked_kernel(
 
   Returns:
       `kernel * mask`, same shape. Gradient with respect to `kernel`:
-      `upstream * mask + 2 * bae_lambda * kernel * marked`; no gradient for the others.
+      `upstream * mask + 2 * bae_lambda * kernel * marked` (`fedmef_tf.bae.penalty_gradient`);
+      no gradient for the others.
   """
   mask = tf.stop_gradient(tf.cast(mask, kernel.dtype))
   marked = tf.stop_gradient(tf.cast(marked, kernel.dtype))
-  two_lambda = tf.stop_gradient(2.0 * tf.cast(bae_lambda, kernel.dtype))
+  bae_lambda = tf.stop_gradient(tf.cast(bae_lambda, kernel.dtype))
 
   @tf.custom_gradient
   def _masked(k):
     def grad(upstream):
       with tf.control_dependencies([upstream]):  # else computed (and held) in forward
-        bae = two_lambda * k * marked
-      return upstream * mask + bae
+        penalty = bae.penalty_gradient(k, marked, bae_lambda)
+      return upstream * mask + penalty
 
     return k * mask, grad
 
   return _masked(kernel)
-
-
-def masked_standardized_kernel(
-  kernel: tf.Tensor,
-  mask: tf.Tensor,
-  marked: tf.Tensor,
-  bae_lambda: tf.Tensor,
-  gain: tf.Tensor,
-  depthwise: bool = False,
-  center: bool = True,
-) -> tf.Tensor:
-  """NSConv kernel `standardize_kernel(kernel * mask, mask, gain)`, masked-kernel gradient.
-
-  Same value as `nsconv.standardize_kernel(masked_kernel(kernel, mask, marked, bae_lambda),
-  mask, gain, depthwise)` and the same gradients, but as one custom gradient that caches
-  nothing of kernel size: the backward pass recomputes the channel statistics from `kernel`
-  (a read of the variable, resident anyway) instead of keeping the centred kernel and its
-  products alive from the forward pass (for ResNet18 that is tens of MB per copy).
-
-  The gradients of W = kernel * mask and of the gain are NSConv's backward pass
-  (`nsconv.kernel_gradient`, from the recomputed centred kernel), and
-
-      dL/dkernel = dL/dW * mask + 2 * bae_lambda * kernel * marked
-
-  Args:
-      kernel: float32 raw kernel, shape as in `nsconv.standardize_kernel`.
-      mask: 0/1 float32, same shape.
-      marked: 0/1 float32, same shape (BaE marked set).
-      bae_lambda: float32 scalar.
-      gain: per-output-channel gain, shape `(n_out,)` (see `nsconv.standardize_kernel`).
-      depthwise: whether the kernel is a depthwise kernel.
-      center: subtract the per-channel mean (see `nsconv.standardize_kernel`).
-
-  Returns:
-      W_hat, shape of `kernel`.
-  """
-  rank = kernel.shape.rank
-  axes = list(nsconv.reduction_axes(rank, depthwise))
-  gain_shape = nsconv.gain_shape(kernel.shape, depthwise)
-  mask = tf.stop_gradient(tf.cast(mask, kernel.dtype))
-  marked = tf.stop_gradient(tf.cast(marked, kernel.dtype))
-  two_lambda = tf.stop_gradient(2.0 * tf.cast(bae_lambda, kernel.dtype))
-  eps = tf.constant(nsconv.EPS, kernel.dtype)
-
-  def stats(k, g):
-    w = k * mask
-    centred = w - tf.reduce_mean(w, axis=axes, keepdims=True) if center else w
-    sum_sq = tf.reduce_sum(tf.square(centred), axis=axes, keepdims=True)
-    inv_std = tf.math.rsqrt(tf.maximum(sum_sq, eps))
-    return centred, sum_sq, inv_std, tf.reshape(g, gain_shape)
-
-  @tf.custom_gradient
-  def _kernel(k, g):
-    ks, gs = tf.stop_gradient(k), tf.stop_gradient(g)
-    centred, _, inv_std, g_b = stats(ks, gs)
-
-    def grad(upstream):
-      # The dependency on upstream keeps the executor from running this recomputation
-      # (it needs forward tensors only) during the forward pass and holding its results.
-      with tf.control_dependencies([upstream]):
-        c, sum_sq, inv, gb = stats(tf.identity(ks), gs)
-        bae = two_lambda * ks * marked
-      u = upstream * mask
-      d_w, d_gain = nsconv.kernel_gradient(u, c, sum_sq, inv, gb, gb * inv, axes, center=center)
-      d_k = d_w * mask + bae
-      return d_k, tf.reshape(d_gain, tf.shape(gs))
-
-    return centred * (g_b * inv_std) * mask, grad
-
-  return _kernel(kernel, gain)
 
 
 def _bias_add(y: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
@@ -298,8 +230,19 @@ class MaskedLayer(tf.keras.layers.Layer):
       raise ValueError(f'gain_init must be >= 0, got {gain_init}')
     self.gain_init = float(gain_init)
     self.activation = tf.keras.activations.get(activation)
-    # Set only by `dense_kernel_gradients` for the duration of one forward pass.
     self._probe = None
+
+  @property
+  def probe(self) -> Optional[tf.Tensor]:
+    """None, or a zero tensor of the kernel's shape added to the effective kernel (scaled for
+    NSConv) so that the task loss's gradient with respect to it is the growth score; set by
+    `fedmef_tf.growth.dense_kernel_gradients` for the duration of one forward pass, in which
+    the layer makes its kernel the plain way (`effective_kernel`)."""
+    return self._probe
+
+  @probe.setter
+  def probe(self, value: Optional[tf.Tensor]) -> None:
+    self._probe = value
 
   # -- subclass hooks ------------------------------------------------------------------------
 
@@ -398,7 +341,7 @@ class MaskedLayer(tf.keras.layers.Layer):
   def effective_kernel(self) -> tf.Tensor:
     """The kernel the op uses: `kernel * mask`, standardised (NSConv) when `normalize`.
 
-    Includes the probe of `dense_kernel_gradients` when one is set. Shape of `kernel`.
+    Includes the `probe` when one is set. Shape of `kernel`.
     """
     kernel = tf.convert_to_tensor(self.kernel)
     mask = tf.convert_to_tensor(self.mask)
@@ -412,7 +355,7 @@ class MaskedLayer(tf.keras.layers.Layer):
     gain = tf.convert_to_tensor(self.gain)
     if self.act_gain != 1.0:
       gain = gain * self.act_gain
-    w = masked_standardized_kernel(
+    w = nsconv.masked_standardized_kernel(
       kernel, mask, marked, bae_lambda, gain, self._depthwise, self.center
     )
     if self._probe is not None:
@@ -681,20 +624,23 @@ CUSTOM_OBJECTS = {
 
 
 def _children(layer) -> list:
-  """Direct sub-layers of `layer`, in the order Keras tracks them."""
+  """Direct sub-layers of `layer`: a model's `layers`; for any other layer, those of its
+  `tf.Module.submodules` that no other submodule holds, in the order `submodules` lists them."""
   if isinstance(layer, tf.keras.Model):
     return list(layer.layers)
-  flatten = getattr(layer, '_flatten_layers', None)
-  if flatten is None:
+  submodules = layer.submodules
+  if not submodules:
     return []
-  return list(flatten(include_self=False, recursive=False))
+  nested = {id(m) for sub in submodules for m in sub.submodules}
+  return [m for m in submodules if id(m) not in nested and isinstance(m, tf.keras.layers.Layer)]
 
 
 def prunable_layers(model: tf.keras.layers.Layer) -> list:
   """All masked (prunable) layers of a model, depth first in `model.layers` order.
 
-  Nested models and custom layers that own sub-layers are searched recursively; a layer that is
-  shared (appears more than once) is listed once, at its first occurrence.
+  Nested models (through `model.layers`) and custom layers that own sub-layers (through
+  `tf.Module.submodules`) are searched recursively; a layer that is shared (appears more than
+  once) is listed once, at its first occurrence.
 
   Args:
       model: a `tf.keras.Model` (or any Keras layer).
@@ -769,51 +715,3 @@ def set_bae(model: tf.keras.layers.Layer, marked_list: Optional[Sequence], lam: 
 def clear_bae(model: tf.keras.layers.Layer) -> None:
   """Clears the BaE marked set and lambda of every prunable layer (`set_bae(model, None, 0)`)."""
   set_bae(model, None, 0.0)
-
-
-def dense_kernel_gradients(
-  model: tf.keras.Model,
-  x: tf.Tensor,
-  y: tf.Tensor,
-  loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
-  *,
-  training: bool = False,
-) -> List[tf.Tensor]:
-  """Unmasked gradient of the task loss at every kernel position, per prunable layer.
-
-  A zero probe tensor P_l is added to each layer's effective kernel for one forward pass and
-  the gradient of `loss_fn(y, model(x))` with respect to P_l is returned. For a plain masked
-  layer this is dL/dW_eff with W_eff = kernel * mask, at active and inactive positions alike
-  (the growth score of FedMef / RigL). For an NSConv layer (`normalize=True`) the probe enters
-  as `W_hat + P * g / std` (per output channel, the scale held constant), which gives
-  `dL/dW_hat * g / std`: the first-order gradient a raw weight would receive at that position
-  if it were active (the gradient with respect to `kernel * mask` itself is useless for
-  growth there, because the re-applied mask hides inactive positions from the loss).
-  The BaE penalty is not included. Usable eagerly and inside `tf.function`.
-
-  Args:
-      model: a built model with masked layers.
-      x: one input batch, e.g. `[B, H, W, C]` float32.
-      y: its labels, whatever `loss_fn` expects.
-      loss_fn: `loss_fn(y_true, y_pred)` returning a scalar (or per-example losses, which
-          are averaged).
-      training: forward mode. False (default) uses the plain ops (SAP off, exact gradients)
-          and BatchNorm inference statistics, and updates no BatchNorm moving statistics.
-
-  Returns:
-      A list of float32 tensors, one per prunable layer, each with its kernel's shape.
-  """
-  layers = prunable_layers(model)
-  probes = [tf.zeros(layer.kernel.shape, dtype=tf.float32) for layer in layers]
-  try:
-    for layer, probe in zip(layers, probes):
-      layer._probe = probe  # pylint: disable=protected-access
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch(probes)
-      pred = model(x, training=training)
-      loss = tf.reduce_mean(loss_fn(y, pred))
-    grads = tape.gradient(loss, probes)
-  finally:
-    for layer in layers:
-      layer._probe = None  # pylint: disable=protected-access
-  return [tf.zeros_like(p) if g is None else g for g, p in zip(grads, probes)]

@@ -19,9 +19,9 @@ esac
 stamp=.venv/.lock-sha256
 want=$( (cat requirements.lock; echo "$ver") | sha256sum | cut -d' ' -f1)
 build_native() {
-  # Native CPU kernels of SAP (fedmef_tf/cc/sap_ops.cc); without a C++ compiler SAP uses
+  # Native CPU kernels of SAP (fedmef_tf/sap/cc/sap_ops.cc); without a C++ compiler SAP uses
   # TensorFlow ops, slower, same results. Returns at once when the library is current.
-  TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m fedmef_tf.sap_native >/dev/null \
+  TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m fedmef_tf.sap.native >/dev/null \
     || echo "install.sh: native SAP kernels not built (see above); SAP falls back to TensorFlow ops" >&2
 }
 if [ "${1:-}" != "--force" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]; then

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fedmef_tf import bae
 from fedmef_tf import client
-from fedmef_tf import mask_updates
 from fedmef_tf import masks
-from fedmef_tf import schedules
 from fedmef_tf import server
 from fedmef_tf import sparse_layers
 
@@ -133,15 +132,14 @@ def test_bae_shrinks_marked_weights_by_hand():
   kernels = [state.trainable[i].numpy() for i in layout.kernel_indices]
   mask_list = [state.non_trainable[i].numpy() for i in layout.mask_indices]
   marked = [
-    mask_updates.marked_set(kk, m, kl).numpy()
-    for kk, m, kl in zip(kernels, mask_list, rc.k.numpy())
+    bae.marked_set(kk, m, kl).numpy() for kk, m, kl in zip(kernels, mask_list, rc.k.numpy())
   ]
   low = [kk * mk for kk, mk in zip(kernels, marked)]
   eta_t = float(rc.learning_rate)
   budget = 3  # 1 epoch * ceil(12 / 4)
   for tau in range(budget):
     norm = np.sqrt(sum(float(np.sum(w**2)) for w in low))
-    mu = float(schedules.bae_learning_rate(tau, budget, norm, eta_t, eta_0))
+    mu = float(bae.bae_learning_rate(tau, budget, norm, eta_t, eta_0))
     low = [w * (1 - 2 * lam * mu) for w in low]
   for l, i in enumerate(layout.kernel_indices):
     got = out.weighted_trainable[i].numpy() / 12.0
@@ -237,9 +235,7 @@ def test_server_round_properties_and_poisoned_client():
     old_mask = state.non_trainable[layout.mask_indices[l]].numpy()
     new_mask = new_state.non_trainable[layout.mask_indices[l]].numpy()
     kernel = new_state.trainable[layout.kernel_indices[l]].numpy()
-    marked = mask_updates.marked_set(
-      state.trainable[layout.kernel_indices[l]], old_mask, rc.k[l]
-    ).numpy()
+    marked = bae.marked_set(state.trainable[layout.kernel_indices[l]], old_mask, rc.k[l]).numpy()
     pruned = (old_mask > 0) & (new_mask == 0)
     grown = (old_mask == 0) & (new_mask > 0)
     np.testing.assert_array_equal(pruned, marked > 0)

@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 
 from fedmef_tf import execution
+from fedmef_tf import growth
 from fedmef_tf import sap
-from fedmef_tf import sap_native
+from fedmef_tf.sap import native as sap_native
 from fedmef_tf import sparse_layers
 
 
@@ -216,7 +217,7 @@ def test_masked_layers_make_their_kernel_through_the_strategy_s_layer_kernels():
   kernels = _Doubling()
   with execution.scope(execution.Strategy(layer_kernels=kernels)):
     got = layer(x)
-    probe_grads = sparse_layers.dense_kernel_gradients(
+    probe_grads = growth.dense_kernel_gradients(
       layer, x, tf.zeros([4, 3]), lambda y, p: tf.reduce_sum(p)
     )
   assert kernels.layers == ['dense']  # the probe of the growth score takes the plain kernel

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmef_tf import mask_updates
+from fedmef_tf import bae
 from tff_programs import fedmef_process
 
 INPUT_SHAPE = (8, 8, 3)
@@ -159,7 +159,7 @@ def test_rounds_with_adjustments_keep_sparsity_invariants(fedmef_process_):
       pruned = (old_mask > 0) & (new_mask == 0)
       grown = (old_mask == 0) & (new_mask > 0)
       if metrics['adjusted']:
-        marked = mask_updates.marked_set(
+        marked = bae.marked_set(
           old.trainable[layout.kernel_indices[l]], old_mask, metrics['k'][l]
         ).numpy()
         np.testing.assert_array_equal(pruned, marked > 0)

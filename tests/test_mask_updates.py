@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fedmef_tf import bae
 from fedmef_tf import mask_updates
 
 
@@ -16,37 +17,6 @@ def _random_layer(shape, density, seed):
   mask = mask.reshape(shape)
   kernel = rng.normal(size=shape).astype(np.float32) * mask
   return kernel, mask
-
-
-def test_marked_set_hand_case_with_ties():
-  kernel = np.array([[0.5, -0.1, 0.0], [0.1, 2.0, -0.3]], np.float32)
-  mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
-  # Active |w|: 0.5 (0), 0.1 (1), 0.1 (3), 2.0 (4), 0.3 (5); two smallest: flat 1 and 3 (tie
-  # on 0.1, both taken); with k = 1 the lower index 1 wins the tie.
-  np.testing.assert_array_equal(
-    mask_updates.marked_set(kernel, mask, 2).numpy(), [[0, 1, 0], [1, 0, 0]]
-  )
-  np.testing.assert_array_equal(
-    mask_updates.marked_set(kernel, mask, 1).numpy(), [[0, 1, 0], [0, 0, 0]]
-  )
-  # The inactive zero at flat 2 is never marked, even though |w| = 0 is smallest.
-  assert mask_updates.marked_set(kernel, mask, 5).numpy()[0, 2] == 0
-  # k beyond nnz is clipped to nnz.
-  np.testing.assert_array_equal(mask_updates.marked_set(kernel, mask, 99).numpy(), mask)
-
-
-def test_top_k_inactive_hand_case():
-  grad = np.array([[0.5, -3.0, -2.0], [1.0, 9.0, 2.0]], np.float32)
-  mask = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
-  # Inactive: flat 1 (|-3|), 2 (|-2|), 3 (1), 5 (2): top 3 = 1, then tie 2 vs 5 -> 2, 5.
-  indices, values = mask_updates.top_k_inactive(grad, mask, 3)
-  np.testing.assert_array_equal(indices.numpy(), [1, 2, 5])
-  np.testing.assert_array_equal(values.numpy(), [-3.0, -2.0, 2.0])
-  dense = mask_updates.scatter_pairs(indices, values, grad.shape).numpy()
-  np.testing.assert_array_equal(dense, [[0, -3, -2], [0, 0, 2]])
-  # k beyond the inactive count is clipped.
-  indices, _ = mask_updates.top_k_inactive(grad, mask, 10)
-  assert indices.shape[0] == 4
 
 
 def test_server_adjust_hand_case():
@@ -76,7 +46,7 @@ def test_server_adjust_properties(shape, density, k, seed):
     x.numpy() for x in mask_updates.server_adjust_layer(kernel, mask, aggregated, grad, k)
   ]
   # Pruned set is exactly the marked set.
-  np.testing.assert_array_equal(pruned, mask_updates.marked_set(kernel, mask, k).numpy())
+  np.testing.assert_array_equal(pruned, bae.marked_set(kernel, mask, k).numpy())
   assert pruned.sum() == k and grown.sum() == k
   # nnz unchanged, so the density is exact.
   assert new_mask.sum() == mask.sum()

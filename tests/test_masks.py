@@ -138,6 +138,58 @@ def test_prunable_layers_shared_layer_once():
   assert [layer.name for layer in masks.prunable_layers(model)] == ['shared']
 
 
+class _Composite(tf.keras.layers.Layer):
+  """A custom layer owning masked layers: as attributes (not in name order) and in a list."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.z = sl.MaskedDense(3, name='z')
+    self.a = sl.MaskedDense(3, name='a')
+    self.blocks = [sl.MaskedDense(3, name='b1'), sl.MaskedDense(3, name='b0')]
+
+  def call(self, x):
+    return self.a(self.z(x)) + self.blocks[0](x) + self.blocks[1](x)
+
+
+def test_prunable_layers_of_a_custom_layer_in_the_order_it_tracks_them():
+  inp = tf.keras.Input((3,))
+  model = tf.keras.Model(inp, sl.MaskedDense(3, name='head')(_Composite()(inp)))
+  assert [layer.name for layer in masks.prunable_layers(model)] == ['z', 'a', 'b1', 'b0', 'head']
+  composite = model.layers[1]
+  assert [layer.name for layer in masks.prunable_layers(composite)] == ['z', 'a', 'b1', 'b0']
+
+
+def _resnet18_order():
+  names = ['stem_conv']
+  for stage in range(1, 5):
+    for block in range(2):
+      names += [f'layer{stage}_{block}_conv1', f'layer{stage}_{block}_conv2']
+      if stage > 1 and block == 0:
+        names.append(f'layer{stage}_0_shortcut_conv')
+  return names + ['classifier']
+
+
+_REGISTRY_ORDER = {
+  'cnn': ['stem_conv', 'conv1_conv', 'conv2_conv', 'conv3_conv', 'classifier'],
+  'resnet18': _resnet18_order(),
+  'mobilenet_v2': ['stem_conv', 'block0_dw', 'block0_project']
+  + [f'block{i}_{part}' for i in range(1, 17) for part in ('expand', 'dw', 'project')]
+  + ['last_conv', 'classifier'],
+}
+
+
+@pytest.mark.parametrize('variant', ['fedmef', 'baseline'])
+@pytest.mark.parametrize('name', sorted(_REGISTRY_ORDER))
+def test_prunable_layers_order_of_the_registry_models(name, variant):
+  from fedmef_tf import models  # pylint: disable=import-outside-toplevel
+
+  model = models.build_model(name, variant, input_shape=(16, 16, 3))
+  names = [layer.name for layer in masks.prunable_layers(model)]
+  assert names == _REGISTRY_ORDER[name]
+  # The layer index l is the order of the model's layers.
+  assert names == [layer.name for layer in model.layers if isinstance(layer, sl.MaskedLayer)]
+
+
 @pytest.mark.parametrize('density', [0.1, 0.3])
 def test_init_sparse(density):
   model = _nested_model()

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import fedmef_tf
 from fedmef_tf import data
+from fedmef_tf import growth
 from fedmef_tf import masks
 from fedmef_tf import models
 from fedmef_tf import sap
@@ -248,7 +249,7 @@ def test_dense_kernel_gradients_on_baseline_leaves_bn_statistics():
   bn = [v.numpy().copy() for v in model.non_trainable_weights if 'moving' in v.name]
   x = tf.random.uniform((4, 32, 32, 3))
   y = tf.constant([0, 1, 2, 3])
-  grads = sl.dense_kernel_gradients(model, x, y, LOSS)
+  grads = growth.dense_kernel_gradients(model, x, y, LOSS)
   assert len(grads) == len(masks.prunable_layers(model))
   assert all(np.any(g.numpy() != 0.0) for g in grads)
   after = [v.numpy() for v in model.non_trainable_weights if 'moving' in v.name]

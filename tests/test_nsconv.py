@@ -163,3 +163,38 @@ def test_center_spatial_value_and_gradient_match_the_plain_expression():
   np.testing.assert_allclose(
     tape.gradient(got_loss, y).numpy(), tape.gradient(want_loss, y).numpy(), atol=1e-6
   )
+
+
+@pytest.mark.parametrize('center', [True, False])
+@pytest.mark.parametrize(
+  'shape,depthwise,n_gain',
+  [
+    ((3, 3, 4, 5), False, 5),
+    ((3, 3, 3, 2), True, 6),
+    ((7, 3), False, 3),
+  ],
+)
+def test_fused_nsconv_kernel_matches_autodiff(shape, depthwise, n_gain, center):
+  """The recomputing custom gradient equals autodiff of the plain formula (incl. BaE)."""
+  rng = np.random.default_rng(sum(shape))
+  mask = (rng.random(shape) < 0.5).astype(np.float32)
+  mask.reshape(-1, shape[-1])[:, 0] = 0.0  # one fully pruned output column: eps floor
+  kernel = tf.constant(rng.normal(size=shape).astype(np.float32) * mask)
+  marked = tf.constant(mask * (rng.random(shape) < 0.4))
+  gain = tf.constant(rng.uniform(0.5, 2.0, size=n_gain).astype(np.float32))
+  upstream = tf.constant(rng.normal(size=shape).astype(np.float32))
+  lam = 0.3
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch([kernel, gain])
+    fused = nsconv.masked_standardized_kernel(kernel, mask, marked, lam, gain, depthwise, center)
+    plain = nsconv.standardize_kernel(
+      sl.masked_kernel(kernel, mask, marked, lam), mask, gain, depthwise, center=center
+    )
+    fused_loss = tf.reduce_sum(fused * upstream)
+    plain_loss = tf.reduce_sum(plain * upstream)
+  np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=1e-6, atol=1e-7)
+  for a, b in zip(
+    tape.gradient(fused_loss, [kernel, gain]), tape.gradient(plain_loss, [kernel, gain])
+  ):
+    assert np.any(b.numpy() != 0.0)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)

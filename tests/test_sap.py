@@ -315,3 +315,43 @@ def test_simulated_keep_mask_equals_keep_mask(gamma, kind):
   got = tf.function(sap.simulated_keep_mask)(tf.constant(x), tf.constant(k)).numpy()
   np.testing.assert_array_equal(got, _reference_keep(x, gamma))
   np.testing.assert_array_equal(got, sap.keep_mask(tf.constant(x), gamma).numpy())
+
+
+# The public names of `fedmef_tf.sap`, one module per part behind them.
+_PUBLIC = [
+  'sap_conv2d',
+  'sap_depthwise_conv2d',
+  'depthwise_conv2d',
+  'sap_matmul',
+  'bit_relu',
+  'bit_relu6',
+  'BitReLU',
+  'pack_bits',
+  'unpack_bits',
+  'keep_count',
+  'keep_threshold',
+  'keep_mask',
+  'simulated_keep_mask',
+  'prune_input',
+  'bytes_per_element',
+  'after',
+  'PackedStorage',
+  'PACKED',
+  'STORED',
+  'SIMULATED',
+  'STRATEGIES',
+  'strategy',
+  'current_strategy',
+]
+
+
+def test_the_package_exports_every_public_name_of_its_parts():
+  from fedmef_tf.sap import ops, relu, selection, storage  # pylint: disable=g-import-not-at-top
+
+  assert set(_PUBLIC) <= set(sap.__all__)
+  for name in _PUBLIC:
+    assert getattr(sap, name) is not None
+  from fedmef_tf.sap import BitReLU  # pylint: disable=g-import-not-at-top
+
+  assert BitReLU is relu.BitReLU and sap.PACKED is storage.PACKED
+  assert sap.sap_conv2d is ops.sap_conv2d and sap.keep_mask is selection.keep_mask

@@ -1,4 +1,4 @@
-"""The native SAP kernels (fedmef_tf/cc/sap_ops.cc) give exactly what the TensorFlow ops give.
+"""The native SAP kernels (fedmef_tf/sap/cc/sap_ops.cc) give exactly what the TensorFlow ops give.
 
 Every comparison runs the same function twice: once as is (native kernels) and once inside
 `sap_native.portable()` (TensorFlow ops only), and asserts bitwise-equal results.
@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from fedmef_tf import sap
-from fedmef_tf import sap_native
+from fedmef_tf.sap import native as sap_native
 
 HAVE_COMPILER = bool(os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++'))
 
@@ -44,6 +44,24 @@ def test_native_kernels_are_built_where_a_compiler_exists():
     pytest.skip('FEDMEF_NATIVE=0')
   # scripts/install.sh builds the library; a failed build would silently cost speed.
   assert sap_native.available(), f'{sap_native.library_path()} missing or stale'
+
+
+def test_the_build_program_takes_force_as_a_flag():
+  """`python -m fedmef_tf.sap.native` (scripts/install.sh) with absl flags, no import warning."""
+  if not HAVE_COMPILER:
+    pytest.skip('no C++ compiler on this machine')
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  cmd = [sys.executable, '-W', 'error::RuntimeWarning', '-m', 'fedmef_tf.sap.native']
+  done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'built' in done.stdout and 'RuntimeWarning' not in done.stderr
+  bad = subprocess.run(
+    cmd + ['--forse'], capture_output=True, text=True, env=env, check=False, timeout=300
+  )
+  assert bad.returncode != 0 and 'forse' in bad.stderr
 
 
 @needs_native

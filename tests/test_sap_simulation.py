@@ -22,7 +22,7 @@ from fedmef_tf import agc
 from fedmef_tf import client
 from fedmef_tf import masks
 from fedmef_tf import sap
-from fedmef_tf import sap_native
+from fedmef_tf.sap import native as sap_native
 from fedmef_tf import server
 from fedmef_tf import sparse_layers
 from tff_programs import fedmef_process

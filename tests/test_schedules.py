@@ -71,39 +71,6 @@ def test_local_step_budget(n, b, e, expected):
   assert int(schedules.local_step_budget(n, b, e)) == expected
 
 
-@pytest.mark.parametrize(
-  'tau,expected', [(0, 1.0), (5, 10.0 / 15.0), (9, 2.0 / 11.0), (10, 0.0), (12, 0.0)]
-)
-def test_rex_profile(tau, expected):
-  np.testing.assert_allclose(float(schedules.rex_profile(tau, 10)), expected, rtol=1e-6)
-
-
-def test_rex_profile_empty_budget():
-  assert float(schedules.rex_profile(0, 0)) == 0.0
-
-
-def test_bae_beta_hand_computed():
-  # sigmoid(ln 3) = 0.75 -> 2 * 0.75 - 1 = 0.5; p(5; T_B = 10) = 2/3; eta_0 = 0.1.
-  beta = schedules.bae_beta(5, 10, math.log(3.0), 0.1)
-  np.testing.assert_allclose(float(beta), 2.0 / 3.0 * 0.5 * 0.1, rtol=1e-6)
-  # An empty marked set (norm 0) gives beta = 0.
-  assert float(schedules.bae_beta(0, 10, 0.0, 0.1)) == 0.0
-
-
-def test_bae_learning_rate_is_max():
-  # beta(0) with norm ln 3 is 0.05; eta_t 0.02 -> mu 0.05; eta_t 0.08 -> mu 0.08.
-  np.testing.assert_allclose(
-    float(schedules.bae_learning_rate(0, 10, math.log(3.0), 0.02, 0.1)), 0.05, rtol=1e-6
-  )
-  np.testing.assert_allclose(
-    float(schedules.bae_learning_rate(0, 10, math.log(3.0), 0.08, 0.1)), 0.08, rtol=1e-6
-  )
-  # At the end of the budget mu falls back to eta_t.
-  np.testing.assert_allclose(
-    float(schedules.bae_learning_rate(10, 10, 5.0, 0.02, 0.1)), 0.02, rtol=1e-6
-  )
-
-
 @pytest.mark.parametrize('t,expected', [(1, 0.1), (2, 0.1 * 0.1**0.5), (3, 0.01), (9, 0.01)])
 def test_client_learning_rate(t, expected):
   np.testing.assert_allclose(

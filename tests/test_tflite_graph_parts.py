@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from fedmef_tf import execution
 from fedmef_tf import sap
-from fedmef_tf import sap_native
+from fedmef_tf.sap import native as sap_native
 from fedmef_tf import sparse_layers
 from tflite_export import chunked_conv
 from tflite_export import filter_grad

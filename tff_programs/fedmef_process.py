@@ -61,7 +61,7 @@ from fedmef_tf import algorithms
 from fedmef_tf import client as client_lib
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import sap
-from fedmef_tf import sap_native
+from fedmef_tf.sap import native as sap_native
 from fedmef_tf import server as server_lib
 
 #: The algorithm names (`fedmef_tf.algorithms.NAMES`).
@@ -196,7 +196,7 @@ def _default_element_spec(model):
 
 
 def _portable_ops(build):
-  """Builds under `fedmef_tf.sap_native.portable()`: TFF runs the traced graphs in its own
+  """Builds under `fedmef_tf.sap.native.portable()`: TFF runs the traced graphs in its own
   worker process, whose TensorFlow has none of fedmef_tf's native kernels."""
 
   @functools.wraps(build)

@@ -65,6 +65,7 @@ from typing import List, Optional
 import tensorflow as tf
 
 from fedmef_tf import agc
+from fedmef_tf import bae
 from fedmef_tf import execution
 from fedmef_tf import nsconv
 from fedmef_tf import sap
@@ -111,7 +112,7 @@ def _plain_kernel(layer, slot: dict) -> tf.Tensor:
 
 
 def _nsconv_kernel(layer, slot: dict) -> tf.Tensor:
-  """NSConv `W_hat` (as `fedmef_tf.sparse_layers.masked_standardized_kernel`), no gradient;
+  """NSConv `W_hat` (as `fedmef_tf.nsconv.masked_standardized_kernel`), no gradient;
   `slot` gets the forward tensors that `_update` needs (per-channel ones, `kernel * mask` and
   the bool masks), and `late_w_hat`, which recomputes `W_hat` from them in the backward pass."""
   # Not stop_gradient: the tape must see the kernel behind `_joint`, or it never calls its
@@ -176,19 +177,20 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
   Returns the new kernel (the assigned value).
   """
   layer, w = slot['layer'], slot['w']
-  two_lambda = 2.0 * _read(layer.bae_lambda)
+  bae_lambda = _read(layer.bae_lambda)
   rate = _read(lr)
   # Every kernel-sized tensor below has an input computed from `upstream`: one computed from
   # forward tensors alone (e.g. the BaE term) would be scheduled by the converter in the
   # forward pass and held until here, for every layer at once.
   mask, marked = _late_masks(slot, upstream)
   # On the active entries `w` is the kernel itself; elsewhere the update multiplies by 0.
-  bae = (w * marked) * two_lambda  # `w * two_lambda` first would run (and wait) in the forward
+  # `(w * marked) * (2 lambda)`: `w` times the scalar first would run (and wait) in the forward.
+  penalty = bae.penalty_gradient(w, marked, bae_lambda)
   u = upstream * mask
   clipping = slot.get('clipping')
   kernel_axes = nsconv.reduction_axes(w.shape.rank, layer.depthwise)
   if not slot['normalize']:
-    d_k = u + bae
+    d_k = u + penalty
   else:
     # NSConv's backward pass (`fedmef_tf.nsconv.kernel_gradient`) from `W_hat`: the centred
     # kernel on the active entries is `w_hat * inv_scale` (a per-channel factor), and the mean
@@ -206,7 +208,7 @@ def _update(slot: dict, upstream: tf.Tensor, lr: tf.Variable) -> tf.Tensor:
       centred_factor=slot['inv_scale'],
       centred_mean=slot['mean_c'],
     )
-    d_k = d_w * mask + bae
+    d_k = d_w * mask + penalty
     d_gain_var = tf.reshape(d_gain, tf.shape(layer.gain)) * layer.act_gain
     if clipping is not None:
       d_gain_var = agc.clip_gradient(d_gain_var, _read(layer.gain), (), clipping)

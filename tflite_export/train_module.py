@@ -34,7 +34,7 @@ model) and exposes these signatures:
   metadata); `restore` assigns it and returns the restored values by name.
 * `dense_gradients(x, y) -> {grad_<kernel name>: tensor}` (models with masks only): per
   prunable layer, the unmasked gradient of the task loss at every kernel position
-  (`fedmef_tf.sparse_layers.dense_kernel_gradients`, plain ops, no BatchNorm update), from which
+  (`fedmef_tf.growth.dense_kernel_gradients`, plain ops, no BatchNorm update), from which
   a client picks the top-k_l inactive positions in an adjustment round.
 * `metadata() -> {json}`: the JSON export configuration (model, variant, shapes, batch size,
   weight names, ...), so a reader of the file can rebuild the TF model (`tflite_export.verify`).
@@ -52,7 +52,7 @@ import tensorflow as tf
 from fedmef_tf import agc
 from fedmef_tf import execution
 from fedmef_tf import masks as masks_lib
-from fedmef_tf import sparse_layers
+from fedmef_tf import growth
 from tflite_export import checkpoint as checkpoint_lib
 from tflite_export import chunked_conv
 from tflite_export import depthwise_grad
@@ -327,7 +327,7 @@ class TrainModule(tf.Module):
     def loss_fn(labels, logits):
       return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
-    grads = sparse_layers.dense_kernel_gradients(self.model, x, y, loss_fn)
+    grads = growth.dense_kernel_gradients(self.model, x, y, loss_fn)
     return {name: g for name, g in zip(self.gradient_names, grads)}
 
   def _metadata(self):

@@ -19,7 +19,7 @@ range of the training data, `pixel / 255`) it checks:
 
 1. `infer`: logits of shape `[B, classes]` equal the TF model's (`training=False`) within
    `INFER_TOL * max(1, max |logit|)` (float32 rounding grows with the logits' size).
-1b. `dense_gradients` (exports with masks): equal to `dense_kernel_gradients` of the TF model
+1b. `dense_gradients` (exports with masks): equal to `growth.dense_kernel_gradients` of the TF model
    within the step tolerance below, relative to each kernel's largest gradient entry.
 2. TF/TFLite step: one `train` step in the interpreter and the same step of the TF model
    (`TrainModule.train`, traced with `fedmef_tf.sap` as it is) give the same loss within
@@ -421,11 +421,11 @@ def verify(
 
   # 1b. Growth gradients (models with masks).
   if 'dense_gradients' in sigs:
-    from fedmef_tf import sparse_layers  # pylint: disable=import-outside-toplevel
+    from fedmef_tf import growth  # pylint: disable=import-outside-toplevel
 
     def tf_gradients(batch, weights=w0):
       _load(model, names, weights)
-      g = sparse_layers.dense_kernel_gradients(
+      g = growth.dense_kernel_gradients(
         model,
         tf.constant(batch),
         tf.constant(y),

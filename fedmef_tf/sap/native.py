@@ -1,16 +1,17 @@
 """Native CPU kernels for SAP's activation cache: build, load, and call.
 
-``fedmef_tf/cc/sap_ops.cc`` implements the selection, compaction and bit packing of
-:mod:`fedmef_tf.sap` as fused CPU kernels (``FedmefSapCompress``, ``FedmefSapDecompress``, and
-``FedmefBitActivation`` / ``FedmefBitActivationGrad`` for the 1-bit ReLU) with the same result
-bit for bit as the TensorFlow-op path (tests/test_sap_native.py). They do the work in two or
-three passes over the tensor instead of about ten, and need no int64 index tensor.
+``fedmef_tf/sap/cc/sap_ops.cc`` implements the selection, compaction and bit packing of
+:data:`fedmef_tf.sap.storage.PACKED` as fused CPU kernels (``FedmefSapCompress``,
+``FedmefSapDecompress``, and ``FedmefBitActivation`` / ``FedmefBitActivationGrad`` for the
+1-bit ReLU) with the same result bit for bit as the TensorFlow-op path
+(tests/test_sap_native.py). They do the work in two or three passes over the tensor instead of
+about ten, and need no int64 index tensor.
 
-Build: ``python -m fedmef_tf.sap_native`` (``scripts/install.sh`` runs it) compiles the library
-with the system C++ compiler against the installed TensorFlow headers into
-``fedmef_tf/cc/_sap_ops.so``. Without a compiler, or when the library is missing or older than
-its source or built for another TensorFlow, :mod:`fedmef_tf.sap` uses its TensorFlow ops (one
-warning is logged).
+Build: ``python -m fedmef_tf.sap.native [--force]`` (``scripts/install.sh`` runs it) compiles
+the library with the system C++ compiler against the installed TensorFlow headers into
+``fedmef_tf/sap/cc/_sap_ops.so`` (``--force``: even when it is current). Without a compiler,
+or when the library is missing or older than its source or built for another TensorFlow,
+:mod:`fedmef_tf.sap` uses its TensorFlow ops (one warning is logged).
 
 Where the native kernels are not used:
 
@@ -91,7 +92,7 @@ def build(force: bool = False, quiet: bool = False) -> bool:
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
   if compiler is None:
     if not quiet:
-      print('sap_native: no C++ compiler (g++) found; SAP uses TensorFlow ops', file=sys.stderr)
+      print('sap.native: no C++ compiler (g++) found; SAP uses TensorFlow ops', file=sys.stderr)
     return False
   tmp = f'{_LIBRARY}.{os.getpid()}.tmp'
   cmd = (
@@ -105,7 +106,7 @@ def build(force: bool = False, quiet: bool = False) -> bool:
       os.remove(tmp)
     if not quiet:
       print(
-        f'sap_native: compiling {_SOURCE} failed; SAP uses TensorFlow ops\n'
+        f'sap.native: compiling {_SOURCE} failed; SAP uses TensorFlow ops\n'
         + result.stderr[-4000:],
         file=sys.stderr,
       )
@@ -128,8 +129,8 @@ def _load():
       return None
     if not _current():
       logging.warning(
-        'fedmef_tf.sap_native: %s is missing or stale; SAP uses the slower TensorFlow '
-        'ops. Build it with `python -m fedmef_tf.sap_native`.',
+        'fedmef_tf.sap.native: %s is missing or stale; SAP uses the slower TensorFlow '
+        'ops. Build it with `python -m fedmef_tf.sap.native`.',
         _LIBRARY,
       )
       return None
@@ -137,7 +138,7 @@ def _load():
       _module = tf.load_op_library(_LIBRARY)
     except (tf.errors.NotFoundError, OSError) as e:  # e.g. built for another TensorFlow
       logging.warning(
-        'fedmef_tf.sap_native: cannot load %s (%s); SAP uses TensorFlow ops.', _LIBRARY, e
+        'fedmef_tf.sap.native: cannot load %s (%s); SAP uses TensorFlow ops.', _LIBRARY, e
       )
       _module = None
     return _module
@@ -196,7 +197,7 @@ def _ops():
 def compress(flat: tf.Tensor, k) -> 'tuple[tf.Tensor, tf.Tensor]':
   """``(values, packed)`` of the ``k`` largest-|x| entries of the 1-D float32 ``flat``.
 
-  Same result as the TensorFlow path of ``fedmef_tf.sap.PACKED.compress``.
+  Same result as the TensorFlow path of ``fedmef_tf.sap.storage.PACKED.compress``.
   """
   module = _ops()
   return module.fedmef_sap_compress(flat, tf.cast(k, tf.int64))
@@ -212,7 +213,7 @@ def decompress(values: tf.Tensor, packed: tf.Tensor, shape) -> tf.Tensor:
 @tf.autograph.experimental.do_not_convert
 def bit_activation(x: tf.Tensor, max_value: Optional[float]) -> 'tuple[tf.Tensor, tf.Tensor]':
   """``(y, packed)``: ReLU (capped at ``max_value`` unless None) and the packed mask of the
-  entries it passes (``0 < x < max_value``), as :func:`fedmef_tf.sap.pack_bits` packs it."""
+  entries it passes (``0 < x < max_value``), as :func:`fedmef_tf.sap.bitpack.pack_bits` packs it."""
   module = _ops()
   return module.fedmef_bit_activation(x, cap=0.0 if max_value is None else float(max_value))
 
@@ -224,13 +225,23 @@ def bit_activation_grad(dy: tf.Tensor, packed: tf.Tensor) -> tf.Tensor:
   return module.fedmef_bit_activation_grad(dy, packed)
 
 
-def main(argv: Optional[list] = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  ok = build(force='--force' in argv)
+def main(argv) -> int:
+  """`python -m fedmef_tf.sap.native [--force]`: builds the library; exit 0 if it is usable."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if len(argv) > 1:
+    print(f'sap.native: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    return 2
+  ok = build(force=flags.FLAGS.force)
   if ok:
-    print(f'sap_native: built {_LIBRARY}')
+    print(f'sap.native: built {_LIBRARY}')
   return 0 if ok else 1
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  # Defined only when run as a program: importing the module defines no flag.
+  flags.DEFINE_boolean('force', False, 'Rebuild the library even when it is current.')
+  app.run(main)
