@@ -5,8 +5,8 @@ through sparse weights and scaled activation pruning (SAP). This module gives bo
 claim (ALGORITHM.md, "Memory footprint"):
 
 - :func:`measure_train_step_peak`: the peak bytes TensorFlow's allocator reports for one call of
-  a compiled (``tf.function``) SGD training step, minus what was resident before the call
-  (weights, masks, optimizer state, the input batch);
+  a compiled (``tf.function``) client SGD step (``fedmef_tf.client.sgd_step``), minus what was
+  resident before the call (weights, masks, the input batch);
 - :func:`analytic_footprint`: the same quantity predicted from the model's structure, layer by
   layer, plus the resident weight bytes.
 
@@ -41,7 +41,7 @@ the step is followed layer by layer (details in :func:`analytic_footprint`): in 
 the caches of the layers done so far, all effective kernels (computed first: they depend on
 variables only), and the current layer's input with its output or its SAP selection working
 set; in the backward pass the caches not yet consumed, the dense gradients of the layers
-already done (the optimizer applies them only once all are computed; the gradient of a sparse
+already done (the SGD update applies them only once all are computed; the gradient of a sparse
 kernel is dense), the upstream gradient, the input gradient or the rebuilt ``x_pruned`` of a SAP
 layer, and the kernel-side working set. ``peak_bytes`` is the largest of these. Not modelled:
 the allocator's rounding of each allocation (up to 2x for a single tensor in TensorFlow's BFC
@@ -60,9 +60,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from fedmef_tf import agc
-from fedmef_tf import losses
+from fedmef_tf import client
+from fedmef_tf import masks
 from fedmef_tf import sap
+from fedmef_tf import sparse_layers
 
 __all__ = ['analytic_footprint', 'measure_train_step_peak']
 
@@ -82,18 +83,19 @@ def measure_train_step_peak(
   model: tf.keras.Model,
   batch_size: int,
   *,
-  optimizer: Optional[tf.keras.optimizers.Optimizer] = None,
+  learning_rate: float = 0.01,
   steps: int = 3,
   device: Optional[str] = None,
   seed: int = 0,
   gradient_clipping: Optional[float] = None,
 ) -> Dict[str, float]:
-  """Allocator peak of one compiled SGD training step, minus the bytes resident before it.
+  """Allocator peak of one compiled client SGD step, minus the bytes resident before it.
 
-  The step is ``tf.function``-compiled: forward with ``training=True``, sparse softmax
-  cross-entropy on the logits, ``tape.gradient`` over the trainable variables,
-  ``optimizer.apply_gradients``. It is traced and run twice (warm-up: tracing, optimizer slot
-  creation, allocator warm-up), then called ``steps`` times; before each call the allocator's
+  The step is the clients' own, ``fedmef_tf.client.sgd_step``, ``tf.function``-compiled:
+  forward with ``training=True``, the clients' loss (softmax cross-entropy on the logits),
+  ``tape.gradient`` over the trainable variables, AGC with ``gradient_clipping``, the SGD
+  update and the masks re-applied to the kernels. It is traced and run twice (warm-up:
+  tracing, allocator warm-up), then called ``steps`` times; before each call the allocator's
   peak is reset (``tf.config.experimental.reset_memory_stats``) and ``current`` is read; after
   it, ``peak - current_before`` is the step's peak.
 
@@ -101,7 +103,7 @@ def measure_train_step_peak(
       model: a built Keras model mapping ``[B, *input_shape]`` float32 to ``[B, classes]``
           logits.
       batch_size: B.
-      optimizer: a Keras optimizer; default plain SGD (learning rate 0.01), as FedMef clients.
+      learning_rate: the SGD step's learning rate.
       steps: measured calls (>= 1).
       device: allocator to read, ``'CPU:0'`` or ``'GPU:0'``; default GPU if present.
       seed: seed of the random batch.
@@ -111,30 +113,23 @@ def measure_train_step_peak(
   Returns:
       A dict with ``peak_bytes`` (median over the calls, bytes), ``peak_bytes_min`` and
       ``peak_bytes_max``, ``resident_bytes`` (``current`` before the calls, bytes: weights,
-      optimizer state, batch, and whatever else the process holds), ``step_seconds``
+      batch, and whatever else the process holds), ``step_seconds``
       (median wall time of one call, seconds), ``step_seconds_min`` (the fastest call,
       seconds: the least disturbed by other processes) and ``batch_size``.
   """
   if batch_size < 1 or steps < 1:
     raise ValueError(f'batch_size and steps must be >= 1, got {batch_size}, {steps}')
   device = device or _default_device()
-  optimizer = optimizer or tf.keras.optimizers.SGD(learning_rate=0.01)
   input_shape = tuple(int(d) for d in model.input_shape[1:])
   num_classes = int(model.output_shape[-1])
   rng = np.random.default_rng(seed)
   x = tf.constant(rng.standard_normal((batch_size,) + input_shape, dtype=np.float32))
   y = tf.constant(rng.integers(0, num_classes, size=(batch_size,)), dtype=tf.int32)
-  variables = model.trainable_variables
+  layers = masks.prunable_layers(model)
 
   @tf.function
   def step(x, y):
-    with tf.GradientTape() as tape:
-      logits = model(x, training=True)
-      loss = losses.mean_loss(y, logits)
-    grads = tape.gradient(loss, variables)
-    if gradient_clipping is not None:
-      grads = agc.clip_model_gradients(model, grads, gradient_clipping)
-    optimizer.apply_gradients(zip(grads, variables))
+    loss, _ = client.sgd_step(model, layers, x, y, learning_rate, clipping=gradient_clipping)
     return loss
 
   for _ in range(2):
@@ -187,9 +182,6 @@ def _nodes_in_order(model: tf.keras.Model):
 
 
 def _layer_kind(layer) -> str:
-  # Imported here so that this module does not depend on the layer module at import time.
-  from fedmef_tf import sparse_layers  # pylint: disable=import-outside-toplevel
-
   if isinstance(layer, sparse_layers.MaskedLayer):
     return 'masked'
   if isinstance(layer, sap.BitReLU):

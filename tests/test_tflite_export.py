@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from fedmef_tf import model_io
 from fedmef_tf import models
+from tflite_export import checks as checks_lib
 from tflite_export import chunked_conv
 from tflite_export import export
 from tflite_export import litert_runtime
@@ -417,6 +418,56 @@ def test_learning_rate_is_settable(masked_export):
   assert _checks(masked_export)['set_learning_rate applies'].ok
 
 
+def test_the_checks_of_a_good_export_hold_their_numbers(fedmef_export):
+  got = _checks(fedmef_export[0])
+  infer = got['infer matches TF']
+  assert infer.shape == (BATCH, 10) and infer.max_abs_diff <= infer.tolerance
+  assert infer.tolerance >= checks_lib.INFER_TOL
+  step = got['train step matches TF']
+  assert step.loss_diff <= step.loss_tolerance and step.mismatch.ok
+  assert step.mismatch.max_allowed >= checks_lib.STEP_RTOL
+  assert got['train step uses SAP'].effect > checks_lib.SAP_EFFECT_MIN
+  assert got['train step with BaE matches TF'].bae_effect > 0
+  zeros = got['masked weights stay zero']
+  assert zeros.kernels == 5 and zeros.masked > 0 and zeros.nonzero == 0
+  falls = got['loss falls']
+  assert len(falls.losses) == 4 and falls.losses[-1] < falls.losses[0]
+  assert got['set_learning_rate applies'].changed == ()
+
+
+def test_the_checks_fail_an_export_broken_on_purpose(fedmef_export):
+  # The file's own weights and logits, then one masked entry set nonzero and one logit
+  # moved beyond the tolerance: each check fails with the number it measured.
+  interpreter = tf.lite.Interpreter(model_path=fedmef_export[0])
+  meta = verify.read_metadata(interpreter)
+  w = interpreter.get_signature_runner('get_weights')()
+  pairs = checks_lib.mask_pairs(meta['weight_names'])
+  kernel, mask = next((k, m) for k, m in pairs if np.any(w[m] == 0))
+  broken = dict(w)
+  broken[kernel] = w[kernel].copy()
+  broken[kernel][np.unravel_index(int(np.argmin(w[mask])), w[mask].shape)] = 0.5
+  assert checks_lib.masked_zeros(w, w, pairs, 1).ok
+  result = checks_lib.masked_zeros(w, broken, pairs, 1)
+  assert not result.ok and result.nonzero == 1 and result.kernels == len(pairs)
+  x, _ = _batch(5)
+  logits = interpreter.get_signature_runner('infer')(x=x)['logits']
+  assert checks_lib.infer_matches(logits, logits).max_abs_diff == 0.0
+  tol = checks_lib.infer_matches(logits, logits).tolerance
+  moved = logits.copy()
+  moved[1, 2] += 3 * tol
+  result = checks_lib.infer_matches(moved, logits)
+  assert not result.ok and result.max_abs_diff == pytest.approx(3 * tol, rel=1e-3)
+
+
+def test_litert_compatibility_names_the_select_tf_ops(fedmef_export, baseline_export):
+  with open(fedmef_export[0], 'rb') as f:
+    assert checks_lib.litert_compatible(f.read()).ok
+  with open(baseline_export[0], 'rb') as f:
+    result = checks_lib.litert_compatible(f.read())
+  assert not result.ok and result.select_tf_ops
+  assert set(_select_tf_ops(baseline_export[0])['train']) <= set(result.select_tf_ops)
+
+
 # -- stock LiteRT (ai_edge_litert, no select-TF ops) -------------------------------------------
 
 
@@ -482,27 +533,6 @@ def test_twenty_train_calls_on_stock_litert_lower_the_loss_and_keep_masked_zeros
   assert masked > 0
 
 
-def test_step_tolerance_passes_flips_within_the_reference_spread_only():
-  rng = np.random.RandomState(0)
-  before = {'w': np.zeros(1000, np.float32)}
-  ref = {'w': rng.standard_normal(1000).astype(np.float32)}
-  flipped = {'w': ref['w'].copy()}
-  flipped['w'][7] += 0.05 * np.max(np.abs(ref['w']))  # one entry 5% off: a ReLU flip
-  # Without a measured spread the fixed STEP_RTOL rejects it ...
-  alone = verify._step_mismatch(before, flipped, ref)  # pylint: disable=protected-access
-  assert not alone.ok and alone.max_rel == pytest.approx(0.05, rel=1e-3)
-  # ... a reference that itself moves one entry by 4% under a one-ulp change accepts it ...
-  rerun = {'w': ref['w'].copy()}
-  rerun['w'][300] -= 0.04 * np.max(np.abs(ref['w']))
-  with_spread = verify._step_mismatch(before, flipped, ref, [rerun])  # pylint: disable=protected-access
-  assert with_spread.ok and with_spread.max_allowed == pytest.approx(0.08, rel=1e-3)
-  assert with_spread.l2_rel < verify.STEP_RTOL
-  # ... but not a step 10% too large everywhere, whose norm is 10% off.
-  scaled = {'w': ref['w'] * 1.1}
-  wrong = verify._step_mismatch(before, scaled, ref, [rerun])  # pylint: disable=protected-access
-  assert not wrong.ok and wrong.l2_rel == pytest.approx(0.1, rel=1e-3)
-
-
 def test_verify_fails_a_step_with_the_wrong_learning_rate(monkeypatch, fedmef_export):
   rebuild = verify._rebuild  # pylint: disable=protected-access
 
@@ -547,7 +577,7 @@ def test_train_step_rezeroes_values_loaded_under_the_mask(fedmef_export):
   meta = verify.read_metadata(interpreter)
   get = interpreter.get_signature_runner('get_weights')
   w = get()
-  pairs = verify._mask_pairs(meta['weight_names'])  # pylint: disable=protected-access
+  pairs = checks_lib.mask_pairs(meta['weight_names'])
   kernel, mask = [p for p in pairs if p[0].endswith('conv1_conv_kernel')][0]
   w[kernel] = np.where(w[mask] == 0, 1.0, w[kernel]).astype(np.float32)
   interpreter.get_signature_runner('set_weights')(**w)

@@ -49,7 +49,6 @@ Round metrics (all at the server, one `OrderedDict`):
 - `clients_used`, `clients_rejected` (non-finite update), `clients_empty`.
 """
 
-import functools
 from typing import Callable, Optional
 
 import numpy as np
@@ -59,9 +58,8 @@ import tensorflow_federated as tff
 from fedmef_tf import agc
 from fedmef_tf import algorithms
 from fedmef_tf import client as client_lib
+from fedmef_tf import execution
 from fedmef_tf import masks as masks_lib
-from fedmef_tf import sap
-from fedmef_tf.sap import native as sap_native
 from fedmef_tf import server as server_lib
 
 #: The algorithm names (`fedmef_tf.algorithms.NAMES`).
@@ -195,19 +193,14 @@ def _default_element_spec(model):
   return (tf.TensorSpec(shape[1:], tf.float32), tf.TensorSpec([], tf.int32))
 
 
-def _portable_ops(build):
-  """Builds under `fedmef_tf.sap.native.portable()`: TFF runs the traced graphs in its own
-  worker process, whose TensorFlow has none of fedmef_tf's native kernels."""
-
-  @functools.wraps(build)
-  def wrapper(*args, **kwargs):
-    with sap_native.portable():
-      return build(*args, **kwargs)
-
-  return wrapper
+def client_strategy(sap_strategy: str = execution.SIMULATED) -> execution.Strategy:
+  """The `fedmef_tf.execution` strategy the clients' computation is traced under:
+  `execution.TFF_SIMULATION` (no native kernel: TFF runs the traced graphs in its own worker
+  process, whose TensorFlow has none of fedmef_tf's native kernels) with `sap_strategy` as the
+  SAP storage (`execution.SIMULATED` or `execution.STORED`)."""
+  return execution.TFF_SIMULATION.replace(sap_storage=sap_strategy)
 
 
-@_portable_ops
 def build_fedmef_process(
   model_fn: Callable[[], tf.keras.Model],
   *,
@@ -226,7 +219,7 @@ def build_fedmef_process(
   seed: int = 0,
   element_spec=None,
   loss_fn: Optional[Callable] = None,
-  sap_strategy: str = sap.SIMULATED,
+  sap_strategy: str = execution.SIMULATED,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the FedMef (or baseline) learning process.
 
@@ -259,11 +252,12 @@ def build_fedmef_process(
       `(float32 model input, int32 scalar label)`.
     loss_fn: `loss_fn(y_true, logits)` -> scalar mean loss; default sparse categorical
       cross-entropy on logits.
-    sap_strategy: how the clients' SAP layers are traced (`fedmef_tf.sap.strategy`):
-      `sap.SIMULATED` (default) gives SAP's kept sets and gradients at about the cost of plain
-      layers, without the memory saving, which a simulation does not measure;
-      `sap.STORED` traces the memory-saving storage (TensorFlow ops, since TFF's worker has
-      no native kernels), several times slower.
+    sap_strategy: how the clients' SAP layers keep what they keep (the `sap_storage` of
+      the clients' strategy, `client_strategy`): `execution.SIMULATED` (default) gives SAP's
+      kept sets and gradients at about the cost of plain layers, without the memory saving,
+      which a simulation does not measure; `execution.STORED` traces the memory-saving
+      storage (TensorFlow ops, since TFF's worker has no native kernels), several times
+      slower.
 
   Returns:
     A `tff.learning.templates.LearningProcess` with `initialize`, `next`,
@@ -288,8 +282,9 @@ def build_fedmef_process(
   local_epochs = _check_positive_int('local_epochs', local_epochs)
   batch_size = _check_positive_int('batch_size', batch_size)
   seed = _check_positive_int('seed', seed, minimum=0)
-  if sap_strategy not in sap.STRATEGIES:
-    raise ValueError(f'sap_strategy must be one of {sap.STRATEGIES}, got {sap_strategy!r}')
+  if sap_strategy not in execution.SAP_STORAGES:
+    raise ValueError(f'sap_strategy must be one of {execution.SAP_STORAGES}, got {sap_strategy!r}')
+  strategy = client_strategy(sap_strategy)
   mode = entry.mode
   if mode == server_lib.MODE_TFMOT and density >= 1.0:
     raise ValueError(f'{algorithm} needs a target density below 1')
@@ -353,7 +348,7 @@ def build_fedmef_process(
 
   @tff.tensorflow.computation(dataset_type, trainable_type, non_trainable_type, config_type)
   def client_update_tf(dataset, trainable, non_trainable, config):
-    with sap.strategy(sap_strategy):
+    with execution.scope(strategy):
       client_model = model_fn()
       update = client_lib.build_client_update(
         client_model,

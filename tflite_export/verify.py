@@ -15,7 +15,8 @@ file that is not a TFLite file or holds NaN or infinite weights.
 The file's `metadata` signature names the model (registry name, variant, classes, input shape,
 gamma, batch size, weight names), so the TF model is rebuilt from it and loaded with the
 file's own weights (`get_weights`). On one random batch (seeded; images uniform in [0, 1), the
-range of the training data, `pixel / 255`) it checks:
+range of the training data, `pixel / 255`) it checks (each comparison a function of
+`tflite_export.checks`, whose result holds the numbers it measured):
 
 1. `infer`: logits of shape `[B, classes]` equal the TF model's (`training=False`) within
    `INFER_TOL * max(1, max |logit|)` (float32 rounding grows with the logits' size).
@@ -70,7 +71,6 @@ Prints one line per check and exits with status 1 if any check fails (2 for an u
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -78,6 +78,14 @@ import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from tflite_export import checks as checks_lib
+from tflite_export.checks import INFER_TOL
+from tflite_export.checks import LOSS_RTOL
+from tflite_export.checks import SAP_EFFECT_MIN
+from tflite_export.checks import SPREAD_FACTOR
+from tflite_export.checks import STEP_RTOL
+from tflite_export.checks import Check
 
 __all__ = [
   'Check',
@@ -89,48 +97,19 @@ __all__ = [
   'LOSS_RTOL',
   'STEP_RTOL',
   'INFER_TOL',
+  'SAP_EFFECT_MIN',
+  'SPREAD_FACTOR',
 ]
 
 #: Interpreters `verify` can run a file in: TF's (with select-TF ops) and stock LiteRT.
 RUNTIMES = ('tflite', 'litert')
 
-#: Relative tolerance of the loss of one TFLite step against the TF step.
-LOSS_RTOL = 1e-4
-#: Tolerance of one step's update of every variable against TF, relative to the largest entry
-#: of that variable's TF update (and of the growth gradients, relative to their largest entry),
-#: where the reference's own spread is smaller (see "Step tolerance"). Not float rounding alone:
-#: a ReLU (or BitReLU) mask entry flips where a pre-activation lies within rounding of zero
-#: (the two runtimes sum convolutions in different orders, about 1e-6 apart), and each flip
-#: moves one output channel's weight gradient by one position's share, about
-#: 1 / (B * H_out * W_out); measured up to 1.1% on the registry cnn at batch 32.
-STEP_RTOL = 0.02
 #: Number of nudged reruns of the TF reference that measure its spread ("Step tolerance").
 SPREAD_DRAWS = 2
-#: A variable may differ from TF by this many times the reference's spread.
-SPREAD_FACTOR = 2.0
 #: Most halvings of the nudge size while calibrating it to the TFLite logits' distance.
 NUDGE_HALVINGS = 16
-#: The on-device step must differ from the TF step without SAP by more than this (relative,
-#: as STEP_RTOL), so that the match shows that SAP is active on the device.
-SAP_EFFECT_MIN = 0.1
 #: BaE penalty weight of the BaE step check (the paper's lambda is 0.01; larger shows more).
 BAE_LAMBDA = 0.5
-#: Tolerance of the logits of `infer` against the TF model, relative to the largest logit
-#: (absolute below 1).
-INFER_TOL = 1e-4
-
-
-@dataclasses.dataclass
-class Check:
-  """One verification result: `name`, `ok` (None: not applicable) and a `detail` line."""
-
-  name: str
-  ok: Optional[bool]
-  detail: str
-
-  def line(self) -> str:
-    status = {True: 'PASS', False: 'FAIL', None: 'N/A '}[self.ok]
-    return f'{status} {self.name}: {self.detail}'
 
 
 def read_metadata(interpreter) -> Dict[str, Any]:
@@ -172,18 +151,6 @@ def _rebuild(meta: Dict[str, Any]):
   return model, module
 
 
-def _mask_pairs(names: Sequence[str]):
-  """(kernel name, mask name) pairs of masked layers, from the signature names."""
-  pairs = []
-  for n in names:
-    if n.endswith('_kernel'):
-      prefix = n[5 : -len('_kernel')]
-      masks = [m for m in names if m.endswith(prefix + '_mask') and m[5 : -len('_mask')] == prefix]
-      if masks:
-        pairs.append((n, masks[0]))
-  return pairs
-
-
 def _nudged(
   a: np.ndarray, rng: np.random.RandomState, rel: float, nonzero_only: bool = False
 ) -> np.ndarray:
@@ -208,78 +175,10 @@ def _nudged_weights(weights: Dict[str, np.ndarray], rng: np.random.RandomState, 
   return out
 
 
-@dataclasses.dataclass
-class Mismatch:
-  """How far a TFLite result is from the TF reference, relative to the reference's change.
-
-  `max_rel`/`l2_rel`: worst over variables of `max|got - ref| / max|ref - before|` and of
-  `||got - ref|| / ||ref - before||`, at `max_name`/`l2_name`; `max_allowed`/`l2_allowed`:
-  what they may be (see "Step tolerance").
-  """
-
-  max_rel: float = 0.0
-  max_name: str = ''
-  l2_rel: float = 0.0
-  l2_name: str = ''
-  max_allowed: float = STEP_RTOL
-  l2_allowed: float = STEP_RTOL
-
-  @property
-  def ok(self) -> bool:
-    return self.max_rel <= self.max_allowed and self.l2_rel <= self.l2_allowed
-
-  def text(self, what: str = 'update') -> str:
-    return (
-      f'max |diff| / max |{what}| {self.max_rel:.2e} ({self.max_name or "-"}; allowed '
-      f'{self.max_allowed:.2e}), ||diff|| / ||{what}|| {self.l2_rel:.2e} '
-      f'({self.l2_name or "-"}; allowed {self.l2_allowed:.2e})'
-    )
-
-
-def _step_mismatch(before, got, ref, reruns: Sequence[Dict[str, np.ndarray]] = ()) -> Mismatch:
-  """Mismatch of `got` against `ref`, both changes of `before`.
-
-  `reruns`: the reference rerun on nudged inputs and weights; the allowed mismatches
-  are `max(STEP_RTOL, SPREAD_FACTOR * the reruns' worst mismatch against ref)`, model-wide.
-  A variable that `ref` does not change (masks, marked sets) must be equal to within 1e-7.
-  """
-
-  def measure(other):
-    m = Mismatch()
-    for n in ref:
-      if not np.size(ref[n]):
-        continue
-      r = np.asarray(ref[n], np.float64)
-      d = np.asarray(other[n], np.float64) - r
-      u = r - np.asarray(before[n], np.float64)
-      scale, norm = float(np.max(np.abs(u))), float(np.linalg.norm(u))
-      if scale > 0:
-        rel_max, rel_l2 = float(np.max(np.abs(d))) / scale, float(np.linalg.norm(d)) / norm
-      else:
-        rel_max = rel_l2 = 0.0 if float(np.max(np.abs(d))) <= 1e-7 else float('inf')
-      if rel_max > m.max_rel:
-        m.max_rel, m.max_name = rel_max, n
-      if rel_l2 > m.l2_rel:
-        m.l2_rel, m.l2_name = rel_l2, n
-    return m
-
-  m = measure(got)
-  spread = [measure(r) for r in reruns]
-  m.max_allowed = max([STEP_RTOL] + [SPREAD_FACTOR * s.max_rel for s in spread])
-  m.l2_allowed = max([STEP_RTOL] + [SPREAD_FACTOR * s.l2_rel for s in spread])
-  return m
-
-
 def _load(model, names: Sequence[str], weights: Dict[str, np.ndarray]) -> None:
   """Assigns `weights` (by signature name) to the TF model's variables."""
   for v, n in zip(model.variables, names):
     v.assign(weights[n])
-
-
-def _equal(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
-  return a.keys() == b.keys() and all(
-    np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a
-  )
 
 
 def open_interpreter(model_path: str, runtime: str = 'tflite'):
@@ -297,14 +196,13 @@ def open_interpreter(model_path: str, runtime: str = 'tflite'):
     raise ValueError(f'runtime must be one of {", ".join(RUNTIMES)}, got {runtime!r}')
   if runtime == 'litert':
     from tflite_export import litert_runtime  # pylint: disable=import-outside-toplevel
-    from tflite_export import select_ops  # pylint: disable=import-outside-toplevel
 
     with open(model_path, 'rb') as f:
-      needed = select_ops.select_tf_ops(f.read())
-    if needed:
+      compatible = checks_lib.litert_compatible(f.read())
+    if not compatible.ok:
       raise ValueError(
-        f'{model_path}: needs select-TF ops ({", ".join(needed)}), which the '
-        'stock LiteRT runtime does not have (use --runtime=tflite)'
+        f'{model_path}: {compatible.detail}, which the stock LiteRT runtime does not have '
+        '(use --runtime=tflite)'
       )
     return litert_runtime.LiteRTInterpreter(model_path)
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -317,6 +215,9 @@ def verify(
 ) -> List[Check]:
   """Runs the checks of the module docstring; returns one `Check` per check.
 
+  This runs the file's signatures and the TF reference; each comparison is a function of
+  `tflite_export.checks`, whose result holds the measured numbers.
+
   Args:
     model_path: a `.tflite` file written by `tflite_export.export`.
     steps: number of `train` steps of the loss and mask checks (>= 2).
@@ -324,7 +225,7 @@ def verify(
     runtime: interpreter of the file, 'tflite' or 'litert' (see `open_interpreter`).
 
   Returns:
-    The checks, in the order of the module docstring.
+    The checks (`tflite_export.checks` results), in the order of the module docstring.
 
   Raises:
     ValueError: the file has no `metadata`/`train` signature or metadata that names no model;
@@ -338,21 +239,11 @@ def verify(
     raise ValueError(f'steps must be >= 2, got {steps}')
   interpreter = open_interpreter(model_path, runtime)
   sigs = interpreter.get_signature_list()
-  needed = (
-    'train',
-    'infer',
-    'get_weights',
-    'set_weights',
-    'save',
-    'restore',
-    'metadata',
-    'set_learning_rate',
-  )
-  missing = [s for s in needed if s not in sigs]
-  if missing:
-    raise ValueError(f'{model_path}: missing signatures {missing}')
+  present = checks_lib.required_signatures(sigs)
+  if not present.ok:
+    raise ValueError(f'{model_path}: {present.detail}')
   meta = read_metadata(interpreter)
-  run = {s: interpreter.get_signature_runner(s) for s in needed}
+  run = {s: interpreter.get_signature_runner(s) for s in checks_lib.SIGNATURES}
   names = list(meta['weight_names'])
   b = int(meta['batch_size'])
   rng = np.random.RandomState(seed)
@@ -361,13 +252,9 @@ def verify(
   checks: List[Check] = []
 
   w0 = run['get_weights']()
-  for name, value in w0.items():
-    if not np.all(np.isfinite(value)):
-      bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-      raise ValueError(
-        f'{model_path}: weight {name} holds {bad} NaN or infinite values of '
-        f'{np.size(value)}; the file is not checked'
-      )
+  finite = checks_lib.finite_weights(w0)
+  if not finite.ok:
+    raise ValueError(f'{model_path}: {finite.detail}; the file is not checked')
   lr0 = float(meta['learning_rate'])
 
   def reset():
@@ -384,20 +271,13 @@ def verify(
   _load(model, names, w0)
 
   # 1. infer.
-  logits = run['infer'](x=x)['logits']
   ref = model(x, training=False).numpy()
-  d = float(np.max(np.abs(logits - ref)))
-  tol = INFER_TOL * max(1.0, float(np.max(np.abs(ref))))
-  checks.append(
-    Check(
-      'infer matches TF',
-      logits.shape == ref.shape and d <= tol,
-      f'logits {tuple(logits.shape)}, max |diff| {d:.2e} (tol {tol:.2e})',
-    )
-  )
+  infer = checks_lib.infer_matches(run['infer'](x=x)['logits'], ref)
+  checks.append(infer)
 
   # Relative size of the nudge ("Step tolerance"): halved from the TFLite logits' relative
   # distance to TF's until the nudged TF model's logits are no farther from TF's than that.
+  d = infer.max_abs_diff
   gap = d / max(1e-30, float(np.max(np.abs(ref))))
   nudge = max(float(np.finfo(np.float32).eps), gap)
   for _ in range(NUDGE_HALVINGS):
@@ -439,20 +319,7 @@ def verify(
     g_tf = tf_gradients(x)
     reruns = [tf_gradients(xn, _nudged_weights(w0, r, nudge)) for xn, r in nudged]
     _load(model, names, w0)
-    zeros = {n: np.zeros_like(g) for n, g in g_tf.items()}
-    if g_lite.keys() == g_tf.keys():
-      m = _step_mismatch(zeros, g_lite, g_tf, reruns)
-      checks.append(
-        Check('dense_gradients matches TF', m.ok, f'{len(g_tf)} kernels, {m.text("gradient")}')
-      )
-    else:
-      checks.append(
-        Check(
-          'dense_gradients matches TF',
-          False,
-          f'names differ: {sorted(set(g_lite) ^ set(g_tf))[:4]}',
-        )
-      )
+    checks.append(checks_lib.dense_gradients_match(g_lite, g_tf, reruns))
 
   # 2. One step, TFLite against TF.
   loss_lite = float(run['train'](x=x, y=y)['loss'])
@@ -460,38 +327,19 @@ def verify(
   w_plain_step = w_lite
   loss_tf, w_tf = tf_step(w0, x)
   reruns = [tf_step(_nudged_weights(w0, r, nudge), xn)[1] for xn, r in nudged]
-  dl = abs(loss_lite - loss_tf)
-  m = _step_mismatch(w0, w_lite, w_tf, reruns)
-  ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and m.ok
-  checks.append(
-    Check(
-      'train step matches TF',
-      ok,
-      f'loss {loss_lite:.6f} vs {loss_tf:.6f} (|diff| {dl:.2e}, rtol {LOSS_RTOL}),'
-      f' {m.text()}; TF reruns nudged by {nudge:.1e}',
-    )
-  )
+  checks.append(checks_lib.train_step_matches(loss_lite, loss_tf, w0, w_lite, w_tf, reruns, nudge))
 
   # 2a. SAP is active on the device: the step differs from the TF step without SAP.
-  if float(meta.get('gamma', 0.0)) > 0.0:
-    meta0 = dict(meta, gamma=0.0)
-    model0, module0 = _rebuild(meta0)
+  gamma = float(meta.get('gamma', 0.0))
+  if gamma > 0.0:
+    model0, module0 = _rebuild(dict(meta, gamma=0.0))
     _load(model0, names, w0)
     module0.train(tf.constant(x), tf.constant(y))
     w_nosap = {n: v.numpy() for n, v in zip(names, model0.variables)}
-    effect = _step_mismatch(w0, w_lite, w_nosap)
-    checks.append(
-      Check(
-        'train step uses SAP',
-        effect.max_rel > SAP_EFFECT_MIN,
-        f'gamma {meta["gamma"]}: on-device step differs from the TF step '
-        f'without SAP by {effect.max_rel:.2e} ({effect.max_name}; must exceed '
-        f'{SAP_EFFECT_MIN})',
-      )
-    )
+    checks.append(checks_lib.sap_effect(w0, w_lite, w_nosap, meta['gamma']))
 
   # 2b. The same with a BaE marked set and lambda loaded (adjustment round).
-  pairs = _mask_pairs(names)
+  pairs = checks_lib.mask_pairs(names)
   if pairs:
     bae = dict(w0)
     for kernel, mask in pairs:
@@ -507,17 +355,18 @@ def verify(
     w_lite = run['get_weights']()
     loss_tf, w_tf = tf_step(bae, x)
     reruns = [tf_step(_nudged_weights(bae, r, nudge), xn)[1] for xn, r in nudged]
-    dl = abs(loss_lite - loss_tf)
-    m = _step_mismatch(bae, w_lite, w_tf, reruns)
-    # BaE must change the step, or the check says nothing.
-    effect = float(max(np.max(np.abs(w_lite[k] - w_plain_step[k])) for k, _ in pairs))
-    ok = dl <= LOSS_RTOL * max(1.0, abs(loss_tf)) and m.ok and effect > 0
     checks.append(
-      Check(
-        'train step with BaE matches TF',
-        ok,
-        f'lambda {BAE_LAMBDA}, half of each mask marked: {m.text()}; BaE moved '
-        f'kernels by up to {effect:.2e} against the plain step',
+      checks_lib.bae_step_matches(
+        loss_lite,
+        loss_tf,
+        bae,
+        w_lite,
+        w_tf,
+        w_plain_step,
+        [k for k, _ in pairs],
+        BAE_LAMBDA,
+        reruns,
+        nudge,
       )
     )
 
@@ -531,40 +380,8 @@ def verify(
   run['set_learning_rate'](lr=np.float32(lr0))
   losses = [float(run['train'](x=x, y=y)['loss']) for _ in range(steps)]
   w_after = run['get_weights']()
-  if pairs:
-    bad = sum(int(np.count_nonzero(w_after[k][w_after[m] == 0])) for k, m in pairs)
-    changed = [m for _, m in pairs if not np.array_equal(w_after[m], w0[m])]
-    pruned = sum(int(np.count_nonzero(w0[m] == 0)) for _, m in pairs)
-    checks.append(
-      Check(
-        'masked weights stay zero',
-        bad == 0 and not changed,
-        f'{pruned} masked entries in {len(pairs)} kernels, {bad} nonzero after '
-        f'{steps} steps, masks changed: {changed or "none"}',
-      )
-    )
-  else:
-    zeros0 = sum(int(np.count_nonzero(w0[n] == 0)) for n in names if n.endswith('kernel'))
-    zeros1 = sum(int(np.count_nonzero(w_after[n] == 0)) for n in names if n.endswith('kernel'))
-    checks.append(
-      Check(
-        'masked weights stay zero',
-        None,
-        f'no mask variables in this export; zero kernel entries {zeros0} before, '
-        f'{zeros1} after {steps} steps',
-      )
-    )
-  checks.append(
-    Check(
-      'loss falls',
-      losses[-1] < losses[0] and all(np.isfinite(losses)),
-      f"lr {lr0:g} (the export's own): losses "
-      + ', '.join(f'{l:.4f}' for l in losses)
-      + ' (TF: '
-      + ', '.join(f'{l:.4f}' for l in tf_losses)
-      + ')',
-    )
-  )
+  checks.append(checks_lib.masked_zeros(w0, w_after, pairs, steps))
+  checks.append(checks_lib.loss_falls(losses, tf_losses, lr0))
 
   # 5. set/get round trip with values different from the current ones.
   other = {
@@ -576,12 +393,7 @@ def verify(
     for n in names
   }
   run['set_weights'](**other)
-  got = run['get_weights']()
-  checks.append(
-    Check(
-      'set_weights/get_weights round trip', _equal(got, other), f'{len(names)} variables, bitwise'
-    )
-  )
+  checks.append(checks_lib.round_trip(other, run['get_weights']()))
 
   # 6. save/restore round trip.
   with tempfile.TemporaryDirectory() as tmp:
@@ -593,15 +405,10 @@ def verify(
     run['set_weights'](**other)
     run['set_learning_rate'](lr=np.float32(lr0))
     restored = run['restore'](checkpoint=checkpoint.read_file(path, saved.size))
-    got = run['get_weights']()
     lr_back = float(restored.pop('learning_rate'))
-    ok = _equal(got, w_after) and _equal(restored, w_after) and lr_back == np.float32(0.0123)
     checks.append(
-      Check(
-        'save/restore round trip',
-        ok,
-        f'{len(names)} variables and the learning rate, bitwise '
-        f'({os.path.getsize(path)} bytes checkpoint)',
+      checks_lib.save_restore(
+        w_after, run['get_weights'](), restored, 0.0123, lr_back, os.path.getsize(path)
       )
     )
 
@@ -609,16 +416,8 @@ def verify(
   reset()
   run['set_learning_rate'](lr=np.float32(0.0))
   run['train'](x=x, y=y)
-  w_lr0 = run['get_weights']()
   trainable = [n for n, v in zip(names, model.variables) if v.trainable]
-  unchanged = all(np.array_equal(w_lr0[n], w0[n]) for n in trainable)
-  checks.append(
-    Check(
-      'set_learning_rate applies',
-      unchanged,
-      f'a step at lr 0 changed {"no" if unchanged else "some"} trainable weight',
-    )
-  )
+  checks.append(checks_lib.learning_rate_applies(w0, run['get_weights'](), trainable))
   reset()
   return checks
 
