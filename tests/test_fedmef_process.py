@@ -271,6 +271,35 @@ def test_loss_falls(tff_runtime, algorithm):
     assert output.metrics['global_density'] == pytest.approx(0.5, abs=0.01)
 
 
+def _shuffled_clients():
+  """`_clients()` as the training program feeds them: shuffled with a seed, reshuffled on each
+  iteration (the client update iterates its dataset more than once in an adjustment round)."""
+  return [
+    ds.shuffle(64, seed=10 + i, reshuffle_each_iteration=True) for i, ds in enumerate(_clients())
+  ]
+
+
+def _round_bits(process, state):
+  output = process.next(state, _shuffled_clients())
+  return [np.asarray(a).tobytes() for a in tf.nest.flatten((output.state, output.metrics))]
+
+
+def test_a_rigl_round_is_bitwise_repeatable_in_the_worker_and_in_a_fresh_one(tff_runtime):
+  """Same state and client data: the same bits, again in the same worker and in a new worker
+  process. rigl trains the BatchNorm model (oneDNN batch norm kernels in the worker, moving
+  statistics aggregated), the path FedMef's BatchNorm-free model does not take; round 1 adjusts
+  the mask, so the clients' top-k gradients and the server's prune/grow run too."""
+  from tff_programs import runtime  # pylint: disable=import-outside-toplevel
+
+  del tff_runtime
+  process = _process('rigl', delta_t=1, t_end=2)
+  state = process.initialize()
+  first = _round_bits(process, state)
+  assert _round_bits(process, state) == first
+  with runtime.LocalRuntime(verbose=False):
+    assert _round_bits(process, state) == first
+
+
 def test_sample_clients_is_repeatable_and_distinct():
   a = fedmef_process.sample_clients(100, 10, 7, seed=1)
   b = fedmef_process.sample_clients(100, 10, 7, seed=1)
