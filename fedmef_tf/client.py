@@ -283,8 +283,7 @@ def build_client_update(
       layer.kernel.assign(new_kernel)
 
   def _bae_lr(tau, budget, eta_t):
-    low_sq = tf.add_n([tf.reduce_sum(tf.square(layer.kernel * layer.marked)) for layer in layers])
-    return bae.bae_learning_rate(tau, budget, tf.sqrt(low_sq), eta_t, eta_0)
+    return bae.bae_learning_rate(tau, budget, bae.low_magnitude_norm(layers), eta_t, eta_0)
 
   @tf.function
   def client_update(dataset, trainable, non_trainable, config: RoundConfig):
