@@ -15,7 +15,7 @@ before they go:
 - the *budget-aware learning rate* of local step tau, `mu = max(eta_t, beta_tau)` with
   `beta_tau = p(tau) * (2 * sigmoid(||theta_low||_2) - 1) * eta_0` and the REX profile
   `p(tau) = (2 T_B - 2 tau) / (2 T_B - tau)` over the client's step budget T_B
-  (`rex_profile`, `bae_beta`, `bae_learning_rate`; the budget is
+  (`rex_profile`, `low_magnitude_norm`, `bae_beta`, `bae_learning_rate`; the budget is
   `fedmef_tf.schedules.local_step_budget`).
 
 The client round that puts these together is `fedmef_tf.client.build_client_update`. Local
@@ -23,11 +23,20 @@ steps are counted from 0 (tau = 0 .. T_B - 1). The schedules accept Python numbe
 tensors and return float32 scalar tensors.
 """
 
+from typing import Any, Sequence
+
 import tensorflow as tf
 
 from fedmef_tf import ranking
 
-__all__ = ['marked_set', 'penalty_gradient', 'rex_profile', 'bae_beta', 'bae_learning_rate']
+__all__ = [
+  'marked_set',
+  'penalty_gradient',
+  'rex_profile',
+  'low_magnitude_norm',
+  'bae_beta',
+  'bae_learning_rate',
+]
 
 
 def marked_set(kernel, mask, k):
@@ -84,6 +93,23 @@ def rex_profile(tau, budget):
   safe = tf.where(denominator > 0, denominator, tf.ones_like(denominator))
   p = tf.where(denominator > 0, (2.0 * budget - 2.0 * tau) / safe, tf.zeros_like(tau))
   return tf.cast(tf.clip_by_value(p, 0.0, 1.0), tf.float32)
+
+
+def low_magnitude_norm(layers: Sequence[Any]) -> tf.Tensor:
+  """||theta_low||_2: the L2 norm of the marked (to be pruned) weights over all layers.
+
+  `sqrt(sum_l ||kernel_l * marked_l||^2)`, the norm that `bae_beta` reads at each local step
+  (the kernels change from step to step, the marked sets do not).
+
+  Args:
+    layers: the prunable layers (`fedmef_tf.masks.prunable_layers`), each with a `kernel` and
+      its 0/1 `marked` set of the same shape (at least one layer).
+
+  Returns:
+    A float32 scalar tensor (0 for empty marked sets).
+  """
+  low_sq = tf.add_n([tf.reduce_sum(tf.square(layer.kernel * layer.marked)) for layer in layers])
+  return tf.sqrt(low_sq)
 
 
 def bae_beta(tau, budget, low_norm, eta_0):

@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from fedmef_tf import agc
 from fedmef_tf import bae
+from fedmef_tf import execution
 from fedmef_tf import growth
 from fedmef_tf import losses
 from fedmef_tf import mask_updates
@@ -171,36 +172,48 @@ def sgd_step(
   loss_fn: Callable = default_loss_fn,
   clipping: Optional[float] = None,
 ):
-  """One masked SGD step of a client: forward in training mode, loss, gradient, update.
+  """One masked SGD step: forward in training mode, loss, gradient, update.
 
-  Every trainable variable moves by `-learning_rate * gradient` (the masked layers' custom
-  kernel gradients are zero at pruned entries and carry BaE's penalty), then every prunable
-  kernel is multiplied by its mask, so masked weights are exactly zero after the step. With
-  `clipping`, the gradients are first clipped unit-wise (`fedmef_tf.agc`, the FedMef models'
-  adaptive gradient clipping).
+  The step of the simulated clients, of the memory measurement and of the `train` signature of
+  a TFLite export (`tflite_export.train_module`). Every trainable variable moves by
+  `-learning_rate * gradient` (the masked layers' custom kernel gradients are zero at pruned
+  entries and carry BaE's penalty), then every prunable kernel is multiplied by its mask, so
+  masked weights are exactly zero after the step. With `clipping`, the gradients are first
+  clipped unit-wise (`fedmef_tf.agc`, the FedMef models' adaptive gradient clipping; the
+  output layer is not clipped).
+
+  Variables that the current execution strategy's layer kernels update inside the backward
+  pass (`execution.current().layer_kernels.updated_in_backward()`, e.g. the kernels and
+  NSConv gains under `tflite_export.layer_updates.InBackwardUpdates`, which clip and mask
+  their own updates) are left alone: no gradient is clipped or applied to them and no kernel
+  among them is masked again. Under the plain strategies that set is empty.
 
   Args:
-    model: a Keras model with masked layers.
+    model: a Keras model with masked layers (or none: then nothing is masked).
     layers: `masks.prunable_layers(model)`.
     x, y: one batch.
-    learning_rate: scalar, the step's rate.
+    learning_rate: scalar, the step's rate (a tensor or a `tf.Variable`).
     loss_fn: `loss_fn(y_true, logits)` -> scalar mean loss.
     clipping: AGC threshold lambda (`agc.clipping_for(variant)`), or None for plain SGD.
 
   Returns:
     `(loss, logits)` of the batch before the update.
   """
+  kernels = execution.current().layer_kernels
   with tf.GradientTape() as tape:
     logits = model(x, training=True)
     loss = loss_fn(y, logits)
   grads = tape.gradient(loss, model.trainable_weights)
+  in_backward = list(kernels.updated_in_backward()) if kernels is not None else []
+  done = {v.ref() for v in in_backward}
   if clipping is not None:
-    grads = agc.clip_model_gradients(model, grads, clipping)
+    grads = agc.clip_model_gradients(model, grads, clipping, skip=in_backward)
   for v, g in zip(model.trainable_weights, grads):
-    if g is not None:
+    if g is not None and v.ref() not in done:
       v.assign_sub(learning_rate * tf.convert_to_tensor(g))
   for layer in layers:
-    layer.kernel.assign(layer.kernel * layer.mask)
+    if layer.kernel.ref() not in done:
+      layer.kernel.assign(layer.kernel * layer.mask)
   return loss, logits
 
 
@@ -283,8 +296,7 @@ def build_client_update(
       layer.kernel.assign(new_kernel)
 
   def _bae_lr(tau, budget, eta_t):
-    low_sq = tf.add_n([tf.reduce_sum(tf.square(layer.kernel * layer.marked)) for layer in layers])
-    return bae.bae_learning_rate(tau, budget, tf.sqrt(low_sq), eta_t, eta_0)
+    return bae.bae_learning_rate(tau, budget, bae.low_magnitude_norm(layers), eta_t, eta_0)
 
   @tf.function
   def client_update(dataset, trainable, non_trainable, config: RoundConfig):

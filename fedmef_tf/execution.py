@@ -115,6 +115,15 @@ class LayerKernels(abc.ABC):
             keeping `w` (`fedmef_tf.sap.sap_conv2d`).
     """
 
+  def updated_in_backward(self) -> Sequence[tf.Variable]:
+    """The variables that the layers traced so far updated inside their own backward pass.
+
+    A training step (`fedmef_tf.client.sgd_step`) applies no gradient to these, does not clip
+    their gradients (the update has clipped its own) and does not mask them again. The plain
+    way updates nothing in the backward pass: the default is empty.
+    """
+    return ()
+
 
 def tf_conv2d(x: tf.Tensor, w: tf.Tensor, strides: Sequence[int], padding: str) -> tf.Tensor:
   """`tf.nn.conv2d(x, w, strides, padding)`: `x` `[B, H, W, C_in]`, `w` `[k_h, k_w, C_in,

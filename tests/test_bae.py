@@ -2,6 +2,7 @@
 rate against hand-computed values (ALGORITHM.md, "One round t")."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -81,3 +82,27 @@ def test_masked_layers_add_the_penalty_gradient_bitwise():
   np.testing.assert_array_equal(tape.gradient(plain, kernel, zero).numpy(), penalty)
   np.testing.assert_array_equal(tape.gradient(std, kernel, zero).numpy(), penalty)
   assert np.count_nonzero(penalty) > 0
+
+
+def test_low_magnitude_norm_hand_case_and_rate_bitwise():
+  from fedmef_tf import masks  # pylint: disable=import-outside-toplevel
+  from fedmef_tf import models  # pylint: disable=import-outside-toplevel
+
+  # Layer 1 marks 3 (not -1), layer 2 marks 4: sqrt(9 + 16) = 5; nothing marked: 0.
+  one = types.SimpleNamespace(kernel=tf.constant([[3.0, -1.0]]), marked=tf.constant([[1.0, 0.0]]))
+  two = types.SimpleNamespace(kernel=tf.constant([4.0, 2.0]), marked=tf.constant([1.0, 0.0]))
+  assert float(bae.low_magnitude_norm([one, two])) == 5.0
+  none = types.SimpleNamespace(kernel=one.kernel, marked=tf.zeros_like(one.marked))
+  assert float(bae.low_magnitude_norm([none])) == 0.0
+
+  # On a model's layers, bitwise the norm and the rate of the formula written out.
+  model = models.build_model('cnn', 'fedmef', input_shape=(8, 8, 3), density=0.3, seed=1)
+  layers = masks.prunable_layers(model)
+  for l, layer in enumerate(layers):
+    layer.marked.assign(bae.marked_set(layer.kernel, layer.mask, 3 + l))
+  low_sq = tf.add_n([tf.reduce_sum(tf.square(layer.kernel * layer.marked)) for layer in layers])
+  want = tf.sqrt(low_sq)
+  got = tf.function(lambda: bae.low_magnitude_norm(layers))()
+  assert got.numpy().tobytes() == want.numpy().tobytes() and float(got) > 0
+  rate = bae.bae_learning_rate(2, 10, got, 0.01, 0.1)
+  assert rate.numpy().tobytes() == bae.bae_learning_rate(2, 10, want, 0.01, 0.1).numpy().tobytes()

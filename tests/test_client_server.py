@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from fedmef_tf import bae
 from fedmef_tf import client
+from fedmef_tf import execution
 from fedmef_tf import masks
 from fedmef_tf import server
 from fedmef_tf import sparse_layers
@@ -110,6 +111,42 @@ def test_plain_round_is_masked_sgd():
   # No gradient pairs outside adjustment rounds.
   assert all(float(tf.reduce_sum(tf.abs(g))) == 0 for g in out.weighted_grads)
   assert int(out.metrics['num_examples']) == 10
+
+
+class _PlainButReporting(execution.LayerKernels):
+  """The plain kernel and op, reporting `variables` as updated inside the backward pass."""
+
+  def __init__(self, variables):
+    self.variables = list(variables)
+
+  def apply(self, layer, inputs, op):
+    return op(inputs, layer.effective_kernel())
+
+  def updated_in_backward(self):
+    return self.variables
+
+
+@pytest.mark.parametrize('clipping', [None, 0.01])
+def test_sgd_step_leaves_what_the_layer_kernels_updated_in_the_backward_pass(clipping):
+  x, y = next(iter(_data(8).batch(8)))
+  plain, reported = _mlp(), _mlp()
+  d1 = reported.get_layer('d1')
+  before = d1.kernel.numpy() + 0.5  # junk under the mask too, which the step must not mask
+  d1.kernel.assign(before)
+  plain.get_layer('d1').kernel.assign(before)
+  layers = masks.prunable_layers(plain)
+  loss_a, _ = client.sgd_step(plain, layers, x, y, 0.1, clipping=clipping)
+  kernels = _PlainButReporting([d1.kernel])
+  with execution.scope(execution.current().replace(layer_kernels=kernels)):
+    loss_b, _ = client.sgd_step(
+      reported, masks.prunable_layers(reported), x, y, 0.1, clipping=clipping
+    )
+  assert float(loss_a) == float(loss_b)
+  np.testing.assert_array_equal(d1.kernel.numpy(), before)  # no update, no masking
+  assert np.any(plain.get_layer('d1').kernel.numpy() != before)
+  for a, b in zip(plain.trainable_weights, reported.trainable_weights):
+    if b is not d1.kernel:  # every other variable took the plain step, bitwise
+      np.testing.assert_array_equal(b.numpy(), a.numpy(), err_msg=b.name)
 
 
 def test_bae_shrinks_marked_weights_by_hand():

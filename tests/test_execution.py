@@ -210,6 +210,10 @@ class _Doubling(execution.LayerKernels):
     return op(inputs, 2.0 * layer.effective_kernel())
 
 
+def test_layer_kernels_update_nothing_in_the_backward_pass_by_default():
+  assert tuple(_Doubling().updated_in_backward()) == ()
+
+
 def test_masked_layers_make_their_kernel_through_the_strategy_s_layer_kernels():
   layer = sparse_layers.MaskedDense(3, use_bias=False, name='dense')
   x = tf.random.stateless_normal((4, 5), seed=(5, 6))

@@ -46,7 +46,8 @@ again, after the weight gradient, for the input gradient (the `input_grad_kernel
 layer's SAP op, `fedmef_tf.sap.sap_conv2d`) and the update, with the same operations on the
 same numbers.
 
-Biases and BatchNorm parameters are updated by the caller after `tape.gradient`, as before.
+Biases and BatchNorm parameters are updated by the caller's step after `tape.gradient`
+(`fedmef_tf.client.sgd_step`, which skips the variables of `updated_in_backward`).
 The values are those of the plain step: the kernel is read once in the forward pass and
 nothing else writes it during the step. The NSConv backward pass uses `W_hat` (which the input
 gradient needs anyway) instead of the centred kernel: on the active entries the centred kernel
@@ -255,7 +256,8 @@ class InBackwardUpdates(execution.LayerKernels):
 
   Attributes:
     updated: the variables updated so (kernels, NSConv gains), in the order the layers ran:
-      the caller must neither apply a gradient to these nor mask them again.
+      the caller must neither apply a gradient to these nor mask them again
+      (`updated_in_backward`, which `fedmef_tf.client.sgd_step` reads).
   """
 
   def __init__(self, lr: tf.Variable, *, clipping: Optional[float] = None, unclipped=()):
@@ -264,6 +266,11 @@ class InBackwardUpdates(execution.LayerKernels):
     self.updated: List[tf.Variable] = []
     self._unclipped_ids = {id(layer) for layer in unclipped}
     self._slots = {}
+
+  def updated_in_backward(self) -> List[tf.Variable]:
+    """`updated`: the kernels and NSConv gains updated (clipped and masked) in the backward
+    pass (`fedmef_tf.execution.LayerKernels.updated_in_backward`)."""
+    return list(self.updated)
 
   def _kernel(self, layer, slot: dict) -> tf.Tensor:
     """The layer's effective kernel, made without a gradient of its own; `slot` gets what

@@ -5,20 +5,22 @@ first round; on a phone each client runs the exported `train` signature. `TrainM
 Keras model (any model of `fedmef_tf.models`, or a plain Keras model such as a stripped tfmot
 model) and exposes these signatures:
 
-* `train(x, y) -> {loss}`: one plain SGD step on the mean sparse softmax cross-entropy of a batch.
-  `x`: float32 `[B, H, W, C]` with the batch size B fixed at export time; `y`: int32 `[B]` class
-  ids. The model runs with `training=True`, so the SAP ops of a FedMef model cache only the kept
-  activations (as values plus int32 indices, `tflite_export.static_sap`) and BitReLU a 1-bit
-  mask, and BatchNorm of a baseline model uses batch statistics and updates its moving
-  averages. The kernel gradient of a masked layer is already masked (and carries the BaE term,
-  `fedmef_tf.sparse_layers.masked_kernel`); after the update every masked kernel is multiplied
-  by its mask once more, so pruned entries are exactly zero after every step whatever values
-  were loaded. `loss` is the task loss *before* the step (the BaE penalty is not
-  in it, only its gradient). In the TFLite graph (`signatures(for_tflite=True)`) the same step
-  is arranged for memory (`tflite_export.layer_updates`, both variants): each masked layer's
-  kernel (and NSConv gain) is updated, `kernel <- (kernel - lr * g) * mask`, inside the
-  backward pass as soon as its gradient exists, and the rest of the backward pass waits for
-  it; the other variables are updated after the backward pass.
+* `train(x, y) -> {loss}`: one step of the clients' masked SGD (`fedmef_tf.client.sgd_step`) on the
+  mean softmax cross-entropy of a batch (`fedmef_tf.losses.mean_loss`), with the AGC of the model's
+  variant (`gradient_clipping`). `x`: float32 `[B, H, W, C]` with the batch size B fixed at export
+  time; `y`: int32 `[B]` class ids. The model runs with `training=True`, so the SAP ops of a FedMef
+  model cache only the kept activations (as values plus int32 indices, `tflite_export.static_sap`)
+  and BitReLU a 1-bit mask, and BatchNorm of a baseline model uses batch statistics and updates its
+  moving averages. The kernel gradient of a masked layer is already masked (and carries the BaE
+  term, `fedmef_tf.sparse_layers.masked_kernel`); after the update every masked kernel is multiplied
+  by its mask once more, so pruned entries are exactly zero after every step whatever values were
+  loaded. `loss` is the task loss *before* the step (the BaE penalty is not in it, only its
+  gradient). In the TFLite graph (`signatures(for_tflite=True)`) the same step is arranged for
+  memory (`tflite_export.layer_updates`, both variants): each masked layer's kernel (and NSConv
+  gain) is updated, `kernel <- (kernel - lr * g) * mask`, inside the backward pass as soon as its
+  gradient exists, and the rest of the backward pass waits for it; `sgd_step` then updates the other
+  variables and leaves those (the strategy's `layer_kernels.updated_in_backward()`,
+  `fedmef_tf.execution.LayerKernels`) alone.
 * `infer(x) -> {logits}`: `training=False` forward pass (plain ops, BatchNorm moving statistics).
   Same fixed batch B as `train` (a smaller batch is padded by the caller).
 * `set_learning_rate(lr) -> {lr}`: sets the SGD learning rate (a variable, default chosen at
@@ -49,10 +51,11 @@ from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
-from fedmef_tf import agc
+from fedmef_tf import client
 from fedmef_tf import execution
 from fedmef_tf import masks as masks_lib
 from fedmef_tf import growth
+from fedmef_tf import losses
 from tflite_export import checkpoint as checkpoint_lib
 from tflite_export import chunked_conv
 from tflite_export import depthwise_grad
@@ -193,8 +196,8 @@ class TrainModule(tf.Module):
     self.lr = tf.Variable(float(learning_rate), dtype=tf.float32, trainable=False, name=LR_NAME)
     self.names = weight_names(model)
     self._vars = list(model.variables)
-    self._trainable = list(model.trainable_variables)
     self._masked = _masked_pairs(model)
+    self._prunable = masks_lib.prunable_layers(model)
     self._tracing_tflite = False  # True while `signatures(for_tflite=True)` traces
     self.layer_updates = bool(layer_updates)
     if int(max_im2col_bytes) < 0:
@@ -205,9 +208,8 @@ class TrainModule(tf.Module):
     self.sap_storage = str(sap_storage)
     self.gradient_clipping = None if gradient_clipping is None else float(gradient_clipping)
     output_layer = model.layers[-1]
-    self._unclipped_layers = (
-      [output_layer] if output_layer in masks_lib.prunable_layers(model) else []
-    )
+    # AGC leaves the output layer alone (`agc.unit_axes`), so do its in-backward updates.
+    self._unclipped_layers = [output_layer] if output_layer in self._prunable else []
     by_ref = {v.ref(): n for n, v in zip(self.names, self._vars)}
     #: Output names of `dense_gradients`: `grad_<kernel weight name>`, prunable layer order.
     self.gradient_names = (
@@ -265,34 +267,21 @@ class TrainModule(tf.Module):
   # -- signature bodies --------------------------------------------------------------------------
 
   def _train(self, x, y):
-    # TFLite graph: each masked kernel is updated (and masked) inside its own backward pass
-    # (`tflite_export.layer_updates`); the TF reference traces the plain step below.
-    fused = self._tracing_tflite and self.layer_updates
-    updates = layer_updates.InBackwardUpdates(
-      self.lr, clipping=self.gradient_clipping, unclipped=self._unclipped_layers
-    )
-    context = (
-      execution.scope(execution.current().replace(layer_kernels=updates))
-      if fused
-      else contextlib.nullcontext()
-    )
+    # The client's masked SGD step (`fedmef_tf.client.sgd_step`). In the TFLite graph each
+    # masked kernel (and NSConv gain) is updated, clipped and masked inside its own backward
+    # pass (`tflite_export.layer_updates`), which sgd_step reads from the strategy's
+    # `layer_kernels`; the TF reference traces the plain step.
+    if self._tracing_tflite and self.layer_updates:
+      updates = layer_updates.InBackwardUpdates(
+        self.lr, clipping=self.gradient_clipping, unclipped=self._unclipped_layers
+      )
+      context = execution.scope(execution.current().replace(layer_kernels=updates))
+    else:
+      context = contextlib.nullcontext()
     with context:
-      with tf.GradientTape() as tape:
-        logits = self.model(x, training=True)
-        loss = tf.reduce_mean(
-          tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-        )
-      grads = tape.gradient(loss, self._trainable)
-    in_backward = updates.updated
-    done = {v.ref() for v in in_backward}
-    if self.gradient_clipping is not None:  # the in-backward updates clip their own
-      grads = agc.clip_model_gradients(self.model, grads, self.gradient_clipping, skip=in_backward)
-    for v, g in zip(self._trainable, grads):
-      if g is not None and v.ref() not in done:
-        v.assign_sub(self.lr * g)
-    for kernel, mask in self._masked:
-      if kernel.ref() not in done:
-        kernel.assign(kernel * mask)
+      loss, _ = client.sgd_step(
+        self.model, self._prunable, x, y, self.lr, clipping=self.gradient_clipping
+      )
     return {'loss': loss}
 
   def _infer(self, x):
@@ -324,10 +313,7 @@ class TrainModule(tf.Module):
     return out
 
   def _dense_gradients(self, x, y):
-    def loss_fn(labels, logits):
-      return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-
-    grads = growth.dense_kernel_gradients(self.model, x, y, loss_fn)
+    grads = growth.dense_kernel_gradients(self.model, x, y, losses.example_losses)
     return {name: g for name, g in zip(self.gradient_names, grads)}
 
   def _metadata(self):

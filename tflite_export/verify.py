@@ -302,16 +302,12 @@ def verify(
   # 1b. Growth gradients (models with masks).
   if 'dense_gradients' in sigs:
     from fedmef_tf import growth  # pylint: disable=import-outside-toplevel
+    from fedmef_tf import losses  # pylint: disable=import-outside-toplevel
 
     def tf_gradients(batch, weights=w0):
       _load(model, names, weights)
       g = growth.dense_kernel_gradients(
-        model,
-        tf.constant(batch),
-        tf.constant(y),
-        lambda labels, logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
-          labels=labels, logits=logits
-        ),
+        model, tf.constant(batch), tf.constant(y), losses.example_losses
       )
       return {n: gi.numpy() for n, gi in zip(meta['gradient_names'], g)}
 
