@@ -33,6 +33,15 @@ whole SGD step, on every call: in TFF's worker and in a plain loop alike that co
 a local step, on every client of every round. Training loss and accuracy are taken on each batch
 before its update, over all epochs.
 
+The client iterates its dataset with tf.data's autotuning off (`without_autotune`). With it on,
+every iterator starts a model thread that re-optimises the pipeline at periods doubling from
+10 ms up to 60 s; in TFF's C++ worker, destroying the iterator waits until that thread next
+wakes, so a client's loop (and with it the round) would end only at the next of those wake-ups
+(10 ms times 2^n - 1 after the iterator's first element: 10.2 s, 20.5 s, 41 s, ...).
+Autotuning changes buffer sizes and parallelism, never the elements or their order: the
+updates are the same; a pipeline passed in with `tf.data.AUTOTUNE` parameters runs them at
+tf.data's fixed defaults.
+
 This module knows nothing about TFF: `client_update` is a `tf.function` on a Keras model whose
 prunable layers follow the masked layer contract of `docs/DESIGN.md`.
 """
@@ -217,6 +226,13 @@ def sgd_step(
   return loss, logits
 
 
+def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """`dataset` with tf.data's autotuning off (no model thread per iterator; module docstring)."""
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return dataset.with_options(options)
+
+
 def _count_examples(dataset: tf.data.Dataset, batches: tf.data.Dataset) -> tf.Tensor:
   """n_k of the unbatched `dataset`: its cardinality where tf.data knows it (exact then), else
   one pass over `batches` (the same dataset, batched)."""
@@ -301,6 +317,7 @@ def build_client_update(
   @tf.function
   def client_update(dataset, trainable, non_trainable, config: RoundConfig):
     _load(trainable, non_trainable)
+    dataset = without_autotune(dataset)
     batches = dataset.batch(batch_size)
     num_examples = _count_examples(dataset, batches)
     budget = schedules.local_step_budget(num_examples, batch_size, local_epochs)

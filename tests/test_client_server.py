@@ -231,6 +231,25 @@ def test_examples_are_counted_when_the_cardinality_is_unknown():
   assert int(c.metrics['num_examples']) == 2 * n  # two local epochs
 
 
+def test_client_iterates_without_autotune_and_gets_the_same_update():
+  """The client turns tf.data's autotuning off (no model thread whose wake-up an iterator's
+  destruction waits for in TFF's worker); a pipeline with AUTOTUNE parameters gives the same
+  update as the plain one."""
+  assert client.without_autotune(_data(5)).options().autotune.enabled is False
+  model = _mlp()
+  state = _state(model, round_num=1)
+  rc = server.round_config(state, client.WeightLayout(model), _cfg())
+  update = _update_fn(model)
+  plain = _data(21)
+  tuned = plain.map(lambda x, y: (x, y), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+    tf.data.AUTOTUNE
+  )
+  a = update(plain, state.trainable, state.non_trainable, rc)
+  b = update(tuned, state.trainable, state.non_trainable, rc)
+  for s, t in zip(tf.nest.flatten(a), tf.nest.flatten(b)):
+    np.testing.assert_array_equal(s.numpy(), t.numpy())
+
+
 def test_nan_and_empty_clients_have_zero_weight():
   model = _mlp()
   state = _state(model, round_num=1)
