@@ -36,18 +36,23 @@ each thread count, with the verdict of the one-thread target.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tempfile
 from typing import Dict, List, Mapping, Sequence
+
+from absl import app
+from absl import flags
+
+from tff_programs import cli
 
 __all__ = [
   'run_benchmark',
   'measure_export',
   'format_row',
   'time_ratio_lines',
+  'define_flags',
+  'validate',
   'main',
   'TARGET_RATIO',
   'TIME_TARGET_RATIO',
@@ -300,72 +305,91 @@ def _ratios(rows) -> List[str]:
   return lines
 
 
-def main(argv=None) -> int:
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--models', default='cnn')
-  parser.add_argument('--batch_sizes', default='32,8')
-  parser.add_argument('--density', type=float, default=0.1)
-  parser.add_argument('--gamma', type=float, default=0.7)
-  parser.add_argument('--repeats', type=int, default=1)
-  parser.add_argument('--out_dir', default=None, help='keep the exports here (default: temp)')
-  parser.add_argument(
-    '--plain_step',
-    action='store_true',
-    help='export every variant with the plain train step (all gradients, then '
-    'all updates) instead of per-layer updates in the backward pass',
+def define_flags() -> None:
+  """Defines the program's flags (when it runs as a program; the tests import the module)."""
+  flags.DEFINE_string('models', 'cnn', 'registry names of the models, comma-separated')
+  flags.DEFINE_string('batch_sizes', '32,8', 'batch sizes, comma-separated')
+  flags.DEFINE_float('density', 0.1, 'global kernel density of every export')
+  flags.DEFINE_float('gamma', 0.7, 'SAP drop ratio of the fedmef exports')
+  flags.DEFINE_integer('repeats', 1, 'memory probes per export (the minimum is taken)')
+  flags.DEFINE_string('out_dir', None, 'keep the exports here (default: temp)')
+  flags.DEFINE_bool(
+    'plain_step',
+    False,
+    'export every variant with the plain train step (all gradients, then all updates) instead '
+    'of per-layer updates in the backward pass',
   )
-  parser.add_argument(
-    '--weight_grads',
-    default='builtin',
-    help="conv weight gradients: 'builtin' (builtin TFLite ops), 'tf' "
-    "(select-TF Conv2DBackpropFilter) or 'builtin,tf' (both, every "
-    'fedmef and baseline export made with each; best against best)',
+  flags.DEFINE_string(
+    'weight_grads',
+    'builtin',
+    "conv weight gradients: 'builtin' (builtin TFLite ops), 'tf' (select-TF "
+    "Conv2DBackpropFilter) or 'builtin,tf' (both, every fedmef and baseline export made with "
+    'each; best against best)',
   )
-  parser.add_argument(
-    '--max_im2col_kib',
-    default='1024',
-    help='im2col workspace per CONV_2D, KiB (0: whole batch); a comma list '
-    'measures every variant under each and compares best against best',
+  flags.DEFINE_string(
+    'max_im2col_kib',
+    '1024',
+    'im2col workspace per CONV_2D, KiB (0: whole batch); a comma list measures every variant '
+    'under each and compares best against best',
   )
-  parser.add_argument(
-    '--threads',
-    default='1,2',
-    help='thread counts at which the median train call is timed (comma list; empty: no timing)',
+  flags.DEFINE_string(
+    'threads',
+    '1,2',
+    'thread counts at which the median train call is timed (comma list; empty: no timing)',
   )
-  parser.add_argument(
-    '--time_calls',
-    type=int,
-    default=10,
-    help='timed train calls per thread count (after two untimed ones)',
+  flags.DEFINE_integer(
+    'time_calls', 10, 'timed train calls per thread count (after two untimed ones)'
   )
-  parser.add_argument(
-    '--sap_storages',
-    default='',
-    help="SAP storages of the fedmef exports, a comma list of 'topk' and 'radix' "
+  flags.DEFINE_string(
+    'sap_storages',
+    '',
+    "SAP storages of the fedmef exports, a comma list of 'topk' and 'radix' "
     '(tflite_export.static_sap.STORAGES; each a fedmef row; empty: the default)',
   )
-  args = parser.parse_args(argv)
+
+
+def _items(text: str) -> List[str]:
+  return [v.strip() for v in text.split(',') if v.strip()]
+
+
+def validate(values) -> None:
+  """Checks the flags; raises `cli.UsageError` naming each bad one."""
+  problems = cli.Problems()
   try:
-    threads = [int(n) for n in args.threads.split(',') if n.strip()]
+    threads = [int(n) for n in _items(values['threads'])]
   except ValueError:
-    parser.error(f'--threads must be integers, got {args.threads!r}')
-  if threads and min(threads) < 1:
-    parser.error('--threads must be integers >= 1')
-  if args.time_calls < 1:
-    parser.error(f'--time_calls must be >= 1, got {args.time_calls}')
+    problems.add(f'--threads must be integers, got {values["threads"]!r}')
+  else:
+    if threads and min(threads) < 1:
+      problems.add('--threads must be integers >= 1')
+  problems.check_range('time_calls', values['time_calls'], 1)
   try:
-    budgets = [int(b) for b in args.max_im2col_kib.split(',') if b.strip()]
+    budgets = [int(b) for b in _items(values['max_im2col_kib'])]
   except ValueError:
-    parser.error(f'--max_im2col_kib must be integers, got {args.max_im2col_kib!r}')
-  if not budgets or min(budgets) < 0:
-    parser.error('--max_im2col_kib must be one or more integers >= 0')
-  grads = [g.strip() for g in args.weight_grads.split(',') if g.strip()]
+    problems.add(f'--max_im2col_kib must be integers, got {values["max_im2col_kib"]!r}')
+  else:
+    if not budgets or min(budgets) < 0:
+      problems.add('--max_im2col_kib must be one or more integers >= 0')
+  grads = _items(values['weight_grads'])
   if not grads or any(g not in ('builtin', 'tf') for g in grads):
-    parser.error(f"--weight_grads must list 'builtin' and/or 'tf', got {args.weight_grads!r}")
-  storages = [st.strip() for st in args.sap_storages.split(',') if st.strip()] or [None]
-  if any(st not in (None, 'topk', 'radix') for st in storages):
-    parser.error(f"--sap_storages must list 'topk' and/or 'radix', got {args.sap_storages!r}")
+    problems.add(f"--weight_grads must list 'builtin' and/or 'tf', got {values['weight_grads']!r}")
+  if any(st not in ('topk', 'radix') for st in _items(values['sap_storages'])):
+    problems.add(f"--sap_storages must list 'topk' and/or 'radix', got {values['sap_storages']!r}")
+  try:
+    [int(b) for b in _items(values['batch_sizes'])]
+  except ValueError:
+    problems.add(f'--batch_sizes must be integers, got {values["batch_sizes"]!r}')
+  problems.raise_if_any()
+
+
+def main(argv) -> int:
+  del argv  # checked by `cli.flags_parser`, with `validate`
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  args = flags.FLAGS
+  threads = [int(n) for n in _items(args.threads)]
+  budgets = [int(b) for b in _items(args.max_im2col_kib)]
+  grads = _items(args.weight_grads)
+  storages = _items(args.sap_storages) or [None]
   out_dir = args.out_dir or tempfile.mkdtemp(prefix='tflite_memory_')
   os.makedirs(out_dir, exist_ok=True)
   try:
@@ -395,8 +419,12 @@ def main(argv=None) -> int:
   )
   for line in _ratios(rows) + time_ratio_lines(rows):
     print(line)
-  return 0
+  return cli.EXIT_OK
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  app.run(
+    main,
+    flags_parser=cli.flags_parser('tflite_memory', cli.program_help(__doc__, [__name__]), validate),
+  )

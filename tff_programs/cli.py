@@ -4,33 +4,32 @@
   at once, in one line (`UsageError`);
 * `round_defaults` and `resolve_defaults`: the flags whose defaults follow `--rounds` (the
   paper's proportions, ../shared/ALGORITHM.md: dT = R/50, T_end = 0.6 R);
-* `flags_parser`: an absl `flags_parser` that answers `--help` on stdout with exit code 0,
-  and turns every parse or check error into one line `<program>: error: ...` with exit code 2;
-* the exit codes shared by every program (`EXIT_*`).
+* `flags_parser`, `UsageError` and the exit codes shared by every program (`EXIT_*`), from
+  `fedmef_tf.flag_parsing`.
 """
 
 import math
-import sys
 import textwrap
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 from absl import flags
 
-# The exit codes of every program of fedmef-tf (train, compare, worker, the benchmarks and the
-# data writer):
-EXIT_OK = 0  # done
-EXIT_FAILURE = 1  # failed while running (disk full, a worker lost, no client used, ...)
-EXIT_USAGE = 2  # bad flag, unusable run directory or data files
-EXIT_INTERRUPTED = 130  # stopped by SIGINT (128 + 2); rerun to resume
-EXIT_TERMINATED = 143  # stopped by SIGTERM (128 + 15; tff_programs.runtime); rerun to resume
-HELP_ARGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull')
+from fedmef_tf import flag_parsing
+
+# The exit codes of every program of fedmef-tf (train, compare, worker, the benchmarks, the data
+# writer and the TFLite tools), `UsageError` and `flags_parser` live in `fedmef_tf.flag_parsing`
+# (which the TFLite tools use too) and are re-exported here.
+EXIT_OK = flag_parsing.EXIT_OK
+EXIT_FAILURE = flag_parsing.EXIT_FAILURE
+EXIT_USAGE = flag_parsing.EXIT_USAGE
+EXIT_INTERRUPTED = flag_parsing.EXIT_INTERRUPTED
+EXIT_TERMINATED = flag_parsing.EXIT_TERMINATED
+HELP_ARGS = flag_parsing.HELP_ARGS
+UsageError = flag_parsing.UsageError
+flags_parser = flag_parsing.flags_parser
 
 # Flags whose default (None on the command line) is derived from --rounds by `round_defaults`.
 ROUND_DERIVED = ('delta_t', 't_end', 'eval_every')
-
-
-class UsageError(Exception):
-  """Bad flag values (one-line message naming each flag and its allowed range)."""
 
 
 def _fmt(x) -> str:
@@ -136,53 +135,3 @@ def flags_help(modules: Sequence[Any], flag_values=flags.FLAGS, skip: Sequence[s
 def program_help(doc: str, modules: Sequence[Any]) -> Callable[[], str]:
   """`help_text` for `flags_parser`: `doc` (a program's docstring), then the flags of `modules`."""
   return lambda: f'{(doc or "").strip()}\n\nFlags:\n{flags_help(modules)}'
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
-
-
-def flags_parser(
-  program: str,
-  help_text: Callable[[], str],
-  check: Optional[Callable[[Dict[str, Any]], None]] = None,
-  flag_values=flags.FLAGS,
-) -> Callable[[List[str]], List[str]]:
-  """An absl `flags_parser` for `program`.
-
-  Args:
-    program: the name errors begin with (`<program>: error: ...`).
-    help_text: returns what `--help` prints (on stdout, then exit code 0).
-    check: called with the parsed flag values; raises `UsageError` on bad values.
-    flag_values: the absl flag registry.
-
-  Returns:
-    `parse(argv) -> remaining argv`; exits with code 2 and one line on stderr on a bad flag, an
-    unexpected positional argument or a `UsageError` of `check`.
-  """
-
-  def parse(argv: List[str]) -> List[str]:
-    args = list(argv[1:])
-    if '--' in args:
-      args = args[: args.index('--')]
-    if any(a in HELP_ARGS for a in args):
-      print(help_text())
-      sys.exit(0)
-    try:
-      rest = flag_values(argv)
-    except flags.Error as e:
-      print(f'{program}: error: {_first_line(e)}', file=sys.stderr)
-      sys.exit(EXIT_USAGE)
-    if len(rest) > 1:
-      print(f'{program}: error: unexpected arguments: {" ".join(rest[1:])}', file=sys.stderr)
-      sys.exit(EXIT_USAGE)
-    if check is not None:
-      try:
-        check(flag_values.flag_values_dict())
-      except UsageError as e:
-        print(f'{program}: error: {e}', file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    return rest
-
-  return parse

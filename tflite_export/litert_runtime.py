@@ -18,6 +18,7 @@ A select-TF operator fails the call with LiteRT's own message, raised here as Ru
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
 import os
@@ -27,6 +28,8 @@ import sys
 from typing import Any, Dict, Optional
 
 import numpy as np
+
+from fedmef_tf import flag_parsing
 
 __all__ = ['LiteRTInterpreter', 'child_main']
 
@@ -186,12 +189,30 @@ def child_main(model_path: str, num_threads: Optional[int]) -> int:
       _write(out, {_ERROR: f'{name}: {first}'})
 
 
-if __name__ == '__main__':
-  import argparse  # pylint: disable=import-outside-toplevel
+def _check_child(values) -> None:
+  if not values['child']:
+    raise flag_parsing.UsageError('--child is required (this module runs as a child process)')
 
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--child', action='store_true', required=True)
-  parser.add_argument('model_path')
-  parser.add_argument('--num_threads', type=int, default=None)
-  args = parser.parse_args()
-  sys.exit(child_main(args.model_path, args.num_threads))
+
+if __name__ == '__main__':
+  # absl is pure Python: the child still imports no TensorFlow.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_bool('child', False, 'serve the signatures of MODEL on stdin/stdout (required)')
+  flags.DEFINE_integer('num_threads', None, "interpreter threads (default: LiteRT's)")
+
+  def _main(argv) -> int:
+    # absl's app.run enables faulthandler; the parent reports a crash of this child itself.
+    faulthandler.disable()
+    return child_main(argv[1], flags.FLAGS.num_threads)
+
+  app.run(
+    _main,
+    flags_parser=flag_parsing.flags_parser(
+      'litert_runtime',
+      lambda: f'{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
+      _check_child,
+      positional=('MODEL',),
+    ),
+  )

@@ -37,8 +37,8 @@ same op types. It excludes the model file and the variables, which are resident 
 
 from __future__ import annotations
 
-import argparse
 import ctypes
+import faulthandler
 import gc
 import json
 import os
@@ -214,15 +214,37 @@ def measure_train_peak(
   }
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('model_path')
-  parser.add_argument('--mode', choices=('train', 'idle'), default='train')
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
-  print(json.dumps(probe(args.model_path, args.mode, args.seed)), flush=True)
+def define_flags() -> None:
+  """Defines the program's flags (when it runs as a program; the tests import the module)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_enum('mode', 'train', ('train', 'idle'), 'train: call train once; idle: do not')
+  flags.DEFINE_integer('seed', 0, 'seed of the batch')
+
+
+def main(argv) -> int:
+  """`argv`: the program name and the model file (checked by `flag_parsing.flags_parser`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  # absl's app.run enables faulthandler; the parent reports a crash of this child from its exit
+  # status and last line of stderr, without a traceback dump.
+  faulthandler.disable()
+  print(json.dumps(probe(argv[1], flags.FLAGS.mode, flags.FLAGS.seed)), flush=True)
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from fedmef_tf import flag_parsing  # pylint: disable=g-import-not-at-top
+
+  define_flags()
+  app.run(
+    main,
+    flags_parser=flag_parsing.flags_parser(
+      'memprobe',
+      lambda: f'{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
+      positional=('MODEL',),
+    ),
+  )

@@ -14,7 +14,7 @@ uses one thread throughout.
 
 from __future__ import annotations
 
-import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -107,19 +107,42 @@ def median_train_seconds(
   return float(json.loads(lines[-1])['median'])
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('model_path')
-  parser.add_argument('--num_threads', type=int, default=1)
-  parser.add_argument('--calls', type=int, default=10)
-  parser.add_argument('--warmup', type=int, default=2)
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  """Defines the program's flags (when it runs as a program; the tests import the module)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_integer('num_threads', 1, 'interpreter threads (and TensorFlow intra/inter-op)')
+  flags.DEFINE_integer('calls', 10, 'timed train calls')
+  flags.DEFINE_integer('warmup', 2, 'untimed train calls before them')
+
+
+def main(argv) -> int:
+  """`argv`: the program name and the model file (checked by `flag_parsing.flags_parser`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  # absl's app.run enables faulthandler; the parent reports a crash of this child from its exit
+  # status and last line of stderr, without a traceback dump.
+  faulthandler.disable()
+  args = flags.FLAGS
   result = time_train_calls(
-    args.model_path, num_threads=args.num_threads, calls=args.calls, warmup=args.warmup
+    argv[1], num_threads=args.num_threads, calls=args.calls, warmup=args.warmup
   )
   print(json.dumps(result), flush=True)
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from fedmef_tf import flag_parsing  # pylint: disable=g-import-not-at-top
+
+  define_flags()
+  app.run(
+    main,
+    flags_parser=flag_parsing.flags_parser(
+      'train_timing',
+      lambda: f'{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
+      positional=('MODEL',),
+    ),
+  )

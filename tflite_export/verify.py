@@ -71,14 +71,16 @@ Prints one line per check and exits with status 1 if any check fails (2 for an u
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from fedmef_tf import flag_parsing
 from tflite_export import checks as checks_lib
 from tflite_export.checks import INFER_TOL
 from tflite_export.checks import LOSS_RTOL
@@ -466,53 +468,58 @@ def run_isolated(model_path: str, steps: int, seed: int, runtime: str = 'tflite'
       'damaged or not written by tflite_export.export',
       file=sys.stderr,
     )
-    return 2
+    return flag_parsing.EXIT_USAGE
   return proc.returncode
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  import argparse  # pylint: disable=import-outside-toplevel
+def define_flags() -> None:
+  """Defines the program's flags (when it runs as a program; the tests import the module)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_integer('steps', 5, 'train steps of the masked-zeros and loss checks')
+  flags.DEFINE_integer('seed', 0, 'seed of the random batch')
+  flags.DEFINE_enum(
+    'runtime',
+    'tflite',
+    RUNTIMES,
+    'tflite: tf.lite.Interpreter (with select-TF ops); litert: stock LiteRT (ai_edge_litert, '
+    'no select-TF ops)',
+  )
+  flags.DEFINE_bool('in_process', False, 'run the checks in this process, without crash isolation')
+
+
+def main(argv: Sequence[str]) -> int:
+  """`argv`: the program name and the model file (checked by `flag_parsing.flags_parser`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('model_path')
-  parser.add_argument('--steps', type=int, default=5)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument(
-    '--runtime',
-    choices=RUNTIMES,
-    default='tflite',
-    help='tflite: tf.lite.Interpreter (with select-TF ops); litert: stock '
-    'LiteRT (ai_edge_litert, no select-TF ops)',
-  )
-  parser.add_argument(
-    '--in_process',
-    action='store_true',
-    help='run the checks in this process, without crash isolation',
-  )
-  args = parser.parse_args(argv)
-  if not os.path.isfile(args.model_path):
-    print(f'error: {args.model_path}: no such file', file=sys.stderr)
-    return 2
+  args = flags.FLAGS
+  model_path = argv[1]
+  if not os.path.isfile(model_path):
+    print(f'error: {model_path}: no such file', file=sys.stderr)
+    return flag_parsing.EXIT_USAGE
   try:
-    check_header(args.model_path)
+    check_header(model_path)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
-    return 2
+    return flag_parsing.EXIT_USAGE
   if not args.in_process:
     try:
-      return run_isolated(args.model_path, args.steps, args.seed, args.runtime)
+      return run_isolated(model_path, args.steps, args.seed, args.runtime)
     except KeyboardInterrupt:
       print('error: interrupted', file=sys.stderr)
-      return 130
+      return flag_parsing.EXIT_INTERRUPTED
+  # absl's app.run enables faulthandler; a crash of the interpreter in this child is reported by
+  # the parent in one line (`run_isolated`), without a traceback dump on top.
+  faulthandler.disable()
   try:
-    checks = verify(args.model_path, steps=args.steps, seed=args.seed, runtime=args.runtime)
+    checks = verify(model_path, steps=args.steps, seed=args.seed, runtime=args.runtime)
   except (ValueError, KeyError, RuntimeError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if args.model_path not in first:
-      first = f'{args.model_path}: {first}'
+    if model_path not in first:
+      first = f'{model_path}: {first}'
     print(f'error: {first}', file=sys.stderr)
-    return 2
+    return flag_parsing.EXIT_USAGE
   print(f'runtime: {args.runtime}')
   for c in checks:
     print(c.line())
@@ -521,8 +528,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f'{len(checks) - len(failed)} of {len(checks)} checks passed or not applicable'
     + (f'; FAILED: {", ".join(failed)}' if failed else '')
   )
-  return 1 if failed else 0
+  return flag_parsing.EXIT_FAILURE if failed else flag_parsing.EXIT_OK
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  define_flags()
+  app.run(
+    main,
+    flags_parser=flag_parsing.flags_parser(
+      'verify',
+      lambda: f'{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
+      positional=('MODEL',),
+    ),
+  )

@@ -1,0 +1,87 @@
+"""absl flag parsing shared by every program of fedmef-tf (no TensorFlow import).
+
+* the exit codes of every program (`EXIT_*`; README "Exit codes");
+* `UsageError`: bad flag values, reported in one line;
+* `flags_parser`: an absl `flags_parser` that answers `--help` on stdout with exit code 0, and
+  turns every parse or check error into one line `<program>: error: ...` with exit code 2.
+
+`tff_programs.cli` re-exports these names for the TFF programs and adds the checks and defaults
+of the training flags; the TFLite tools (`tflite_export`), which import no TFF program, use this
+module directly.
+"""
+
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from absl import flags
+
+EXIT_OK = 0  # done
+EXIT_FAILURE = 1  # failed while running (disk full, a worker lost, no client used, ...)
+EXIT_USAGE = 2  # bad flag, unusable run directory or data files
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (128 + 2); rerun to resume
+EXIT_TERMINATED = 143  # stopped by SIGTERM (128 + 15; tff_programs.runtime); rerun to resume
+HELP_ARGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull')
+
+
+class UsageError(Exception):
+  """Bad flag values (one-line message naming each flag and its allowed range)."""
+
+
+def first_line(e: BaseException) -> str:
+  """The first line of `e`'s message, or its type's name when it has none."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def flags_parser(
+  program: str,
+  help_text: Callable[[], str],
+  check: Optional[Callable[[Dict[str, Any]], None]] = None,
+  flag_values=flags.FLAGS,
+  positional: Sequence[str] = (),
+) -> Callable[[List[str]], List[str]]:
+  """An absl `flags_parser` for `program`.
+
+  Args:
+    program: the name errors begin with (`<program>: error: ...`).
+    help_text: returns what `--help` prints (on stdout, then exit code 0).
+    check: called with the parsed flag values; raises `UsageError` on bad values.
+    flag_values: the absl flag registry.
+    positional: the names of the positional arguments the program takes, each required
+      (`('MODEL',)`: `program MODEL --flag=...`); none by default.
+
+  Returns:
+    `parse(argv) -> remaining argv` (the program name, then the positional arguments); exits
+    with code 2 and one line on stderr on a bad flag, a missing or unexpected positional
+    argument or a `UsageError` of `check`.
+  """
+
+  def parse(argv: List[str]) -> List[str]:
+    args = list(argv[1:])
+    if '--' in args:
+      args = args[: args.index('--')]
+    if any(a in HELP_ARGS for a in args):
+      print(help_text())
+      sys.exit(EXIT_OK)
+    try:
+      rest = flag_values(argv)
+    except flags.Error as e:
+      print(f'{program}: error: {first_line(e)}', file=sys.stderr)
+      sys.exit(EXIT_USAGE)
+    if len(rest) - 1 < len(positional):
+      missing = ' '.join(positional[len(rest) - 1 :])
+      print(f'{program}: error: missing arguments: {missing}', file=sys.stderr)
+      sys.exit(EXIT_USAGE)
+    if len(rest) - 1 > len(positional):
+      extra = ' '.join(rest[1 + len(positional) :])
+      print(f'{program}: error: unexpected arguments: {extra}', file=sys.stderr)
+      sys.exit(EXIT_USAGE)
+    if check is not None:
+      try:
+        check(flag_values.flag_values_dict())
+      except UsageError as e:
+        print(f'{program}: error: {e}', file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return rest
+
+  return parse
