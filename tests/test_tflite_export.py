@@ -700,6 +700,35 @@ def test_no_partial_file_on_failure(monkeypatch, tmp_path, failing):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.tflite']  # nothing else left
 
 
+def test_an_interrupt_recorded_before_the_replace_keeps_the_old_file(tmp_path):
+  """A Ctrl-C that Python swallowed (one raised inside a gc callback) is still honoured:
+  `main`'s recorded interrupt raises in `before_replace`, so the new file never replaces the
+  old one and no temporary file is left."""
+  existing = tmp_path / 'keep.tflite'
+  existing.write_bytes(b'old')
+  calls = []
+
+  def interrupted():
+    calls.append(1)
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    export.run(
+      [
+        'export',
+        '--model=cnn',
+        '--input_shape=16,16,3',
+        f'--batch_size={BATCH}',
+        f'--output={existing}',
+        '--nomeasure_memory',
+      ],
+      before_replace=interrupted,
+    )
+  assert calls == [1]
+  assert existing.read_bytes() == b'old'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.tflite']
+
+
 # -- per-layer updates in the on-device train step, and the memory probe ---------------------------
 
 

@@ -44,9 +44,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -389,6 +390,7 @@ def export_model(
   max_im2col_kib: int = DEFAULT_MAX_IM2COL_KIB,
   builtin_weight_grads: bool = True,
   sap_storage: Optional[str] = None,
+  before_replace: Optional[Callable[[], None]] = None,
 ) -> ExportReport:
   """Converts `keras_model` and writes it atomically to `output`.
 
@@ -410,6 +412,9 @@ def export_model(
     sap_storage: how SAP ops select and keep their kept activations in `train`, a name of
       `tflite_export.static_sap.STORAGES` ('topk': TOPK_V2; 'radix': two radix histograms);
       None: `static_sap.DEFAULT_STORAGE`.
+    before_replace: called after the new file is written and measured and just before it
+      replaces `output`; an exception raised there removes the new file and keeps the old
+      one (the program uses it to honour a Ctrl-C that Python swallowed, see `main`).
 
   Returns:
     An `ExportReport`.
@@ -472,6 +477,8 @@ def export_model(
         memory = memprobe.measure_train_peak(tmp)
       except (RuntimeError, OSError) as e:
         raise ExportError(f'measuring the on-device train peak failed: {e}') from e
+    if before_replace is not None:
+      before_replace()
     os.replace(tmp, output)
   except BaseException:
     if os.path.exists(tmp):
@@ -600,8 +607,11 @@ def _flags():
   return fv
 
 
-def run(argv: Sequence[str]) -> int:
-  """Parses `argv` (program name first), exports, prints; returns the exit status."""
+def run(argv: Sequence[str], before_replace: Optional[Callable[[], None]] = None) -> int:
+  """Parses `argv` (program name first), exports, prints; returns the exit status.
+
+  `before_replace` is passed to `export_model`.
+  """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   from absl import flags  # pylint: disable=import-outside-toplevel
 
@@ -643,6 +653,7 @@ def run(argv: Sequence[str]) -> int:
       max_im2col_kib=fl.max_im2col_kib,
       builtin_weight_grads=fl.builtin_weight_grads,
       sap_storage=fl.sap_storage,
+      before_replace=before_replace,
     )
   except (ExportError, OSError, ValueError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -653,14 +664,35 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The program: `run`, with Ctrl-C as one line and status 130.
+
+  Python raises a Ctrl-C as `KeyboardInterrupt` wherever the main thread is, and one raised
+  inside a garbage-collection callback (TensorFlow's dependencies install some) is printed as
+  "Exception ignored" and lost. So SIGINT is also recorded, and a recorded one stops the export
+  before its file replaces `--output`.
+  """
+  interrupted = []
+
+  def on_sigint(signum, frame):
+    del frame
+    interrupted.append(signum)
+    raise KeyboardInterrupt
+
+  def stop_if_interrupted():
+    if interrupted:
+      raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGINT, on_sigint)
   try:
-    return run(sys.argv if argv is None else argv)
+    return run(sys.argv if argv is None else argv, before_replace=stop_if_interrupted)
   except KeyboardInterrupt:
     print(
       'error: interrupted; no file was written at --output (an earlier one there is kept)',
       file=sys.stderr,
     )
     return 130
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == '__main__':
