@@ -3,13 +3,15 @@
 * the exit codes of every program (`EXIT_*`; README "Exit codes");
 * `UsageError`: bad flag values, reported in one line;
 * `flags_parser`: an absl `flags_parser` that answers `--help` on stdout with exit code 0, and
-  turns every parse or check error into one line `<program>: error: ...` with exit code 2.
+  turns every parse or check error into one line `<program>: error: ...` with exit code 2;
+* `run_tool`: `app.run` of a program with that parser (the TFLite tools).
 
 `tff_programs.cli` re-exports these names for the TFF programs and adds the checks and defaults
 of the training flags; the TFLite tools (`tflite_export`), which import no TFF program, use this
 module directly.
 """
 
+import faulthandler
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -85,3 +87,36 @@ def flags_parser(
     return rest
 
   return parse
+
+
+def run_tool(
+  main: Callable[[List[str]], int],
+  program: str,
+  doc: str,
+  *,
+  check: Optional[Callable[[Dict[str, Any]], None]] = None,
+  positional: Sequence[str] = (),
+  crash_dump: bool = True,
+) -> None:
+  """Runs `main` as the program `program` with absl's `app.run` and `flags_parser`.
+
+  `--help` prints `doc` and the flags of the main module. absl's `app.run` turns Python's
+  `faulthandler` on; `crash_dump=False` turns it off again before `main` runs, for a child
+  process whose crash its parent reports in one line (a traceback dump would come on top).
+  """
+  from absl import app  # pylint: disable=import-outside-toplevel
+
+  def run_main(argv: List[str]) -> int:
+    if not crash_dump:
+      faulthandler.disable()
+    return main(argv)
+
+  app.run(
+    run_main,
+    flags_parser=flags_parser(
+      program,
+      lambda: f'{doc.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
+      check,
+      positional=positional,
+    ),
+  )

@@ -18,7 +18,6 @@ A select-TF operator fails the call with LiteRT's own message, raised here as Ru
 
 from __future__ import annotations
 
-import faulthandler
 import io
 import json
 import os
@@ -196,23 +195,16 @@ def _check_child(values) -> None:
 
 if __name__ == '__main__':
   # absl is pure Python: the child still imports no TensorFlow.
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_bool('child', False, 'serve the signatures of MODEL on stdin/stdout (required)')
   flags.DEFINE_integer('num_threads', None, "interpreter threads (default: LiteRT's)")
 
-  def _main(argv) -> int:
-    # absl's app.run enables faulthandler; the parent reports a crash of this child itself.
-    faulthandler.disable()
-    return child_main(argv[1], flags.FLAGS.num_threads)
-
-  app.run(
-    _main,
-    flags_parser=flag_parsing.flags_parser(
-      'litert_runtime',
-      lambda: f'{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
-      _check_child,
-      positional=('MODEL',),
-    ),
+  flag_parsing.run_tool(
+    lambda argv: child_main(argv[1], flags.FLAGS.num_threads),
+    'litert_runtime',
+    __doc__,
+    check=_check_child,
+    positional=('MODEL',),
+    crash_dump=False,
   )

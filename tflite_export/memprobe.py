@@ -38,7 +38,6 @@ same op types. It excludes the model file and the variables, which are resident 
 from __future__ import annotations
 
 import ctypes
-import faulthandler
 import gc
 import json
 import os
@@ -226,25 +225,12 @@ def main(argv) -> int:
   """`argv`: the program name and the model file (checked by `flag_parsing.flags_parser`)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
 
-  # absl's app.run enables faulthandler; the parent reports a crash of this child from its exit
-  # status and last line of stderr, without a traceback dump.
-  faulthandler.disable()
   print(json.dumps(probe(argv[1], flags.FLAGS.mode, flags.FLAGS.seed)), flush=True)
   return 0
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   from fedmef_tf import flag_parsing  # pylint: disable=g-import-not-at-top
 
   define_flags()
-  app.run(
-    main,
-    flags_parser=flag_parsing.flags_parser(
-      'memprobe',
-      lambda: f'{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
-      positional=('MODEL',),
-    ),
-  )
+  flag_parsing.run_tool(main, 'memprobe', __doc__, positional=('MODEL',), crash_dump=False)

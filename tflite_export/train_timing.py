@@ -14,7 +14,6 @@ uses one thread throughout.
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import statistics
@@ -120,9 +119,6 @@ def main(argv) -> int:
   """`argv`: the program name and the model file (checked by `flag_parsing.flags_parser`)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
 
-  # absl's app.run enables faulthandler; the parent reports a crash of this child from its exit
-  # status and last line of stderr, without a traceback dump.
-  faulthandler.disable()
   args = flags.FLAGS
   result = time_train_calls(
     argv[1], num_threads=args.num_threads, calls=args.calls, warmup=args.warmup
@@ -132,17 +128,7 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   from fedmef_tf import flag_parsing  # pylint: disable=g-import-not-at-top
 
   define_flags()
-  app.run(
-    main,
-    flags_parser=flag_parsing.flags_parser(
-      'train_timing',
-      lambda: f'{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
-      positional=('MODEL',),
-    ),
-  )
+  flag_parsing.run_tool(main, 'train_timing', __doc__, positional=('MODEL',), crash_dump=False)

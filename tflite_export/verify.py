@@ -532,15 +532,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   define_flags()
-  app.run(
-    main,
-    flags_parser=flag_parsing.flags_parser(
-      'verify',
-      lambda: f'{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
-      positional=('MODEL',),
-    ),
-  )
+  flag_parsing.run_tool(main, 'verify', __doc__, positional=('MODEL',))
