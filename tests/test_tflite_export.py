@@ -700,18 +700,26 @@ def test_no_partial_file_on_failure(monkeypatch, tmp_path, failing):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.tflite']  # nothing else left
 
 
-def test_an_interrupt_recorded_before_the_replace_keeps_the_old_file(tmp_path):
-  """A Ctrl-C that Python swallowed (one raised inside a gc callback) is still honoured:
-  `main`'s recorded interrupt raises in `before_replace`, so the new file never replaces the
-  old one and no temporary file is left."""
+@pytest.mark.parametrize('where', ['replace', 'conversion'])
+def test_a_recorded_interrupt_stops_the_export_and_keeps_the_old_file(monkeypatch, tmp_path, where):
+  """A Ctrl-C that Python swallowed (one raised inside a gc callback) or that TensorFlow turned
+  into a conversion error (one raised while it traced the model) is still honoured: `main`'s
+  recorded interrupt raises just before the replace and when the export fails, so the new file
+  never replaces the old one and no temporary file is left."""
   existing = tmp_path / 'keep.tflite'
   existing.write_bytes(b'old')
   calls = []
 
-  def interrupted():
+  def stop_if_interrupted():
     calls.append(1)
     raise KeyboardInterrupt
 
+  if where == 'conversion':
+
+    def traced_interrupt(*args, **kwargs):
+      raise RuntimeError('in user code: KeyboardInterrupt')
+
+    monkeypatch.setattr(export, 'convert', traced_interrupt)
   with pytest.raises(KeyboardInterrupt):
     export.run(
       [
@@ -722,7 +730,7 @@ def test_an_interrupt_recorded_before_the_replace_keeps_the_old_file(tmp_path):
         f'--output={existing}',
         '--nomeasure_memory',
       ],
-      before_replace=interrupted,
+      stop_if_interrupted=stop_if_interrupted,
     )
   assert calls == [1]
   assert existing.read_bytes() == b'old'

@@ -607,10 +607,13 @@ def _flags():
   return fv
 
 
-def run(argv: Sequence[str], before_replace: Optional[Callable[[], None]] = None) -> int:
+def run(argv: Sequence[str], stop_if_interrupted: Optional[Callable[[], None]] = None) -> int:
   """Parses `argv` (program name first), exports, prints; returns the exit status.
 
-  `before_replace` is passed to `export_model`.
+  `stop_if_interrupted` raises `KeyboardInterrupt` when a Ctrl-C was recorded. It is called just
+  before the new file replaces `--output` (`export_model`'s `before_replace`) and when the export
+  fails: a Ctrl-C that arrives while TensorFlow traces the model surfaces as a conversion error,
+  and is reported as the interrupt it was.
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -653,9 +656,11 @@ def run(argv: Sequence[str], before_replace: Optional[Callable[[], None]] = None
       max_im2col_kib=fl.max_im2col_kib,
       builtin_weight_grads=fl.builtin_weight_grads,
       sap_storage=fl.sap_storage,
-      before_replace=before_replace,
+      before_replace=stop_if_interrupted,
     )
   except (ExportError, OSError, ValueError) as e:
+    if stop_if_interrupted is not None:
+      stop_if_interrupted()
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     print(f'error: {first}', file=sys.stderr)
     return 1
@@ -684,7 +689,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   previous = signal.signal(signal.SIGINT, on_sigint)
   try:
-    return run(sys.argv if argv is None else argv, before_replace=stop_if_interrupted)
+    return run(sys.argv if argv is None else argv, stop_if_interrupted=stop_if_interrupted)
   except KeyboardInterrupt:
     print(
       'error: interrupted; no file was written at --output (an earlier one there is kept)',
