@@ -426,5 +426,10 @@ if __name__ == '__main__':
   define_flags()
   app.run(
     main,
-    flags_parser=cli.flags_parser('tflite_memory', cli.program_help(__doc__, [__name__]), validate),
+    flags_parser=cli.flags_parser(
+      'tflite_memory',
+      cli.program_help(__doc__, [__name__]),
+      validate,
+      preload=('tensorflow',),
+    ),
   )

@@ -19,7 +19,6 @@ It is kept out of the default run; `python -m fedmef_tf.digits --output=DIR` wri
 """
 
 import os
-import sys
 from typing import Tuple
 
 import numpy as np
@@ -97,27 +96,31 @@ def write_cifar10_layout(
   return directory
 
 
+def check_flags(values) -> None:
+  """Raises `flag_parsing.UsageError` when `--output` is missing."""
+  from fedmef_tf import flag_parsing  # pylint: disable=g-import-not-at-top
+
+  if not values['output']:
+    raise flag_parsing.UsageError('--output is required: the directory to write')
+
+
 def main(argv) -> int:
   """`python -m fedmef_tf.digits --output=DIR [--seed=N]`: writes the set to `--output`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  if len(argv) > 1:
-    print(f'digits: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    return 2
+  del argv  # no positional argument (flag_parsing refuses any)
   output = flags.FLAGS.output
-  if not output:
-    print('digits: error: --output is required: the directory to write', file=sys.stderr)
-    return 2
   write_cifar10_layout(output, seed=flags.FLAGS.seed)
   print(f'wrote {output} (CIFAR-10 binary layout, 10 classes)')
   return 0
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from fedmef_tf import flag_parsing  # pylint: disable=g-import-not-at-top
 
   # Defined only when run as a program: importing the module defines no flag.
   flags.DEFINE_string('output', '', 'Directory to write the files to.')
   flags.DEFINE_integer('seed', 0, 'Seed of the train/test split.')
-  app.run(main)
+  flag_parsing.run_tool(main, 'digits', __doc__, check=check_flags)

@@ -12,6 +12,7 @@ module directly.
 """
 
 import faulthandler
+import importlib
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -41,6 +42,7 @@ def flags_parser(
   check: Optional[Callable[[Dict[str, Any]], None]] = None,
   flag_values=flags.FLAGS,
   positional: Sequence[str] = (),
+  preload: Sequence[str] = (),
 ) -> Callable[[List[str]], List[str]]:
   """An absl `flags_parser` for `program`.
 
@@ -51,6 +53,12 @@ def flags_parser(
     flag_values: the absl flag registry.
     positional: the names of the positional arguments the program takes, each required
       (`('MODEL',)`: `program MODEL --flag=...`); none by default.
+    preload: modules imported once the command line is valid, before absl calls `main`
+      (`('tensorflow',)`). A program that builds Keras functional models needs TensorFlow
+      imported here: imported for the first time inside absl's `main`, Keras makes graph
+      placeholders instead of Keras tensors for `tf.keras.Input`, and building the model fails
+      ("'SymbolicTensor' object has no attribute 'node'"; TensorFlow 2.14, Keras 2.14, absl
+      2.x, seen on these machines). `--help` and bad command lines import nothing.
 
   Returns:
     `parse(argv) -> remaining argv` (the program name, then the positional arguments); exits
@@ -84,6 +92,8 @@ def flags_parser(
       except UsageError as e:
         print(f'{program}: error: {e}', file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    for module in preload:
+      importlib.import_module(module)
     return rest
 
   return parse
@@ -97,12 +107,14 @@ def run_tool(
   check: Optional[Callable[[Dict[str, Any]], None]] = None,
   positional: Sequence[str] = (),
   crash_dump: bool = True,
+  preload: Sequence[str] = (),
 ) -> None:
   """Runs `main` as the program `program` with absl's `app.run` and `flags_parser`.
 
   `--help` prints `doc` and the flags of the main module. absl's `app.run` turns Python's
   `faulthandler` on; `crash_dump=False` turns it off again before `main` runs, for a child
   process whose crash its parent reports in one line (a traceback dump would come on top).
+  `preload` is passed to `flags_parser`.
   """
   from absl import app  # pylint: disable=import-outside-toplevel
 
@@ -118,5 +130,6 @@ def run_tool(
       lambda: f'{doc.strip()}\n\nFlags:\n{flags.FLAGS.main_module_help()}',
       check,
       positional=positional,
+      preload=preload,
     ),
   )

@@ -1,4 +1,5 @@
-"""The command lines of the TFLite tools and their benchmark (`fedmef_tf.flag_parsing`).
+"""The command lines of the TFLite tools, their benchmark and the digits writer
+(`fedmef_tf.flag_parsing`).
 
 Each program parses absl flags: `--help` exits 0; a bad flag, a missing or an extra positional
 argument exits 2 with one line `<program>: error: ...`. None of these runs reaches TensorFlow.
@@ -92,3 +93,13 @@ def test_tflite_memory_reports_every_bad_flag_in_one_line():
   )
   helped = _run('benchmarks.tflite_memory', '--help')
   assert helped.returncode == 0 and '--plain_step' in helped.stdout
+
+
+def test_digits_writer_help_and_bad_command_lines():
+  helped = _run('fedmef_tf.digits', '--help')
+  assert helped.returncode == 0 and '--output' in helped.stdout, helped.stderr
+  assert '--output is required' in _error_line(_run('fedmef_tf.digits'), 'digits')
+  assert 'unexpected arguments: extra' in _error_line(
+    _run('fedmef_tf.digits', 'extra', '--output=/nonexistent/d'), 'digits'
+  )
+  assert '--seed=x' in _error_line(_run('fedmef_tf.digits', '--seed=x', '--output=d'), 'digits')

@@ -533,4 +533,4 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == '__main__':
   define_flags()
-  flag_parsing.run_tool(main, 'verify', __doc__, positional=('MODEL',))
+  flag_parsing.run_tool(main, 'verify', __doc__, positional=('MODEL',), preload=('tensorflow',))
