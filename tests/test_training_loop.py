@@ -190,7 +190,7 @@ def test_done_line_numbers():
   assert line == (
     'done: 3 rounds, test accuracy 0.1235, density 0.3000, traffic down 2.0 KiB '
     'up 100 B, training 1h02m; memory of a training step (batch 16): analytic '
-    '5.0 MiB, measured peak 0 B; report in runs/x/summary.json'
+    '5.0 MiB, measured peak unavailable; report in runs/x/summary.json'
   )
 
 

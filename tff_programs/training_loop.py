@@ -303,15 +303,19 @@ def done_line(summary: Mapping[str, Any], root_dir: str) -> str:
   """The console line that reports a finished run, from its `summary.json` contents."""
   memory = summary['memory']
   traffic = summary['traffic']
+
+  def size(key):
+    value = memory.get(key)
+    return 'unavailable' if value is None else text.format_bytes(value)
+
   return (
     f'done: {summary["rounds_completed"]} rounds, test accuracy '
     f'{summary["final_accuracy"]:.4f}, density {summary["density"]:.4f}, traffic down '
     f'{text.format_bytes(traffic["down_bytes"])} up '
     f'{text.format_bytes(traffic["up_bytes"])}, training '
     f'{text.format_seconds(summary["train_seconds"])}; memory of a training step '
-    f'(batch {memory["batch_size"]}): analytic '
-    f'{text.format_bytes(memory["analytic_bytes"] or 0)}, measured peak '
-    f'{text.format_bytes(memory["measured_peak_bytes"] or 0)}; report in '
+    f'(batch {memory["batch_size"]}): analytic {size("analytic_bytes")}, measured peak '
+    f'{size("measured_peak_bytes")}; report in '
     f'{os.path.join(root_dir, program_io.SUMMARY_FILE)}'
   )
 
