@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def marked_set(kernel, mask, k):
   """The BaE marked set: the k active entries of smallest |kernel|, ties by flat index.
 
@@ -95,6 +96,7 @@ def rex_profile(tau, budget):
   return tf.cast(tf.clip_by_value(p, 0.0, 1.0), tf.float32)
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def low_magnitude_norm(layers: Sequence[Any]) -> tf.Tensor:
   """||theta_low||_2: the L2 norm of the marked (to be pruned) weights over all layers.
 
@@ -129,6 +131,7 @@ def bae_beta(tau, budget, low_norm, eta_0):
   return rex_profile(tau, budget) * (2.0 * tf.sigmoid(low_norm) - 1.0) * tf.cast(eta_0, tf.float32)
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def bae_learning_rate(tau, budget, low_norm, eta_t, eta_0):
   """Budget-aware learning rate of local step tau: `mu = max(eta_t, beta_tau)`.
 

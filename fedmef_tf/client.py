@@ -172,6 +172,7 @@ class ClientOutput(NamedTuple):
 default_loss_fn = losses.mean_loss
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def sgd_step(
   model: tf.keras.Model,
   layers: Sequence[tf.keras.layers.Layer],

@@ -27,6 +27,7 @@ from fedmef_tf import sparse_layers
 __all__ = ['dense_kernel_gradients', 'top_k_inactive', 'scatter_pairs']
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def dense_kernel_gradients(
   model: tf.keras.Model,
   x: tf.Tensor,
@@ -75,6 +76,7 @@ def dense_kernel_gradients(
   return [tf.zeros_like(p) if g is None else g for g, p in zip(grads, probes)]
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def top_k_inactive(grad, mask, k):
   """Per layer, the top-k positions of |grad| among inactive (mask == 0) positions.
 
@@ -100,6 +102,7 @@ def top_k_inactive(grad, mask, k):
   return indices, tf.gather(flat_grad, indices)
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def scatter_pairs(indices, values, shape):
   """Dense tensor of `shape` holding `values` at flat `indices`, zero elsewhere.
 

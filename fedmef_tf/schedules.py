@@ -91,6 +91,7 @@ def adjustment_counts(alpha_t, nnz, sizes=None):
   return tf.maximum(k, 0)
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops, no tensor-dependent Python flow
 def local_step_budget(num_examples, batch_size, local_epochs):
   """Local step budget `T_B = E * ceil(n_k / B)` of one client in one round.
 

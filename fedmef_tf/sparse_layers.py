@@ -372,6 +372,12 @@ class MaskedLayer(tf.keras.layers.Layer):
     return w
 
   def call(self, inputs, training=None):
+    return self._forward(inputs, training)
+
+  # Plain TF ops, no tensor-dependent Python flow: AutoGraph need not convert this method and
+  # what it calls (`call` keeps its own signature, which Keras reads).
+  @tf.autograph.experimental.do_not_convert
+  def _forward(self, inputs, training):
     # How the kernel is made and updated: the current execution strategy's layer_kernels
     # (`fedmef_tf.execution`), or the plain way: `effective_kernel`, then the op.
     kernels = execution.current().layer_kernels
