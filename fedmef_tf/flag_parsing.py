@@ -58,7 +58,9 @@ def flags_parser(
       imported here: imported for the first time inside absl's `main`, Keras makes graph
       placeholders instead of Keras tensors for `tf.keras.Input`, and building the model fails
       ("'SymbolicTensor' object has no attribute 'node'"; TensorFlow 2.14, Keras 2.14, absl
-      2.x, seen on these machines). `--help` and bad command lines import nothing.
+      2.x, seen on these machines), unless `TF2_BEHAVIOR=1` is in the environment, which a
+      process that imported TensorFlow passes to the programs it starts (tests/conftest.py).
+      `--help` and bad command lines import nothing.
 
   Returns:
     `parse(argv) -> remaining argv` (the program name, then the positional arguments); exits
