@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from fedmef_tf import data
+from fedmef_tf import flag_parsing
 
 #: Images per class held out for the test file (of about 180 per class).
 TEST_PER_CLASS = 30
@@ -98,8 +99,6 @@ def write_cifar10_layout(
 
 def check_flags(values) -> None:
   """Raises `flag_parsing.UsageError` when `--output` is missing."""
-  from fedmef_tf import flag_parsing  # pylint: disable=g-import-not-at-top
-
   if not values['output']:
     raise flag_parsing.UsageError('--output is required: the directory to write')
 
@@ -117,8 +116,6 @@ def main(argv) -> int:
 
 if __name__ == '__main__':
   from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from fedmef_tf import flag_parsing  # pylint: disable=g-import-not-at-top
 
   # Defined only when run as a program: importing the module defines no flag.
   flags.DEFINE_string('output', '', 'Directory to write the files to.')
