@@ -4,7 +4,6 @@ Small CNN only (16x16 inputs, batch 8), so that the file runs in a few minutes o
 """
 
 import contextlib
-import gc
 import io
 import json
 import os
@@ -736,36 +735,6 @@ def test_a_recorded_interrupt_stops_the_export_and_keeps_the_old_file(monkeypatc
   assert calls == [1]
   assert existing.read_bytes() == b'old'
   assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.tflite']
-
-
-def test_a_ctrl_c_inside_a_gc_callback_gives_one_line_and_status_130(monkeypatch, capsys):
-  """`main`'s SIGINT handler raising inside a garbage-collection callback (as in jax's): Python
-  cannot raise it there, the recorded interrupt stops the export, and stderr holds only the
-  one line (no "Exception ignored" traceback)."""
-
-  def run_with_a_gc_interrupt(argv, stop_if_interrupted):
-    del argv
-
-    def callback(phase, info):
-      del info
-      if phase == 'start':
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-
-    gc.callbacks.append(callback)
-    try:
-      gc.collect()
-    finally:
-      gc.callbacks.remove(callback)
-    stop_if_interrupted()
-    return 0
-
-  monkeypatch.setattr(export, 'run', run_with_a_gc_interrupt)
-  monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)  # Python's, not pytest's
-  assert export.main(['export']) == 130
-  err = capsys.readouterr().err
-  assert err.strip().splitlines() == [
-    'error: interrupted; no file was written at --output (an earlier one there is kept)'
-  ], err
 
 
 # -- per-layer updates in the on-device train step, and the memory probe ---------------------------

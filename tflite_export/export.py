@@ -687,16 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if interrupted:
       raise KeyboardInterrupt
 
-  default_hook = sys.unraisablehook
-
-  def unraisable_hook(unraisable):
-    # A recorded Ctrl-C that Python could not raise (inside a gc callback) is honoured by
-    # `stop_if_interrupted`; its "Exception ignored" traceback would only add lines.
-    if not (interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
-      default_hook(unraisable)
-
   previous = signal.signal(signal.SIGINT, on_sigint)
-  sys.unraisablehook = unraisable_hook
   try:
     return run(sys.argv if argv is None else argv, stop_if_interrupted=stop_if_interrupted)
   except KeyboardInterrupt:
@@ -706,7 +697,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     return 130
   finally:
-    sys.unraisablehook = default_hook
     signal.signal(signal.SIGINT, previous)
 
 
