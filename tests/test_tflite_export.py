@@ -4,6 +4,7 @@ Small CNN only (16x16 inputs, batch 8), so that the file runs in a few minutes o
 """
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -735,6 +736,40 @@ def test_a_recorded_interrupt_stops_the_export_and_keeps_the_old_file(monkeypatc
   assert calls == [1]
   assert existing.read_bytes() == b'old'
   assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.tflite']
+
+
+def test_a_ctrl_c_inside_a_gc_callback_is_raised_after_it_as_one_line_and_status_130(
+  monkeypatch, capsys
+):
+  """SIGINT while a garbage-collection callback runs (as jax's does): `main`'s handler does not
+  raise there (Python would print "Exception ignored" and drop it) but raises it once the
+  callback has returned; stderr holds only the one line."""
+
+  def run_with_a_gc_interrupt(argv, stop_if_interrupted):
+    del argv, stop_if_interrupted
+
+    def callback(phase, info):
+      del info
+      if phase == 'start':
+        signal.raise_signal(signal.SIGINT)
+        for _ in range(1000):  # the handler runs here, inside the callback
+          pass
+
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()
+    finally:
+      gc.callbacks.remove(callback)
+    time.sleep(5)  # and the interrupt is raised here, once the callback has returned
+    return 0
+
+  monkeypatch.setattr(export, 'run', run_with_a_gc_interrupt)
+  monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)  # Python's, not pytest's
+  assert export.main(['export']) == 130
+  err = capsys.readouterr().err
+  assert err.strip().splitlines() == [
+    'error: interrupted; no file was written at --output (an earlier one there is kept)'
+  ], err
 
 
 # -- per-layer updates in the on-device train step, and the memory probe ---------------------------

@@ -42,6 +42,7 @@ with a NaN or infinite weight is refused.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 import signal
@@ -668,26 +669,50 @@ def run(argv: Sequence[str], stop_if_interrupted: Optional[Callable[[], None]] =
   return 0
 
 
+def _inside_unraisable_code(frame) -> bool:
+  """Whether `frame` runs (or is called from) a gc callback or a `__del__` method, where an
+  exception does not propagate to the caller."""
+  callbacks = [getattr(c, '__func__', c) for c in gc.callbacks]
+  callback_codes = {c.__code__ for c in callbacks if hasattr(c, '__code__')}
+  while frame is not None:
+    if frame.f_code in callback_codes or frame.f_code.co_name == '__del__':
+      return True
+    frame = frame.f_back
+  return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """The program: `run`, with Ctrl-C as one line and status 130.
 
-  Python raises a Ctrl-C as `KeyboardInterrupt` wherever the main thread is, and one raised
-  inside a garbage-collection callback (TensorFlow's dependencies install some) is printed as
-  "Exception ignored" and lost. So SIGINT is also recorded, and a recorded one stops the export
-  before its file replaces `--output`.
+  Python raises a Ctrl-C as `KeyboardInterrupt` wherever the main thread is. Raised while the
+  garbage collector runs (in a gc callback, as jax installs one, or a weakref callback) or in a
+  finalizer, it would be printed as "Exception ignored" and lost; there the handler raises
+  nothing and sets a 10 ms timer instead, whose SIGALRM raises the interrupt once that code has
+  returned. SIGINT is also recorded, and a recorded one stops the export before its file
+  replaces `--output`.
   """
   interrupted = []
+  collecting = False
 
-  def on_sigint(signum, frame):
-    del frame
-    interrupted.append(signum)
+  def track_collection(phase, info):
+    del info
+    nonlocal collecting
+    collecting = phase == 'start'
+
+  def interrupt(signum, frame):
+    if signum == signal.SIGINT:
+      interrupted.append(signum)
+    if collecting or _inside_unraisable_code(frame):
+      signal.setitimer(signal.ITIMER_REAL, 0.01)
+      return
     raise KeyboardInterrupt
 
   def stop_if_interrupted():
     if interrupted:
       raise KeyboardInterrupt
 
-  previous = signal.signal(signal.SIGINT, on_sigint)
+  previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGALRM)}
+  gc.callbacks.insert(0, track_collection)  # first, so that it sees 'start' before the others
   try:
     return run(sys.argv if argv is None else argv, stop_if_interrupted=stop_if_interrupted)
   except KeyboardInterrupt:
@@ -697,7 +722,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     return 130
   finally:
-    signal.signal(signal.SIGINT, previous)
+    gc.callbacks.remove(track_collection)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 if __name__ == '__main__':
