@@ -384,7 +384,6 @@ def validate(values) -> None:
 
 def main(argv) -> int:
   del argv  # checked by `cli.flags_parser`, with `validate`
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   args = flags.FLAGS
   threads = [int(n) for n in _items(args.threads)]
   budgets = [int(b) for b in _items(args.max_im2col_kib)]

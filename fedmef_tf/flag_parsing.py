@@ -13,6 +13,7 @@ module directly.
 
 import faulthandler
 import importlib
+import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -24,6 +25,14 @@ EXIT_USAGE = 2  # bad flag, unusable run directory or data files
 EXIT_INTERRUPTED = 130  # stopped by SIGINT (128 + 2); rerun to resume
 EXIT_TERMINATED = 143  # stopped by SIGTERM (128 + 15; tff_programs.runtime); rerun to resume
 HELP_ARGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull')
+#: Environment variable that asks for TensorFlow's and the TFF worker's log lines ('1'; README
+#: "Quiet console"); `tff_programs.runtime.configure_logging(True)` sets it for child processes.
+VERBOSE_ENV = 'FEDMEF_VERBOSE'
+
+
+def verbose_from_environment() -> bool:
+  """Whether `VERBOSE_ENV` asks for logs (set and not '0')."""
+  return os.environ.get(VERBOSE_ENV, '') not in ('', '0')
 
 
 class UsageError(Exception):
@@ -60,6 +69,9 @@ def flags_parser(
       ("'SymbolicTensor' object has no attribute 'node'"; TensorFlow 2.14, Keras 2.14, absl
       2.x, seen on these machines), unless `TF2_BEHAVIOR=1` is in the environment, which a
       process that imported TensorFlow passes to the programs it starts (tests/conftest.py).
+      TensorFlow reads its C++ log level once, when it is first imported, so before the
+      preload `TF_CPP_MIN_LOG_LEVEL` is set to 3 (errors only) unless the environment sets it
+      or asks for TensorFlow's log lines (`FEDMEF_VERBOSE=1`, README "Quiet console").
       `--help` and bad command lines import nothing.
 
   Returns:
@@ -94,6 +106,8 @@ def flags_parser(
       except UsageError as e:
         print(f'{program}: error: {e}', file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    if preload and not verbose_from_environment():
+      os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
     for module in preload:
       importlib.import_module(module)
     return rest

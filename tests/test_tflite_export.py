@@ -572,6 +572,26 @@ def test_verify_cli_exit_status(baseline_export):
   assert missing.returncode != 0
 
 
+def test_verify_from_a_shell_prints_one_line_without_tensorflows_log():
+  """Run as from a shell (no TF_CPP_MIN_LOG_LEVEL, TensorFlow imported by the flag parser's
+  preload): a missing model file is one line on stderr, with none of TensorFlow's C++ log
+  lines (CUDA probes, CPU feature notice) that its import prints at the default level."""
+  env = {k: v for k, v in os.environ.items() if k not in ('TF_CPP_MIN_LOG_LEVEL', 'FEDMEF_VERBOSE')}
+  missing = subprocess.run(
+    [sys.executable, '-m', 'tflite_export.verify', '/nonexistent.tflite'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert missing.returncode == 2, missing.stderr
+  assert missing.stderr.strip().splitlines() == ['error: /nonexistent.tflite: no such file'], (
+    missing.stderr
+  )
+
+
 def test_train_step_rezeroes_values_loaded_under_the_mask(fedmef_export):
   # set_weights stores what it is given; the next train step enforces the mask again.
   interpreter = tf.lite.Interpreter(model_path=fedmef_export[0])

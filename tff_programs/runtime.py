@@ -54,15 +54,7 @@ import time
 import warnings
 from typing import Optional
 
-#: Environment variable that asks for TensorFlow's and the worker's logs ('1'); set by
-#: `configure_logging(True)`, so that child processes see it too.
-VERBOSE_ENV = 'FEDMEF_VERBOSE'
-
-
-def verbose_from_environment() -> bool:
-  """Whether `VERBOSE_ENV` asks for logs (set and not '0')."""
-  return os.environ.get(VERBOSE_ENV, '') not in ('', '0')
-
+from fedmef_tf.flag_parsing import VERBOSE_ENV, verbose_from_environment
 
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNET = 0x40000000

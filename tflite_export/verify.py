@@ -492,7 +492,6 @@ def main(argv: Sequence[str]) -> int:
   """`argv`: the program name and the model file (checked by `flag_parsing.flags_parser`)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
 
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   args = flags.FLAGS
   model_path = argv[1]
   if not os.path.isfile(model_path):
