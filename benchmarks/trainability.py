@@ -13,7 +13,11 @@ for every batch size and learning rate of the grid, with the input normalised by
 statistics of the set (`fedmef_tf.data.channel_stats`), as a training run does. Batches are
 drawn without replacement from a permutation of the set (new permutation each epoch), the same
 for both variants. Per cell it prints whether the run diverged (a non-finite loss, or a loss
-above 3x the first one) and the mean loss of the last 20 steps (`LAST`).
+above 3x the first one) and the mean loss of the last 20 steps (`LAST`). With several
+`--seeds` (models, masks and batch order; the image sets and the block scales use the first)
+every cell runs once per seed: it counts as diverged if any seed diverged, and its figure is
+the mean over the seeds, printed with their sample standard deviation; the loss-ratio target
+also lists the ratio of each seed.
 
 It also prints the scale of each block's output at initialisation (mean and standard deviation
 over a batch of 64, variant in training mode), on both image sets, and plots it
@@ -163,9 +167,34 @@ def block_scales(
   return [(n, float(tf.reduce_mean(v)), float(tf.math.reduce_std(v))) for n, v in zip(outs, values)]
 
 
+def combine_seeds(per_seed: Sequence[Dict[str, object]]) -> Dict[str, object]:
+  """One cell from the `run_cell` results of several seeds (the same cell otherwise).
+
+  `diverged` if any seed diverged; `last` the mean of the seeds' `last` (NaN if one is NaN),
+  `last_sd` their sample standard deviation (0 for one seed), `lasts` each seed's, and
+  `losses` the losses of each seed (a list per seed).
+  """
+  lasts = [float(c['last']) for c in per_seed]
+  finite = all(np.isfinite(lasts))
+  return {
+    'losses': [list(c['losses']) for c in per_seed],
+    'diverged': any(bool(c['diverged']) for c in per_seed),
+    'last': float(np.mean(lasts)) if finite else float('nan'),
+    'last_sd': float(np.std(lasts, ddof=1)) if finite and len(lasts) > 1 else 0.0,
+    'lasts': lasts,
+  }
+
+
+def _cell_text(cell: Dict[str, object]) -> str:
+  text = ('DIVERGED' if cell['diverged'] else 'ok') + f' {cell["last"]:.3f}'
+  if len(cell.get('lasts', ())) > 1:
+    text += f' ± {cell["last_sd"]:.3f}'
+  return text
+
+
 def summary_lines(cells: Sequence[Dict[str, object]], models_run: Sequence[str]) -> List[str]:
   """The target lines, from the cells (dicts with model, variant, data, batch, lr, diverged,
-  last)."""
+  last, and optionally `lasts`, one per seed, as `combine_seeds` makes them)."""
   lines = []
   index = {(c['model'], c['variant'], c['data'], c['batch'], c['lr']): c for c in cells}
   bad = [
@@ -189,9 +218,14 @@ def summary_lines(cells: Sequence[Dict[str, object]], models_run: Sequence[str])
     if f is None or b is None:
       continue
     ratio = f['last'] / b['last'] if b['last'] > 0 else float('inf')
+    per_seed = ''
+    f_lasts, b_lasts = f.get('lasts', ()), b.get('lasts', ())
+    if len(f_lasts) > 1 and len(f_lasts) == len(b_lasts):
+      ratios = [x / y if y > 0 else float('inf') for x, y in zip(f_lasts, b_lasts)]
+      per_seed = ' per seed ' + ', '.join(f'{r:.2f}x' for r in ratios) + ';'
     lines.append(
       f'target: {m} lr 0.1 batch 64 digits: fedmef {f["last"]:.3f} / baseline '
-      f'{b["last"]:.3f} = {ratio:.2f}x (at most 1.1x: '
+      f'{b["last"]:.3f} = {ratio:.2f}x (mean of each;{per_seed} at most 1.1x: '
       f'{"met" if ratio <= 1.1 else "NOT met"})'
     )
   return lines
@@ -232,7 +266,12 @@ def define_flags() -> None:
   flags.DEFINE_list('learning_rates', ['0.05', '0.1', '0.2'], 'Learning rates of the grid (> 0).')
   flags.DEFINE_integer('steps', 40, f'SGD steps per cell (>= {LAST}).')
   flags.DEFINE_list('data', ['digits', 'noise'], 'Image sets: digits, noise or both.')
-  flags.DEFINE_integer('seed', 0, 'Seed of the models, masks, batches and the noise.')
+  flags.DEFINE_list(
+    'seeds',
+    ['0'],
+    'Seeds of the models, masks and batch order, comma-separated: every cell runs once per '
+    'seed and reports the mean. The first also seeds the image sets and the block scales.',
+  )
   flags.DEFINE_string('plot', None, 'PNG of the block scales.')
   flags.DEFINE_string('json', None, 'Write every cell and scale as JSON to this file.')
   flags.DEFINE_bool('scales_only', False, 'Print (and plot) the block scales, run no SGD cell.')
@@ -251,6 +290,12 @@ def validate(values) -> None:
     problems.check_choice('data', name, ('digits', 'noise'))
   problems.check_range('steps', values['steps'], LAST)
   try:
+    seeds = _numbers(values['seeds'], int)
+  except ValueError:
+    seeds = []
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    problems.add(f'--seeds must be distinct integers >= 0, got {",".join(values["seeds"])!r}')
+  try:
     batch_sizes = _numbers(values['batch_sizes'], int)
     rates = _numbers(values['learning_rates'], float)
   except ValueError as e:
@@ -268,15 +313,16 @@ def main(argv) -> int:
   batch_sizes = _numbers(args.batch_sizes, int)
   rates = _numbers(args.learning_rates, float)
   sets = list(args.data)
+  seeds = _numbers(args.seeds, int)
 
   start = time.monotonic()
-  all_sets = image_sets(args.seed)
+  all_sets = image_sets(seeds[0])
   stats = {k: data.channel_stats(v[0]) for k, v in all_sets.items()}
   scales = {}
   for name in names:
     for d in sets:
       for variant in models.VARIANTS:
-        rows = block_scales(name, variant, all_sets[d][0], stats[d], args.seed)
+        rows = block_scales(name, variant, all_sets[d][0], stats[d], seeds[0])
         scales[(name, variant, d)] = rows
         print(
           f'scale {name:12s} {variant:8s} {d:6s} std '
@@ -291,7 +337,7 @@ def main(argv) -> int:
   else:
     names_to_run = names
     print(
-      f'{"model":12s} {"data":6s} {"batch":>5s} {"lr":>5s} | {"fedmef":>16s} | {"baseline":>16s}'
+      f'{"model":12s} {"data":6s} {"batch":>5s} {"lr":>5s} | {"fedmef":>22s} | {"baseline":>22s}'
     )
   for name in names_to_run:
     for d in sets:
@@ -300,17 +346,25 @@ def main(argv) -> int:
         for lr in rates:
           row = {}
           for variant in models.VARIANTS:
-            cell = run_cell(name, variant, images, labels, stats[d], b, lr, args.steps, args.seed)
+            cell = combine_seeds(
+              [
+                run_cell(name, variant, images, labels, stats[d], b, lr, args.steps, seed)
+                for seed in seeds
+              ]
+            )
             cell.update(model=name, variant=variant, data=d, batch=b, lr=lr)
             cells.append(cell)
-            row[variant] = ('DIVERGED' if cell['diverged'] else 'ok') + f' {cell["last"]:.3f}'
+            row[variant] = _cell_text(cell)
           print(
-            f'{name:12s} {d:6s} {b:5d} {lr:5g} | {row["fedmef"]:>16s} | {row["baseline"]:>16s}',
+            f'{name:12s} {d:6s} {b:5d} {lr:5g} | {row["fedmef"]:>22s} | {row["baseline"]:>22s}',
             flush=True,
           )
   for line in summary_lines(cells, names_to_run):
     print(line)
-  print(f'{len(cells)} cells of {args.steps} steps in {time.monotonic() - start:.0f} s')
+  print(
+    f'{len(cells)} cells of {args.steps} steps x {len(seeds)} seed(s) in '
+    f'{time.monotonic() - start:.0f} s'
+  )
   if args.plot:
     plot_scales(scales, args.plot)
     print(f'plot: {args.plot}')

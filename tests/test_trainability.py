@@ -16,6 +16,7 @@ from fedmef_tf import data  # pylint: disable=g-import-not-at-top
 from fedmef_tf import digits
 from fedmef_tf import model_io
 from fedmef_tf import models
+from tff_programs import cli
 
 #: Band of every block output's standard deviation at initialisation (unit-variance design:
 #: a stream of std 1 to sqrt(1 + alpha^2 + ...), ReLU outputs of std 0.58).
@@ -140,3 +141,44 @@ def test_summary_lines_flag_a_fedmef_only_divergence_and_the_loss_ratio():
     [cell('fedmef', False, 1.5), cell('baseline', False, 1.0)], ['cnn']
   )
   assert lines[0].endswith(': met') and '1.50x' in lines[1] and 'NOT met' in lines[1]
+
+
+def test_combine_seeds_takes_mean_spread_and_any_divergence():
+  a = dict(losses=[2.0, 1.0], diverged=False, last=1.0)
+  b = dict(losses=[2.0, 1.5], diverged=False, last=2.0)
+  c = dict(losses=[2.0, 9.0], diverged=True, last=4.0)
+  two = trainability.combine_seeds([a, b])
+  assert two['last'] == 1.5 and not two['diverged']
+  assert two['last_sd'] == pytest.approx(np.sqrt(0.5))  # sample sd of 1 and 2
+  assert two['lasts'] == [1.0, 2.0] and two['losses'] == [[2.0, 1.0], [2.0, 1.5]]
+  three = trainability.combine_seeds([a, b, c])
+  assert three['diverged'] and three['last'] == pytest.approx(7.0 / 3.0)
+  one = trainability.combine_seeds([a])
+  assert one['last'] == 1.0 and one['last_sd'] == 0.0
+  nan = trainability.combine_seeds(
+    [a, dict(losses=[2.0, float('nan')], diverged=True, last=float('nan'))]
+  )
+  assert nan['diverged'] and np.isnan(nan['last'])
+
+
+def test_summary_lines_give_the_ratio_of_means_and_each_seeds_ratio():
+  def cell(variant, lasts):
+    combined = trainability.combine_seeds(
+      [dict(losses=[1.0], diverged=False, last=x) for x in lasts]
+    )
+    combined.update(model='resnet18', variant=variant, data='digits', batch=64, lr=0.1)
+    return combined
+
+  lines = trainability.summary_lines(
+    [cell('fedmef', [0.2, 0.3]), cell('baseline', [0.1, 0.3])], ['resnet18']
+  )
+  assert '1.25x' in lines[1]  # 0.25 / 0.2, the ratio of the means
+  assert 'per seed 2.00x, 1.00x' in lines[1] and 'NOT met' in lines[1]
+
+
+def test_seeds_flag_must_be_distinct_non_negative_integers():
+  base = dict(models=['cnn'], data=['digits'], steps=40, batch_sizes=['8'], learning_rates=['0.1'])
+  trainability.validate(dict(base, seeds=['0', '1', '2']))
+  for bad in (['-1'], ['0', '0'], ['x'], []):
+    with pytest.raises(cli.UsageError, match='--seeds'):
+      trainability.validate(dict(base, seeds=bad))
