@@ -69,7 +69,7 @@ def test_bad_flag_values_of_the_tools():
 def test_verify_of_a_missing_file_is_exit_2():
   proc = _run('tflite_export.verify', '/nonexistent.tflite', '--steps=1')
   assert proc.returncode == flag_parsing.EXIT_USAGE
-  assert proc.stderr.strip() == 'error: /nonexistent.tflite: no such file'
+  assert proc.stderr.strip() == 'verify: error: /nonexistent.tflite: no such file'
 
 
 def test_tflite_memory_reports_every_bad_flag_in_one_line():

@@ -573,9 +573,9 @@ def test_verify_cli_exit_status(baseline_export):
     check=False,
   )
   assert missing.returncode == 2, missing.stderr
-  assert missing.stderr.strip().splitlines() == ['error: /nonexistent.tflite: no such file'], (
-    missing.stderr
-  )
+  assert missing.stderr.strip().splitlines() == [
+    'verify: error: /nonexistent.tflite: no such file'
+  ], missing.stderr
 
 
 def test_train_step_rezeroes_values_loaded_under_the_mask(fedmef_export):
@@ -678,7 +678,7 @@ def test_unwritable_output(tmp_path):
 def test_negative_im2col_budget(tmp_path):
   out = tmp_path / 'm.tflite'
   rc, _, err = _run_export(['--model=cnn', f'--output={out}', '--max_im2col_kib=-1'])
-  assert rc != 0 and err.strip() == 'error: --max_im2col_kib must be >= 0, got -1'
+  assert rc != 0 and err.strip() == 'export: error: --max_im2col_kib must be >= 0, got -1'
   assert not out.exists()
 
 
@@ -774,7 +774,7 @@ def test_a_ctrl_c_inside_a_gc_callback_is_raised_after_it_as_one_line_and_status
   assert export.main(['export']) == 130
   err = capsys.readouterr().err
   assert err.strip().splitlines() == [
-    'error: interrupted; no file was written at --output (an earlier one there is kept)'
+    'export: error: interrupted; no file was written at --output (an earlier one there is kept)'
   ], err
 
 
@@ -991,7 +991,7 @@ def _one_error_line(text):
   # The TFLite runtime's own notices ('INFO: Created TensorFlow Lite delegate ...') aside.
   lines = [l for l in text.strip().splitlines() if l.strip() and not l.startswith('INFO: ')]
   assert len(lines) == 1, text
-  assert lines[0].startswith('error: '), lines[0]
+  assert lines[0].startswith(('export: error: ', 'verify: error: ')), lines[0]
   return lines[0]
 
 

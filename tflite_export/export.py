@@ -62,6 +62,10 @@ __all__ = [
   'main',
 ]
 
+#: The name this program's error lines begin with (`export: error: ...`), as the other
+#: programs of the project do.
+PROGRAM = 'export'
+
 RUN_MODEL_SUBDIR = 'final_model'
 EXPORT_VARIANTS = ('fedmef', 'baseline', 'tfmot')
 #: Default im2col budget of one CONV_2D in `train` (`tflite_export.chunked_conv`), KiB.
@@ -626,10 +630,10 @@ def run(argv: Sequence[str], stop_if_interrupted: Optional[Callable[[], None]] =
   try:
     rest = fl(list(argv))
   except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'{PROGRAM}: error: {e}', file=sys.stderr)
     return 2
   if len(rest) > 1:
-    print(f'error: unexpected arguments {rest[1:]}', file=sys.stderr)
+    print(f'{PROGRAM}: error: unexpected arguments {rest[1:]}', file=sys.stderr)
     return 2
   try:
     _check_output(fl.output)
@@ -663,7 +667,7 @@ def run(argv: Sequence[str], stop_if_interrupted: Optional[Callable[[], None]] =
     if stop_if_interrupted is not None:
       stop_if_interrupted()
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    print(f'error: {first}', file=sys.stderr)
+    print(f'{PROGRAM}: error: {first}', file=sys.stderr)
     return 1
   print(format_report(report))
   return 0
@@ -717,7 +721,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run(sys.argv if argv is None else argv, stop_if_interrupted=stop_if_interrupted)
   except KeyboardInterrupt:
     print(
-      'error: interrupted; no file was written at --output (an earlier one there is kept)',
+      f'{PROGRAM}: error: interrupted; no file was written at --output '
+      '(an earlier one there is kept)',
       file=sys.stderr,
     )
     return 130

@@ -103,6 +103,10 @@ __all__ = [
   'SPREAD_FACTOR',
 ]
 
+#: The name this program's error lines begin with (`verify: error: ...`), as the other
+#: programs of the project do.
+PROGRAM = 'verify'
+
 #: Interpreters `verify` can run a file in: TF's (with select-TF ops) and stock LiteRT.
 RUNTIMES = ('tflite', 'litert')
 
@@ -464,8 +468,8 @@ def run_isolated(model_path: str, steps: int, seed: int, runtime: str = 'tflite'
   if proc.returncode < 0:
     name = signal.Signals(-proc.returncode).name
     print(
-      f'error: {model_path}: the TFLite interpreter crashed on this file ({name}): it is '
-      'damaged or not written by tflite_export.export',
+      f'{PROGRAM}: error: {model_path}: the TFLite interpreter crashed on this file ({name}): '
+      'it is damaged or not written by tflite_export.export',
       file=sys.stderr,
     )
     return flag_parsing.EXIT_USAGE
@@ -495,18 +499,18 @@ def main(argv: Sequence[str]) -> int:
   args = flags.FLAGS
   model_path = argv[1]
   if not os.path.isfile(model_path):
-    print(f'error: {model_path}: no such file', file=sys.stderr)
+    print(f'{PROGRAM}: error: {model_path}: no such file', file=sys.stderr)
     return flag_parsing.EXIT_USAGE
   try:
     check_header(model_path)
   except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'{PROGRAM}: error: {e}', file=sys.stderr)
     return flag_parsing.EXIT_USAGE
   if not args.in_process:
     try:
       return run_isolated(model_path, args.steps, args.seed, args.runtime)
     except KeyboardInterrupt:
-      print('error: interrupted', file=sys.stderr)
+      print(f'{PROGRAM}: error: interrupted', file=sys.stderr)
       return flag_parsing.EXIT_INTERRUPTED
   # absl's app.run enables faulthandler; a crash of the interpreter in this child is reported by
   # the parent in one line (`run_isolated`), without a traceback dump on top.
@@ -517,7 +521,7 @@ def main(argv: Sequence[str]) -> int:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if model_path not in first:
       first = f'{model_path}: {first}'
-    print(f'error: {first}', file=sys.stderr)
+    print(f'{PROGRAM}: error: {first}', file=sys.stderr)
     return flag_parsing.EXIT_USAGE
   print(f'runtime: {args.runtime}')
   for c in checks:
@@ -532,4 +536,4 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == '__main__':
   define_flags()
-  flag_parsing.run_tool(main, 'verify', __doc__, positional=('MODEL',), preload=('tensorflow',))
+  flag_parsing.run_tool(main, PROGRAM, __doc__, positional=('MODEL',), preload=('tensorflow',))
