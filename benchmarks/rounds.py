@@ -9,9 +9,13 @@ CNN (32x32x3 inputs, E = 1, B = 32, density 0.1):
 
 it runs `fedmef`, `fedmef_no_sap`, `rigl` and `fedavg` in the TFF simulation
 (`tff_programs.fedmef_process`, SAP under its default `sap.SIMULATED` strategy), and `fedmef
-stored` (SAP under `sap.STORED`, its memory-saving storage on TensorFlow ops), and prints the
-median seconds per round (round 1, which traces, excluded) and the ratio to `rigl`. It then runs
-the same client updates (`fedmef_tf.client.build_client_update` on the clients each round
+stored` (SAP under `sap.STORED`, its memory-saving storage on TensorFlow ops), taking turns
+round by round (round 1 of each, then round 2 of each, ...), so that a change of the machine's
+load falls on every algorithm alike. It prints the median seconds per round (round 1, which
+traces, excluded), the ratio of medians to `rigl`, and the median, smallest and largest of the
+per-round ratios to `rigl` (the same round of both: the same clients, and an adjustment round
+against an adjustment round), whose range shows how far one run's ratio can be trusted. It
+then runs the same client updates (`fedmef_tf.client.build_client_update` on the clients each round
 samples) as a plain TensorFlow loop in this process (for fedmef with the native SAP kernels
 where they are built) and prints that time per round and the TFF round's overhead over it:
 broadcast, aggregation, the server update, serialisation of the client datasets and the TFF
@@ -28,6 +32,7 @@ is built once, when first sampled, and reused.
 import os
 import statistics
 import time
+from typing import List, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -160,26 +165,44 @@ def _process_kwargs(algorithm: str, rounds: int):
   )
 
 
-def tff_round_times(algorithm: str, setting: Setting, sap_strategy: str = sap.SIMULATED):
-  """Wall seconds of each TFF round of `algorithm` (round 1 included)."""
-  process = fedmef_process.build_fedmef_process(
-    _model_fn(algorithm), sap_strategy=sap_strategy, **_process_kwargs(algorithm, setting.rounds)
-  )
-  state = process.initialize()
-  times = []
-  for r in range(1, setting.rounds + 1):
-    datasets = setting.sampled(r)
+class TffRun:
+  """The TFF process of one algorithm on one setting, run one round at a time, so that the
+  algorithms of a setting can take turns round by round (`main`): a change of the machine's
+  load during the run then falls on all of them alike."""
+
+  def __init__(self, algorithm: str, setting: Setting, sap_strategy: str = sap.SIMULATED):
+    self.algorithm, self.setting, self.sap_strategy = algorithm, setting, sap_strategy
+    self.process = fedmef_process.build_fedmef_process(
+      _model_fn(algorithm), sap_strategy=sap_strategy, **_process_kwargs(algorithm, setting.rounds)
+    )
+    self.state = self.process.initialize()
+    #: Wall seconds of each round run so far (round 1, which traces, included).
+    self.times: List[float] = []
+
+  def run_round(self, round_num: int) -> None:
+    datasets = self.setting.sampled(round_num)
     start = time.perf_counter()
-    output = process.next(state, datasets)
-    times.append(time.perf_counter() - start)
-    state = output.state
+    output = self.process.next(self.state, datasets)
+    self.times.append(time.perf_counter() - start)
+    self.state = output.state
     m = output.metrics
     print(
-      f'  {setting.name:8s} {algorithm:14s} {sap_strategy:9s} round {r:2d} {times[-1]:7.2f} s  '
-      f'loss {m["train_loss"]:.3f}  adjusted {m["adjusted"]}',
+      f'  {self.setting.name:8s} {self.algorithm:14s} {self.sap_strategy:9s} round '
+      f'{round_num:2d} {self.times[-1]:7.2f} s  loss {m["train_loss"]:.3f}  '
+      f'adjusted {m["adjusted"]}',
       flush=True,
     )
-  return times
+
+
+def ratio_summary(times: Sequence[float], reference: Sequence[float]) -> Tuple[float, float, float]:
+  """Median, smallest and largest of the per-round ratios `times[r] / reference[r]` over the
+  rounds after the first (round 1 traces; both lists hold one entry per round, round 1
+  first; a single round is used as it is)."""
+  if len(times) != len(reference) or not times:
+    raise ValueError(f'need equally many rounds, got {len(times)} and {len(reference)}')
+  pairs = list(zip(times, reference))
+  ratios = [t / ref for t, ref in (pairs[1:] or pairs)]
+  return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def plain_round_times(algorithm: str, setting: Setting):
@@ -247,15 +270,20 @@ def main(argv):
     for name in _SETTINGS.value
   ]
   plain_algorithms = [a for a in ('fedmef', 'rigl') if a in _ALGORITHMS.value]
-  tff_median, plain_median = {}, {}
+  plain_median = {}
+  runs = {}
   with runtime.LocalRuntime():
     for setting in settings:
-      for algorithm in _ALGORITHMS.value:
-        tff_median[setting.name, algorithm] = _median(tff_round_times(algorithm, setting))
+      labels = list(_ALGORITHMS.value)
+      for algorithm in labels:
+        runs[setting.name, algorithm] = TffRun(algorithm, setting)
       if _STORED.value and 'fedmef' in _ALGORITHMS.value:
-        tff_median[setting.name, 'fedmef stored'] = _median(
-          tff_round_times('fedmef', setting, sap.STORED)
-        )
+        runs[setting.name, 'fedmef stored'] = TffRun('fedmef', setting, sap.STORED)
+      for r in range(1, setting.rounds + 1):
+        for (name, _), run in runs.items():
+          if name == setting.name:
+            run.run_round(r)
+  tff_median = {key: _median(run.times) for key, run in runs.items()}
   for setting in settings:
     for algorithm in plain_algorithms:
       plain_median[setting.name, algorithm] = _median(plain_round_times(algorithm, setting))
@@ -266,12 +294,18 @@ def main(argv):
   )
   for setting in settings:
     print(setting.describe())
-    rigl = tff_median.get((setting.name, 'rigl'))
+    rigl = runs.get((setting.name, 'rigl'))
     for algorithm in list(_ALGORITHMS.value) + ['fedmef stored']:
-      if (setting.name, algorithm) not in tff_median:
+      if (setting.name, algorithm) not in runs:
         continue
       seconds = tff_median[setting.name, algorithm]
-      ratio = f'{seconds / rigl:5.2f}x rigl' if rigl else ''
+      ratio = ''
+      if rigl is not None:
+        middle, low, high = ratio_summary(runs[setting.name, algorithm].times, rigl.times)
+        ratio = (
+          f'{seconds / _median(rigl.times):5.2f}x rigl  (per round {middle:.2f}x, '
+          f'{low:.2f}..{high:.2f})'
+        )
       print(f'  TFF       {algorithm:14s} {seconds:8.2f} s  {ratio}')
     for algorithm in plain_algorithms:
       seconds = plain_median[setting.name, algorithm]
