@@ -60,26 +60,28 @@ SETTINGS = {
   'cifar10': (20, 5, 2500, False),
 }
 
-_SETTINGS = flags.DEFINE_list(
-  'settings', list(SETTINGS), f'Settings to run, of {sorted(SETTINGS)}.'
-)
-_ALGORITHMS = flags.DEFINE_list('algorithms', list(ALGORITHMS), 'Algorithms to time.')
-_ROUNDS = flags.DEFINE_integer(
-  'rounds', 6, 'Rounds per algorithm on the default setting (round 1 traces and is not counted).'
-)
-_CIFAR_ROUNDS = flags.DEFINE_integer(
-  'cifar_rounds', 3, 'Rounds per algorithm on the cifar10 setting.'
-)
-_DELTA_T = flags.DEFINE_integer('delta_t', 5, 'Rounds between adjustments.')
-_DENSITY = flags.DEFINE_float('density', 0.1, 'Target density.')
-_GAMMA = flags.DEFINE_float('gamma', 0.7, 'SAP ratio of fedmef.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of sampling, data and masks.')
-_STORED = flags.DEFINE_bool(
-  'stored',
-  True,
-  'Also time fedmef with SAP under sap.STORED (the '
-  'memory-saving storage on TensorFlow ops) in the TFF simulation.',
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the program's flags (when it runs as a program; the tests import the module)."""
+  flags.DEFINE_list('settings', list(SETTINGS), f'Settings to run, of {sorted(SETTINGS)}.')
+  flags.DEFINE_list('algorithms', list(ALGORITHMS), 'Algorithms to time.')
+  flags.DEFINE_integer(
+    'rounds', 6, 'Rounds per algorithm on the default setting (round 1 traces and is not counted).'
+  )
+  flags.DEFINE_integer('cifar_rounds', 3, 'Rounds per algorithm on the cifar10 setting.')
+  flags.DEFINE_integer('delta_t', 5, 'Rounds between adjustments.')
+  flags.DEFINE_float('density', 0.1, 'Target density.')
+  flags.DEFINE_float('gamma', 0.7, 'SAP ratio of fedmef.')
+  flags.DEFINE_integer('seed', 0, 'Seed of sampling, data and masks.')
+  flags.DEFINE_bool(
+    'stored',
+    True,
+    'Also time fedmef with SAP under sap.STORED (the '
+    'memory-saving storage on TensorFlow ops) in the TFF simulation.',
+  )
+
 
 NUM_CLASSES = 10
 SIZE = 32
@@ -117,11 +119,11 @@ class Setting:
   def __init__(self, name: str, rounds: int):
     num_clients, self.per_round, mean, spread = SETTINGS[name]
     self.name, self.rounds = name, rounds
-    self.sizes = client_sizes(num_clients, mean, spread, _SEED.value)
+    self.sizes = client_sizes(num_clients, mean, spread, FLAGS.seed)
     self._cache = {}
 
   def sampled(self, round_num: int):
-    ids = fedmef_process.sample_clients(len(self.sizes), self.per_round, round_num, _SEED.value)
+    ids = fedmef_process.sample_clients(len(self.sizes), self.per_round, round_num, FLAGS.seed)
     for c in ids:
       if int(c) not in self._cache:
         self._cache[int(c)] = client_dataset(int(c), int(self.sizes[c]), SIZE)
@@ -132,7 +134,7 @@ class Setting:
       f'{self.name}: K={len(self.sizes)} S={self.per_round} '
       f'n_k={int(self.sizes.min())}..{int(self.sizes.max())} '
       f'({int(self.sizes.sum())} examples) cnn {SIZE}x{SIZE} E={LOCAL_EPOCHS} '
-      f'B={BATCH_SIZE} density={_DENSITY.value}'
+      f'B={BATCH_SIZE} density={FLAGS.density}'
     )
 
 
@@ -142,26 +144,26 @@ def _model_fn(algorithm: str):
     algorithm,
     num_classes=NUM_CLASSES,
     input_shape=(SIZE, SIZE, 3),
-    gamma=_GAMMA.value,
-    seed=_SEED.value,
+    gamma=FLAGS.gamma,
+    seed=FLAGS.seed,
   )
 
 
 def _process_kwargs(algorithm: str, rounds: int):
   return dict(
     algorithm=algorithm,
-    density=_DENSITY.value,
-    delta_t=_DELTA_T.value,
-    t_end=max(rounds, _DELTA_T.value),
+    density=FLAGS.density,
+    delta_t=FLAGS.delta_t,
+    t_end=max(rounds, FLAGS.delta_t),
     alpha=0.2,
     lambda_bae=0.01,
-    gamma=_GAMMA.value,
+    gamma=FLAGS.gamma,
     client_lr=0.1,
     client_lr_min=0.01,
     total_rounds=max(rounds, 2),
     local_epochs=LOCAL_EPOCHS,
     batch_size=BATCH_SIZE,
-    seed=_SEED.value,
+    seed=FLAGS.seed,
   )
 
 
@@ -176,6 +178,8 @@ class TffRun:
       _model_fn(algorithm), sap_strategy=sap_strategy, **_process_kwargs(algorithm, setting.rounds)
     )
     self.state = self.process.initialize()
+    #: The row name of the run: the algorithm, or 'fedmef stored' under `sap.STORED`.
+    self.label = algorithm if sap_strategy == sap.SIMULATED else f'{algorithm} stored'
     #: Wall seconds of each round run so far (round 1, which traces, included).
     self.times: List[float] = []
 
@@ -266,36 +270,36 @@ def _median(times):
 def main(argv):
   del argv
   settings = [
-    Setting(name, _CIFAR_ROUNDS.value if name == 'cifar10' else _ROUNDS.value)
-    for name in _SETTINGS.value
+    Setting(name, FLAGS.cifar_rounds if name == 'cifar10' else FLAGS.rounds)
+    for name in FLAGS.settings
   ]
-  plain_algorithms = [a for a in ('fedmef', 'rigl') if a in _ALGORITHMS.value]
-  plain_median = {}
+  plain_algorithms = [a for a in ('fedmef', 'rigl') if a in FLAGS.algorithms]
   runs = {}
   with runtime.LocalRuntime():
     for setting in settings:
-      labels = list(_ALGORITHMS.value)
-      for algorithm in labels:
-        runs[setting.name, algorithm] = TffRun(algorithm, setting)
-      if _STORED.value and 'fedmef' in _ALGORITHMS.value:
-        runs[setting.name, 'fedmef stored'] = TffRun('fedmef', setting, sap.STORED)
+      turns = [TffRun(algorithm, setting) for algorithm in FLAGS.algorithms]
+      if FLAGS.stored and 'fedmef' in FLAGS.algorithms:
+        turns.append(TffRun('fedmef', setting, sap.STORED))
       for r in range(1, setting.rounds + 1):
-        for (name, _), run in runs.items():
-          if name == setting.name:
-            run.run_round(r)
+        for run in turns:
+          run.run_round(r)
+      for run in turns:
+        runs[setting.name, run.label] = run
   tff_median = {key: _median(run.times) for key, run in runs.items()}
-  for setting in settings:
-    for algorithm in plain_algorithms:
-      plain_median[setting.name, algorithm] = _median(plain_round_times(algorithm, setting))
+  plain_median = {
+    (setting.name, algorithm): _median(plain_round_times(algorithm, setting))
+    for setting in settings
+    for algorithm in plain_algorithms
+  }
 
   print(
     f'\nseconds per round (median of rounds 2..), cores={os.cpu_count()}, '
-    f'gamma={_GAMMA.value}, delta_t={_DELTA_T.value}'
+    f'gamma={FLAGS.gamma}, delta_t={FLAGS.delta_t}'
   )
   for setting in settings:
     print(setting.describe())
     rigl = runs.get((setting.name, 'rigl'))
-    for algorithm in list(_ALGORITHMS.value) + ['fedmef stored']:
+    for algorithm in FLAGS.algorithms + ['fedmef stored']:
       if (setting.name, algorithm) not in runs:
         continue
       seconds = tff_median[setting.name, algorithm]
@@ -303,7 +307,7 @@ def main(argv):
       if rigl is not None:
         middle, low, high = ratio_summary(runs[setting.name, algorithm].times, rigl.times)
         ratio = (
-          f'{seconds / _median(rigl.times):5.2f}x rigl  (per round {middle:.2f}x, '
+          f'{seconds / tff_median[setting.name, "rigl"]:5.2f}x rigl  (per round {middle:.2f}x, '
           f'{low:.2f}..{high:.2f})'
         )
       print(f'  TFF       {algorithm:14s} {seconds:8.2f} s  {ratio}')
@@ -328,6 +332,7 @@ def validate(values) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(
     main, flags_parser=cli.flags_parser('rounds', cli.program_help(__doc__, [__name__]), validate)
   )
